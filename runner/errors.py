@@ -1,0 +1,120 @@
+"""The RelayError hierarchy and the process exit codes.
+
+Owns: every error a user can see, each with structured fields so callers can
+act on it (retry a transient storage error, name the differing fields of a
+resume mismatch) and a message that says what to do. Imports nothing of Relay.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0  # target reached, final LoRA written
+EXIT_ERROR = 1  # something must be fixed before running again
+EXIT_USAGE = 2  # bad command line or bad input
+EXIT_PREEMPTED = 75  # session budget spent or interrupted: run the same command again (EX_TEMPFAIL)
+
+
+class RelayError(Exception):
+    """Base of every error Relay raises on purpose. `str()` is the user-facing message."""
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  → {self.hint}" if self.hint else self.message
+
+
+class ProfileError(RelayError):
+    """A profile file or an override is invalid. Names the file, the key and what is allowed."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, *, path: str = "", key: str = "", hint: str = "") -> None:
+        where = ": ".join(p for p in (path, key) if p)
+        super().__init__(f"{where}: {message}" if where else message, hint=hint)
+        self.path = path
+        self.key = key
+
+
+class UsageError(RelayError):
+    """Bad command-line input (unknown profile, bad storage URL, …)."""
+
+    exit_code = EXIT_USAGE
+
+
+class DataError(RelayError):
+    """The dataset cannot be used: empty, missing column, too many unreadable images."""
+
+    def __init__(self, message: str, *, source: str = "", hint: str = "") -> None:
+        super().__init__(f"{source}: {message}" if source else message, hint=hint)
+        self.source = source
+
+
+class ModelError(RelayError):
+    """The base model or VAE cannot be loaded."""
+
+
+class StorageError(RelayError):
+    """A storage operation failed. `transient` errors are retried; others fail at once."""
+
+    def __init__(self, message: str, *, key: str = "", transient: bool = False, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.key = key
+        self.transient = transient
+
+
+class CredentialsError(StorageError):
+    """Missing or invalid storage credentials. The message never contains the secret."""
+
+
+class CheckpointCorrupt(RelayError):
+    """A committed checkpoint (or cache) whose files do not match its COMMIT.json."""
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class ResumeMismatch(RelayError):
+    """The stored run was trained with different settings that change the result."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, fields: dict[str, tuple[object, object]]) -> None:
+        lines = "\n".join(f"  {name}: stored {old!r}, now {new!r}" for name, (old, new) in sorted(fields.items()))
+        super().__init__(
+            f"this run was started with different settings that change the trained weights:\n{lines}",
+            hint="use the stored settings, start a new run with --run NAME, or pass --force to continue anyway",
+        )
+        self.fields = fields
+
+
+class LeaseHeld(RelayError):
+    """Another live session holds the run's lease."""
+
+    def __init__(self, holder: str, since: str, heartbeat_age_s: float) -> None:
+        super().__init__(
+            f"another session is training this run: {holder}, since {since} "
+            f"(last heartbeat {heartbeat_age_s:.0f} s ago)",
+            hint="wait for it to stop, or pass --take-over if that session is dead",
+        )
+        self.holder = holder
+        self.since = since
+        self.heartbeat_age_s = heartbeat_age_s
+
+
+class OutOfMemory(RelayError):
+    """No training plan fits the GPU's free memory."""
+
+
+class TrainingDiverged(RelayError):
+    """Too many non-finite losses in a row."""
+
+
+class Interrupted(RelayError):
+    """The session was asked to stop (signal) or ran out of time; work was committed."""
+
+    exit_code = EXIT_PREEMPTED

@@ -1,0 +1,436 @@
+"""Profiles: typed, frozen run settings loaded from TOML.
+
+Owns: the schema (one frozen dataclass per section, each field documented where
+it is declared), loading a profile by name or path, `--set section.key=value`
+overrides, validation (once, at load, naming the file, the key and the fix) and
+the fingerprint of the fields that change the trained weights. Nothing deeper
+re-checks configuration. Imports nothing above errors.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from runner.errors import ProfileError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (older notebook images)
+    import tomli as tomllib
+
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+CHOICES: dict[str, tuple[str, ...]] = {
+    "train.precision": ("auto", "fp16", "bf16", "fp32"),
+    "train.optimizer": ("adamw", "adamw8bit"),
+    "train.gradient_checkpointing": ("auto", "on", "off"),
+    "train.lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
+    "train.prediction_type": ("epsilon", "v_prediction"),
+    "lora.init": ("default", "gaussian"),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    base: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    """Hub id, local diffusers folder, single-file .safetensors, or a builder: "tiny", "sdxl-random"."""
+    vae: str = ""
+    """Optional separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix; empty: the base's VAE."""
+    revision: str = ""
+    """Hub revision (branch, tag or commit); empty: the default branch."""
+    variant: str = ""
+    """Hub weight variant, e.g. "fp16"; empty: the default weights."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "lambdalabs/naruto-blip-captions"
+    """HF dataset name, local folder of images (+ .txt or metadata.jsonl), or "generated"."""
+    image_column: str = "image"
+    """Column holding the image (HF datasets and metadata.jsonl)."""
+    caption_column: str = "text"
+    """Column holding the caption."""
+    split: str = "train"
+    """HF dataset split."""
+    limit: int = 0
+    """Use at most this many examples; 0: all."""
+    generated_count: int = 16
+    """Number of images in the "generated" source."""
+    buckets: bool = True
+    """Aspect-ratio buckets around the target area; false: square resize + center crop."""
+    flip: bool = False
+    """Random horizontal flip (both flips are cached)."""
+    random_crop: bool = False
+    """Random crop; incompatible with cached latents, so it is refused."""
+    caption_dropout: float = 0.0
+    """Probability of training a step's example with the empty caption."""
+    validation_count: int = 4
+    """Examples held out for validation loss; 0: no validation."""
+    max_bad_fraction: float = 0.05
+    """Stop when more than this fraction of images is unreadable."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 16
+    """LoRA rank r."""
+    alpha: float = 32.0
+    """LoRA alpha; the update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    """UNet module names (suffixes) that get LoRA."""
+    dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+    init: str = "default"
+    """peft initialisation of the A matrix: "default" (Kaiming) or "gaussian"."""
+    text_encoder: bool = False
+    """Also train LoRA on both text encoders (text embeddings are then not cached)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000
+    """Target optimizer steps for the whole run, across sessions."""
+    resolution: int = 1024
+    """Training resolution in pixels (the bucket area is resolution²)."""
+    batch_size: int = 1
+    """Micro-batch; the fit may lower it and raise grad_accum (effective batch unchanged)."""
+    grad_accum: int = 4
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    lr_scheduler: str = "constant"
+    """constant, constant_with_warmup, linear or cosine."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    seed: int = 42
+    """Seed of every random draw: data order, noise, timesteps, dropout."""
+    precision: str = "fp16"
+    """auto, fp16 (GradScaler), bf16 or fp32. CPUs always train in fp32."""
+    optimizer: str = "adamw"
+    """adamw (torch, fused on CUDA) or adamw8bit (bitsandbytes, CUDA only)."""
+    weight_decay: float = 1e-2
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0: off."""
+    gradient_checkpointing: str = "auto"
+    """auto (only when the step does not fit without it), on, off."""
+    prediction_type: str = "epsilon"
+    """epsilon or v_prediction."""
+    snr_gamma: float = 0.0
+    """Min-SNR weighting gamma; 0: off (5.0 is the usual value)."""
+    noise_offset: float = 0.0
+    """Noise offset; 0: off."""
+    max_nan_steps: int = 10
+    """Stop after this many non-finite losses in a row."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_min: float = 10.0
+    """Bound on work at risk: checkpoint at least this often, in minutes of training."""
+    keep: int = 3
+    """Committed checkpoints to keep."""
+    max_overhead_pct: float = 2.0
+    """Checkpointing may take at most this share of training time."""
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    hours: float = 0.0
+    """Session length in hours; 0: the platform's default limit (--hours overrides)."""
+    margin_min: float = 3.0
+    """Safety margin before the deadline, in minutes, on top of the measured checkpoint cost."""
+    release_gpu: bool = False
+    """On Colab, end the runtime after the final commit so no GPU quota idles."""
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    every_steps: int = 0
+    """Sample every N steps during training; 0: only at the end."""
+    prompts: tuple[str, ...] = ("Bill Gates in Naruto style", "a cat ninja, Naruto style")
+    """Prompts of the base-vs-LoRA grid."""
+    seed: int = 0
+    """Seed of the sample noise (same for base and LoRA)."""
+    inference_steps: int = 30
+    """Denoising steps per image."""
+    guidance: float = 7.0
+    """Classifier-free guidance scale."""
+
+
+@dataclass(frozen=True)
+class DashboardConfig:
+    plain_every_s: float = 30.0
+    """Without a terminal, print one plain progress line this often."""
+    refresh_per_s: float = 2.0
+    """Live view redraws per second at most."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str = "unnamed"
+    """Profile name; also the default run name."""
+    description: str = ""
+    """One line for `relay profiles`."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    source_path: str = ""
+    """Where it was loaded from (not a setting)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain TOML-able data (for run.json and the model card)."""
+        data = dataclasses.asdict(self)
+        data.pop("source_path")
+        return json.loads(json.dumps(data))  # tuples → lists
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "lora": LoraConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+    "session": SessionConfig,
+    "sample": SampleConfig,
+    "dashboard": DashboardConfig,
+}
+TOP_KEYS = ("name", "description")
+
+# Sections and keys that change the trained weights. batch_size × grad_accum enter as the
+# effective batch (the fit may split it differently on another GPU without changing the run).
+FINGERPRINT_SECTIONS = ("model", "data", "lora", "train")
+FINGERPRINT_EXCLUDED = {"train.batch_size", "train.grad_accum", "train.gradient_checkpointing", "data.max_bad_fraction"}
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _non_negative(v: float) -> bool:
+    return v >= 0
+
+
+def _fraction(v: float) -> bool:
+    return 0 <= v < 1
+
+
+# key → (predicate, what is allowed)
+RANGES: dict[str, tuple[Any, str]] = {
+    "data.limit": (_non_negative, "0 (all) or a positive count"),
+    "data.generated_count": (_positive, "a positive count"),
+    "data.caption_dropout": (_fraction, "a probability in [0, 1)"),
+    "data.validation_count": (_non_negative, "0 or more"),
+    "data.max_bad_fraction": (_fraction, "a fraction in [0, 1)"),
+    "lora.rank": (_positive, "a positive integer (16 is usual)"),
+    "lora.alpha": (_positive, "a positive number (often 2 × rank)"),
+    "lora.dropout": (_fraction, "a probability in [0, 1)"),
+    "lora.targets": (lambda v: len(v) > 0 and all(v), "a non-empty list of module names, e.g. [\"to_q\", \"to_k\"]"),
+    "train.steps": (_positive, "a positive number of optimizer steps"),
+    "train.resolution": (lambda v: v >= 32 and v % 8 == 0, "a multiple of 8, at least 32 (1024 or 512 for SDXL)"),
+    "train.batch_size": (_positive, "a positive integer"),
+    "train.grad_accum": (_positive, "a positive integer"),
+    "train.lr": (lambda v: 0 < v < 1, "a learning rate in (0, 1), e.g. 1e-4"),
+    "train.warmup_steps": (_non_negative, "0 or more steps"),
+    "train.seed": (_non_negative, "a non-negative integer"),
+    "train.weight_decay": (_non_negative, "0 or more"),
+    "train.max_grad_norm": (_non_negative, "0 (off) or a positive norm"),
+    "train.snr_gamma": (_non_negative, "0 (off) or a positive gamma, e.g. 5.0"),
+    "train.noise_offset": (lambda v: 0 <= v < 1, "0 (off) or a small value such as 0.05"),
+    "train.max_nan_steps": (_positive, "a positive count"),
+    "checkpoint.every_min": (_positive, "a positive number of minutes"),
+    "checkpoint.keep": (_positive, "1 or more"),
+    "checkpoint.max_overhead_pct": (lambda v: 0 < v <= 50, "a percentage in (0, 50]"),
+    "session.hours": (lambda v: 0 <= v <= 48, "0 (platform default) or hours up to 48"),
+    "session.margin_min": (_non_negative, "0 or more minutes"),
+    "sample.every_steps": (_non_negative, "0 (only at the end) or a positive step count"),
+    "sample.inference_steps": (_positive, "a positive count"),
+    "sample.guidance": (_non_negative, "0 or more"),
+    "dashboard.plain_every_s": (_positive, "a positive number of seconds"),
+    "dashboard.refresh_per_s": (_positive, "a positive rate"),
+}
+
+
+def list_profiles(directory: Path = PROFILES_DIR) -> list[tuple[str, str]]:
+    """(name, description) of every profile shipped in `directory`."""
+    out = []
+    for path in sorted(directory.glob("*.toml")):
+        try:
+            desc = str(tomllib.loads(path.read_text()).get("description", ""))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            desc = f"(unreadable: {exc})"
+        out.append((path.stem, desc))
+    return out
+
+
+def resolve_profile_path(name_or_path: str, directory: Path = PROFILES_DIR) -> Path:
+    """A profile given by name (shipped in profiles/) or by path."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".toml" or "/" in name_or_path:
+        if not path.is_file():
+            raise ProfileError(f"profile file not found: {path}", hint="give a path to a .toml file or a name from `relay profiles`")
+        return path
+    shipped = directory / f"{name_or_path}.toml"
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(n for n, _ in list_profiles(directory)) or "none"
+    raise ProfileError(f"no profile named {name_or_path!r}", hint=f"shipped profiles: {names}; or give a path to a .toml file")
+
+
+def load_profile(name_or_path: str, overrides: list[str] = (), directory: Path = PROFILES_DIR) -> Profile:
+    """Load, override and validate a profile. Raises ProfileError naming the file and key."""
+    path = resolve_profile_path(name_or_path, directory)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"not valid TOML: {exc}", path=str(path)) from None
+    except OSError as exc:
+        raise ProfileError(f"cannot read: {exc.strerror}", path=str(path)) from None
+    raw.setdefault("name", path.stem)
+    for item in overrides:
+        apply_override(raw, item)
+    return build_profile(raw, source=str(path))
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `section.key=value` to the raw TOML data; the value is parsed as TOML, else taken as text."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ProfileError(f"--set {item!r}: expected section.key=value", hint="e.g. --set train.lr=2e-4")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    parts = key.split(".")
+    if len(parts) == 1:
+        raw[key] = value
+    elif len(parts) == 2:
+        section = raw.setdefault(parts[0], {})
+        if not isinstance(section, dict):
+            raise ProfileError(f"--set {item!r}: {parts[0]} is not a section")
+        section[parts[1]] = value
+    else:
+        raise ProfileError(f"--set {item!r}: keys have the form section.key", hint="e.g. --set lora.rank=32")
+
+
+def build_profile(raw: dict[str, Any], source: str = "<profile>") -> Profile:
+    """Validate raw TOML data into a Profile."""
+    unknown = set(raw) - set(SECTIONS) - set(TOP_KEYS)
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ProfileError(
+            "unknown key or section", path=source, key=key, hint=f"allowed: {', '.join([*TOP_KEYS, *SECTIONS])}"
+        )
+    top = {k: _coerce(source, k, raw[k], str) for k in TOP_KEYS if k in raw}
+    sections = {}
+    for name, cls in SECTIONS.items():
+        value = raw.get(name, {})
+        if not isinstance(value, dict):
+            raise ProfileError(f"must be a table [{name}]", path=source, key=name)
+        sections[name] = _build_section(source, name, cls, value)
+    profile = Profile(**top, **sections, source_path=source)
+    _check_combinations(profile, source)
+    return profile
+
+
+def _build_section(source: str, section: str, cls: type, values: dict[str, Any]) -> Any:
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{section}.{key}"
+        if key not in hints:
+            raise ProfileError("unknown key", path=source, key=dotted, hint=f"[{section}] allows: {', '.join(names)}")
+        kwargs[key] = _coerce(source, dotted, value, hints[key])
+        _check_value(source, dotted, kwargs[key])
+    return cls(**kwargs)
+
+
+def _coerce(source: str, key: str, value: Any, typ: Any) -> Any:
+    """Check a TOML value against a field type; ints are accepted where floats are."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ProfileError(f"expected true or false, got {value!r}", path=source, key=key)
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ProfileError(f"expected an integer, got {value!r}", path=source, key=key)
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ProfileError(f"expected a number, got {value!r}", path=source, key=key)
+    if typ is str:
+        if key == "train.gradient_checkpointing" and isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str):
+            allowed = CHOICES.get(key)
+            if allowed and value not in allowed:
+                raise ProfileError(f"{value!r} is not allowed", path=source, key=key, hint=f"choose one of: {', '.join(allowed)}")
+            return value
+        raise ProfileError(f"expected a string, got {value!r}", path=source, key=key)
+    if typ == tuple[str, ...]:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ProfileError(f"expected a list of strings, got {value!r}", path=source, key=key)
+    raise AssertionError(f"unhandled type {typ} for {key}")
+
+
+def _check_value(source: str, key: str, value: Any) -> None:
+    rule = RANGES.get(key)
+    if rule and not rule[0](value):
+        raise ProfileError(f"{value!r} is out of range", path=source, key=key, hint=f"allowed: {rule[1]}")
+
+
+def _check_combinations(p: Profile, source: str) -> None:
+    if p.data.random_crop:
+        raise ProfileError(
+            "random crop cannot be used with cached latents (each crop would need a fresh VAE encode)",
+            path=source,
+            key="data.random_crop",
+            hint="set data.random_crop = false; aspect-ratio buckets (data.buckets) keep the whole image instead",
+        )
+    if p.train.warmup_steps >= p.train.steps:
+        raise ProfileError(
+            f"warm-up ({p.train.warmup_steps}) must be shorter than the run ({p.train.steps} steps)",
+            path=source,
+            key="train.warmup_steps",
+        )
+
+
+def fingerprint_fields(p: Profile) -> dict[str, Any]:
+    """The flat `section.key → value` map of every setting that changes the trained weights."""
+    data = p.to_dict()
+    out: dict[str, Any] = {}
+    for section in FINGERPRINT_SECTIONS:
+        for key, value in data[section].items():
+            dotted = f"{section}.{key}"
+            if dotted not in FINGERPRINT_EXCLUDED:
+                out[dotted] = value
+    out["train.effective_batch"] = p.train.batch_size * p.train.grad_accum
+    return out
+
+
+def fingerprint(p: Profile) -> str:
+    """A short stable hash of `fingerprint_fields`."""
+    blob = json.dumps(fingerprint_fields(p), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def diff_fields(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Fields whose values differ between two `fingerprint_fields` maps."""
+    keys = set(old) | set(new)
+    return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
