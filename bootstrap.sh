@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Relay's one-line set-up for a fresh notebook or machine.
+#
+#   bash bootstrap.sh                      install Relay from this checkout (or: bash bootstrap.sh PATH|GIT_URL)
+#   bash bootstrap.sh --test               install with the test tools and run the test suite
+#   bash bootstrap.sh --run PROFILE [relay train options]
+#                                          install, then train (e.g. --run tiny, or
+#                                          --run sdxl-naruto-t4 --storage gdrive://FOLDER_ID)
+#
+# It keeps a CUDA torch that the notebook already has (Colab, Kaggle), installs the CPU build
+# torch==2.13.0 only where no torch is importable and there is no NVIDIA GPU, and is idempotent:
+# a second run in the same session checks a stamp and installs nothing.
+set -euo pipefail
+
+PYTHON="${PYTHON:-python3}"
+PIP=("$PYTHON" -m pip install --disable-pip-version-check --quiet)
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+SRC="$HERE"
+MODE=install
+RUN_ARGS=()
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --test) MODE=test; shift ;;
+    --run)
+      [[ $# -ge 2 ]] || { echo "bootstrap.sh: --run needs a profile, e.g. --run tiny" >&2; exit 2; }
+      MODE=run; shift; RUN_ARGS=("--profile" "$1"); shift; RUN_ARGS+=("$@"); break ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "bootstrap.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) SRC="$1"; shift ;;
+  esac
+done
+
+say() { printf '\033[1mrelay-bootstrap:\033[0m %s\n' "$*"; }
+
+fetch_source() {
+  if [[ -f "$SRC/pyproject.toml" ]]; then return; fi
+  if [[ "$SRC" == http*://* || "$SRC" == git@* ]]; then
+    local dest="${RELAY_HOME:-$HOME/relay}"
+    if [[ -d "$dest/.git" ]]; then git -C "$dest" pull --ff-only --quiet; else git clone --quiet "$SRC" "$dest"; fi
+    SRC="$dest"
+    return
+  fi
+  echo "bootstrap.sh: $SRC is neither a Relay checkout (no pyproject.toml) nor a git URL" >&2
+  exit 2
+}
+
+ensure_torch() {
+  if "$PYTHON" -c "import torch" 2>/dev/null; then
+    say "keeping the installed torch $("$PYTHON" -c 'import torch; print(torch.__version__)')"
+  elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    say "no torch found; installing the CUDA build"
+    "${PIP[@]}" torch
+  else
+    say "no torch and no NVIDIA GPU; installing the CPU build torch==2.13.0"
+    "${PIP[@]}" torch==2.13.0
+  fi
+}
+
+install_relay() {
+  local extras="$1" stamp key
+  stamp="$SRC/.relay-bootstrap.stamp"
+  key="$("$PYTHON" -c 'import sys; print(sys.executable)') $extras $(cksum <"$SRC/pyproject.toml")"
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$key" ]] && "$PYTHON" -c "import runner, diffusers, peft" 2>/dev/null; then
+    say "Relay is already installed (stamp $stamp); nothing to do"
+    return
+  fi
+  ensure_torch
+  say "installing Relay from $SRC${extras:+ with [$extras]}"
+  "${PIP[@]}" -e "$SRC${extras:+[$extras]}"
+  echo "$key" >"$stamp"
+}
+
+fetch_source
+case "$MODE" in
+  install)
+    install_relay ""
+    say "done. Next: python -m runner train --profile tiny     (or: relay profiles)"
+    ;;
+  test)
+    install_relay "test"
+    cd "$SRC"
+    say "running the test suite"
+    exec "$PYTHON" -m pytest -q
+    ;;
+  run)
+    install_relay ""
+    say "starting: relay train ${RUN_ARGS[*]}"
+    exec "$PYTHON" -m runner train "${RUN_ARGS[@]}"
+    ;;
+esac

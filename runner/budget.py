@@ -1,0 +1,520 @@
+"""The session budget: how long this session may run, and when to checkpoint or stop.
+
+Owns: the table of platform session limits, the session deadline, the measured
+costs (`CostMeter`: seconds per optimizer step, blocking checkpoint cost,
+background upload time), the pure decisions over a `BudgetContext`
+(`should_checkpoint`, `should_stop`, `steps_that_fit`, …), the Kaggle weekly
+quota, and `simulate_session`, which replays those decisions on a fake clock for
+`relay plan` and the tests.
+
+Must not: act. Nothing here saves, uploads, sleeps or reads the real clock; the
+session measures, builds a context and acts on the answer. The rules are
+written out in docs/budget.md; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from runner.clock import Clock, FakeClock
+from runner.errors import UsageError
+
+# Default session length per platform tier, in hours; None: no limit. `session.hours`
+# (`--hours`) overrides it. The numbers are observations, not guarantees (see
+# /work/shared/research/session-anchors.md, sections 1 and 2, and docs/budget.md).
+PLATFORM_LIMITS_H: dict[str, float | None] = {
+    # Colab FAQ: VM lifetimes "can be as much as 12 hours", limits "may vary over time" and
+    # "Colab does not publish these limits". We stay half an hour under the documented maximum:
+    # a session that dies earlier loses at most checkpoint.every_min of work anyway, while a
+    # guess far below 12 h would throw away GPU time in every long session.
+    "colab-free": 11.5,
+    # Colab Pro / Pro+: Google advertises up to 24 h of runtime for paid plans (not in the research
+    # notes; the figure the issue gives). A non-T4 GPU is what marks the tier (env.tier_of).
+    "colab-paid": 24.0,
+    # Kaggle docs: GPU sessions run at most 12 h (9 h on TPU). The clock starts at VM boot
+    # (/proc/uptime), which is never later than Kaggle's own session counter.
+    "kaggle": 12.0,
+    # A local machine has no platform limit; the run stops at its target or on a signal.
+    "local": None,
+}
+
+PRIOR_STEP_S = 10.0  # SDXL 1024 px, effective batch 4, T4: ~2.5 s per micro-batch (a guess until measured)
+PRIOR_CHECKPOINT_S = 10.0  # staging ~0.3 GB of LoRA + optimizer safetensors on local disk
+PRIOR_UPLOAD_S = 60.0  # ~0.3 GB to Google Drive at ~5 MB/s
+COST_WINDOW = 15  # recent samples kept per cost; the median of these is the estimate
+KAGGLE_WEEKLY_GPU_H = 30.0  # Kaggle's "floating" weekly GPU quota (The Kaggle Book)
+WEEK_S = 7 * 24 * 3600.0
+
+
+def default_limit_h(tier: str) -> float | None:
+    """The default session length of a platform tier (colab-free, colab-paid, kaggle, local)."""
+    if tier not in PLATFORM_LIMITS_H:
+        raise UsageError(
+            f"unknown platform tier {tier!r}: no default session length",
+            hint=f"known tiers: {', '.join(PLATFORM_LIMITS_H)}; or pass --hours",
+        )
+    return PLATFORM_LIMITS_H[tier]
+
+
+def session_deadline(env: Any, profile: Any, clock: Clock) -> float | None:
+    """The session's end on `clock.monotonic()`'s scale; None when there is no limit.
+
+    `env` gives `session_start_wall` (VM boot or process start) and `session_limit_h`;
+    `profile.session.hours` (set by `--hours`) overrides the limit when it is above 0.
+    """
+    hours = profile.session.hours or env.session_limit_h
+    if not hours:
+        return None
+    end_wall = env.session_start_wall + hours * 3600.0
+    return clock.monotonic() + (end_wall - clock.wall())
+
+
+# ---------------------------------------------------------------- measured costs
+
+
+@dataclass
+class RobustEstimate:
+    """Median of the last `window` samples; `prior_s` until the first sample.
+
+    The median shrugs off the slow first step (allocation, autotuning) and the odd
+    slow upload, and follows a real change of pace within half a window.
+    """
+
+    prior_s: float
+    window: int = COST_WINDOW
+    samples: deque[float] = field(default_factory=deque)
+    value: float = field(init=False)
+    """The current estimate (kept up to date by `add`, since the loop reads it several times a step)."""
+
+    def __post_init__(self) -> None:
+        self.value = statistics.median(self.samples) if self.samples else self.prior_s
+
+    def add(self, seconds: float) -> None:
+        if not math.isfinite(seconds) or seconds < 0:
+            return
+        self.samples.append(seconds)
+        while len(self.samples) > self.window:
+            self.samples.popleft()
+        self.value = statistics.median(self.samples)
+
+    @property
+    def count(self) -> int:
+        return len(self.samples)
+
+
+class CostMeter:
+    """What the session has measured: seconds per optimizer step, per checkpoint stage, per upload."""
+
+    def __init__(
+        self,
+        step_prior_s: float = PRIOR_STEP_S,
+        checkpoint_prior_s: float = PRIOR_CHECKPOINT_S,
+        upload_prior_s: float = PRIOR_UPLOAD_S,
+        window: int = COST_WINDOW,
+    ) -> None:
+        self.step = RobustEstimate(step_prior_s, window)
+        self.checkpoint = RobustEstimate(checkpoint_prior_s, window)
+        self.upload = RobustEstimate(upload_prior_s, window)
+
+    def add_step(self, seconds: float) -> None:
+        self.step.add(seconds)
+
+    def add_checkpoint(self, seconds: float) -> None:
+        """The blocking part of a checkpoint: capturing and staging it on local disk."""
+        self.checkpoint.add(seconds)
+
+    def add_upload(self, seconds: float) -> None:
+        """The background part: uploading a staged checkpoint until its COMMIT.json is written."""
+        self.upload.add(seconds)
+
+    @property
+    def step_s(self) -> float:
+        return self.step.value
+
+    @property
+    def checkpoint_s(self) -> float:
+        return self.checkpoint.value
+
+    @property
+    def upload_s(self) -> float:
+        return self.upload.value
+
+
+# ---------------------------------------------------------------- the decisions
+
+
+@dataclass(frozen=True)
+class BudgetContext:
+    """Everything the budget decisions need, at one moment. All times in seconds on one monotonic clock."""
+
+    now: float
+    deadline: float | None
+    """When the session ends; None: no limit."""
+    step_s: float
+    """Measured seconds per optimizer step."""
+    checkpoint_cost_s: float
+    """Blocking part of a checkpoint: training waits while it is captured and staged."""
+    upload_s: float
+    """Background part: upload until COMMIT.json; training goes on meanwhile."""
+    last_checkpoint_at: float
+    """When the last checkpoint's state was captured (staging began), or when training began."""
+    every_min: float
+    """Bound on work at risk, in minutes (checkpoint.every_min)."""
+    max_overhead_pct: float
+    """Checkpoint staging may take at most this share of training time (checkpoint.max_overhead_pct)."""
+    margin_s: float
+    """Safety margin: the final checkpoint is committed at least this long before the deadline."""
+    steps_left: int
+    """Optimizer steps until the run's target."""
+    training_s: float = 0.0
+    """Seconds spent in optimizer steps this session."""
+    checkpoint_s: float = 0.0
+    """Seconds spent staging checkpoints this session."""
+    upload_left_s: float | None = None
+    """Seconds until the upload in flight commits; 0: none in flight; None: unknown (assume a whole upload)."""
+
+
+def context(
+    profile: Any,
+    meter: CostMeter,
+    *,
+    now: float,
+    deadline: float | None,
+    last_checkpoint_at: float,
+    steps_left: int,
+    train_s: float = 0.0,
+    checkpoint_s: float = 0.0,
+    upload_left_s: float | None = None,
+) -> BudgetContext:
+    """A BudgetContext from the profile's checkpoint/session settings and the measured costs."""
+    return BudgetContext(
+        now=now,
+        deadline=deadline,
+        step_s=meter.step_s,
+        checkpoint_cost_s=meter.checkpoint_s,
+        upload_s=meter.upload_s,
+        last_checkpoint_at=last_checkpoint_at,
+        every_min=profile.checkpoint.every_min,
+        max_overhead_pct=profile.checkpoint.max_overhead_pct,
+        margin_s=profile.session.margin_min * 60.0,
+        steps_left=steps_left,
+        training_s=train_s,
+        checkpoint_s=checkpoint_s,
+        upload_left_s=upload_left_s,
+    )
+
+
+def checkpoint_interval_s(ctx: BudgetContext) -> float:
+    """Seconds between the captures of two periodic checkpoints: the exact rule.
+
+    interval = max(every_min·60 − C − U,  C·(1 + 100/max_overhead_pct))
+
+    The first term keeps the work at risk (time since the capture of the last
+    *committed* checkpoint) under every_min: a capture is committed C + U after it
+    is taken. The second keeps staging under max_overhead_pct of training time: C
+    seconds of staging per (interval − C) seconds of training. When the second
+    term is larger, the overhead cap wins and checkpoints come less often than
+    the bound asks. A new checkpoint also waits for the upload in flight.
+    """
+    by_risk = ctx.every_min * 60.0 - ctx.checkpoint_cost_s - ctx.upload_s
+    by_overhead = ctx.checkpoint_cost_s * (1.0 + 100.0 / ctx.max_overhead_pct)
+    return max(by_risk, by_overhead, 0.0)
+
+
+def work_at_risk_bound_s(ctx: BudgetContext) -> float:
+    """The most work (seconds) the rule can leave uncommitted, with the context's costs.
+
+    A capture waits for the interval and for the upload in flight, happens at the
+    next step boundary, and is committed C + U later. Equals every_min·60 + one
+    step whenever the bound wins and every_min·60 ≥ 2·(C + U).
+    """
+    cost = ctx.checkpoint_cost_s + ctx.upload_s
+    return max(checkpoint_interval_s(ctx), cost) + cost + ctx.step_s
+
+
+def _upload_left(ctx: BudgetContext) -> float:
+    """Seconds of the in-flight upload still to go (a whole upload when unknown)."""
+    return max(0.0, ctx.upload_s if ctx.upload_left_s is None else ctx.upload_left_s)
+
+
+def steps_that_fit(ctx: BudgetContext) -> int:
+    """Optimizer steps that can still run with the final checkpoint committed `margin_s` before the deadline.
+
+    Periodic checkpoints in between are not counted: the loop asks again after every step.
+    """
+    if ctx.steps_left <= 0:
+        return 0
+    if ctx.deadline is None:
+        return ctx.steps_left
+    # A final checkpoint started after n steps commits at now + max(n·step, upload left) + C + U.
+    available = ctx.deadline - ctx.margin_s - ctx.now - ctx.checkpoint_cost_s - ctx.upload_s
+    if _upload_left(ctx) > available:
+        return 0
+    n = math.floor(available / max(ctx.step_s, 1e-9))
+    return min(n, ctx.steps_left)
+
+
+def is_checkpoint_due(ctx: BudgetContext) -> bool:
+    """The interval has passed since the last capture and no upload is in flight."""
+    if ctx.steps_left <= 0 or (ctx.upload_left_s or 0.0) > 0:
+        return False
+    return ctx.now - ctx.last_checkpoint_at >= checkpoint_interval_s(ctx)
+
+
+def should_stop(ctx: BudgetContext) -> bool:
+    """Stop now and take the final checkpoint.
+
+    True when the target is reached, when one more step would leave no time to
+    commit the final checkpoint `margin_s` before the deadline, or when a periodic
+    checkpoint is due but taking it would leave no room for the final one (the
+    final checkpoint then serves as the periodic one).
+    """
+    if steps_that_fit(ctx) == 0:
+        return True
+    if ctx.deadline is None or not is_checkpoint_due(ctx):
+        return False
+    # A periodic checkpoint now, then one step, then the final one behind the periodic upload.
+    after_periodic = ctx.checkpoint_cost_s + ctx.step_s
+    upload_then = max(0.0, ctx.upload_s - ctx.step_s)
+    final_at = ctx.now + after_periodic + upload_then + ctx.checkpoint_cost_s + ctx.upload_s
+    return final_at > ctx.deadline - ctx.margin_s
+
+
+def should_checkpoint(ctx: BudgetContext) -> bool:
+    """Take a periodic checkpoint now (after a step). Never True when `should_stop` is."""
+    return is_checkpoint_due(ctx) and not should_stop(ctx)
+
+
+def time_left_s(ctx: BudgetContext) -> float | None:
+    """Seconds until the session's deadline; None when there is none."""
+    return None if ctx.deadline is None else max(0.0, ctx.deadline - ctx.now)
+
+
+def next_checkpoint_in_s(ctx: BudgetContext) -> float:
+    """Seconds until the next checkpoint (periodic or final) is due, for the dashboard."""
+    in_flight = ctx.upload_left_s or 0.0  # as in is_checkpoint_due: unknown counts as none
+    periodic = max(0.0, ctx.last_checkpoint_at + checkpoint_interval_s(ctx) - ctx.now, in_flight)
+    if ctx.deadline is None:
+        return periodic
+    final = max(0.0, ctx.deadline - ctx.margin_s - ctx.now - _upload_left(ctx) - ctx.checkpoint_cost_s - ctx.upload_s)
+    return min(periodic, final)
+
+
+def checkpoint_overhead_pct(ctx: BudgetContext) -> float:
+    """Staging time so far as a percentage of training time (the quantity max_overhead_pct caps)."""
+    return 0.0 if ctx.training_s <= 0 else 100.0 * ctx.checkpoint_s / ctx.training_s
+
+
+def training_fraction(training_s: float, session_s: float) -> float:
+    """Share of the session spent in optimizer steps (reported when the session ends)."""
+    return 0.0 if session_s <= 0 else min(1.0, max(0.0, training_s / session_s))
+
+
+def estimate_upload_left_s(elapsed_s: float, upload_s: float) -> float:
+    """Seconds still to go for an upload in flight for `elapsed_s`, given the measured `upload_s`.
+
+    An upload that has outrun its estimate is assumed to need another quarter of it,
+    never zero, so the deadline keeps room for it.
+    """
+    return max(upload_s - elapsed_s, 0.25 * upload_s)
+
+
+# ---------------------------------------------------------------- simulation (relay plan, tests)
+
+Cost = float | Callable[[int], float]
+"""A fixed number of seconds, or a function of the step / checkpoint index (for noise)."""
+
+
+def _cost(cost: Cost, index: int) -> float:
+    return float(cost(index)) if callable(cost) else float(cost)
+
+
+@dataclass
+class SimResult:
+    """What a simulated session did. Times in seconds from the session's start."""
+
+    deadline_s: float | None
+    steps: int = 0
+    checkpoints: int = 0  # periodic checkpoints committed (the final one not counted)
+    training_s: float = 0.0
+    checkpoint_s: float = 0.0  # staging time of the periodic checkpoints
+    final_committed_s: float | None = None  # when the session's last checkpoint is committed; None: none taken
+    end_s: float = 0.0  # when the session is done (final commit, or the last upload)
+    work_at_risk_s: list[float] = field(default_factory=list)  # at each commit, just before it
+
+    @property
+    def max_work_at_risk_s(self) -> float:
+        return max(self.work_at_risk_s, default=0.0)
+
+    @property
+    def training_fraction(self) -> float:
+        """Training time over the whole session (its limit, else its end)."""
+        return training_fraction(self.training_s, self.deadline_s or self.end_s)
+
+
+@dataclass
+class _Upload:
+    captured: float
+    started: float
+    end: float
+
+
+class _SessionSim:
+    """Replays the loop of session.py on a FakeClock: decide, step, stage, upload in the background."""
+
+    def __init__(self, clock: Clock, meter: CostMeter, settings: dict[str, float], steps_left: int) -> None:
+        self.clock, self.meter, self.settings = clock, meter, settings
+        self.start = clock.monotonic()
+        self.steps_left = steps_left
+        self.uploads: list[_Upload] = []  # FIFO, one at a time
+        self.last_capture = self.committed_capture = self.start
+        self.taken = 0  # checkpoints captured, the index of the next one's costs
+        self.result = SimResult(deadline_s=settings["hours"] * 3600.0 or None)
+
+    def context(self) -> BudgetContext:
+        now = self.clock.monotonic()
+        left = 0.0
+        if self.uploads:
+            first = self.uploads[0]
+            elapsed = max(0.0, now - first.started)
+            left = estimate_upload_left_s(elapsed, self.meter.upload_s) + self.meter.upload_s * (len(self.uploads) - 1)
+        deadline = None if self.result.deadline_s is None else self.start + self.result.deadline_s
+        return BudgetContext(
+            now=now,
+            deadline=deadline,
+            step_s=self.meter.step_s,
+            checkpoint_cost_s=self.meter.checkpoint_s,
+            upload_s=self.meter.upload_s,
+            last_checkpoint_at=self.last_capture,
+            every_min=self.settings["every_min"],
+            max_overhead_pct=self.settings["max_overhead_pct"],
+            margin_s=self.settings["margin_s"],
+            steps_left=self.steps_left,
+            training_s=self.result.training_s,
+            checkpoint_s=self.result.checkpoint_s,
+            upload_left_s=left,
+        )
+
+    def settle(self, until: float) -> None:
+        """Commit every upload that has ended by `until`."""
+        while self.uploads and self.uploads[0].end <= until:
+            done = self.uploads.pop(0)
+            self.result.work_at_risk_s.append(done.end - self.committed_capture)
+            self.committed_capture = done.captured
+            self.meter.add_upload(done.end - done.started)
+
+    def step(self, step_cost: Cost) -> None:
+        seconds = _cost(step_cost, self.result.steps)
+        self.clock.sleep(seconds)
+        self.meter.add_step(seconds)
+        self.result.training_s += seconds
+        self.result.steps += 1
+        self.steps_left -= 1
+
+    def checkpoint(self, stage_cost: Cost, upload_cost: Cost) -> float:
+        """Capture and stage now (blocking), queue the upload; returns when it will be committed."""
+        index, self.taken = self.taken, self.taken + 1
+        self.last_capture = captured = self.clock.monotonic()
+        stage = _cost(stage_cost, index)
+        self.clock.sleep(stage)
+        self.meter.add_checkpoint(stage)
+        now = self.clock.monotonic()
+        started = max([now, *(u.end for u in self.uploads)])
+        self.uploads.append(_Upload(captured, started, started + _cost(upload_cost, index)))
+        return self.uploads[-1].end
+
+
+def simulate_session(
+    *,
+    hours: float,
+    steps_left: int,
+    step_s: Cost,
+    checkpoint_s: Cost,
+    upload_s: Cost,
+    every_min: float = 10.0,
+    max_overhead_pct: float = 2.0,
+    margin_s: float = 180.0,
+    meter: CostMeter | None = None,
+    clock: Clock | None = None,
+) -> SimResult:
+    """Run the budget decisions over one session with the given true costs; 0 hours: no limit.
+
+    `meter` carries the priors (default: the built-in ones); `clock` defaults to a FakeClock.
+    """
+    clock = clock or FakeClock()
+    meter = meter or CostMeter()
+    settings = {"hours": hours, "every_min": every_min, "max_overhead_pct": max_overhead_pct, "margin_s": margin_s}
+    sim = _SessionSim(clock, meter, settings, steps_left)
+    last_step_at_capture = 0
+    while not should_stop(sim.context()):
+        sim.step(step_s)
+        sim.settle(clock.monotonic())
+        if should_checkpoint(sim.context()):
+            sim.checkpoint(checkpoint_s, upload_s)
+            last_step_at_capture = sim.result.steps
+            sim.result.checkpoint_s += clock.monotonic() - sim.last_capture
+            sim.result.checkpoints += 1
+    result = sim.result
+    if result.steps > last_step_at_capture:  # else the last periodic checkpoint already holds every step
+        sim.checkpoint(checkpoint_s, upload_s)
+    end = sim.uploads[-1].end if sim.uploads else clock.monotonic()
+    sim.settle(end)
+    result.end_s = end - sim.start
+    result.final_committed_s = result.end_s if sim.taken else None
+    return result
+
+
+# ---------------------------------------------------------------- Kaggle's weekly GPU quota
+
+
+def _wall(value: Any) -> float:
+    """A wall time as Unix seconds, from a number or an ISO 8601 string."""
+    if isinstance(value, str):
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return float(value)
+
+
+def kaggle_quota_left_h(
+    sessions: Iterable[dict], now_wall: float, account: str, quota_h: float = KAGGLE_WEEKLY_GPU_H
+) -> float:
+    """GPU hours left this week on a Kaggle account, from the run's session records.
+
+    Counts records with platform "kaggle" of this account (records without an
+    account count too: better to warn early) over the last 7 days, as
+    (end − start) × gpu_count. Record keys: platform, account, start_wall,
+    end_wall (a session without an end counts until `now_wall`), gpu_count
+    (default 1). Kaggle does not publish whether 2×T4 uses quota twice as fast;
+    counting each GPU is the cautious reading.
+    """
+    since = now_wall - WEEK_S
+    used_s = 0.0
+    for record in sessions:
+        if record.get("platform") != "kaggle" or record.get("account", account) not in (account, "", None):
+            continue
+        start = max(_wall(record.get("start_wall", now_wall)), since)
+        end = min(_wall(record["end_wall"]) if record.get("end_wall") is not None else now_wall, now_wall)
+        used_s += max(0.0, end - start) * max(1, int(record.get("gpu_count") or 1))
+    return max(0.0, quota_h - used_s / 3600.0)
+
+
+def quota_warning(quota_left_h: float, steps_left: int, step_s: float, gpu_count: int = 1) -> str | None:
+    """A warning when the steps still to train need more Kaggle GPU hours than the week has left."""
+    needed_h = steps_left * step_s * max(1, gpu_count) / 3600.0
+    if needed_h <= quota_left_h:
+        return None
+    if quota_left_h <= 0:
+        return (
+            "no Kaggle GPU quota left this week: this session may be stopped at any moment; "
+            "continue the run on Colab, or wait for the weekly reset"
+        )
+    return (
+        f"the run needs about {needed_h:.1f} GPU h more ({steps_left} steps × {step_s:.1f} s"
+        f"{f' × {gpu_count} GPUs' if gpu_count > 1 else ''}), but only {quota_left_h:.1f} h of "
+        "this week's Kaggle quota is left: the rest will wait for the reset, or continue on Colab"
+    )
