@@ -1,0 +1,165 @@
+"""One writer per run: a lease in RUN/lease.json with a heartbeat.
+
+Owns: acquiring, renewing and releasing the lease, and reading it for
+`relay status`. A session holds the lease while it trains; another session
+refuses to start (LeaseHeld) while the holder's heartbeat is fresher than
+`timeout_s`, unless told to take over.
+
+Storage offers no compare-and-swap (Drive, a mounted folder), so the protection
+is write, settle, read back: a contender writes its own random token, waits
+`settle_s`, and wins only if the token it reads back is still its own. Two
+sessions that both read "free" and both write see the same last writer after
+the settle and exactly one proceeds. The limit: a contender whose read-to-write
+gap is longer than `settle_s` (or a backend whose reads lag writes by more than
+that) can still overwrite a winner; the winner then finds a foreign token at
+its next heartbeat and stops with LeaseHeld, so two writers overlap for at most
+one heartbeat interval, never for the rest of a run. Heartbeat ages use wall
+clocks of different machines; timeout_s (minutes) dwarfs their usual skew.
+
+Must not: decide what a session does when it loses the lease (the session
+stops); touch checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from dataclasses import asdict, dataclass
+
+from runner.clock import Clock, iso
+from runner.errors import LeaseHeld
+from runner.state import read_bytes, write_bytes
+from runner.storage import Storage
+
+log = logging.getLogger(__name__)
+
+LEASE_FILE = "lease.json"
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    holder: str  # human-readable: "colab:<hostname>:<pid>"
+    token: str  # random per acquire; tells two sessions of one host apart
+    since: str  # ISO time the holder acquired it
+    heartbeat_wall: float  # Unix seconds of the last heartbeat
+
+    def age_s(self, now_wall: float) -> float:
+        return max(0.0, now_wall - self.heartbeat_wall)
+
+
+def read_lease(storage: Storage, run: str) -> LeaseRecord | None:
+    """The current lease, or None if free (missing or unreadable: a torn lease protects nothing)."""
+    raw = read_bytes(storage, f"{run}/{LEASE_FILE}")
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+        return LeaseRecord(
+            holder=str(data["holder"]),
+            token=str(data["token"]),
+            since=str(data["since"]),
+            heartbeat_wall=float(data["heartbeat_wall"]),
+        )
+    except (ValueError, KeyError, TypeError):
+        log.warning("%s/%s/%s is unreadable; treating the run as free", storage.url, run, LEASE_FILE)
+        return None
+
+
+class Lease:
+    """The lease of one run for one holder. Not thread-safe: the session calls it from one thread."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        run: str,
+        holder: str,
+        *,
+        clock: Clock,
+        timeout_s: float = 300.0,
+        settle_s: float = 2.0,
+    ) -> None:
+        self.storage = storage
+        self.run = run
+        self.holder = holder
+        self.clock = clock
+        self.timeout_s = timeout_s  # a heartbeat older than this means the holder is dead
+        self.settle_s = settle_s  # wait between writing and reading back
+        self.heartbeat_every_s = timeout_s / 3  # for maybe_heartbeat: two missed beats still keep it
+        self._token: str | None = None
+        self._since = ""
+        self._last_beat = float("-inf")
+
+    @property
+    def key(self) -> str:
+        return f"{self.run}/{LEASE_FILE}"
+
+    @property
+    def is_held(self) -> bool:
+        return self._token is not None
+
+    def acquire(self, take_over: bool = False) -> LeaseRecord:
+        """Take the lease or raise LeaseHeld naming the live holder (also when another contender won)."""
+        current = read_lease(self.storage, self.run)
+        now = self.clock.wall()
+        if current is not None and current.token != self._token:
+            age = current.age_s(now)
+            if age < self.timeout_s and not take_over:
+                raise LeaseHeld(current.holder, current.since, age)
+            why = "taking over as asked" if age < self.timeout_s else f"its heartbeat is {age:.0f} s old"
+            log.warning("taking the lease of %s from %s: %s", self.run, current.holder, why)
+        token = secrets.token_hex(16)
+        self._since = iso(now)
+        self._write(token)
+        self.clock.sleep(self.settle_s)
+        back = read_lease(self.storage, self.run)
+        if back is None or back.token != token:
+            self._token = None
+            if back is None:
+                raise LeaseHeld("unknown (lease.json vanished while acquiring)", self._since, 0.0)
+            raise LeaseHeld(back.holder, back.since, back.age_s(self.clock.wall()))
+        self._token = token
+        self._last_beat = self.clock.monotonic()
+        log.info("lease of %s acquired by %s", self.run, self.holder)
+        return back
+
+    def heartbeat(self) -> None:
+        """Renew the lease; LeaseHeld if another session has taken it (then this one must stop)."""
+        self._check_ours()
+        self._write(self._token)
+        self._last_beat = self.clock.monotonic()
+
+    def maybe_heartbeat(self) -> bool:
+        """Heartbeat if `heartbeat_every_s` has passed since the last one; True if it did."""
+        if self.clock.monotonic() - self._last_beat < self.heartbeat_every_s:
+            return False
+        self.heartbeat()
+        return True
+
+    def release(self) -> None:
+        """Delete the lease if it is still ours; leave another holder's lease alone."""
+        if self._token is None:
+            return
+        current = read_lease(self.storage, self.run)
+        if current is not None and current.token == self._token:
+            self.storage.delete(self.key)
+            log.info("lease of %s released by %s", self.run, self.holder)
+        else:
+            log.warning("lease of %s is no longer ours at release; left as is", self.run)
+        self._token = None
+
+    def _check_ours(self) -> None:
+        if self._token is None:
+            raise LeaseHeld("nobody (this session never acquired the lease)", "", 0.0)
+        current = read_lease(self.storage, self.run)
+        if current is None:
+            self._token = None
+            raise LeaseHeld("unknown (lease.json was removed by someone else)", self._since, 0.0)
+        if current.token != self._token:
+            self._token = None
+            raise LeaseHeld(current.holder, current.since, current.age_s(self.clock.wall()))
+
+    def _write(self, token: str) -> None:
+        record = LeaseRecord(self.holder, token, self._since, self.clock.wall())
+        data = {**asdict(record), "heartbeat": iso(record.heartbeat_wall), "timeout_s": self.timeout_s}
+        write_bytes(self.storage, self.key, json.dumps(data, indent=2).encode())
