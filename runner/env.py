@@ -1,0 +1,195 @@
+"""Where Relay runs: platform, GPUs, memory, disk and the session's clock.
+
+Owns: `detect_env()`, which reads the platform's signals (modules, variables,
+paths), the GPUs (through `nvidia-smi`, so it imports no torch), RAM, free disk
+and the session's start. Every input (environment, file system, command runner,
+clock) is injectable so tests fake Colab, Kaggle and local machines. Decides
+nothing: budget.py turns the session's start and limit into a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from runner.clock import Clock, SystemClock
+
+COLAB_VARS = ("COLAB_RELEASE_TAG", "COLAB_GPU", "COLAB_BACKEND_VERSION")
+KAGGLE_VARS = ("KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_URL_BASE", "KAGGLE_DATA_PROXY_URL")
+NVIDIA_SMI_QUERY = "--query-gpu=name,memory.total,memory.free,compute_cap"
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    total_gib: float
+    free_gib: float
+    compute_capability: str  # "7.5" for a T4
+
+    @property
+    def has_bf16(self) -> bool:
+        """Ampere (8.0) and newer compute in bf16; a T4 (7.5) and a P100 (6.0) do not."""
+        major = int(self.compute_capability.split(".")[0] or 0)
+        return major >= 8
+
+
+@dataclass(frozen=True)
+class Env:
+    platform: str  # colab, kaggle or local
+    tier: str  # colab-free, colab-paid, kaggle, local
+    host: str
+    gpus: tuple[Gpu, ...] = ()
+    ram_gib: float = 0.0
+    disk_free_gib: float = 0.0
+    workdir: str = ""
+    session_start_wall: float = 0.0  # when the VM (Colab/Kaggle) or the process (local) started
+    session_limit_h: float | None = None  # the platform's default limit; None: no limit
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def gpu_summary(self) -> str:
+        if not self.gpus:
+            return "CPU"
+        names = {g.name for g in self.gpus}
+        return f"{len(self.gpus)}× {names.pop()}" if len(names) == 1 else ", ".join(g.name for g in self.gpus)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def detect_platform(environ: Mapping[str, str], exists: Callable[[str], bool]) -> str:
+    """colab, kaggle or local, from variables that survive in `!python` child processes, then paths."""
+    if any(v in environ for v in COLAB_VARS) or exists("/content/.config") or exists("/var/colab"):
+        return "colab"
+    if "KAGGLE_KERNEL_RUN_TYPE" in environ or any(v in environ for v in KAGGLE_VARS[1:]) or exists("/kaggle/working"):
+        return "kaggle"
+    return "local"
+
+
+def parse_nvidia_smi(text: str) -> tuple[Gpu, ...]:
+    """GPUs from `nvidia-smi --query-gpu=name,memory.total,memory.free,compute_cap --format=csv,noheader,nounits`."""
+    gpus = []
+    for index, line in enumerate(l for l in text.splitlines() if l.strip()):
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 4:
+            continue
+        try:
+            total, free = float(parts[1]) / 1024, float(parts[2]) / 1024
+        except ValueError:
+            continue
+        gpus.append(Gpu(index, parts[0], round(total, 2), round(free, 2), parts[3]))
+    return tuple(gpus)
+
+
+def query_gpus(run: Callable[[list[str]], str] | None = None) -> tuple[Gpu, ...]:
+    """Every visible NVIDIA GPU; none when nvidia-smi is missing or fails."""
+    run = run or _run_command
+    try:
+        text = run(["nvidia-smi", NVIDIA_SMI_QUERY, "--format=csv,noheader,nounits"])
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    gpus = parse_nvidia_smi(text)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() != "":
+        wanted = [int(v) for v in visible.split(",") if v.strip().isdigit()]
+        gpus = tuple(g for g in gpus if g.index in wanted)
+    return gpus
+
+
+def _run_command(cmd: list[str]) -> str:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=True).stdout
+
+
+def read_uptime_s(read: Callable[[str], str]) -> float | None:
+    """Seconds since the VM booted, from /proc/uptime."""
+    try:
+        return float(read("/proc/uptime").split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def read_ram_gib(read: Callable[[str], str]) -> float:
+    try:
+        for line in read("/proc/meminfo").splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024**2, 1)
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
+def tier_of(platform: str, gpus: tuple[Gpu, ...]) -> str:
+    """Colab does not say which plan it runs on; a T4 (or none) is what the free plan hands out."""
+    if platform == "colab":
+        return "colab-free" if not gpus or all("T4" in g.name for g in gpus) else "colab-paid"
+    return platform
+
+
+def detect_env(
+    *,
+    environ: Mapping[str, str] | None = None,
+    exists: Callable[[str], bool] = os.path.exists,
+    read: Callable[[str], str] = lambda p: Path(p).read_text(),
+    run: Callable[[list[str]], str] | None = None,
+    clock: Clock | None = None,
+    process_start_wall: float | None = None,
+    workdir: str | None = None,
+) -> Env:
+    """Detect the platform, hardware and session clock. Every input can be faked."""
+    from runner.budget import default_limit_h  # noqa: PLC0415 - the table lives with the budget
+
+    environ = os.environ if environ is None else environ
+    clock = clock or SystemClock()
+    platform = detect_platform(environ, exists)
+    gpus = query_gpus(run)
+    tier = tier_of(platform, gpus)
+    now = clock.wall()
+    notes = []
+    start = process_start_wall if process_start_wall is not None else now
+    if platform != "local":
+        uptime = read_uptime_s(read)
+        if uptime is None:
+            notes.append("VM uptime unknown (/proc/uptime unreadable): counting the session from process start")
+        else:
+            start = now - uptime
+    workdir = workdir or default_workdir(platform, environ)
+    return Env(
+        platform=platform,
+        tier=tier,
+        host=socket.gethostname(),
+        gpus=gpus,
+        ram_gib=read_ram_gib(read),
+        disk_free_gib=_disk_free_gib(workdir),
+        workdir=workdir,
+        session_start_wall=start,
+        session_limit_h=default_limit_h(tier),
+        notes=tuple(notes),
+    )
+
+
+def default_workdir(platform: str, environ: Mapping[str, str]) -> str:
+    """Fast local scratch space: /kaggle/temp is outside Kaggle's 20 GB saved output; /content on Colab."""
+    if "RELAY_WORKDIR" in environ:
+        return environ["RELAY_WORKDIR"]
+    if platform == "kaggle":
+        return "/kaggle/temp/relay"
+    if platform == "colab":
+        return "/content/relay-work"
+    return str(Path(environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "relay")
+
+
+def _disk_free_gib(path: str) -> float:
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return round(shutil.disk_usage(probe).free / GIB, 1)
+    except OSError:
+        return 0.0
