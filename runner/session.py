@@ -1,0 +1,450 @@
+"""The only orchestrator: one session of a run, from lease to exit code.
+
+Owns: wiring profile, environment, storage, lease, cache, fit, trainer,
+checkpoints, budget and events together, and mapping how a session ends to an
+exit code (0 target reached, 75 run again, else an error). The parts below it
+know nothing of each other; only this module calls them. What a pure function
+can decide (budget.py, fit.py) is decided there, not here. torch is imported
+only through runner.train, lazily, so `relay status` and the tests of this
+wiring's pure parts start without it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from runner import budget, events
+from runner.checkpoint.manager import CheckpointManager, Restored
+from runner.checkpoint.manifest import COMMIT, commit_folder, fetch_folder, verify_dir, write_manifest
+from runner.clock import Clock, SystemClock, iso
+from runner.env import Env, detect_env
+from runner.errors import (
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    CheckpointCorrupt,
+    Interrupted,
+    ResumeMismatch,
+    StorageError,
+)
+from runner.lease import Lease
+from runner.profile import Profile, diff_fields, fingerprint, fingerprint_fields, load_profile
+from runner.signals import install_stop_handlers
+from runner.state import RunInfo, RunState, append_session, read_run_info, read_sessions, write_run_info
+from runner.storage import Storage
+from runner.storage.url import open_storage
+
+log = logging.getLogger(__name__)
+HEARTBEAT_EVERY_S = 60.0
+# Priors until the first checkpoint is measured: staging a ~280 MB LoRA + AdamW state takes a
+# second or two; an upload to Drive tens of seconds.
+CHECKPOINT_PRIOR_S = 2.0
+UPLOAD_PRIOR_S = 30.0
+
+
+@dataclass(frozen=True)
+class Options:
+    profile: str
+    storage: str
+    run: str | None = None
+    overrides: tuple[str, ...] = ()
+    hours: float | None = None
+    take_over: bool = False
+    force: bool = False
+    release_gpu: bool = False
+    plain: bool = False
+    workdir: str | None = None
+
+    @classmethod
+    def from_args(cls, args) -> Options:
+        return cls(
+            profile=args.profile, storage=args.storage, run=args.run, overrides=tuple(args.overrides),
+            hours=getattr(args, "hours", None), take_over=getattr(args, "take_over", False),
+            force=getattr(args, "force", False), release_gpu=getattr(args, "release_gpu", False),
+            plain=getattr(args, "plain", False), workdir=args.workdir,
+        )  # fmt: skip
+
+    def load_profile(self) -> Profile:
+        overrides = list(self.overrides)
+        if self.hours is not None:
+            overrides.append(f"session.hours={self.hours}")
+        if self.release_gpu:
+            overrides.append("session.release_gpu=true")
+        return load_profile(self.profile, overrides)
+
+
+@dataclass
+class Context:
+    """What a session works with, built once at its start."""
+
+    opts: Options
+    profile: Profile
+    env: Env
+    storage: Storage
+    run: str
+    workdir: Path
+    bus: events.EventBus
+    clock: Clock
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @property
+    def holder(self) -> str:
+        return f"{self.env.platform}:{self.env.host}:pid{os.getpid()}:{self.session_id}"
+
+
+def build_context(opts: Options, *, clock: Clock | None = None, env: Env | None = None) -> Context:
+    profile = opts.load_profile()
+    env = env or detect_env(workdir=opts.workdir)
+    storage = open_storage(opts.storage)
+    run = opts.run or profile.name
+    workdir = Path(opts.workdir or env.workdir) / run
+    workdir.mkdir(parents=True, exist_ok=True)
+    return Context(opts, profile, env, storage, run, workdir, events.EventBus(), clock or SystemClock())
+
+
+# ---------------------------------------------------------------- commands
+
+
+def train(args) -> int:
+    opts = Options.from_args(args)
+    ctx = build_context(opts)
+    if len(ctx.env.gpus) > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_distributed(len(ctx.env.gpus))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return Session(ctx).run()  # other ranks train in lockstep and show nothing
+    from runner.dashboard import Dashboard
+
+    with Dashboard.for_terminal(ctx.clock, plain=opts.plain, profile=ctx.profile) as dash:
+        ctx.bus.subscribe(dash.on_event)
+        _subscribe_tensorboard(ctx)
+        return Session(ctx, dashboard=dash).run()
+
+
+def launch_distributed(gpus: int) -> int:
+    """Run this same command once per GPU under torchrun; rank 0 leads, the others follow."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+           "-m", "runner", *sys.argv[1:]]  # fmt: skip
+    log.info("launching %d processes: %s", gpus, " ".join(cmd))
+    return subprocess.call(cmd)
+
+
+def plan(args) -> int:
+    from runner.planning import print_plan
+
+    return print_plan(build_context(Options.from_args(args)), probe=args.probe)
+
+
+def sample(args) -> int:
+    from runner.artifacts import sample_command
+
+    return sample_command(build_context(Options.from_args(args)), out=args.out)
+
+
+def export(args) -> int:
+    from runner.artifacts import export_command
+
+    return export_command(build_context(Options.from_args(args)))
+
+
+def _subscribe_tensorboard(ctx: Context) -> None:
+    from runner.tblog import TensorBoardLogger
+
+    ctx.bus.subscribe(TensorBoardLogger(ctx.workdir / "logs").on_event)
+
+
+# ---------------------------------------------------------------- the session
+
+
+class Session:
+    """One session of a run. `run()` returns the process exit code."""
+
+    def __init__(self, ctx: Context, *, dashboard=None) -> None:
+        self.ctx = ctx
+        self.dashboard = dashboard
+        self.is_main = int(os.environ.get("RANK", "0")) == 0
+        self.lease = Lease(ctx.storage, ctx.run, ctx.holder, clock=ctx.clock)
+        self.ckpts = CheckpointManager(
+            ctx.storage, ctx.run, ctx.workdir, keep=ctx.profile.checkpoint.keep, bus=ctx.bus, clock=ctx.clock
+        )
+        self.meter = budget.CostMeter(checkpoint_prior_s=CHECKPOINT_PRIOR_S, upload_prior_s=UPLOAD_PRIOR_S)
+        self.started_wall = ctx.clock.wall()
+        self.step_from = self.step = 0
+        self.train_s = self.checkpoint_s = 0.0
+        self.upload_started: float | None = None
+        self.reason = "error"
+        ctx.bus.subscribe(self._on_event)
+
+    def _on_event(self, event: events.Event) -> None:
+        """Upload timing, measured on the upload worker's thread."""
+        if isinstance(event, events.CheckpointCommitted):
+            self.meter.add_upload(event.upload_s)
+            self.upload_started = None
+        elif isinstance(event, events.UploadFailed):
+            self.upload_started = None
+
+    def run(self) -> int:
+        ctx, code = self.ctx, 1
+        with install_stop_handlers() as stop:
+            try:
+                if self.is_main:
+                    ensure_run_info(ctx, force=ctx.opts.force)
+                    self.lease.acquire(take_over=ctx.opts.take_over)
+                try:
+                    code = self._train(stop)
+                finally:
+                    self._close()
+            except Interrupted as exc:
+                self.reason, code = "signal", exc.exit_code
+                ctx.bus.emit(events.Warning(str(exc), kind="signal"))
+            finally:
+                ctx.bus.emit(events.SessionEnded(self.step, ctx.profile.train.steps, self.reason, code))
+        return code
+
+    def _close(self) -> None:
+        self.ckpts.close()
+        if not self.is_main:
+            return
+        try:
+            append_session(self.ctx.storage, self.ctx.run, self.session_record())
+        except StorageError as exc:
+            log.warning("could not record the session in sessions.jsonl: %s", exc)
+        self.lease.release()
+        flush = getattr(self.ctx.storage, "flush", None)
+        if flush is not None:  # the Colab mount: push what it holds before the VM can die
+            flush()
+
+    def session_record(self) -> dict:
+        env, now = self.ctx.env, self.ctx.clock.wall()
+        return {
+            "id": self.ctx.session_id, "platform": env.platform, "tier": env.tier, "host": env.host,
+            "gpu": env.gpu_summary, "gpu_count": len(env.gpus), "started": iso(self.started_wall),
+            "start_wall": self.started_wall, "end_wall": now, "wall_s": round(now - self.started_wall, 1),
+            "train_s": round(self.train_s, 1), "step_from": self.step_from, "step_to": self.step,
+            "steps": self.step - self.step_from, "reason": self.reason,
+        }  # fmt: skip
+
+    def _train(self, stop) -> int:
+        from runner.train.run import Placement, TrainingRun, init_distributed
+
+        ctx = self.ctx
+        placement = Placement.detect()
+        init_distributed(placement)
+        restored = self.ckpts.latest(ctx.workdir / "restore")
+        state = restored.state if restored and restored.state else new_state(ctx)
+        self.step_from = self.step = state.step
+        if state.step >= ctx.profile.train.steps:
+            self.reason = "completed"
+            if self.is_main:
+                self._finish_from_checkpoint(state, restored, placement.device)
+            return EXIT_OK
+        cache_dir = self._cache(placement)
+        tr = TrainingRun(ctx.profile, cache_dir, placement=placement, bus=ctx.bus,
+                         stored_plan=state.plan or None, stored_gpu=_last_gpu(state), gpu_name=ctx.env.gpu_summary)
+        if restored is not None:
+            tr.restore(restored.dir, state.trainer)
+        from runner.train.cache import cache_fingerprint
+
+        state = replace(state, plan=tr.plan.to_dict(), cache_fingerprint=cache_fingerprint(ctx.profile))
+        deadline = budget.session_deadline(ctx.env, ctx.profile, ctx.clock)
+        ctx.bus.emit(events.SessionStarted(
+            ctx.run, ctx.env.platform, ctx.env.gpu_summary, state.step, state.target,
+            None if deadline is None else deadline - ctx.clock.monotonic(), tuple(state.sessions),
+        ))  # fmt: skip
+        self._warn_quota(state)
+        return self._loop(tr, state, deadline, stop)
+
+    def _cache(self, placement) -> Path:
+        from runner.train.cache import build_cache, cache_fingerprint
+        from runner.train.run import barrier
+
+        fp = cache_fingerprint(self.ctx.profile)
+        local = self.ctx.workdir / "cache" / fp
+        if self.is_main:
+            ensure_cache(self.ctx, fp, lambda d: build_cache(self.ctx.profile, d, bus=self.ctx.bus, device=placement.device))
+        barrier(placement)
+        return local
+
+    def _loop(self, tr, state: RunState, deadline: float | None, stop) -> int:
+        from runner.train.run import agree
+
+        ctx = self.ctx
+        target = ctx.profile.train.steps
+        last_ckpt_at = last_beat = ctx.clock.monotonic()
+        while state.step < target:
+            if stop.stop_now:
+                raise Interrupted("stopped at once (second interrupt); the last committed checkpoint is intact")
+            bctx = self._budget(deadline, last_ckpt_at, target - state.step)
+            if self.dashboard is not None:
+                self.dashboard.set_budget(budget.time_left_s(bctx), budget.next_checkpoint_in_s(bctx))
+            (stopping,) = agree(tr.placement, stop.requested or budget.should_stop(bctx))
+            if stopping:
+                self.reason = "signal" if stop.requested else "budget"
+                break
+            result = tr.step(state.step)
+            self.train_s += result.seconds
+            self.meter.add_step(result.seconds)
+            state = replace(state, step=state.step + 1)
+            self.step = state.step
+            ctx.bus.emit(tr.step_event(state.step, result))
+            due = state.step < target and budget.should_checkpoint(
+                self._budget(deadline, last_ckpt_at, target - state.step))
+            (due,) = agree(tr.placement, due)
+            if due:
+                last_ckpt_at = ctx.clock.monotonic()  # the interval runs between captures
+                self._checkpoint(tr, state)
+            if self.is_main and ctx.clock.monotonic() - last_beat > HEARTBEAT_EVERY_S:
+                self.lease.heartbeat()
+                last_beat = ctx.clock.monotonic()
+        return self._end(tr, state)
+
+    def _budget(self, deadline, last_ckpt_at: float, steps_left: int) -> budget.BudgetContext:
+        now = self.ctx.clock.monotonic()
+        upload_left = 0.0
+        if self.upload_started is not None:
+            upload_left = budget.estimate_upload_left_s(now - self.upload_started, self.meter.upload_s)
+        return budget.context(
+            self.ctx.profile, self.meter, now=now, deadline=deadline, last_checkpoint_at=last_ckpt_at,
+            steps_left=steps_left, train_s=self.train_s, checkpoint_s=self.checkpoint_s, upload_left_s=upload_left,
+        )  # fmt: skip
+
+    def _end(self, tr, state: RunState) -> int:
+        """The session's last checkpoint, committed before we say anything is safe; then final/ if done."""
+        if state.step > self.step_from:
+            self._checkpoint(tr, state)
+        if self.is_main and not self.ckpts.wait():
+            raise StorageError(
+                f"the checkpoint of step {state.step} could not be committed ({self.ckpts.last_error}); "
+                f"its local copy is kept in {self.ctx.workdir / 'staging'}",
+                hint="check the storage (relay doctor --storage URL), then run the same command again",
+            )
+        if state.step < state.target:
+            return EXIT_PREEMPTED
+        self.reason = "completed"
+        if self.is_main:
+            sessions = [*self._prior_sessions(state), self.session_record()]
+            self._write_final(tr.lora_weights(), state.step, sessions, tr.placement.device, unet=tr.unet)
+            self._release_gpu()
+        return EXIT_OK
+
+    def _checkpoint(self, tr, state: RunState) -> None:
+        if not self.is_main:
+            return  # rank 0 holds the same LoRA weights (gradients are all-reduced) and saves them
+        state = replace(state, sessions=[*self._prior_sessions(state), self.session_record()])
+        staged = self.ckpts.stage(state.step, tr.save_state, state=state)
+        self.meter.add_checkpoint(staged.stage_s)
+        self.checkpoint_s += staged.stage_s
+        val = tr.validation_loss()
+        if val is not None:
+            self.ctx.bus.emit(events.Validated(state.step, val))
+        self.upload_started = self.ctx.clock.monotonic()
+        self.ckpts.submit(staged)
+
+    def _prior_sessions(self, state: RunState) -> list[dict]:
+        return [s for s in state.sessions if s.get("id") != self.ctx.session_id]
+
+    def _finish_from_checkpoint(self, state: RunState, restored: Restored, device: str) -> None:
+        """The target was reached earlier: make sure final/ exists (a kill may have come before it)."""
+        if self.ctx.storage.exists(f"{self.ctx.run}/final/{COMMIT}"):
+            self.ctx.bus.emit(events.Warning(f"run already complete at step {state.step}; final/ is in storage"))
+            return
+        from runner.train.run import read_lora_file
+
+        self._write_final(read_lora_file(restored.dir), state.step, state.sessions, device)
+
+    def _write_final(self, lora_sd, steps: int, sessions: list[dict], device: str, unet=None) -> None:
+        from runner.train.run import write_final
+
+        local = self.ctx.workdir / "final"
+        shutil.rmtree(local, ignore_errors=True)
+        write_final(self.ctx.profile, self.ctx.run, lora_sd, local, steps=steps, sessions=sessions, device=device,
+                    unet=unet, bus=self.ctx.bus)  # fmt: skip
+        write_manifest(local, {"step": steps})
+        commit_folder(self.ctx.storage, local, f"{self.ctx.run}/final")
+
+    def _release_gpu(self) -> None:
+        if self.ctx.profile.session.release_gpu and self.ctx.env.platform == "colab":
+            flush = getattr(self.ctx.storage, "flush", None)
+            if flush is not None:
+                flush()
+            from google.colab import runtime  # only on Colab
+
+            runtime.unassign()
+
+    def _warn_quota(self, state: RunState) -> None:
+        if self.ctx.env.platform != "kaggle":
+            return
+        left = budget.kaggle_quota_left_h(read_sessions(self.ctx.storage, self.ctx.run), self.ctx.clock.wall(),
+                                          account=self.ctx.env.host)  # fmt: skip
+        message = budget.quota_warning(left, state.target - state.step, self.meter.step_s, len(self.ctx.env.gpus))
+        if message:
+            self.ctx.bus.emit(events.Warning(message, kind="quota"))
+
+
+def _last_gpu(state: RunState) -> str | None:
+    return state.sessions[-1].get("gpu") if state.sessions else None
+
+
+def new_state(ctx: Context) -> RunState:
+    return RunState(
+        run=ctx.run, step=0, target=ctx.profile.train.steps, profile_fingerprint=fingerprint(ctx.profile),
+        profile_fields=fingerprint_fields(ctx.profile), created=iso(ctx.clock.wall()),
+    )  # fmt: skip
+
+
+def ensure_run_info(ctx: Context, *, force: bool) -> RunInfo:
+    """Write run.json for a new run; for an existing one, refuse settings that change the weights."""
+    info = read_run_info(ctx.storage, ctx.run, missing_ok=True)
+    fields_now = fingerprint_fields(ctx.profile)
+    if info is None:
+        info = RunInfo(
+            run=ctx.run, profile=ctx.profile.to_dict(), fingerprint=fingerprint(ctx.profile),
+            fingerprint_fields=fields_now, target=ctx.profile.train.steps, created=iso(ctx.clock.wall()),
+        )  # fmt: skip
+        write_run_info(ctx.storage, info)
+        return info
+    differing = diff_fields(info.fingerprint_fields, fields_now)
+    differing.pop("train.steps", None)  # a new target continues the same run
+    if differing and not force:
+        raise ResumeMismatch(differing)
+    if differing:
+        ctx.bus.emit(events.Warning(f"--force: resuming with changed settings: {', '.join(sorted(differing))}"))
+    return info
+
+
+# ---------------------------------------------------------------- the latent cache
+
+
+def ensure_cache(ctx: Context, cache_fp: str, build) -> Path:
+    """The cache folder, verified: the local copy, else a download, else built once here and uploaded."""
+    local = ctx.workdir / "cache" / cache_fp
+    prefix = f"{ctx.run}/cache/{cache_fp}"
+    if not _verified_locally(local):
+        try:
+            fetch_folder(ctx.storage, prefix, local)
+            return local
+        except (CheckpointCorrupt, StorageError) as exc:
+            if ctx.storage.exists(f"{prefix}/{COMMIT}"):
+                ctx.bus.emit(events.Warning(f"stored latent cache unusable ({exc}); rebuilding it", kind="cache"))
+        shutil.rmtree(local, ignore_errors=True)
+        local.mkdir(parents=True)
+        build(local)
+        write_manifest(local, {"fingerprint": cache_fp})
+    if not ctx.storage.exists(f"{prefix}/{COMMIT}"):
+        commit_folder(ctx.storage, local, prefix)
+    return local
+
+
+def _verified_locally(local: Path) -> bool:
+    try:
+        manifest = json.loads((local / COMMIT).read_text())
+    except (OSError, ValueError):
+        return False
+    return not verify_dir(local, manifest)

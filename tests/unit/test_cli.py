@@ -1,0 +1,60 @@
+"""The command line: help, profiles, and clear errors instead of tracebacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from runner.cli import main
+
+
+def relay(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "runner", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_help_lists_every_command():
+    out = relay("--help")
+    assert out.returncode == 0
+    for command in ("train", "status", "plan", "sample", "export", "bench", "doctor", "profiles"):
+        assert command in out.stdout
+    assert "75" in out.stdout  # the exit code users must know
+
+
+def test_train_help_shows_the_options():
+    out = relay("train", "--help")
+    assert out.returncode == 0
+    for flag in ("--profile", "--storage", "--run", "--set", "--hours", "--take-over", "--force", "--release-gpu"):
+        assert flag in out.stdout
+
+
+def test_profiles_lists_shipped_profiles_with_descriptions(capsys):
+    assert main(["profiles"]) == 0
+    out = capsys.readouterr().out
+    for name in ("tiny", "sdxl-naruto-t4", "sdxl-naruto-t4-512", "sdxl-naruto-kaggle-2xt4"):
+        assert name in out
+    assert "1024 px" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["train", "--profile", "nope"], ["no profile named 'nope'", "tiny"]),
+        (["train", "--profile", "tiny", "--set", "lora.rank=0"], ["lora.rank", "out of range"]),
+        (["train", "--profile", "tiny", "--set", "train.stepz=3"], ["train.stepz", "unknown key"]),
+        (["train", "--profile", "tiny", "--storage", "s3://bucket/x"], ["s3://bucket/x"]),
+        (["status", "--storage", "gdrive:"], ["gdrive:"]),
+    ],
+)
+def test_bad_input_is_a_message_not_a_traceback(tmp_path, args, words):
+    out = relay(*args, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    for word in words:
+        assert word in out.stderr
+
+
+def test_status_of_an_empty_storage_says_how_to_start(tmp_path):
+    out = relay("status", "--storage", str(tmp_path))
+    assert out.returncode == 2 and "no run found" in out.stderr and "relay train" in out.stderr
