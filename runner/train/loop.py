@@ -1,0 +1,390 @@
+"""The Trainer: one optimizer step at a time, resumable from the step number alone.
+
+Owns: precision (fp16 autocast + GradScaler, bf16, fp32), the optimizer, the
+LR schedule, the diffusion loss (epsilon / v-prediction, Min-SNR, noise offset,
+caption dropout), gradient accumulation, non-finite loss handling, validation
+loss, and saving / restoring the trainer state as safetensors + JSON. It is the
+only place backward() runs.
+
+Randomness: each example's flip, caption dropout, timestep and noise come from
+a generator seeded by (seed, step, its slot in the global batch), so they do not
+depend on how the batch is split over micro-batches and ranks; LoRA dropout
+uses the global RNG, reseeded from (seed, step, rank) at the start of every
+step. Nothing random survives a step, so resume needs the step only.
+
+Must not: know about storage, clocks, checkpoint policy or the dashboard; it
+emits Warnings only (the session emits StepDone).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from runner.clock import Clock, SystemClock
+from runner.errors import ProfileError, TrainingDiverged
+from runner.events import EventBus, Warning
+from runner.profile import Profile
+from runner.train.cache import CachedData
+from runner.train.data import StepOrder, derive_seed, generator, split_validation
+from runner.train.model import attach_lora, load_lora_state_dict, lora_parameters, lora_state_dict, training_scheduler
+
+log = logging.getLogger(__name__)
+
+LORA_FILE = "lora.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FORMAT = 1
+DROPOUT_TAG = 1  # separates the LoRA-dropout seed from the per-example seeds
+LORA_INIT_TAG = 2
+VALIDATION_TAG = 3
+
+
+@dataclass
+class StepResult:
+    loss: float
+    lr: float
+    grad_norm: float | None
+    skipped: bool
+    seconds: float
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    prompt: torch.Tensor
+    pooled: torch.Tensor
+    time_ids: torch.Tensor
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """The precision actually used: fp32 on CPU; on CUDA bf16 only where supported, else fp16."""
+    if device.type != "cuda":
+        return "fp32"
+    if requested in ("bf16", "auto") and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32" if requested == "fp32" else "fp16"
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda _: None))
+
+
+class Trainer:
+    """Trains the UNet's LoRA on cached latents. `step(s)` is a pure function of the state after step s-1."""
+
+    def __init__(
+        self,
+        profile: Profile,
+        data: CachedData,
+        unet: Any,
+        *,
+        micro_batch: int,
+        grad_accum: int,
+        gradient_checkpointing: bool,
+        device: str | torch.device,
+        rank: int = 0,
+        world: int = 1,
+        bus: EventBus | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.profile, self.data, self.unet, self.bus = profile, data, unet, bus
+        self.clock = clock or SystemClock()
+        self.cfg, self.seed = profile.train, profile.train.seed
+        self.device, self.rank, self.world = torch.device(device), rank, world
+        self.micro_batch, self.grad_accum = micro_batch, grad_accum
+        self.precision = resolve_precision(self.cfg.precision, self.device)
+        if self.precision == "fp32" and self.cfg.precision in ("fp16", "bf16") and self.device.type != "cuda":
+            self._warn(f"train.precision = {self.cfg.precision} is not available on CPU; training in fp32", "precision")
+        self.nan_streak, self.nan_total = 0, 0
+        self.noise_scheduler = training_scheduler(self.cfg.prediction_type)
+        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(torch.float32)
+        self.train_index, self.val_index = split_validation(len(data), profile.data.validation_count, self.seed)
+        self.order = StepOrder([data.buckets[i] for i in self.train_index], micro_batch, grad_accum, world, self.seed)
+        self._prepare_unet(gradient_checkpointing)
+        self.params = lora_parameters(unet)
+        self.trainable_params = sum(p.numel() for p in self.params)
+        self.optimizer = self._make_optimizer()
+        self.lr_scheduler = self._make_lr_scheduler()
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+
+    # --- setup ---------------------------------------------------------------------------
+
+    def _warn(self, message: str, kind: str) -> None:
+        log.warning(message)
+        if self.bus is not None:
+            self.bus.emit(Warning(message, kind=kind))
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
+
+    def _prepare_unet(self, gradient_checkpointing: bool) -> None:
+        unet = self.unet
+        if not lora_parameters(unet):
+            with torch.random.fork_rng(devices=[]):  # LoRA init must not depend on the caller's RNG
+                torch.manual_seed(derive_seed(self.seed, LORA_INIT_TAG))
+                attach_lora(unet, self.profile.lora)
+        if unet.dtype != self.weight_dtype:
+            unet.to(dtype=self.weight_dtype)
+        unet.to(self.device)
+        for param in lora_parameters(unet):
+            param.data = param.data.float()  # LoRA weights stay fp32 whatever the UNet's dtype
+        if gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        elif getattr(unet, "is_gradient_checkpointing", False):
+            unet.disable_gradient_checkpointing()  # a UNet reused after a probe at another plan
+        unet.train()
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        if cfg.optimizer == "adamw8bit":
+            if self.device.type != "cuda":
+                raise ProfileError(
+                    "adamw8bit (bitsandbytes) needs a CUDA GPU", key="train.optimizer", hint='use optimizer = "adamw"'
+                )
+            try:
+                import bitsandbytes as bnb
+            except ImportError as exc:
+                raise ProfileError(
+                    "adamw8bit needs bitsandbytes", key="train.optimizer", hint="pip install bitsandbytes, or use adamw"
+                ) from exc
+            return bnb.optim.AdamW8bit(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        fused = self.device.type == "cuda"
+        return torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+    def _make_lr_scheduler(self) -> Any:
+        from diffusers.optimization import get_scheduler
+
+        return get_scheduler(
+            self.cfg.lr_scheduler,
+            self.optimizer,
+            num_warmup_steps=self.cfg.warmup_steps,
+            num_training_steps=self.cfg.steps,
+        )
+
+    # --- one step --------------------------------------------------------------------------
+
+    def _autocast(self) -> Any:
+        if self.precision in ("fp16", "bf16"):
+            return torch.autocast("cuda", dtype=self.weight_dtype)
+        return nullcontext()
+
+    def _example_draws(self, step: int, slot: int, shape: torch.Size) -> tuple[bool, bool, int, torch.Tensor]:
+        """(flip, drop caption, timestep, noise) of one slot of a step's global batch, in a fixed draw order."""
+        gen = generator(self.seed, step, slot)
+        use_flip = bool(torch.rand(1, generator=gen).item() < 0.5)
+        drop = bool(torch.rand(1, generator=gen).item() < self.profile.data.caption_dropout)
+        timestep = int(torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (1,), generator=gen).item())
+        offset = torch.randn(shape[0], 1, 1, generator=gen)
+        noise = torch.randn(shape, generator=gen) + self.cfg.noise_offset * offset
+        return use_flip, drop, timestep, noise
+
+    def _batch(self, step: int, micro: int) -> Batch:
+        positions = self.order.micro(step, micro, self.rank)
+        first_slot = self.order.slot_offset(micro, self.rank)
+        data, rows = self.data, []
+        for k, position in enumerate(positions):
+            i = self.train_index[position]
+            use_flip, drop, timestep, noise = self._example_draws(step, first_slot + k, data.latents[i].shape)
+            use_flip = use_flip and data.latents_flip is not None
+            latent = data.latents_flip[i] if use_flip else data.latents[i]
+            time_ids = data.time_ids_flip[i] if use_flip else data.time_ids[i]
+            prompt, pooled = (data.empty_prompt, data.empty_pooled) if drop else (data.prompt_embeds[i], data.pooled[i])
+            rows.append((latent, noise, timestep, prompt, pooled, time_ids))
+        return self._stack(rows)
+
+    def _stack(self, rows: list[tuple]) -> Batch:
+        columns = list(zip(*rows, strict=True))
+        to = self.device
+        return Batch(
+            latents=torch.stack(columns[0]).to(to, torch.float32),
+            noise=torch.stack(columns[1]).to(to, torch.float32),
+            timesteps=torch.tensor(columns[2], dtype=torch.long, device=to),
+            prompt=torch.stack(columns[3]).to(to, self.weight_dtype),
+            pooled=torch.stack(columns[4]).to(to, self.weight_dtype),
+            time_ids=torch.stack(columns[5]).to(to, self.weight_dtype),
+        )
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        """Mean diffusion loss of one micro-batch (Min-SNR weighted when snr_gamma > 0)."""
+        sched = self.noise_scheduler
+        noisy = sched.add_noise(batch.latents, batch.noise, batch.timesteps)
+        if self.cfg.prediction_type == "v_prediction":
+            target = sched.get_velocity(batch.latents, batch.noise, batch.timesteps)
+        else:
+            target = batch.noise
+        with self._autocast():
+            pred = self.unet(
+                noisy.to(self.weight_dtype),
+                batch.timesteps,
+                encoder_hidden_states=batch.prompt,
+                added_cond_kwargs={"text_embeds": batch.pooled, "time_ids": batch.time_ids},
+            ).sample
+        per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.cfg.snr_gamma > 0:
+            per_example = per_example * self._snr_weights(batch.timesteps)
+        return per_example.mean()
+
+    def _snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR+1) for v."""
+        alpha = self.alphas_cumprod.to(timesteps.device)[timesteps]
+        snr = alpha / (1 - alpha)
+        clipped = torch.clamp(snr, max=self.cfg.snr_gamma)
+        return clipped / (snr + 1) if self.cfg.prediction_type == "v_prediction" else clipped / snr
+
+    def step(self, step: int) -> StepResult:
+        """Run optimizer step `step` (0-based): grad_accum micro-batches, then one update (skipped when non-finite).
+
+        Call it with consecutive steps from where the trainer stands (0 when new, the checkpoint's step after
+        load_state): the data, noise and dropout follow the step number, the LR schedule follows the calls."""
+        started = self.clock.monotonic()
+        torch.manual_seed(derive_seed(self.seed, step, self.rank, DROPOUT_TAG))  # LoRA dropout
+        lr = float(self.lr_scheduler.get_last_lr()[0])
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(self.grad_accum):
+            loss = self._loss(self._batch(step, micro)) / self.grad_accum
+            total += float(loss.detach())
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        total = self._all_reduce(total)
+        grad_norm, skipped = self._update(math.isfinite(total))
+        with warnings.catch_warnings():  # a skipped update still advances the schedule: lr is a function of the step
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            self.lr_scheduler.step()
+        self._track_nan(step, total)
+        return StepResult(total, lr, grad_norm, skipped, self.clock.monotonic() - started)
+
+    def _all_reduce(self, total: float) -> float:
+        """Average gradients and loss over ranks (no-op on one process)."""
+        if self.world == 1 or not torch.distributed.is_initialized():
+            return total
+        for param in self.params:
+            if param.grad is not None:
+                torch.distributed.all_reduce(param.grad)
+                param.grad /= self.world
+        value = torch.tensor([total], device=self.device)
+        torch.distributed.all_reduce(value)
+        return float(value.item()) / self.world
+
+    def _update(self, is_finite: bool) -> tuple[float | None, bool]:
+        """Clip and apply the gradients; returns (grad norm, skipped)."""
+        max_norm = self.cfg.max_grad_norm or float("inf")
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skips the update itself on inf/NaN gradients
+            self.scaler.update()
+            return (norm if math.isfinite(norm) else None), self.scaler.get_scale() < scale or not is_finite
+        if not is_finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return None, True
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if not math.isfinite(norm):
+            return None, True
+        self.optimizer.step()
+        return norm, False
+
+    def _track_nan(self, step: int, total: float) -> None:
+        if math.isfinite(total):
+            self.nan_streak = 0
+            return
+        self.nan_streak += 1
+        self.nan_total += 1
+        self._warn(f"step {step}: non-finite loss, update skipped ({self.nan_streak} in a row)", "nan")
+        if self.nan_streak >= self.cfg.max_nan_steps:
+            raise TrainingDiverged(
+                f"{self.nan_streak} non-finite losses in a row (train.max_nan_steps = {self.cfg.max_nan_steps})",
+                hint='lower train.lr, set train.precision = "fp32" or "bf16", or use the fp16-fix VAE for the cache',
+            )
+
+    # --- validation ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Mean loss over the held-out examples with fixed noise and timesteps (comparable across steps); NaN
+        when data.validation_count = 0."""
+        if not self.val_index:
+            return float("nan")
+        self.unet.eval()
+        try:
+            losses = []
+            for n, i in enumerate(self.val_index):
+                gen = generator(self.seed, VALIDATION_TAG, n)
+                timestep = int(torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (1,), generator=gen))
+                noise = torch.randn(self.data.latents[i].shape, generator=gen)
+                row = (
+                    self.data.latents[i],
+                    noise,
+                    timestep,
+                    self.data.prompt_embeds[i],
+                    self.data.pooled[i],
+                    self.data.time_ids[i],
+                )
+                losses.append(float(self._loss(self._stack([row]))))
+        finally:
+            self.unet.train()
+        return sum(losses) / len(losses)
+
+    def peak_memory_gib(self) -> float | None:
+        """Peak CUDA memory allocated so far, in GiB; None on CPU."""
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.device) / 2**30
+
+    # --- state -----------------------------------------------------------------------------
+
+    def save_state(self, directory: Path) -> dict[str, Any]:
+        """Write lora.safetensors and optimizer.safetensors into `directory`; return the JSON-able rest."""
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(lora_state_dict(self.unet), str(directory / LORA_FILE))
+        state = self.optimizer.state_dict()
+        tensors, extra = {}, {}
+        for index, values in state["state"].items():
+            for name, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{index}.{name}"] = value.detach().to("cpu").contiguous()
+                else:
+                    extra[f"{index}.{name}"] = value
+        save_file(tensors, str(directory / OPTIMIZER_FILE))
+        return {
+            "format": STATE_FORMAT,
+            "param_groups": _json_safe(state["param_groups"]),
+            "optimizer_extra": _json_safe(extra),
+            "lr_scheduler": _json_safe(self.lr_scheduler.state_dict()),
+            "scaler": _json_safe(self.scaler.state_dict()) if self.scaler else None,
+            "nan_streak": self.nan_streak,
+            "nan_total": self.nan_total,
+            "precision": self.precision,
+        }
+
+    def load_state(self, directory: Path, meta: dict[str, Any]) -> None:
+        """Restore everything `save_state` wrote. A failure raises; nothing is silently left at its default."""
+        load_lora_state_dict(self.unet, load_file(str(directory / LORA_FILE)))
+        for param in self.params:
+            param.data = param.data.float()
+        state: dict[int, dict[str, Any]] = {}
+        for key, tensor in load_file(str(directory / OPTIMIZER_FILE)).items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = tensor
+        for key, value in meta["optimizer_extra"].items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+        if self.scaler is not None and meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        self.nan_streak, self.nan_total = meta["nan_streak"], meta["nan_total"]

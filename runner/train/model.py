@@ -1,0 +1,458 @@
+"""SDXL model parts and LoRA.
+
+Owns: loading the SDXL components (UNet, VAE, both CLIP text encoders, both
+tokenizers, the training noise scheduler) from a hub id, a local diffusers
+folder or a single-file checkpoint; the two builders that need no download
+("tiny": a small SDXL-architecture model for CPU tests; "sdxl-random": the full
+architecture from the bundled configs with random weights, for GPU benchmarks);
+attaching LoRA through peft and moving LoRA weights in and out.
+
+Must not: read or write storage, train, or touch the data. Loading never holds
+two copies of the UNet in memory: weights go straight to the target device in
+the target dtype (low_cpu_mem_usage).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from runner.errors import ModelError
+from runner.profile import LoraConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+TINY = "tiny"
+SDXL_RANDOM = "sdxl-random"
+MAX_TOKENS = 77  # CLIP context length, prompt embeddings are [77, 2048] for SDXL
+TINY_TEXT_DIM = 32  # hidden size of each tiny text encoder; the UNet sees 2 × 32
+TINY_TIME_EMBED_DIM = 8  # addition_time_embed_dim of the tiny UNet
+LORA_MARK = "lora_"  # peft names every LoRA parameter lora_A / lora_B / lora_magnitude_vector
+
+
+@dataclass
+class SDXLParts:
+    """The pieces of an SDXL model; a piece not loaded is None."""
+
+    unet: Any = None
+    vae: Any = None
+    text_encoder: Any = None
+    text_encoder_2: Any = None
+    tokenizer: Any = None
+    tokenizer_2: Any = None
+    noise_scheduler: Any = None
+
+
+def training_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
+    """The DDPM scheduler SDXL was trained with (scaled_linear 0.00085..0.012, 1000 steps)."""
+    config = json.loads((CONFIGS_DIR / "scheduler" / "scheduler_config.json").read_text())
+    config.pop("_class_name", None)
+    config["prediction_type"] = prediction_type
+    return DDPMScheduler.from_config(config)
+
+
+# --- tokenizers built by code -------------------------------------------------------------
+
+
+def _byte_symbols() -> list[str]:
+    """One printable symbol per byte value, as CLIP's byte-level BPE expects."""
+    visible = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    symbols, shifted = [], 0
+    for value in range(256):
+        if value in visible:
+            symbols.append(chr(value))
+        else:
+            symbols.append(chr(256 + shifted))
+            shifted += 1
+    return symbols
+
+
+def _write_tiny_vocab(folder: Path) -> None:
+    """A small CLIP vocabulary: every byte symbol, alone and word-final, plus a few merges."""
+    symbols = _byte_symbols()
+    vocab: dict[str, int] = {}
+    for token in [*symbols, *(s + "</w>" for s in symbols)]:
+        vocab[token] = len(vocab)
+    merges = ["r e", "re d</w>", "i n", "l e</w>", "s t", "a r", "c i", "q u"]
+    for merge in merges:
+        vocab.setdefault(merge.replace(" ", ""), len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def build_tokenizer() -> CLIPTokenizer:
+    """A CLIPTokenizer from the generated vocabulary (no download)."""
+    with tempfile.TemporaryDirectory(prefix="relay-tok-") as tmp:
+        _write_tiny_vocab(Path(tmp))
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_TOKENS)
+
+
+# --- builders ------------------------------------------------------------------------------
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch for weight init without disturbing the caller's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _tiny_text_config(tokenizer: CLIPTokenizer, hidden_act: str) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TINY_TEXT_DIM,
+        intermediate_size=37,
+        num_hidden_layers=2,  # SDXL uses the penultimate hidden state: at least 2 layers
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        hidden_act=hidden_act,
+        projection_dim=TINY_TEXT_DIM,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _tiny_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=8,  # 64 px / 8
+        in_channels=4,
+        out_channels=4,
+        # attention at both levels (SDXL's first level has none): LoRA on attention must be able to move the
+        # loss of a tiny random UNet within a few dozen steps
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=2 * TINY_TEXT_DIM,
+        transformer_layers_per_block=1,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TINY_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=TINY_TIME_EMBED_DIM * 6 + TINY_TEXT_DIM,  # 6 size ids + pooled
+        norm_num_groups=32,
+    )
+
+
+def _tiny_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,  # 4 blocks: 8× down-sampling like SDXL
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.13025,
+    )
+
+
+def build_tiny(seed: int = 0) -> SDXLParts:
+    """A small SDXL-architecture model with random weights, deterministic from `seed`; works in
+    diffusers' StableDiffusionXLPipeline."""
+    tokenizer = build_tokenizer()
+    tokenizer_2 = build_tokenizer()
+    with _seeded(seed):
+        unet = _tiny_unet()
+        vae = _tiny_vae()
+        text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, "quick_gelu"))
+        text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer_2, "gelu"))
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        module.eval()
+    return SDXLParts(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, training_scheduler())
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _bundled(name: str) -> dict[str, Any]:
+    return json.loads((CONFIGS_DIR / name / "config.json").read_text())
+
+
+def build_random_sdxl(
+    *,
+    unet: bool = True,
+    text: bool = True,
+    vae: bool = True,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> SDXLParts:
+    """The full SDXL base 1.0 architecture with random weights, created directly on `device` in `dtype`
+    (for GPU benchmarks; no download). Tokenizers are the generated ones."""
+    dtype = dtype or torch.float32
+    parts = SDXLParts(noise_scheduler=training_scheduler())
+    with _seeded(seed), torch.device(device), _default_dtype(dtype):
+        if unet:
+            parts.unet = UNet2DConditionModel.from_config(_bundled("unet")).eval()
+        if vae:
+            parts.vae = AutoencoderKL.from_config(_bundled("vae")).eval()
+        if text:
+            parts.text_encoder = CLIPTextModel(CLIPTextConfig(**_bundled("text_encoder"))).eval()
+            parts.text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_bundled("text_encoder_2"))).eval()
+    if text:
+        parts.tokenizer, parts.tokenizer_2 = build_tokenizer(), build_tokenizer()
+    return parts
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def load_parts(
+    model_cfg: ModelConfig,
+    *,
+    unet: bool = True,
+    text: bool = True,
+    vae: bool = True,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> SDXLParts:
+    """Load the requested SDXL pieces of `model_cfg.base` (+ `model_cfg.vae`); pieces not asked for are None.
+
+    Raises ModelError naming the path or hub id that failed and what to check."""
+    base = model_cfg.base
+    if base == TINY:
+        parts = build_tiny()
+        parts = _select(parts, unet=unet, text=text, vae=vae)
+        return _to(parts, device, dtype)
+    if base == SDXL_RANDOM:
+        return build_random_sdxl(unet=unet, text=text, vae=vae, device=device, dtype=dtype)
+    if base.endswith((".safetensors", ".ckpt")):
+        parts = _load_single_file(base, unet=unet, text=text, vae=vae and not model_cfg.vae, dtype=dtype)
+    else:
+        parts = _load_pretrained(model_cfg, unet=unet, text=text, vae=vae and not model_cfg.vae, dtype=dtype)
+    if vae and model_cfg.vae:
+        parts.vae = _guarded(model_cfg.vae, lambda: _load_vae(model_cfg.vae, model_cfg, dtype))
+    parts.noise_scheduler = training_scheduler()
+    return _to(parts, device, None)
+
+
+def _select(parts: SDXLParts, *, unet: bool, text: bool, vae: bool) -> SDXLParts:
+    return SDXLParts(
+        unet=parts.unet if unet else None,
+        vae=parts.vae if vae else None,
+        text_encoder=parts.text_encoder if text else None,
+        text_encoder_2=parts.text_encoder_2 if text else None,
+        tokenizer=parts.tokenizer if text else None,
+        tokenizer_2=parts.tokenizer_2 if text else None,
+        noise_scheduler=parts.noise_scheduler,
+    )
+
+
+def _to(parts: SDXLParts, device: str, dtype: torch.dtype | None) -> SDXLParts:
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(parts, name)
+        if module is None:
+            continue
+        if dtype is None or dtype == module.dtype:
+            module.to(device)
+        else:
+            module.to(device=device, dtype=dtype)
+    return parts
+
+
+def _guarded(where: str, load: Any) -> Any:
+    """Run a loader, turning library errors into a ModelError that says what to check."""
+    try:
+        return load()
+    except ModelError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelError(
+            f"cannot load model weights from {where!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            hint="check the path or hub id in [model]; for a gated or private hub model set HF_TOKEN; "
+            "offline, point model.base at a local diffusers folder or .safetensors file",
+        ) from exc
+
+
+def _hub_kwargs(model_cfg: ModelConfig, dtype: torch.dtype | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"low_cpu_mem_usage": True}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    if model_cfg.revision:
+        kwargs["revision"] = model_cfg.revision
+    if model_cfg.variant:
+        kwargs["variant"] = model_cfg.variant
+    return kwargs
+
+
+def _load_pretrained(
+    model_cfg: ModelConfig, *, unet: bool, text: bool, vae: bool, dtype: torch.dtype | None
+) -> SDXLParts:
+    base = model_cfg.base
+    kwargs = _hub_kwargs(model_cfg, dtype)
+    revision = {"revision": model_cfg.revision} if model_cfg.revision else {}
+    parts = SDXLParts()
+    if unet:
+        parts.unet = _guarded(base, lambda: UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kwargs))
+    if vae:
+        parts.vae = _guarded(base, lambda: AutoencoderKL.from_pretrained(base, subfolder="vae", **kwargs))
+    if text:
+        parts.text_encoder = _guarded(
+            base, lambda: CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **kwargs)
+        )
+        parts.text_encoder_2 = _guarded(
+            base, lambda: CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", **kwargs)
+        )
+        parts.tokenizer = _guarded(base, lambda: CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **revision))
+        parts.tokenizer_2 = _guarded(
+            base, lambda: CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2", **revision)
+        )
+    return parts
+
+
+def _load_vae(name: str, model_cfg: ModelConfig, dtype: torch.dtype | None) -> AutoencoderKL:
+    kwargs: dict[str, Any] = {"low_cpu_mem_usage": True}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    if name.endswith(".safetensors"):
+        return AutoencoderKL.from_single_file(name, config=str(CONFIGS_DIR), subfolder="vae", **kwargs)
+    if (Path(name) / "vae" / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(name, subfolder="vae", **kwargs)
+    return AutoencoderKL.from_pretrained(name, **kwargs)
+
+
+def _load_single_file(path: str, *, unet: bool, text: bool, vae: bool, dtype: torch.dtype | None) -> SDXLParts:
+    """A single-file SDXL checkpoint (A1111/ComfyUI style), loaded piece by piece with the bundled configs."""
+    if not Path(path).is_file():
+        raise ModelError(f"model file not found: {path}", hint="check model.base; give the path to a .safetensors file")
+    kwargs: dict[str, Any] = {"config": str(CONFIGS_DIR), "low_cpu_mem_usage": True}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    parts = SDXLParts()
+    if unet:
+        parts.unet = _guarded(path, lambda: UNet2DConditionModel.from_single_file(path, subfolder="unet", **kwargs))
+    if vae:
+        parts.vae = _guarded(path, lambda: AutoencoderKL.from_single_file(path, subfolder="vae", **kwargs))
+    if text:
+        parts = _single_file_text(path, parts, dtype)
+    return parts
+
+
+def _single_file_text(path: str, parts: SDXLParts, dtype: torch.dtype | None) -> SDXLParts:
+    """Text encoders of a single file need diffusers' pipeline loader (transformers has no from_single_file)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer()
+    pipe = _guarded(
+        path,
+        lambda: StableDiffusionXLPipeline.from_single_file(
+            path, unet=parts.unet, vae=parts.vae, torch_dtype=dtype or torch.float32
+        ),
+    )
+    parts.text_encoder, parts.text_encoder_2 = pipe.text_encoder, pipe.text_encoder_2
+    parts.tokenizer = pipe.tokenizer or tokenizer
+    parts.tokenizer_2 = pipe.tokenizer_2 or tokenizer_2
+    return parts
+
+
+# --- LoRA ----------------------------------------------------------------------------------
+
+
+def peft_config(lora_cfg: LoraConfig) -> Any:
+    """The peft LoraConfig for the profile's [lora] section."""
+    import peft
+
+    return peft.LoraConfig(
+        r=lora_cfg.rank,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=list(lora_cfg.targets),
+        init_lora_weights="gaussian" if lora_cfg.init == "gaussian" else True,
+        use_dora=lora_cfg.dora,
+    )
+
+
+def attach_lora(unet: UNet2DConditionModel, lora_cfg: LoraConfig) -> int:
+    """Freeze the UNet, add a LoRA adapter (fp32 parameters) and return the trainable parameter count."""
+    if lora_cfg.text_encoder:
+        raise ModelError(
+            "LoRA on the text encoders (lora.text_encoder = true) is not supported yet",
+            hint="set lora.text_encoder = false; the UNet LoRA is trained with cached text embeddings",
+        )
+    unet.requires_grad_(False)
+    try:
+        unet.add_adapter(peft_config(lora_cfg))
+    except ValueError as exc:
+        raise ModelError(
+            f"lora.targets {list(lora_cfg.targets)} do not match the UNet's modules: {exc}",
+            hint='use attention projections such as ["to_q", "to_k", "to_v", "to_out.0"]',
+        ) from exc
+    count = 0
+    for name, param in unet.named_parameters():
+        if LORA_MARK in name:
+            param.requires_grad_(True)
+            if param.device.type != "meta":
+                param.data = param.data.float()
+            count += param.numel()
+    log.info("LoRA attached: %d trainable parameters", count)
+    return count
+
+
+def lora_parameters(unet: UNet2DConditionModel) -> list[torch.nn.Parameter]:
+    """The trainable LoRA parameters, in a stable (module) order."""
+    return [p for name, p in unet.named_parameters() if LORA_MARK in name]
+
+
+def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """The peft-format LoRA state dict of the UNet (keys without the adapter name), on CPU, contiguous."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(unet)
+    return {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
+
+
+def load_lora_state_dict(unet: UNet2DConditionModel, state: dict[str, torch.Tensor]) -> None:
+    """Load a state dict from `lora_state_dict` into a UNet that already has the same adapter.
+
+    Raises ModelError when keys do not match (a LoRA from another rank or target list)."""
+    from peft.utils import set_peft_model_state_dict
+
+    expected = set(get_lora_keys(unet))
+    given = set(state)
+    if expected != given:
+        missing, unexpected = sorted(expected - given)[:3], sorted(given - expected)[:3]
+        raise ModelError(
+            f"LoRA weights do not match the model: missing {missing}, unexpected {unexpected}",
+            hint="the checkpoint was trained with other lora.rank / lora.targets; use the run's profile",
+        )
+    set_peft_model_state_dict(unet, state)
+
+
+def get_lora_keys(unet: UNet2DConditionModel) -> list[str]:
+    from peft.utils import get_peft_model_state_dict
+
+    return list(get_peft_model_state_dict(unet))
+
+
+def count_lora_params(lora_cfg: LoraConfig) -> int:
+    """Trainable LoRA parameters on the full SDXL base 1.0 UNet, computed on the meta device (no weights)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(_bundled("unet"))
+        return attach_lora(unet, lora_cfg)

@@ -1,0 +1,118 @@
+"""The latent / text-embedding cache: what is written, what training reads back, and reuse without encoders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from runner.errors import CheckpointCorrupt
+from runner.events import CacheProgress, EventBus
+from runner.profile import load_profile
+from runner.train import cache as cache_mod
+from runner.train.cache import build_cache, cache_fingerprint, encode_prompts, ensure_cache, open_cache
+from runner.train.model import build_tiny
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """2 shared CPU cores: torch's second thread spin-waits against the other test runs (10× slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_parts():
+    return build_tiny(0)
+
+
+def _profile(*overrides):
+    return load_profile("tiny", ["data.generated_count=6", *overrides])
+
+
+def test_build_writes_shards_and_index_and_reports_progress(tmp_path, tiny_parts):
+    bus, seen = EventBus(), []
+    bus.subscribe(seen.append)
+    files = build_cache(_profile(), tmp_path, parts=tiny_parts, bus=bus)
+    assert files == ["latents-00000.safetensors", "embeds-00000.safetensors", "index.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)  # no COMMIT.json: the checkpoint layer commits
+    progress = [e for e in seen if isinstance(e, CacheProgress)]
+    assert [(e.done, e.total) for e in progress] == [(i, 6) for i in range(1, 7)]
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index["fingerprint"] == cache_fingerprint(_profile()) and len(index["examples"]) == 6
+
+
+def test_cached_tensors_match_sdxl_conditioning(tmp_path, tiny_parts):
+    build_cache(_profile(), tmp_path, parts=tiny_parts)
+    data = open_cache(tmp_path)
+    assert len(data) == 6
+    assert data.prompt_embeds.shape == (6, 77, 64)  # [77, 2048] on full SDXL: both encoders concatenated
+    assert data.pooled.shape == (6, 32)
+    assert data.empty_prompt.shape == (77, 64)
+    for i in range(6):
+        assert data.latents[i].shape[0] == 4
+        assert data.latents_flip[i].shape == data.latents[i].shape
+        assert not torch.equal(data.latents_flip[i], data.latents[i])
+        h, w = data.time_ids[i, 4:].tolist()
+        assert data.latents[i].shape[1:] == (h // 8, w // 8)
+    prompt, pooled = encode_prompts(tiny_parts, ["a red circle, Naruto style"], "cpu")
+    assert torch.allclose(data.prompt_embeds[0].float(), prompt[0], atol=1e-2)  # stored as fp16
+    assert len(set(data.buckets)) > 1  # the generated source fills several buckets
+
+
+def test_no_flip_and_no_buckets(tmp_path, tiny_parts):
+    build_cache(_profile("data.flip=false", "data.buckets=false"), tmp_path, parts=tiny_parts)
+    data = open_cache(tmp_path)
+    assert data.latents_flip is None and data.time_ids_flip is None
+    assert {tuple(t.shape) for t in data.latents} == {(4, 8, 8)}
+
+
+def test_shards_are_split_when_large(tmp_path, tiny_parts, monkeypatch):
+    monkeypatch.setattr(cache_mod, "SHARD_BYTES", 3_000)
+    files = build_cache(_profile(), tmp_path, parts=tiny_parts)
+    assert len([f for f in files if f.startswith("embeds-")]) > 1
+    assert len([f for f in files if f.startswith("latents-")]) > 1
+    assert all((tmp_path / f).stat().st_size < 3_000 + 13_000 for f in files)  # one example over at most
+    data = open_cache(tmp_path)
+    assert len(data) == 6 and data.latents[5].shape[0] == 4
+
+
+def test_second_run_with_the_cache_present_loads_no_encoder(tmp_path, tiny_parts):
+    profile = _profile()
+    first = ensure_cache(profile, tmp_path, parts=tiny_parts)
+
+    def must_not_load():
+        raise AssertionError("the cache is present: no VAE or text encoder may be loaded")
+
+    second = ensure_cache(profile, tmp_path, parts=must_not_load)
+    assert torch.equal(second.latents[3], first.latents[3])
+    with pytest.raises(AssertionError, match="cache is present"):  # another resolution is another cache
+        ensure_cache(_profile("train.resolution=96"), tmp_path, parts=must_not_load)
+
+
+def test_fingerprint_covers_what_changes_the_tensors():
+    base = cache_fingerprint(_profile())
+    for override in ("train.resolution=96", "data.flip=false", "data.buckets=false", "model.vae=x", "data.limit=2"):
+        assert cache_fingerprint(_profile(override)) != base, override
+    for override in ("train.lr=0.01", "lora.rank=8", "data.caption_dropout=0.1", "data.validation_count=1"):
+        assert cache_fingerprint(_profile(override)) == base, override
+
+
+def test_damaged_cache_is_reported(tmp_path, tiny_parts):
+    build_cache(_profile(), tmp_path, parts=tiny_parts)
+    (tmp_path / "latents-00000.safetensors").write_bytes(b"truncated")
+    with pytest.raises(CheckpointCorrupt):
+        open_cache(tmp_path)
+    with pytest.raises(CheckpointCorrupt):
+        open_cache(tmp_path / "missing")
+
+
+def test_shard_files_are_plain_safetensors(tmp_path, tiny_parts):
+    build_cache(_profile(), tmp_path, parts=tiny_parts)
+    embeds = load_file(str(tmp_path / "embeds-00000.safetensors"))
+    assert embeds["empty.prompt"].dtype == torch.float16
+    assert "0.prompt" in embeds and "0.pooled" in embeds

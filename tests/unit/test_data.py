@@ -1,0 +1,185 @@
+"""Data sources, bad images, transforms and the pure step → batch order."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from PIL import Image
+
+from runner.errors import DataError
+from runner.events import EventBus, Warning
+from runner.profile import DataConfig
+from runner.train import data
+
+RES = 64
+
+
+def _image(path, size=(80, 60), colour=(200, 30, 30)):
+    Image.new("RGB", size, colour).save(path)
+
+
+def _decoded(cfg, bus=None):
+    records = data.load_records(cfg, resolution=RES)
+    return [(r.name, r.caption, img.size) for r, img in data.read_images(records, cfg, bus=bus)]
+
+
+def test_folder_with_txt_captions(tmp_path):
+    for i in range(3):
+        _image(tmp_path / f"img{i}.png")
+        (tmp_path / f"img{i}.txt").write_text(f"caption {i}\n")
+    rows = _decoded(DataConfig(source=str(tmp_path)))
+    assert [(n, c) for n, c, _ in rows] == [
+        ("img0.png", "caption 0"),
+        ("img1.png", "caption 1"),
+        ("img2.png", "caption 2"),
+    ]
+    assert rows[0][2] == (80, 60)
+
+
+def test_folder_image_without_caption_is_named(tmp_path):
+    _image(tmp_path / "lonely.jpg")
+    with pytest.raises(DataError, match="lonely.jpg"):
+        data.load_records(DataConfig(source=str(tmp_path)), resolution=RES)
+
+
+def test_metadata_jsonl_with_caption_column(tmp_path):
+    _image(tmp_path / "a.png")
+    _image(tmp_path / "b.png", size=(40, 90))
+    lines = [{"file_name": "a.png", "prompt": "first"}, {"file_name": "b.png", "prompt": "second"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    rows = _decoded(DataConfig(source=str(tmp_path), caption_column="prompt"))
+    assert [(n, c, s) for n, c, s in rows] == [("a.png", "first", (80, 60)), ("b.png", "second", (40, 90))]
+    with pytest.raises(DataError, match="'text'"):
+        data.load_records(DataConfig(source=str(tmp_path)), resolution=RES)
+
+
+def test_generated_source_is_deterministic_with_several_aspect_ratios():
+    cfg = DataConfig(source="generated", generated_count=8)
+    first, second = _decoded(cfg), _decoded(cfg)
+    assert first == second and len(first) == 8
+    assert len({size for _, _, size in first}) >= 3
+    assert all("Naruto style" in caption for _, caption, _ in first)
+    records = data.load_records(cfg, resolution=RES)
+    assert records[1].open_image().tobytes() == records[1].open_image().tobytes()
+
+
+def _saved_dataset(tmp_path, rows):
+    import datasets
+
+    path = tmp_path / "hf"
+    datasets.Dataset.from_dict(rows).save_to_disk(str(path))
+    return path
+
+
+def test_hf_dataset_saved_to_disk(tmp_path):
+    images = [Image.new("RGB", (64, 48), (i * 40, 0, 0)) for i in range(3)]
+    path = _saved_dataset(tmp_path, {"image": images, "text": ["x", "y", "z"]})
+    rows = _decoded(DataConfig(source=str(path), limit=2))
+    assert [(c, s) for _, c, s in rows] == [("x", (64, 48)), ("y", (64, 48))]
+
+
+def test_hf_dataset_missing_column_and_non_text_caption(tmp_path):
+    images = [Image.new("RGB", (8, 8))] * 2
+    path = _saved_dataset(tmp_path, {"image": images, "label": [1, 2]})
+    with pytest.raises(DataError, match="data.caption_column") as info:
+        data.load_records(DataConfig(source=str(path)), resolution=RES)
+    assert str(path) in str(info.value)
+    with pytest.raises(DataError, match="not text"):
+        data.load_records(DataConfig(source=str(path), caption_column="label"), resolution=RES)
+
+
+def test_empty_dataset_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="no examples") as info:
+        data.load_records(DataConfig(source=str(tmp_path)), resolution=RES)
+    assert str(tmp_path) in str(info.value)
+
+
+def _folder_with_bad(tmp_path, good, bad):
+    for i in range(good):
+        _image(tmp_path / f"good{i}.png")
+        (tmp_path / f"good{i}.txt").write_text("ok")
+    for i in range(bad):
+        full = tmp_path / "good0.png"
+        (tmp_path / f"bad{i}.png").write_bytes(full.read_bytes()[:40] if i % 2 else b"not an image at all")
+        (tmp_path / f"bad{i}.txt").write_text("broken")
+
+
+def test_bad_images_are_skipped_counted_and_reported(tmp_path):
+    _folder_with_bad(tmp_path, good=8, bad=2)
+    bus, seen = EventBus(), []
+    bus.subscribe(seen.append)
+    rows = _decoded(DataConfig(source=str(tmp_path), max_bad_fraction=0.25), bus=bus)
+    assert len(rows) == 8
+    warnings = [e for e in seen if isinstance(e, Warning)]
+    assert len(warnings) == 1 and warnings[0].kind == "skipped-images"
+    assert "2 of 10" in warnings[0].message and "bad0.png" in warnings[0].message
+
+
+def test_too_many_bad_images_is_a_data_error(tmp_path):
+    _folder_with_bad(tmp_path, good=8, bad=2)
+    with pytest.raises(DataError, match="max_bad_fraction"):
+        _decoded(DataConfig(source=str(tmp_path), max_bad_fraction=0.1))
+
+
+def test_buckets_have_target_area_and_aligned_sides():
+    for resolution, step in ((1024, 64), (512, 64), (64, 8)):
+        buckets = data.make_buckets(resolution)
+        assert (resolution, resolution) in buckets
+        for w, h in buckets:
+            assert w % step == 0 and h % step == 0
+            assert w * h <= resolution * resolution and w * h > 0.8 * resolution * resolution
+            assert max(w / h, h / w) <= data.MAX_ASPECT
+
+
+def test_prepare_buckets_crops_and_flips_with_size_conditioning():
+    buckets = data.make_buckets(RES)
+    image = Image.new("RGB", (120, 60))
+    image.paste((255, 0, 0), (0, 0, 10, 60))  # a red stripe on the left edge
+    record = data.Record("r", "c", lambda: image)
+    plain = data.prepare(record, image, resolution=RES, buckets=buckets, flip=False)
+    flipped = data.prepare(record, image, resolution=RES, buckets=buckets, flip=True)
+    w, h = buckets[plain.bucket]
+    assert plain.pixels.shape == (3, h, w) and w > h
+    assert plain.time_ids[:2] == (60, 120) and plain.time_ids[4:] == (h, w)
+    assert plain.pixels[0, h // 2, 0] > 0.9 and flipped.pixels[0, h // 2, -1] > 0.9
+    square = data.prepare(record, image, resolution=RES, buckets=None, flip=False)
+    assert square.pixels.shape == (3, RES, RES) and square.time_ids[3] > 0  # center crop from the left
+
+
+def test_epoch_batches_are_single_bucket_full_and_cover_every_example():
+    buckets = [0, 0, 0, 1, 1, 2, 0, 1, 2, 2, 2]
+    batches = data.epoch_batches(buckets, 4, seed=7, epoch=0)
+    assert len(batches) == data.batches_per_epoch(buckets, 4)
+    assert all(len(b) == 4 and len({buckets[i] for i in b}) == 1 for b in batches)
+    assert set().union(*batches) == set(range(len(buckets)))
+    assert batches == data.epoch_batches(buckets, 4, seed=7, epoch=0)
+    assert batches != data.epoch_batches(buckets, 4, seed=7, epoch=1)
+
+
+def test_step_order_is_a_pure_function_of_the_step_and_shards_ranks():
+    buckets = [i % 3 for i in range(30)]
+    one = data.StepOrder(buckets, micro_batch=2, grad_accum=2, world=2, seed=1)
+    fresh = data.StepOrder(buckets, micro_batch=2, grad_accum=2, world=2, seed=1)
+    for step in (0, 5, 17, 3):  # any order, any step: same answer without replaying earlier steps
+        assert one.micro(step, 1, rank=1) == fresh.micro(step, 1, rank=1)
+    step_batch = one.step_batch(9)
+    shards = [one.micro(9, m, r) for m in range(2) for r in range(2)]
+    assert sorted(sum(shards, [])) == sorted(step_batch)
+    # the fit may split the same effective batch differently: the step still consumes the same examples
+    split = data.StepOrder(buckets, micro_batch=1, grad_accum=8, world=1, seed=1)
+    assert sorted(sum((split.micro(9, m) for m in range(8)), [])) == sorted(step_batch)
+
+
+def test_validation_split_is_seeded_and_disjoint():
+    train, val = data.split_validation(20, 4, seed=3)
+    assert len(val) == 4 and not set(train) & set(val) and len(train) == 16
+    assert (train, val) == data.split_validation(20, 4, seed=3)
+    with pytest.raises(DataError, match="validation_count"):
+        data.split_validation(4, 4, seed=3)
+
+
+def test_limit_applies_to_every_source():
+    cfg = replace(DataConfig(source="generated", generated_count=10), limit=3)
+    assert len(data.load_records(cfg, resolution=RES)) == 3

@@ -1,0 +1,162 @@
+"""The Trainer on the tiny model, CPU: learning, bit-exact resume, non-finite losses, state files, options."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from runner.errors import ProfileError, TrainingDiverged
+from runner.events import EventBus, Warning
+from runner.profile import load_profile
+from runner.train.cache import build_cache, open_cache
+from runner.train.loop import LORA_FILE, OPTIMIZER_FILE, Trainer
+from runner.train.model import build_tiny, lora_state_dict
+
+TINY_SEED = 0
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """2 shared CPU cores: torch's second thread spin-waits against the other test runs (10× slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cache")
+    build_cache(load_profile("tiny"), folder, parts=build_tiny(TINY_SEED))
+    return open_cache(folder)
+
+
+def _trainer(profile, data, *, micro_batch=2, grad_accum=2, bus=None):
+    return Trainer(
+        profile,
+        data,
+        build_tiny(TINY_SEED).unet,
+        micro_batch=micro_batch,
+        grad_accum=grad_accum,
+        gradient_checkpointing=False,
+        device="cpu",
+        bus=bus,
+    )
+
+
+def test_loss_decreases_on_the_tiny_model(cached):
+    trainer = _trainer(load_profile("tiny", ["train.lr=1e-2"]), cached)
+    before = trainer.validation_loss()
+    losses = [trainer.step(s).loss for s in range(30)]
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
+    assert trainer.validation_loss() < before - 0.05
+
+
+def _equal_lora(a, b):
+    sa, sb = lora_state_dict(a.unet), lora_state_dict(b.unet)
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        [
+            "lora.dropout=0.1",
+            "data.caption_dropout=0.3",
+            "train.noise_offset=0.05",
+            "train.snr_gamma=5.0",
+            'train.lr_scheduler="cosine"',
+            "train.warmup_steps=2",
+            "train.steps=6",
+        ],
+    ],
+    ids=["plain", "dropouts-snr-schedule"],
+)
+def test_resume_is_bit_identical(cached, tmp_path, overrides):
+    profile = load_profile("tiny", overrides)
+    straight = _trainer(profile, cached)
+    straight_losses = [straight.step(s).loss for s in range(6)]
+
+    first = _trainer(profile, cached)
+    [first.step(s) for s in range(3)]
+    meta = json.loads(json.dumps(first.save_state(tmp_path)))  # what the checkpoint layer stores
+    del first
+    resumed = _trainer(profile, cached)  # a brand-new UNet and Trainer, as in the next session
+    torch.manual_seed(999)  # the caller's global RNG must not matter
+    resumed.load_state(tmp_path, meta)
+    resumed_losses = [resumed.step(s).loss for s in range(3, 6)]
+
+    assert resumed_losses == straight_losses[3:]
+    assert _equal_lora(straight, resumed)
+    assert straight.optimizer.param_groups[0]["lr"] == resumed.optimizer.param_groups[0]["lr"]
+
+
+def test_a_differently_split_batch_trains_the_same_examples(cached):
+    profile = load_profile("tiny")
+    split_a = _trainer(profile, cached, micro_batch=2, grad_accum=2)
+    split_b = _trainer(profile, cached, micro_batch=1, grad_accum=4)
+    a, b = split_a.step(0), split_b.step(0)
+    assert a.loss == pytest.approx(b.loss, rel=1e-5)
+    assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-4)
+    for param_a, param_b in zip(split_a.params, split_b.params, strict=True):
+        assert torch.allclose(param_a.grad, param_b.grad, rtol=1e-3, atol=1e-9)
+
+
+def test_state_files_are_safetensors_and_meta_is_json(cached, tmp_path):
+    trainer = _trainer(load_profile("tiny"), cached)
+    trainer.step(0)
+    meta = trainer.save_state(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LORA_FILE, OPTIMIZER_FILE])
+    json.dumps(meta)
+    assert meta["nan_streak"] == 0 and meta["scaler"] is None
+    assert meta["lr_scheduler"]["last_epoch"] == 1
+
+
+def _poisoned(data):
+    nan = [torch.full_like(t, float("nan")) for t in data.latents]
+    return replace(data, latents=nan, latents_flip=nan)
+
+
+def test_non_finite_loss_skips_the_update_then_stops(cached):
+    bus, seen = EventBus(), []
+    bus.subscribe(seen.append)
+    trainer = _trainer(load_profile("tiny", ["train.max_nan_steps=3"]), _poisoned(cached), bus=bus)
+    before = lora_state_dict(trainer.unet)
+    results = [trainer.step(s) for s in range(2)]
+    assert all(r.skipped and r.grad_norm is None for r in results)
+    assert all(torch.equal(t, before[k]) for k, t in lora_state_dict(trainer.unet).items())
+    assert len([e for e in seen if isinstance(e, Warning) and e.kind == "nan"]) == 2
+    with pytest.raises(TrainingDiverged, match="max_nan_steps"):
+        trainer.step(2)
+
+
+def test_cpu_falls_back_to_fp32_with_a_warning(cached):
+    bus, seen = EventBus(), []
+    bus.subscribe(seen.append)
+    trainer = _trainer(load_profile("tiny", ['train.precision="fp16"']), cached, bus=bus)
+    assert trainer.precision == "fp32" and trainer.scaler is None
+    assert any(isinstance(e, Warning) and "fp16" in e.message for e in seen)
+    assert trainer.peak_memory_gib() is None
+
+
+def test_adamw8bit_needs_cuda(cached):
+    with pytest.raises(ProfileError, match="CUDA"):
+        _trainer(load_profile("tiny", ['train.optimizer="adamw8bit"']), cached)
+
+
+def test_v_prediction_with_min_snr_trains(cached):
+    trainer = _trainer(load_profile("tiny", ['train.prediction_type="v_prediction"', "train.snr_gamma=5.0"]), cached)
+    result = trainer.step(0)
+    assert torch.isfinite(torch.tensor(result.loss)) and result.grad_norm is not None and not result.skipped
+
+
+def test_validation_loss_is_fixed_and_excludes_training_examples(cached):
+    trainer = _trainer(load_profile("tiny"), cached)
+    assert trainer.validation_loss() == trainer.validation_loss()
+    assert len(trainer.val_index) == 4 and not set(trainer.val_index) & set(trainer.train_index)
+    used = {trainer.train_index[p] for s in range(20) for m in range(2) for p in trainer.order.micro(s, m)}
+    assert not used & set(trainer.val_index)

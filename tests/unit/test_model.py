@@ -1,0 +1,165 @@
+"""SDXL parts and LoRA: the tiny builder, LoRA attach / save / load, the full-size parameter count, load errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from runner.errors import ModelError
+from runner.profile import LoraConfig, ModelConfig
+from runner.train import model
+
+TINY_LORA = LoraConfig(rank=4, alpha=4)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """2 shared CPU cores: torch's second thread spin-waits against the other test runs (10× slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_build_tiny_is_deterministic_from_seed():
+    a, b, c = model.build_tiny(0), model.build_tiny(0), model.build_tiny(1)
+    for name, tensor in a.unet.state_dict().items():
+        assert torch.equal(tensor, b.unet.state_dict()[name])
+    assert not torch.equal(a.unet.conv_in.weight, c.unet.conv_in.weight)
+    assert torch.equal(a.text_encoder_2.text_projection.weight, b.text_encoder_2.text_projection.weight)
+
+
+def test_build_tiny_does_not_disturb_global_rng():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    model.build_tiny(5)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_tiny_parts_run_in_the_sdxl_pipeline():
+    from diffusers import StableDiffusionXLPipeline
+
+    parts = model.build_tiny(0)
+    pipe = StableDiffusionXLPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        text_encoder_2=parts.text_encoder_2,
+        tokenizer=parts.tokenizer,
+        tokenizer_2=parts.tokenizer_2,
+        unet=parts.unet,
+        scheduler=parts.noise_scheduler,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np").images
+    assert image.shape == (1, 64, 64, 3)
+    assert torch.isfinite(torch.from_numpy(image)).all()
+
+
+def test_tokenizer_pads_to_77_with_start_and_end_tokens():
+    tokenizer = model.build_tokenizer()
+    ids = tokenizer(["a red circle"], padding="max_length", max_length=77, truncation=True).input_ids[0]
+    assert len(ids) == 77
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.eos_token_id in ids
+
+
+def test_attach_lora_counts_trainable_fp32_params_and_freezes_the_rest():
+    unet = model.build_tiny(0).unet.to(torch.float16)
+    count = model.attach_lora(unet, TINY_LORA)
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    assert count == sum(p.numel() for p in trainable) > 0
+    assert all(p.dtype == torch.float32 for p in trainable)
+    assert all("lora_" in n for n, p in unet.named_parameters() if p.requires_grad)
+    assert unet.conv_in.weight.dtype == torch.float16 and not unet.conv_in.weight.requires_grad
+
+
+def test_lora_state_dict_round_trips_into_a_fresh_unet():
+    source = model.build_tiny(0).unet
+    model.attach_lora(source, TINY_LORA)
+    with torch.no_grad():
+        for p in model.lora_parameters(source):
+            p.add_(torch.randn_like(p))
+    state = model.lora_state_dict(source)
+    assert all("lora_A" in k or "lora_B" in k for k in state)
+    assert all(".default." not in k for k in state)  # peft format: no adapter name in keys
+    target = model.build_tiny(0).unet
+    model.attach_lora(target, TINY_LORA)
+    model.load_lora_state_dict(target, state)
+    for key, tensor in model.lora_state_dict(target).items():
+        assert torch.equal(tensor, state[key])
+
+
+def test_loading_a_lora_of_another_rank_is_refused():
+    unet = model.build_tiny(0).unet
+    model.attach_lora(unet, TINY_LORA)
+    other = model.build_tiny(0).unet
+    model.attach_lora(other, LoraConfig(rank=8, alpha=8, targets=("to_q",)))
+    with pytest.raises(ModelError, match="do not match"):
+        model.load_lora_state_dict(unet, model.lora_state_dict(other))
+
+
+def test_full_sdxl_rank16_lora_param_count_on_meta():
+    count = model.count_lora_params(LoraConfig(rank=16, alpha=32))
+    assert count == 23_224_320  # 22.5 M < count < 23.5 M, as published for SDXL rank 16 attention LoRA
+
+
+def test_bundled_unet_config_is_consistent_with_text_time_conditioning():
+    unet = json.loads((model.CONFIGS_DIR / "unet" / "config.json").read_text())
+    te1 = json.loads((model.CONFIGS_DIR / "text_encoder" / "config.json").read_text())
+    te2 = json.loads((model.CONFIGS_DIR / "text_encoder_2" / "config.json").read_text())
+    assert unet["cross_attention_dim"] == te1["hidden_size"] + te2["hidden_size"] == 2048
+    assert unet["projection_class_embeddings_input_dim"] == unet["addition_time_embed_dim"] * 6 + te2["projection_dim"]
+
+
+def test_text_encoder_lora_is_refused_clearly():
+    unet = model.build_tiny(0).unet
+    with pytest.raises(ModelError, match="not supported yet"):
+        model.attach_lora(unet, LoraConfig(rank=4, alpha=4, text_encoder=True))
+
+
+def test_load_parts_tiny_returns_only_the_requested_pieces():
+    parts = model.load_parts(ModelConfig(base="tiny"), unet=False)
+    assert parts.unet is None
+    assert parts.vae is not None and parts.text_encoder_2 is not None and parts.tokenizer is not None
+    assert parts.noise_scheduler.config.beta_schedule == "scaled_linear"
+    assert parts.noise_scheduler.config.num_train_timesteps == 1000
+
+
+def test_load_parts_names_the_missing_path(tmp_path):
+    missing = tmp_path / "nope"
+    missing.mkdir()
+    with pytest.raises(ModelError, match="nope") as info:
+        model.load_parts(ModelConfig(base=str(missing)), text=False, vae=False)
+    assert "HF_TOKEN" in str(info.value)
+    with pytest.raises(ModelError, match="not found"):
+        model.load_parts(ModelConfig(base=str(tmp_path / "model.safetensors")))
+
+
+def test_load_parts_reads_a_local_diffusers_folder(tmp_path):
+    parts = model.build_tiny(3)
+    parts.unet.save_pretrained(tmp_path / "unet")
+    parts.vae.save_pretrained(tmp_path / "vae")
+    loaded = model.load_parts(ModelConfig(base=str(tmp_path)), text=False)
+    assert torch.equal(loaded.unet.conv_in.weight, parts.unet.conv_in.weight)
+    assert loaded.text_encoder is None
+    separate = model.build_tiny(4).vae  # e.g. the fp16-fix VAE, saved as a plain VAE folder
+    separate.save_pretrained(tmp_path / "other-vae")
+    with_vae = model.load_parts(
+        ModelConfig(base=str(tmp_path), vae=str(tmp_path / "other-vae")), text=False, unet=False
+    )
+    assert torch.equal(with_vae.vae.encoder.conv_in.weight, separate.encoder.conv_in.weight)
+
+
+def test_dora_and_gaussian_init_attach_and_round_trip():
+    plain = model.attach_lora(model.build_tiny(0).unet, TINY_LORA)
+    unet = model.build_tiny(0).unet
+    dora = model.attach_lora(unet, LoraConfig(rank=4, alpha=4, dora=True, init="gaussian"))
+    assert dora > plain  # the magnitude vectors are trained too
+    state = model.lora_state_dict(unet)
+    assert any("magnitude" in k for k in state)
+    other = model.build_tiny(0).unet
+    model.attach_lora(other, LoraConfig(rank=4, alpha=4, dora=True, init="gaussian"))
+    model.load_lora_state_dict(other, state)
+    assert all(torch.equal(v, state[k]) for k, v in model.lora_state_dict(other).items())
