@@ -1,0 +1,217 @@
+"""The final LoRA: files other tools load, and a model card.
+
+Owns: turning the trainer's peft-format UNet LoRA state dict into
+  - pytorch_lora_weights.safetensors: diffusers' format ("unet." + peft keys),
+    read by `StableDiffusionXLPipeline.load_lora_weights(folder)`;
+  - NAME.kohya.safetensors: kohya keys (lora_unet_*.lora_down/lora_up/alpha),
+    read by ComfyUI, AUTOMATIC1111 and diffusers;
+  - README.md: a model card (base model, data, settings, steps, sessions, how
+    to load it, the sample grid when there is one).
+
+The scale alpha / rank must survive: a diffusers file without adapter metadata
+is loaded with alpha = rank (scale 1), so the scale is folded into lora_B
+(exact for LoRA and DoRA). The kohya file keeps the raw weights and the real
+alpha, which kohya-format loaders apply.
+
+Must not: train, read storage or upload (the session uploads out_dir).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from runner.errors import ModelError
+from runner.profile import LoraConfig
+
+log = logging.getLogger(__name__)
+
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_SUFFIX = ".kohya.safetensors"
+CARD_FILE = "README.md"
+GRID_FILE = "samples.png"
+UNET_PREFIX = "unet."
+KOHYA_UNET_PREFIX = "lora_unet_"
+PEFT_A, PEFT_B, PEFT_MAGNITUDE = ".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"
+
+
+@dataclass(frozen=True)
+class CardInfo:
+    """What the model card says beyond the profile."""
+
+    name: str
+    """Run name; also the kohya file's name."""
+    steps: int
+    """Optimizer steps trained."""
+    sessions: tuple[dict, ...] = ()
+    """sessions.jsonl entries (platform, gpu, step_from, step_to, reason)."""
+    sample_grid: str = ""
+    """Path of a base-vs-LoRA grid PNG to include; empty: none."""
+    final_loss: float | None = None
+    """Smoothed training loss at the end, if known."""
+    extra: dict = field(default_factory=dict)
+    """More `key: value` lines for the card."""
+
+
+def export_lora(
+    lora_sd: dict[str, torch.Tensor], lora_cfg: LoraConfig, out_dir: Path, *, profile_dict: dict, card: CardInfo,
+    save_dtype: torch.dtype = torch.float32,
+) -> list[Path]:  # fmt: skip
+    """Write the diffusers file, the kohya file and README.md into out_dir; return the paths written."""
+    _check_keys(lora_sd)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", "relay.rank": str(lora_cfg.rank), "relay.alpha": str(lora_cfg.alpha)}
+    written = [out_dir / DIFFUSERS_FILE]
+    save_file(_to_diffusers(lora_sd, lora_cfg, save_dtype), str(written[0]), metadata=meta)
+    kohya_name = safe_name(card.name) + KOHYA_SUFFIX
+    if lora_cfg.dora:
+        log.warning("DoRA LoRA: no kohya file written (kohya's DoRA layout differs); use %s", DIFFUSERS_FILE)
+    else:
+        written.append(out_dir / kohya_name)
+        save_file(_to_kohya(lora_sd, lora_cfg, save_dtype), str(written[-1]), metadata=meta)
+    grid = _copy_grid(card.sample_grid, out_dir)
+    if grid is not None:
+        written.append(grid)
+    written.append(out_dir / CARD_FILE)
+    kohya = None if lora_cfg.dora else kohya_name
+    written[-1].write_text(model_card(profile_dict, card, kohya_file=kohya, has_grid=grid is not None))
+    log.info("exported LoRA (%d tensors) to %s", len(lora_sd), out_dir)
+    return written
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe version of the run name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "lora"
+
+
+def _check_keys(lora_sd: dict[str, torch.Tensor]) -> None:
+    """The silent failure to prevent: a file whose keys match nothing loads as a no-op."""
+    if not any(k.endswith(PEFT_A) for k in lora_sd) or not any(k.endswith(PEFT_B) for k in lora_sd):
+        sample = sorted(lora_sd)[:3]
+        raise ModelError(
+            f"not a peft LoRA state dict of the UNet (no *.lora_A.weight / *.lora_B.weight keys; got {sample})",
+            hint="pass lora_state_dict(unet) from runner.train.model, or the run's checkpoint lora.safetensors",
+        )
+
+
+def _to_diffusers(sd: dict[str, torch.Tensor], cfg: LoraConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """'unet.' + peft keys, with alpha / rank folded into lora_B so loaders can assume scale 1."""
+    scale = cfg.alpha / cfg.rank
+    out = {}
+    for key, value in sd.items():
+        value = value.detach().float()
+        if key.endswith(PEFT_B):
+            value = value * scale
+        out[UNET_PREFIX + key] = value.to(dtype).contiguous()
+    return out
+
+
+def _to_kohya(sd: dict[str, torch.Tensor], cfg: LoraConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """lora_unet_<module with _>.lora_down.weight / .lora_up.weight / .alpha (raw weights, real alpha)."""
+    out = {}
+    for key, value in sd.items():
+        if key.endswith(PEFT_A):
+            module, part = key[: -len(PEFT_A)], "lora_down.weight"
+        elif key.endswith(PEFT_B):
+            module, part = key[: -len(PEFT_B)], "lora_up.weight"
+        else:
+            raise ModelError(f"LoRA key {key!r} has no kohya equivalent", hint="export without DoRA for kohya tools")
+        name = KOHYA_UNET_PREFIX + module.replace(".", "_")
+        out[f"{name}.{part}"] = value.detach().to(dtype).contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(cfg.alpha), dtype=dtype)
+    return out
+
+
+def _copy_grid(sample_grid: str, out_dir: Path) -> Path | None:
+    if not sample_grid:
+        return None
+    source = Path(sample_grid)
+    if not source.is_file():
+        log.warning("sample grid %s not found; the model card will have no image", source)
+        return None
+    target = out_dir / GRID_FILE
+    if source.resolve() != target.resolve():
+        shutil.copyfile(source, target)
+    return target
+
+
+def model_card(profile_dict: dict, card: CardInfo, *, kohya_file: str | None, has_grid: bool) -> str:
+    """README.md for the final/ folder (Hugging Face model card front matter + usage)."""
+    model, data = profile_dict.get("model", {}), profile_dict.get("data", {})
+    lora, train = profile_dict.get("lora", {}), profile_dict.get("train", {})
+    base = model.get("base", "?")
+    lines = [
+        "---",
+        f"base_model: {base}",
+        "library_name: diffusers",
+        "tags: [lora, stable-diffusion-xl, text-to-image, relay]",
+        "---",
+        "",
+        f"# {card.name}",
+        "",
+        f"SDXL LoRA trained with Relay for {card.steps} steps over {len(card.sessions) or 1} session(s).",
+        "",
+        "## Training",
+        "",
+        f"- base model: `{base}`" + (f" (VAE `{model['vae']}`)" if model.get("vae") else ""),
+        f"- data: `{data.get('source', '?')}` (captions from `{data.get('caption_column', '?')}`)",
+        f"- LoRA: rank {lora.get('rank')}, alpha {lora.get('alpha')}, dropout {lora.get('dropout')}, "
+        f"targets {', '.join(lora.get('targets', []))}" + (", DoRA" if lora.get("dora") else ""),
+        f"- steps: {card.steps} of {train.get('steps')} · resolution {train.get('resolution')} · "
+        f"batch {train.get('batch_size')} × accum {train.get('grad_accum')} · lr {train.get('lr')} "
+        f"({train.get('lr_scheduler', 'constant')}) · seed {train.get('seed')} · {train.get('precision')}",
+    ]
+    if card.final_loss is not None:
+        lines.append(f"- final loss (smoothed): {card.final_loss:.4f}")
+    lines += [f"- {key}: {value}" for key, value in card.extra.items()]
+    lines += _sessions_section(card.sessions)
+    if has_grid:
+        lines += ["", "## Samples", "", "Base model (left) and with this LoRA (right), same prompt and seed:", ""]
+        lines += [f"![base vs LoRA]({GRID_FILE})"]
+    lines += _usage_section(base, kohya_file)
+    return "\n".join(lines) + "\n"
+
+
+def _sessions_section(sessions: tuple[dict, ...]) -> list[str]:
+    if not sessions:
+        return []
+    lines = ["", "## Sessions", "", "| # | platform | GPU | steps | ended |", "|---|---|---|---|---|"]
+    for i, s in enumerate(sessions, 1):
+        steps = f"{s['step_from']}→{s['step_to']}" if "step_from" in s and "step_to" in s else s.get("steps", "?")
+        ended = s.get("reason", s.get("ended", "?"))
+        lines.append(f"| {i} | {s.get('platform', '?')} | {s.get('gpu', '?')} | {steps} | {ended} |")
+    return lines
+
+
+def _usage_section(base: str, kohya_file: str | None) -> list[str]:
+    lines = [
+        "",
+        "## Use",
+        "",
+        "diffusers:",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import StableDiffusionXLPipeline",
+        "",
+        f'pipe = StableDiffusionXLPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")',
+        'pipe.load_lora_weights("path/to/this/folder")  # reads pytorch_lora_weights.safetensors',
+        'image = pipe("your prompt").images[0]',
+        "```",
+    ]
+    if kohya_file:
+        lines += [
+            "",
+            f"ComfyUI: copy `{kohya_file}` to `ComfyUI/models/loras/` and use a *Load LoRA* node.",
+            f"AUTOMATIC1111 / Forge: copy `{kohya_file}` to `models/Lora/` and add "
+            f"`<lora:{kohya_file.removesuffix('.safetensors')}:1>` to the prompt.",
+        ]
+    lines += ["", f"`{DIFFUSERS_FILE}` has the LoRA scale (alpha / rank) folded into its weights: load it at scale 1."]
+    return lines
