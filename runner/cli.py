@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=12, help="timed optimizer steps (after warm-up)")
     p.add_argument("--vram-gib", type=float, help="cap the CUDA allocator to emulate a smaller GPU (15 for a T4)")
     p.add_argument("--model", default="sdxl-random", help="sdxl-random (full size) or tiny")
+    p.add_argument("--skip-resume", action="store_true", help="skip the resume timing (saves a UNet to disk)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("doctor", help="check this machine for a run: GPU, libraries, storage, disk")
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("relay: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # the boundary: an unexpected failure becomes a message, with details in the log
-        log.debug("unexpected failure", exc_info=True)
+        log.info("unexpected failure", exc_info=True)  # the traceback, shown with -v
         print(f"relay: unexpected error: {type(exc).__name__}: {exc}", file=sys.stderr)
         print("  → rerun with -v for details; committed checkpoints are untouched", file=sys.stderr)
         return EXIT_ERROR

@@ -114,8 +114,9 @@ def build_context(opts: Options, *, clock: Clock | None = None, env: Env | None 
 def train(args) -> int:
     opts = Options.from_args(args)
     ctx = build_context(opts)
-    if len(ctx.env.gpus) > 1 and "WORLD_SIZE" not in os.environ:
-        return launch_distributed(len(ctx.env.gpus))
+    processes = int(os.environ.get("RELAY_PROCESSES", "0")) or len(ctx.env.gpus)  # one per GPU by default
+    if processes > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_distributed(processes)
     if int(os.environ.get("RANK", "0")) != 0:
         return Session(ctx).run()  # other ranks train in lockstep and show nothing
     from runner.dashboard import Dashboard
@@ -127,13 +128,35 @@ def train(args) -> int:
 
 
 def launch_distributed(gpus: int) -> int:
-    """Run this same command once per GPU under torchrun; rank 0 leads, the others follow."""
+    """Run this same command once per GPU (rank 0 leads, the others follow) and return rank 0's exit code.
+
+    Not torchrun: its agent turns any non-zero exit (75 included) into a failure report. Signals that
+    reach this parent (SIGTERM, SIGINT) are passed on to every rank, which stop after the current step."""
+    import signal
+    import socket
     import subprocess
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-           "-m", "runner", *sys.argv[1:]]  # fmt: skip
-    log.info("launching %d processes: %s", gpus, " ".join(cmd))
-    return subprocess.call(cmd)
+    with socket.socket() as sock:  # a free port for the process group's rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(gpus)}
+    cmd = [sys.executable, "-m", "runner", *sys.argv[1:]]
+    procs = [
+        subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(gpus)
+    ]
+
+    def forward(signum, _frame) -> None:
+        for proc in procs:
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        codes = [proc.wait() for proc in procs]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("ranks exited with %s", codes)
+    return codes[0] if codes[0] != 0 or all(c == 0 for c in codes) else max(codes, key=abs)
 
 
 def plan(args) -> int:
@@ -157,7 +180,12 @@ def export(args) -> int:
 def _subscribe_tensorboard(ctx: Context) -> None:
     from runner.tblog import TensorBoardLogger
 
-    ctx.bus.subscribe(TensorBoardLogger(ctx.workdir / "logs").on_event)
+    TensorBoardLogger(logs_dir(ctx), run=ctx.run, config=ctx.profile.to_dict()).attach(ctx.bus)
+
+
+def logs_dir(ctx: Context) -> Path:
+    """This session's TensorBoard folder; each session writes its own files, uploaded when it ends."""
+    return ctx.workdir / "logs" / ctx.session_id
 
 
 # ---------------------------------------------------------------- the session
@@ -216,10 +244,22 @@ class Session:
             append_session(self.ctx.storage, self.ctx.run, self.session_record())
         except StorageError as exc:
             log.warning("could not record the session in sessions.jsonl: %s", exc)
+        self._upload_logs()
         self.lease.release()
         flush = getattr(self.ctx.storage, "flush", None)
         if flush is not None:  # the Colab mount: push what it holds before the VM can die
             flush()
+
+    def _upload_logs(self) -> None:
+        """TensorBoard files grow during a session, so they go up once, at its end, under the session's id."""
+        folder = logs_dir(self.ctx)
+        for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+            if path.is_file():
+                key = f"{self.ctx.run}/logs/{self.ctx.session_id}/{path.relative_to(folder).as_posix()}"
+                try:
+                    self.ctx.storage.put(path, key)
+                except StorageError as exc:
+                    log.warning("log file %s not uploaded: %s", path.name, exc)
 
     def session_record(self) -> dict:
         env, now = self.ctx.env, self.ctx.clock.wall()
@@ -237,7 +277,7 @@ class Session:
         ctx = self.ctx
         placement = Placement.detect()
         init_distributed(placement)
-        restored = self.ckpts.latest(ctx.workdir / "restore")
+        restored = self.ckpts.latest(ctx.workdir / "restore" / f"rank{placement.rank}")  # ranks share the workdir
         state = restored.state if restored and restored.state else new_state(ctx)
         self.step_from = self.step = state.step
         if state.step >= ctx.profile.train.steps:

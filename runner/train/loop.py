@@ -268,16 +268,22 @@ class Trainer:
         return StepResult(total, lr, grad_norm, skipped, self.clock.monotonic() - started)
 
     def _all_reduce(self, total: float) -> float:
-        """Average gradients and loss over ranks (no-op on one process)."""
+        """Average gradients and loss over ranks (no-op on one process).
+
+        One flat buffer, one all-reduce: per-parameter calls (1,120 for SDXL's attention LoRA) cost more
+        in launches than the data they move."""
         if self.world == 1 or not torch.distributed.is_initialized():
             return total
-        for param in self.params:
-            if param.grad is not None:
-                torch.distributed.all_reduce(param.grad)
-                param.grad /= self.world
-        value = torch.tensor([total], device=self.device)
-        torch.distributed.all_reduce(value)
-        return float(value.item()) / self.world
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [param.grad for param in self.params if param.grad is not None]
+        flat = _flatten_dense_tensors([*grads, torch.tensor([total], device=self.device, dtype=grads[0].dtype)])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        *reduced, loss = _unflatten_dense_tensors(flat, [*grads, flat[-1:]])
+        for grad, value in zip(grads, reduced, strict=True):
+            grad.copy_(value)
+        return float(loss.item())
 
     def _update(self, is_finite: bool) -> tuple[float | None, bool]:
         """Clip and apply the gradients; returns (grad norm, skipped)."""

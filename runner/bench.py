@@ -1,0 +1,343 @@
+"""`relay bench`: the real training path on a full-size random SDXL, measured.
+
+Owns: building a benchmark profile from flags (full-size SDXL architecture with
+random weights, generated data, no download), running cache → fit → trainer →
+checkpoint through the same code `relay train` uses, and reporting peak VRAM,
+median s/step, images/s, achieved TFLOP/s against the GPU's measured fp16
+matmul rate, cache build time, checkpoint save time, the time from start to
+first step on resume, and a bare UNet LoRA step on the same inputs (the floor
+the runner's overhead is judged against). torch is imported inside functions:
+the CLI imports this module before it knows the command is `bench`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from runner import events
+from runner.profile import Profile, load_profile
+
+GIB = 2**30
+WARMUP_STEPS = 2
+
+
+@dataclass
+class BenchReport:
+    device: str
+    model: str
+    resolution: int
+    micro_batch: int
+    grad_accum: int
+    world: int
+    rank: int
+    precision: str
+    optimizer: str
+    gradient_checkpointing: bool
+    vram_cap_gib: float | None
+    trainable_params: int = 0
+    cache_build_s: float = 0.0
+    setup_s: float = 0.0  # UNet load + LoRA + memory plan
+    step_s_median: float = 0.0
+    step_s_all: list[float] = field(default_factory=list)
+    images_per_s: float = 0.0
+    peak_allocated_gib: float | None = None
+    peak_reserved_gib: float | None = None
+    step_tflop: float | None = None
+    achieved_tflops: float | None = None
+    matmul_fp16_tflops: float | None = None
+    mfu_vs_matmul: float | None = None
+    checkpoint_save_s: float = 0.0
+    floor_step_s: float | None = None
+    overhead_vs_floor_pct: float | None = None
+    import_s: float | None = None
+    resume_load_s: float | None = None
+    resume_to_first_step_s: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def bench_profile(args) -> Profile:
+    """The benchmark's profile: sdxl-naruto-t4's settings with the flags applied, generated data."""
+    images = max(8, args.batch_size * args.grad_accum * 2)
+    overrides = [
+        f'model.base="{args.model}"', 'model.vae=""', 'data.source="generated"', f"data.generated_count={images}",
+        "data.buckets=false", "data.flip=false", "data.validation_count=0", f"train.resolution={args.resolution}",
+        f"train.batch_size={args.batch_size}", f"train.grad_accum={args.grad_accum}", f"lora.rank={args.rank}",
+        f"lora.alpha={2 * args.rank}", f'train.precision="{args.precision}"', f'train.optimizer="{args.optimizer}"',
+        f'train.gradient_checkpointing="{args.checkpointing}"', "train.steps=100000", "train.warmup_steps=0",
+    ]  # fmt: skip
+    return load_profile("sdxl-naruto-t4", overrides)
+
+
+def run_bench(args) -> int:
+    import os
+
+    processes = int(os.environ.get("RELAY_PROCESSES", "0"))
+    if processes > 1 and "WORLD_SIZE" not in os.environ:
+        from runner.session import launch_distributed
+
+        return launch_distributed(processes)
+    report = Bench(args).run()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports for all
+    if args.json:
+        print(json.dumps(asdict(report), indent=1))
+    else:
+        print_report(report)
+    return 0
+
+
+class Bench:
+    def __init__(self, args) -> None:
+        import torch
+
+        from runner.train.run import Placement, init_distributed
+
+        self.args = args
+        self.profile = bench_profile(args)
+        self.placement = Placement.detect()
+        init_distributed(self.placement)
+        self.cuda = self.placement.device.startswith("cuda")
+        if self.cuda and args.vram_gib:
+            total = torch.cuda.get_device_properties(self.placement.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.vram_gib * GIB / total), self.placement.device)
+        self.tmp = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+        self.bus = events.EventBus()
+
+    def run(self) -> BenchReport:
+
+        from runner.train.cache import build_cache
+        from runner.train.run import TrainingRun
+
+        a, p = self.args, self.placement
+        t0 = time.perf_counter()
+        build_cache(self.profile, self.tmp / "cache", bus=self.bus, device=p.device)
+        cache_s = time.perf_counter() - t0
+        self._reset_peak()
+        t0 = time.perf_counter()
+        tr = TrainingRun(self.profile, self.tmp / "cache", placement=p, bus=self.bus, gpu_name=p.device)
+        setup_s = time.perf_counter() - t0
+        plan = tr.plan
+        report = BenchReport(
+            device=self._device_name(), model=a.model, resolution=a.resolution, micro_batch=plan.micro_batch,
+            grad_accum=plan.grad_accum, world=p.world, rank=a.rank, precision=tr.trainer.precision,
+            optimizer=a.optimizer, gradient_checkpointing=plan.gradient_checkpointing, vram_cap_gib=a.vram_gib,
+            trainable_params=sum(t.numel() for t in tr.trainer.params), cache_build_s=round(cache_s, 2),
+            setup_s=round(setup_s, 2),
+        )  # fmt: skip
+        self._time_steps(tr, report)
+        self._count_flops(tr, report)
+        report.checkpoint_save_s = self._time_save(tr)
+        if self.cuda:
+            report.floor_step_s = round(floor_step_seconds(tr, a.steps), 4)
+            report.overhead_vs_floor_pct = round(100 * (report.step_s_median / report.floor_step_s - 1), 1)
+            report.matmul_fp16_tflops = round(matmul_tflops(p.device), 1)
+            if report.achieved_tflops:
+                report.mfu_vs_matmul = round(report.achieved_tflops / report.matmul_fp16_tflops, 3)
+        log_partial(report)
+        if not self.args.skip_resume:
+            self._time_resume(tr, report)
+        return report
+
+    def _reset_peak(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def _device_name(self) -> str:
+        import torch
+
+        return torch.cuda.get_device_name(self.placement.device) if self.cuda else "cpu"
+
+    def _time_steps(self, tr, report: BenchReport) -> None:
+        import torch
+
+        step = 0
+        for step in range(WARMUP_STEPS):
+            tr.step(step)
+        self._reset_peak()
+        times = []
+        for step in range(WARMUP_STEPS, WARMUP_STEPS + self.args.steps):
+            if self.cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            tr.step(step)
+            if self.cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        report.step_s_all = [round(t, 4) for t in times]
+        report.step_s_median = round(statistics.median(times), 4)
+        images = report.micro_batch * report.grad_accum * report.world
+        report.images_per_s = round(images / report.step_s_median, 3)
+        if self.cuda:
+            report.peak_allocated_gib = round(torch.cuda.max_memory_allocated() / GIB, 2)
+            report.peak_reserved_gib = round(torch.cuda.max_memory_reserved() / GIB, 2)
+
+    def _count_flops(self, tr, report: BenchReport) -> None:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from runner.fit import is_oom_error
+
+        counter = FlopCounterMode(display=False)
+        try:
+            with counter:
+                tr.step(10_000)
+        except RuntimeError as exc:  # the counter runs attention unfused: it can need far more memory than training
+            if not is_oom_error(exc):
+                raise
+            report.notes.append("FLOPs not counted: the counter's unfused attention does not fit under the cap")
+            return
+        report.step_tflop = round(counter.get_total_flops() / 1e12, 2)
+        report.achieved_tflops = round(report.step_tflop / report.step_s_median, 1)
+
+    def _time_save(self, tr) -> float:
+        from runner.checkpoint.manifest import write_manifest
+
+        folder = self.tmp / "ckpt"
+        t0 = time.perf_counter()
+        tr.save_state(folder)
+        write_manifest(folder, {"bench": True})
+        return round(time.perf_counter() - t0, 3)
+
+    def _time_resume(self, tr, report: BenchReport) -> None:
+        """A resume with the cache present: import, load the UNet from disk, LoRA, state, first step."""
+        import torch
+
+        from runner.train.model import load_parts
+        from runner.train.run import TrainingRun, unet_dtype
+
+        meta = tr.save_state(self.tmp / "ckpt")
+        del tr
+        self._free()
+        model_dir = self.tmp / "model"
+        base = load_parts(self.profile.model, unet=True, text=False, vae=False, device="cpu",
+                          dtype=unet_dtype(self.profile, self.placement.device)).unet  # fmt: skip
+        base.save_pretrained(model_dir / "unet", safe_serialization=True)  # a base model as users download it
+        del base
+        report.import_s = round(import_seconds(), 2)
+        profile = load_profile("sdxl-naruto-t4", [f'model.base="{model_dir}"', *bench_overrides_for(self.profile)])
+        t0 = time.perf_counter()
+        resumed = TrainingRun(profile, self.tmp / "cache", placement=self.placement, bus=self.bus,
+                              gpu_name=self.placement.device)  # fmt: skip
+        report.resume_load_s = round(time.perf_counter() - t0, 2)
+        resumed.restore(self.tmp / "ckpt", meta)
+        resumed.step(0)
+        if self.cuda:
+            torch.cuda.synchronize()
+        report.resume_to_first_step_s = round(report.import_s + time.perf_counter() - t0, 2)
+
+    def _free(self) -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+
+def bench_overrides_for(profile: Profile) -> list[str]:
+    """The --set items that rebuild `profile` apart from its model (for the resume timing)."""
+    t, d = profile.train, profile.data
+    return [
+        'model.vae=""', 'data.source="generated"', f"data.generated_count={d.generated_count}", "data.buckets=false",
+        "data.flip=false", "data.validation_count=0", f"train.resolution={t.resolution}",
+        f"train.batch_size={t.batch_size}", f"train.grad_accum={t.grad_accum}", f"lora.rank={profile.lora.rank}",
+        f"lora.alpha={profile.lora.alpha}", f'train.precision="{t.precision}"', f'train.optimizer="{t.optimizer}"',
+        f'train.gradient_checkpointing="{t.gradient_checkpointing}"', "train.steps=100000", "train.warmup_steps=0",
+    ]  # fmt: skip
+
+
+def log_partial(report: BenchReport) -> None:
+    """The figures so far, on stderr, so a failure in a later phase loses nothing already measured."""
+    print(f"relay-bench partial: {json.dumps(asdict(report))}", file=sys.stderr, flush=True)
+
+
+def import_seconds() -> float:
+    """Seconds a fresh interpreter takes to import the training stack."""
+    code = "import time; t = time.perf_counter(); import runner.train.run; print(time.perf_counter() - t)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def matmul_tflops(device: str, n: int = 8192, repeats: int = 10) -> float:
+    """The GPU's fp16 dense matmul rate, the ceiling achieved TFLOP/s are compared with."""
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=torch.float16)
+    b = torch.randn(n, n, device=device, dtype=torch.float16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e12
+
+
+def floor_step_seconds(tr, steps: int) -> float:
+    """A bare LoRA step: the same UNet, one fixed cached batch already on the GPU, autocast, scaler, fused
+    AdamW — none of Relay's data, RNG, events or bookkeeping. The runner is judged against this."""
+    import torch
+
+    trainer = tr.trainer
+    batch = trainer._batch(0, 0)  # one real micro-batch, built once
+    params = trainer.params
+    opt = torch.optim.AdamW(params, lr=1e-6, fused=True)
+    scaler = torch.amp.GradScaler("cuda") if trainer.precision == "fp16" else None
+    noisy = trainer.noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps).to(trainer.weight_dtype)
+    cond = {"text_embeds": batch.pooled, "time_ids": batch.time_ids}
+
+    def one() -> None:
+        opt.zero_grad(set_to_none=True)
+        for _ in range(trainer.grad_accum):
+            with torch.autocast("cuda", dtype=trainer.weight_dtype):
+                pred = trainer.unet(noisy, batch.timesteps, encoder_hidden_states=batch.prompt,
+                                    added_cond_kwargs=cond).sample  # fmt: skip
+            loss = torch.nn.functional.mse_loss(pred.float(), batch.noise) / trainer.grad_accum
+            (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+
+    for _ in range(WARMUP_STEPS):
+        one()
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        one()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def print_report(r: BenchReport) -> None:
+    rows = [
+        ("device", f"{r.device}" + (f" (capped at {r.vram_cap_gib} GiB)" if r.vram_cap_gib else "")),
+        ("plan", f"{r.resolution} px, micro-batch {r.micro_batch} × accum {r.grad_accum} × {r.world} GPU, "
+                 f"checkpointing {'on' if r.gradient_checkpointing else 'off'}, {r.precision}, {r.optimizer}"),
+        ("LoRA params", f"{r.trainable_params / 1e6:.2f} M (rank {r.rank})"),
+        ("s/step (median)", f"{r.step_s_median:.3f}  ({r.images_per_s:.2f} images/s)"),
+        ("peak VRAM", f"{r.peak_allocated_gib} GiB allocated, {r.peak_reserved_gib} GiB reserved"),
+        ("compute", f"{r.step_tflop} TFLOP/step, {r.achieved_tflops} TFLOP/s "
+                    f"({r.mfu_vs_matmul} of the {r.matmul_fp16_tflops} TFLOP/s fp16 matmul rate)"),
+        ("floor", f"{r.floor_step_s} s/step bare; runner overhead {r.overhead_vs_floor_pct} %"),
+        ("cache build", f"{r.cache_build_s} s"),
+        ("checkpoint save", f"{r.checkpoint_save_s} s (blocking)"),
+        ("resume", f"{r.resume_to_first_step_s} s to first step (import {r.import_s} s, load {r.resume_load_s} s)"),
+    ]  # fmt: skip
+    for name, value in rows:
+        print(f"{name:>16}: {value}")
+    for note in r.notes:
+        print(f"{'note':>16}: {note}")

@@ -1,0 +1,241 @@
+"""The training side of a session: device, cache, UNet, memory plan, trainer.
+
+Owns: turning a validated profile, a local cache folder and an optional
+restored checkpoint into a ready Trainer — picking the device (and the rank in
+a multi-GPU launch), loading only the UNet, probing the memory plan on CUDA,
+restoring trainer state — and the final export files. The session calls it;
+it knows nothing of storage, leases or the budget, and returns files for the
+session to commit.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runner import events
+from runner.fit import Plan, ProbeResult, candidate_plans, describe_replan, is_oom_error, plan_fit
+from runner.profile import Profile
+from runner.train.cache import CachedData, open_cache
+from runner.train.loop import LORA_FILE, StepResult, Trainer
+from runner.train.model import load_lora_state_dict, load_parts, lora_state_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this process trains: device, rank and world size (torchrun/accelerate variables)."""
+
+    device: str
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def detect(cls, environ: dict[str, str] | None = None) -> Placement:
+        environ = dict(os.environ) if environ is None else environ
+        world = int(environ.get("WORLD_SIZE", "1"))
+        rank = int(environ.get("RANK", "0"))
+        if not torch.cuda.is_available():
+            return cls("cpu", rank, world)
+        local = int(environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return cls(f"cuda:{local}", rank, world)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def unet_dtype(profile: Profile, device: str) -> torch.dtype:
+    """The frozen UNet's dtype: fp32 on CPU; fp16 on CUDA (bf16 where asked for and supported)."""
+    if not device.startswith("cuda") or profile.train.precision == "fp32":
+        return torch.float32
+    if profile.train.precision in ("bf16", "auto") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+class TrainingRun:
+    """A Trainer with its data and model, ready at a given plan and state."""
+
+    def __init__(
+        self, profile: Profile, cache_dir: Path, *, placement: Placement, bus: events.EventBus,
+        stored_plan: dict | None = None, stored_gpu: str | None = None, gpu_name: str = "CPU",
+    ) -> None:  # fmt: skip
+        self.profile, self.placement, self.bus = profile, placement, bus
+        self.data: CachedData = open_cache(cache_dir)
+        parts = load_parts(profile.model, unet=True, text=False, vae=False, device=placement.device,
+                           dtype=unet_dtype(profile, placement.device))
+        self.unet = parts.unet
+        self.plan = self._choose_plan(stored_plan, stored_gpu, gpu_name)
+        self.trainer = self._make_trainer(self.plan)
+
+    # --- memory plan ---------------------------------------------------------------------
+
+    def _choose_plan(self, stored: dict | None, stored_gpu: str | None, gpu_name: str) -> Plan:
+        cfg = self.profile.train
+        candidates = candidate_plans(cfg.batch_size, cfg.grad_accum, cfg.gradient_checkpointing,
+                                     world_size=self.placement.world)
+        if not self.placement.device.startswith("cuda"):
+            plan = candidates[0]  # a CPU has no memory cliff worth probing; the profile's plan runs as given
+        else:
+            plan = plan_fit(candidates, self._probe)
+        note = describe_replan(stored, plan, stored_gpu, gpu_name) if stored else None
+        self.bus.emit(events.Planned(plan.micro_batch, plan.grad_accum, plan.gradient_checkpointing, note or ""))
+        return plan
+
+    def _probe(self, plan: Plan) -> ProbeResult:
+        """One real optimizer step at this plan on a throwaway copy of the LoRA weights."""
+        initial = None
+        trainer = None
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            trainer = self._make_trainer(plan)
+            initial = {k: v.detach().clone() for k, v in lora_state_dict(self.unet).items()}
+            result = trainer.step(0)
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            return ProbeResult(True, peak_gib=peak, step_s=result.seconds)
+        except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one; only out-of-memory is an answer
+            if not is_oom_error(exc):
+                raise
+            # The traceback's frames hold the failed step's activations: drop them, or the next plan
+            # is probed with the last one's memory still allocated.
+            traceback.clear_frames(exc.__traceback__)
+            return ProbeResult(False, peak_gib=torch.cuda.max_memory_allocated() / 2**30, error=str(exc)[:200])
+        finally:
+            if initial is not None:
+                load_lora_state_dict(self.unet, initial)
+            for param in self.unet.parameters():
+                param.grad = None
+            del trainer
+            gc.collect()
+            torch.cuda.empty_cache()
+            log.info("probe %s: %.2f GiB still allocated after cleanup", plan.describe(), torch.cuda.memory_allocated() / 2**30)
+
+    def _make_trainer(self, plan: Plan) -> Trainer:
+        if plan.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        elif getattr(self.unet, "is_gradient_checkpointing", False):
+            self.unet.disable_gradient_checkpointing()
+        return Trainer(
+            self.profile, self.data, self.unet, micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
+            gradient_checkpointing=plan.gradient_checkpointing, device=self.placement.device,
+            rank=self.placement.rank, world=self.placement.world, bus=self.bus,
+        )  # fmt: skip
+
+    # --- training ------------------------------------------------------------------------
+
+    def restore(self, directory: Path, trainer_meta: dict[str, Any]) -> None:
+        self.trainer.load_state(directory, trainer_meta)
+
+    def step(self, step: int) -> StepResult:
+        return self.trainer.step(step)
+
+    def step_event(self, step_done: int, result: StepResult) -> events.StepDone:
+        used = peak = None
+        if self.placement.device.startswith("cuda"):
+            used = torch.cuda.memory_allocated() / 2**30
+            peak = torch.cuda.max_memory_allocated() / 2**30
+        return events.StepDone(
+            step=step_done, target=self.profile.train.steps, loss=result.loss, lr=result.lr, step_s=result.seconds,
+            grad_norm=result.grad_norm, skipped=result.skipped, vram_used_gib=used, vram_peak_gib=peak,
+        )  # fmt: skip
+
+    def validation_loss(self) -> float | None:
+        return self.trainer.validation_loss() if self.trainer.val_index else None
+
+    def save_state(self, directory: Path) -> dict[str, Any]:
+        return self.trainer.save_state(directory)
+
+    def lora_weights(self) -> dict[str, torch.Tensor]:
+        return lora_state_dict(self.unet)
+
+
+def read_lora_file(directory: Path) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of a restored checkpoint folder (safetensors, never pickle)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / LORA_FILE))
+
+
+# --- several GPUs ----------------------------------------------------------------------------
+
+
+def init_distributed(placement: Placement) -> None:
+    """Join the process group of a torchrun launch (one process per GPU); no-op on one process."""
+    if placement.world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if placement.device.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend)
+
+
+def barrier(placement: Placement) -> None:
+    if placement.world > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def agree(placement: Placement, *flags: bool) -> tuple[bool, ...]:
+    """Rank 0's decisions (stop, checkpoint, …), the same on every rank, so all ranks step in lockstep."""
+    if placement.world == 1 or not torch.distributed.is_initialized():
+        return flags
+    device = placement.device if placement.device.startswith("cuda") else "cpu"
+    values = torch.tensor([float(f) for f in flags], device=device)
+    torch.distributed.broadcast(values, src=0)
+    return tuple(bool(v) for v in values.tolist())
+
+
+def close_distributed() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# --- the end of a run ------------------------------------------------------------------------
+
+
+def write_final(
+    profile: Profile, run: str, lora_sd: dict[str, torch.Tensor], out_dir: Path, *, steps: int,
+    sessions: list[dict], device: str, unet: Any = None, bus: events.EventBus | None = None,
+) -> list[Path]:  # fmt: skip
+    """final/: the diffusers and kohya LoRA files, the model card and, when it can be drawn, the sample grid.
+
+    The grid is best effort: a failure to draw it is a Warning, never a lost run."""
+    from runner.export import CardInfo, export_lora
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid = out_dir / "samples.png"
+    try:
+        draw_samples(profile, lora_sd if unet is None else None, grid, device=device, unet=unet)
+    except (RuntimeError, OSError, ValueError) as exc:  # sampling must never cost the trained LoRA
+        log.warning("sample grid failed: %s", exc)
+        if bus is not None:
+            bus.emit(events.Warning(f"sample grid not drawn: {exc}", kind="samples"))
+    card = CardInfo(name=run, steps=steps, sessions=tuple(sessions), sample_grid=str(grid) if grid.exists() else "")
+    return export_lora(lora_sd, profile.lora, out_dir, profile_dict=profile.to_dict(), card=card)
+
+
+def draw_samples(profile: Profile, lora_sd: dict | None, out_path: Path, *, device: str, unet: Any = None) -> Path:
+    """The base-vs-LoRA grid with the profile's prompts; reuses the training UNet when given."""
+    from runner.sample import sample_grid
+
+    dtype = unet_dtype(profile, device)
+    parts = load_parts(profile.model, unet=unet is None, text=True, vae=True, device="cpu", dtype=dtype)
+    if unet is not None:
+        parts.unet = unet
+    cfg = profile.sample
+    try:
+        return sample_grid(
+            parts, lora_sd, cfg.prompts, cfg.seed, cfg.inference_steps, cfg.guidance, profile.train.resolution,
+            out_path, lora_cfg=profile.lora, device=device, cpu_offload=device.startswith("cuda"),
+        )  # fmt: skip
+    finally:
+        del parts
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
