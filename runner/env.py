@@ -76,7 +76,7 @@ def detect_platform(environ: Mapping[str, str], exists: Callable[[str], bool]) -
 def parse_nvidia_smi(text: str) -> tuple[Gpu, ...]:
     """GPUs from `nvidia-smi --query-gpu=name,memory.total,memory.free,compute_cap --format=csv,noheader,nounits`."""
     gpus = []
-    for index, line in enumerate(l for l in text.splitlines() if l.strip()):
+    for index, line in enumerate(row for row in text.splitlines() if row.strip()):
         parts = [p.strip() for p in line.split(",")]
         if len(parts) < 4:
             continue

@@ -33,7 +33,7 @@ from runner.errors import (
     ResumeMismatch,
     StorageError,
 )
-from runner.lease import Lease
+from runner.lease import Lease, read_lease
 from runner.profile import Profile, diff_fields, fingerprint, fingerprint_fields, load_profile
 from runner.signals import install_stop_handlers
 from runner.state import RunInfo, RunState, append_session, read_run_info, read_sessions, write_run_info
@@ -141,9 +141,7 @@ def launch_distributed(gpus: int) -> int:
         port = sock.getsockname()[1]
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(gpus)}
     cmd = [sys.executable, "-m", "runner", *sys.argv[1:]]
-    procs = [
-        subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(gpus)
-    ]
+    procs = [subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(gpus)]
 
     def forward(signum, _frame) -> None:
         for proc in procs:
@@ -151,12 +149,31 @@ def launch_distributed(gpus: int) -> int:
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        codes = [proc.wait() for proc in procs]
+        codes = wait_all(procs)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     log.info("ranks exited with %s", codes)
     return codes[0] if codes[0] != 0 or all(c == 0 for c in codes) else max(codes, key=abs)
+
+
+def wait_all(procs, poll_s: float = 0.5, grace_s: float = 30.0) -> list[int]:
+    """Wait for every rank; when one fails, the others would wait for it forever in a collective, so they
+    are terminated (after a grace period to finish on their own) and then killed."""
+    import subprocess
+    import time
+
+    while any(p.poll() is None for p in procs):
+        if any(p.poll() not in (None, 0) for p in procs):
+            for p in procs:
+                if p.poll() is None:
+                    try:
+                        p.wait(timeout=grace_s)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+            break
+        time.sleep(poll_s)
+    return [p.wait() for p in procs]
 
 
 def plan(args) -> int:
@@ -224,7 +241,7 @@ class Session:
             try:
                 if self.is_main:
                     ensure_run_info(ctx, force=ctx.opts.force)
-                    self.lease.acquire(take_over=ctx.opts.take_over)
+                    self.lease.acquire(take_over=ctx.opts.take_over or self._holder_died_here())
                 try:
                     code = self._train(stop)
                 finally:
@@ -235,6 +252,25 @@ class Session:
             finally:
                 ctx.bus.emit(events.SessionEnded(self.step, ctx.profile.train.steps, self.reason, code))
         return code
+
+    def _holder_died_here(self) -> bool:
+        """A lease left by a process of this machine that no longer runs (a crash, a kill) is taken at once;
+        one from another machine must age past its timeout, or be taken with --take-over."""
+        record = read_lease(self.ctx.storage, self.ctx.run)
+        parts = record.holder.split(":") if record else []
+        if len(parts) < 3 or parts[1] != self.ctx.env.host or not parts[2].startswith("pid"):
+            return False
+        pid = int(parts[2].removeprefix("pid") or 0)
+        try:
+            os.kill(pid, 0)
+            return False  # still running: a real second session on this machine
+        except ProcessLookupError:
+            self.ctx.bus.emit(
+                events.Warning(f"taking over the lease of {record.holder}: that process is gone", kind="lease")
+            )
+            return True
+        except (PermissionError, ValueError):
+            return False
 
     def _close(self) -> None:
         self.ckpts.close()
@@ -286,8 +322,15 @@ class Session:
                 self._finish_from_checkpoint(state, restored, placement.device)
             return EXIT_OK
         cache_dir = self._cache(placement)
-        tr = TrainingRun(ctx.profile, cache_dir, placement=placement, bus=ctx.bus,
-                         stored_plan=state.plan or None, stored_gpu=_last_gpu(state), gpu_name=ctx.env.gpu_summary)
+        tr = TrainingRun(
+            ctx.profile,
+            cache_dir,
+            placement=placement,
+            bus=ctx.bus,
+            stored_plan=state.plan or None,
+            stored_gpu=_last_gpu(state),
+            gpu_name=ctx.env.gpu_summary,
+        )
         if restored is not None:
             tr.restore(restored.dir, state.trainer)
         from runner.train.cache import cache_fingerprint
@@ -308,7 +351,9 @@ class Session:
         fp = cache_fingerprint(self.ctx.profile)
         local = self.ctx.workdir / "cache" / fp
         if self.is_main:
-            ensure_cache(self.ctx, fp, lambda d: build_cache(self.ctx.profile, d, bus=self.ctx.bus, device=placement.device))
+            ensure_cache(
+                self.ctx, fp, lambda d: build_cache(self.ctx.profile, d, bus=self.ctx.bus, device=placement.device)
+            )
         barrier(placement)
         return local
 
@@ -335,7 +380,8 @@ class Session:
             self.step = state.step
             ctx.bus.emit(tr.step_event(state.step, result))
             due = state.step < target and budget.should_checkpoint(
-                self._budget(deadline, last_ckpt_at, target - state.step))
+                self._budget(deadline, last_ckpt_at, target - state.step)
+            )
             (due,) = agree(tr.placement, due)
             if due:
                 last_ckpt_at = ctx.clock.monotonic()  # the interval runs between captures
