@@ -224,7 +224,8 @@ class Session:
         self.step_from = self.step = 0
         self.train_s = self.checkpoint_s = 0.0
         self.upload_started: float | None = None
-        self.reason = "error"
+        self.checkpointed_step: int | None = None  # the newest step staged in this session
+        self.reason = "running"  # until the session knows how it ends
         ctx.bus.subscribe(self._on_event)
 
     def _on_event(self, event: events.Event) -> None:
@@ -244,6 +245,12 @@ class Session:
                     self.lease.acquire(take_over=ctx.opts.take_over or self._holder_died_here())
                 try:
                     code = self._train(stop)
+                except Interrupted:
+                    self.reason = "signal"
+                    raise
+                except BaseException:
+                    self.reason = "error"
+                    raise
                 finally:
                     self._close()
             except Interrupted as exc:
@@ -403,7 +410,9 @@ class Session:
 
     def _end(self, tr, state: RunState) -> int:
         """The session's last checkpoint, committed before we say anything is safe; then final/ if done."""
-        if state.step > self.step_from:
+        if state.step >= state.target:
+            self.reason = "completed"  # recorded as such in the final checkpoint's session history
+        if state.step > self.step_from and state.step != self.checkpointed_step:
             self._checkpoint(tr, state)
         if self.is_main and not self.ckpts.wait():
             raise StorageError(
@@ -425,6 +434,7 @@ class Session:
             return  # rank 0 holds the same LoRA weights (gradients are all-reduced) and saves them
         state = replace(state, sessions=[*self._prior_sessions(state), self.session_record()])
         staged = self.ckpts.stage(state.step, tr.save_state, state=state)
+        self.checkpointed_step = state.step
         self.meter.add_checkpoint(staged.stage_s)
         self.checkpoint_s += staged.stage_s
         val = tr.validation_loss()
