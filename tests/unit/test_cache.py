@@ -15,14 +15,7 @@ from runner.train import cache as cache_mod
 from runner.train.cache import build_cache, cache_fingerprint, encode_prompts, ensure_cache, open_cache
 from runner.train.model import build_tiny
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 shared CPU cores: torch's second thread spin-waits against the other test runs (10× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ from runner.train.model import build_tiny, lora_state_dict
 TINY_SEED = 0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 shared CPU cores: torch's second thread spin-waits against the other test runs (10× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,7 @@ from runner.train import model
 TINY_LORA = LoraConfig(rank=4, alpha=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 shared CPU cores: torch's second thread spin-waits against the other test runs (10× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_build_tiny_is_deterministic_from_seed():
