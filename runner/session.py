@@ -183,15 +183,40 @@ def plan(args) -> int:
 
 
 def sample(args) -> int:
-    from runner.artifacts import sample_command
+    """`relay sample`: the base-vs-LoRA grid from the newest committed checkpoint."""
+    from runner.train.run import Placement, draw_samples, read_lora_file
 
-    return sample_command(build_context(Options.from_args(args)), out=args.out)
+    ctx = build_context(Options.from_args(args))
+    restored = _newest_checkpoint(ctx)
+    out = Path(args.out) if args.out else ctx.workdir / "samples" / f"step-{restored.step:08d}.png"
+    draw_samples(ctx.profile, read_lora_file(restored.dir), out, device=Placement.detect().device)
+    ctx.storage.put(out, f"{ctx.run}/samples/step-{restored.step:08d}/{out.name}")
+    print(f"sample grid of step {restored.step}: {out} (also in {ctx.storage.url}/{ctx.run}/samples/)")
+    return EXIT_OK
 
 
 def export(args) -> int:
-    from runner.artifacts import export_command
+    """`relay export`: final/ (diffusers and kohya files, model card, samples) from the newest checkpoint."""
+    from runner.train.run import Placement
 
-    return export_command(build_context(Options.from_args(args)))
+    ctx = build_context(Options.from_args(args))
+    restored = _newest_checkpoint(ctx)
+    state = restored.state or new_state(ctx)
+    Session(ctx)._write_final_from(restored, state.step, state.sessions, Placement.detect().device)
+    print(f"exported step {restored.step} to {ctx.storage.url}/{ctx.run}/final/")
+    return EXIT_OK
+
+
+def _newest_checkpoint(ctx: Context) -> Restored:
+    from runner.errors import UsageError
+
+    restored = CheckpointManager(ctx.storage, ctx.run, ctx.workdir, keep=1, bus=ctx.bus).latest(
+        ctx.workdir / "restore" / "export"
+    )
+    if restored is None:
+        raise UsageError(f"no committed checkpoint of run {ctx.run!r} in {ctx.storage.url}",
+                         hint="train first: relay train --profile NAME --storage URL")  # fmt: skip
+    return restored
 
 
 def _subscribe_tensorboard(ctx: Context) -> None:
@@ -451,9 +476,12 @@ class Session:
         if self.ctx.storage.exists(f"{self.ctx.run}/final/{COMMIT}"):
             self.ctx.bus.emit(events.Warning(f"run already complete at step {state.step}; final/ is in storage"))
             return
+        self._write_final_from(restored, state.step, state.sessions, device)
+
+    def _write_final_from(self, restored: Restored, steps: int, sessions: list[dict], device: str) -> None:
         from runner.train.run import read_lora_file
 
-        self._write_final(read_lora_file(restored.dir), state.step, state.sessions, device)
+        self._write_final(read_lora_file(restored.dir), steps, sessions, device)
 
     def _write_final(self, lora_sd, steps: int, sessions: list[dict], device: str, unet=None) -> None:
         from runner.train.run import write_final

@@ -1,0 +1,83 @@
+"""`relay plan`: a dry run of the next session.
+
+Owns: what `relay plan` prints — the platform and GPU, the memory plan (the
+candidates the fit will try, or with --probe the one it picks on this GPU),
+how many steps this session will train (the budget simulated over the
+session's time left, at the step time earlier sessions measured), and the
+sessions and hours the run still needs. Trains nothing and commits nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+
+from runner import budget
+from runner.fit import candidate_plans
+from runner.report import read_status
+from runner.state import read_run_info
+
+FIRST_SESSION_NOTE = "unknown until a session has measured the step time on this GPU"
+
+
+def print_plan(ctx, *, probe: bool = False, console: Console | None = None) -> int:
+    console = console or Console()
+    p, env = ctx.profile, ctx.env
+    console.print(f"[bold]{ctx.run}[/] ({p.name}): {p.description}")
+    console.print(f"platform: {env.platform} ({env.tier}); GPU: {env.gpu_summary}; "
+                  f"RAM {env.ram_gib:.1f} GiB; disk {env.disk_free_gib:.1f} GiB free")  # fmt: skip
+    t = p.train
+    plans = candidate_plans(t.batch_size, t.grad_accum, t.gradient_checkpointing, world_size=max(1, len(env.gpus)))
+    if probe:
+        console.print(f"memory plan (probed on this GPU): {probe_plan(ctx).describe()}")
+    else:
+        console.print("memory plan: the fit tries, fastest first, until one fits: "
+                      + "; ".join(c.describe() for c in plans))  # fmt: skip
+    step, rate = _progress(ctx)
+    left = max(0, t.steps - step)
+    console.print(f"progress: step {step} / {t.steps}; {left} steps to go")
+    deadline = budget.session_deadline(env, p, ctx.clock)
+    hours_left = None if deadline is None else max(0.0, (deadline - ctx.clock.monotonic()) / 3600)
+    console.print(f"this session: {'no time limit' if hours_left is None else f'{hours_left:.2f} h left'}")
+    if rate is None:
+        console.print(f"steps this session: {FIRST_SESSION_NOTE}")
+        return 0
+    step_s = 3600 / rate
+    if hours_left is not None:
+        sim = budget.simulate_session(
+            hours=hours_left, steps_left=left, step_s=step_s, checkpoint_s=2.0, upload_s=30.0,
+            every_min=p.checkpoint.every_min, max_overhead_pct=p.checkpoint.max_overhead_pct,
+            margin_s=p.session.margin_min * 60,
+        )  # fmt: skip
+        console.print(f"steps this session: about {sim.steps} ({sim.training_fraction:.0%} of the session training)")
+    session_h = p.session.hours or env.session_limit_h
+    total_h = left * step_s / 3600
+    sessions = "" if not session_h else f" ≈ {math.ceil(total_h / session_h)} sessions of {session_h:g} h"
+    console.print(f"still needed: {total_h:.1f} h of training at {step_s:.2f} s/step{sessions}")
+    return 0
+
+
+def _progress(ctx) -> tuple[int, float | None]:
+    """(committed step, measured steps per hour) from storage; (0, None) for a new run."""
+    if read_run_info(ctx.storage, ctx.run, missing_ok=True) is None:
+        return 0, None
+    status = read_status(ctx.storage, ctx.run)
+    return status.step, status.steps_per_hour
+
+
+def probe_plan(ctx):
+    """The plan the fit picks on this GPU (loads the UNet and builds the cache, like a session would)."""
+    from runner.train.run import Placement
+
+    placement = Placement.detect()
+    if not placement.device.startswith("cuda"):
+        t = ctx.profile.train
+        return candidate_plans(t.batch_size, t.grad_accum, t.gradient_checkpointing)[0]
+    from runner.session import ensure_cache
+    from runner.train.cache import build_cache, cache_fingerprint
+    from runner.train.run import TrainingRun
+
+    fp = cache_fingerprint(ctx.profile)
+    cache = ensure_cache(ctx, fp, lambda d: build_cache(ctx.profile, d, bus=ctx.bus, device=placement.device))
+    return TrainingRun(ctx.profile, cache, placement=placement, bus=ctx.bus, gpu_name=ctx.env.gpu_summary).plan

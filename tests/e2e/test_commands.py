@@ -1,0 +1,47 @@
+"""`relay plan`, `relay export` and `relay sample` on the tiny profile."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+FAST = ["--set", "train.steps=6", "--set", "data.generated_count=6", "--set", "data.validation_count=2"]
+
+
+def relay(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "runner", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+def test_plan_of_a_new_run_trains_nothing(tmp_path):
+    out = relay(
+        "plan", "--profile", "sdxl-naruto-t4", "--storage", str(tmp_path / "s"), "--workdir", str(tmp_path / "w")
+    )
+    assert out.returncode == 0, out.stderr
+    assert "step 0 / 2000" in out.stdout
+    assert "gradient checkpointing off" in out.stdout  # the fastest plan is tried first
+    assert "unknown until a session has measured" in out.stdout
+    assert not (tmp_path / "s" / "sdxl-naruto-t4" / "run.json").exists()
+
+
+@pytest.mark.slow
+def test_export_and_sample_from_the_newest_checkpoint(tmp_path):
+    common = ["--profile", "tiny", "--storage", str(tmp_path / "s"), "--workdir", str(tmp_path / "w"), *FAST]
+    missing = relay("export", *common)
+    assert missing.returncode == 2 and "no committed checkpoint" in missing.stderr
+    assert relay("train", "--plain", *common).returncode == 0
+    final = tmp_path / "s" / "tiny" / "final"
+    trained = load_file(str(final / "pytorch_lora_weights.safetensors"))
+    (final / "pytorch_lora_weights.safetensors").unlink()
+    out = relay("export", *common)
+    assert out.returncode == 0, out.stderr
+    again = load_file(str(final / "pytorch_lora_weights.safetensors"))
+    assert trained.keys() == again.keys() and all((trained[k] == again[k]).all() for k in trained)
+    out = relay("sample", *common)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "s" / "tiny" / "samples" / "step-00000006" / "step-00000006.png").is_file()
+    plan = relay("plan", *common)
+    assert plan.returncode == 0 and "step 6 / 6" in plan.stdout
