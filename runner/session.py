@@ -418,6 +418,9 @@ class Session:
             if due:
                 last_ckpt_at = ctx.clock.monotonic()  # the interval runs between captures
                 self._checkpoint(tr, state)
+            every = ctx.profile.sample.every_steps
+            if every and self.is_main and state.step % every == 0 and state.step < target:
+                self._sample(tr, state.step)
             if self.is_main and ctx.clock.monotonic() - last_beat > HEARTBEAT_EVERY_S:
                 self.lease.heartbeat()
                 last_beat = ctx.clock.monotonic()
@@ -467,6 +470,19 @@ class Session:
             self.ctx.bus.emit(events.Validated(state.step, val))
         self.upload_started = self.ctx.clock.monotonic()
         self.ckpts.submit(staged)
+
+    def _sample(self, tr, step: int) -> None:
+        """The base-vs-LoRA grid during training; one module at a time on the GPU, freed after. Best effort."""
+        from runner.train.run import draw_samples
+
+        out = self.ctx.workdir / "samples" / f"step-{step:08d}.png"
+        try:
+            draw_samples(self.ctx.profile, None, out, device=tr.placement.device, unet=tr.unet)
+            self.ctx.storage.put(out, f"{self.ctx.run}/samples/step-{step:08d}/{out.name}")
+        except (RuntimeError, OSError, StorageError) as exc:  # a lost preview must never cost training
+            self.ctx.bus.emit(events.Warning(f"samples of step {step} not drawn: {exc}", kind="samples"))
+            return
+        self.ctx.bus.emit(events.SampleSaved(step, str(out)))
 
     def _prior_sessions(self, state: RunState) -> list[dict]:
         return [s for s in state.sessions if s.get("id") != self.ctx.session_id]

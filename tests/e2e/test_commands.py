@@ -45,3 +45,23 @@ def test_export_and_sample_from_the_newest_checkpoint(tmp_path):
     assert (tmp_path / "s" / "tiny" / "samples" / "step-00000006" / "step-00000006.png").is_file()
     plan = relay("plan", *common)
     assert plan.returncode == 0 and "step 6 / 6" in plan.stdout
+
+
+@pytest.mark.slow
+def test_samples_during_training_leave_the_trained_weights_unchanged(tmp_path):
+    def lora(name: str, *extra: str) -> dict:
+        args = [
+            "--profile",
+            "tiny",
+            "--plain",
+            "--storage",
+            str(tmp_path / name),
+            "--workdir",
+            str(tmp_path / f"w{name}"),
+        ]
+        assert relay("train", *args, *FAST, *extra).returncode == 0
+        return load_file(str(tmp_path / name / "tiny" / "checkpoints" / "step-00000006" / "lora.safetensors"))
+
+    plain, sampled = lora("a"), lora("b", "--set", "sample.every_steps=3")
+    assert (tmp_path / "b" / "tiny" / "samples" / "step-00000003" / "step-00000003.png").is_file()
+    assert all((plain[k] == sampled[k]).all() for k in plain)
