@@ -46,7 +46,9 @@ class UsageError(RelayError):
 
 
 class DataError(RelayError):
-    """The dataset cannot be used: empty, missing column, too many unreadable images."""
+    """The dataset cannot be used: empty, missing column, too many unreadable images. Bad input: exit 2."""
+
+    exit_code = EXIT_USAGE
 
     def __init__(self, message: str, *, source: str = "", hint: str = "") -> None:
         super().__init__(f"{source}: {message}" if source else message, hint=hint)

@@ -237,7 +237,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "lora.rank": (_positive, "a positive integer (16 is usual)"),
     "lora.alpha": (_positive, "a positive number (often 2 × rank)"),
     "lora.dropout": (_fraction, "a probability in [0, 1)"),
-    "lora.targets": (lambda v: len(v) > 0 and all(v), "a non-empty list of module names, e.g. [\"to_q\", \"to_k\"]"),
+    "lora.targets": (lambda v: len(v) > 0 and all(v), 'a non-empty list of module names, e.g. ["to_q", "to_k"]'),
     "train.steps": (_positive, "a positive number of optimizer steps"),
     "train.resolution": (lambda v: v >= 32 and v % 8 == 0, "a multiple of 8, at least 32 (1024 or 512 for SDXL)"),
     "train.batch_size": (_positive, "a positive integer"),
@@ -280,13 +280,17 @@ def resolve_profile_path(name_or_path: str, directory: Path = PROFILES_DIR) -> P
     path = Path(name_or_path).expanduser()
     if path.suffix == ".toml" or "/" in name_or_path:
         if not path.is_file():
-            raise ProfileError(f"profile file not found: {path}", hint="give a path to a .toml file or a name from `relay profiles`")
+            raise ProfileError(
+                f"profile file not found: {path}", hint="give a path to a .toml file or a name from `relay profiles`"
+            )
         return path
     shipped = directory / f"{name_or_path}.toml"
     if shipped.is_file():
         return shipped
     names = ", ".join(n for n, _ in list_profiles(directory)) or "none"
-    raise ProfileError(f"no profile named {name_or_path!r}", hint=f"shipped profiles: {names}; or give a path to a .toml file")
+    raise ProfileError(
+        f"no profile named {name_or_path!r}", hint=f"shipped profiles: {names}; or give a path to a .toml file"
+    )
 
 
 def load_profile(name_or_path: str, overrides: list[str] = (), directory: Path = PROFILES_DIR) -> Profile:
@@ -379,7 +383,9 @@ def _coerce(source: str, key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, str):
             allowed = CHOICES.get(key)
             if allowed and value not in allowed:
-                raise ProfileError(f"{value!r} is not allowed", path=source, key=key, hint=f"choose one of: {', '.join(allowed)}")
+                raise ProfileError(
+                    f"{value!r} is not allowed", path=source, key=key, hint=f"choose one of: {', '.join(allowed)}"
+                )
             return value
         raise ProfileError(f"expected a string, got {value!r}", path=source, key=key)
     if typ == tuple[str, ...]:

@@ -566,18 +566,22 @@ def ensure_cache(ctx: Context, cache_fp: str, build) -> Path:
     """The cache folder, verified: the local copy, else a download, else built once here and uploaded."""
     local = ctx.workdir / "cache" / cache_fp
     prefix = f"{ctx.run}/cache/{cache_fp}"
+    stored_is_bad = False
     if not _verified_locally(local):
         try:
             fetch_folder(ctx.storage, prefix, local)
             return local
-        except (CheckpointCorrupt, StorageError) as exc:
-            if ctx.storage.exists(f"{prefix}/{COMMIT}"):
+        except CheckpointCorrupt as exc:
+            stored_is_bad = ctx.storage.exists(f"{prefix}/{COMMIT}")
+            if stored_is_bad:
                 ctx.bus.emit(events.Warning(f"stored latent cache unusable ({exc}); rebuilding it", kind="cache"))
         shutil.rmtree(local, ignore_errors=True)
         local.mkdir(parents=True)
         build(local)
         write_manifest(local, {"fingerprint": cache_fp})
-    if not ctx.storage.exists(f"{prefix}/{COMMIT}"):
+    if stored_is_bad:
+        ctx.storage.delete(f"{prefix}/{COMMIT}")  # uncommit the bad copy before replacing its files
+    if stored_is_bad or not ctx.storage.exists(f"{prefix}/{COMMIT}"):
         commit_folder(ctx.storage, local, prefix)
     return local
 

@@ -123,7 +123,15 @@ class CheckpointManager:
                 self._waiting = None  # about to be rewritten; the caller submits the new one
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        written = write(folder) or {}
+        try:
+            written = write(folder) or {}
+        except OSError as exc:  # a full local disk, most often: say where, keep what is committed
+            shutil.rmtree(folder, ignore_errors=True)
+            raise StorageError(
+                f"could not stage checkpoint step {step} in {folder}: {exc.strerror or exc}",
+                hint="free local disk space (the workdir holds the cache and staging); "
+                "the last committed checkpoint is intact: run the same command again",
+            ) from exc
         meta: dict = {**written, "step": step}
         if state is not None:
             state = dataclasses.replace(state, step=step, trainer=written)

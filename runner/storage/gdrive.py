@@ -560,7 +560,8 @@ class DriveStorage:
         policy = self._retry
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(policy.attempts),
-            wait=tenacity.wait_exponential_jitter(initial=policy.initial_s, max=policy.max_s, jitter=policy.jitter_s),
+            wait=tenacity.wait_exponential(multiplier=policy.initial_s, max=policy.max_s)
+            + tenacity.wait_random(0, policy.jitter_s),
             retry=tenacity.retry_if_exception(lambda e: isinstance(e, StorageError) and e.transient),
             sleep=self._clock.sleep,
             before_sleep=lambda state: self._log_retry(what, key, state),

@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path, PurePosixPath
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 TMP_MARK = ".relay-tmp-"  # part of every temporary file name; list() skips such names
 COPY_CHUNK_BYTES = 1 << 20
+STALE_TEMP_S = 600.0  # a temporary file this old was left by a put that died
 
 
 def _is_temp(name: str) -> bool:
@@ -134,6 +136,7 @@ class LocalStorage:
         path = self._path(key)
         try:
             path.unlink(missing_ok=True)
+            self._sweep_stale_temps(path.parent)
         except OSError as exc:
             raise self._translate(exc, key, "delete") from exc
         self._prune_empty(path.parent)
@@ -151,6 +154,17 @@ class LocalStorage:
                 key=key,
             )
         return self.root.joinpath(*parts)
+
+    def _sweep_stale_temps(self, folder: Path) -> None:
+        """Temporary files of puts killed mid-copy (a dead VM) are invisible to list(); when their folder is
+        being emptied they would keep it alive forever. Old ones cannot belong to a put still running."""
+        now = time.time()
+        for temp in folder.glob(f".*{TMP_MARK}*"):
+            try:
+                if now - temp.stat().st_mtime > STALE_TEMP_S:
+                    temp.unlink()
+            except FileNotFoundError:
+                continue
 
     def _prune_empty(self, folder: Path) -> None:
         """Remove folders left empty by delete, up to the root (so deleted checkpoints leave no husk)."""

@@ -72,8 +72,14 @@ class TrainingRun:
     ) -> None:  # fmt: skip
         self.profile, self.placement, self.bus = profile, placement, bus
         self.data: CachedData = open_cache(cache_dir)
-        parts = load_parts(profile.model, unet=True, text=False, vae=False, device=placement.device,
-                           dtype=unet_dtype(profile, placement.device))
+        parts = load_parts(
+            profile.model,
+            unet=True,
+            text=False,
+            vae=False,
+            device=placement.device,
+            dtype=unet_dtype(profile, placement.device),
+        )
         self.unet = parts.unet
         self.plan = self._choose_plan(stored_plan, stored_gpu, gpu_name)
         self.trainer = self._make_trainer(self.plan)
@@ -82,8 +88,9 @@ class TrainingRun:
 
     def _choose_plan(self, stored: dict | None, stored_gpu: str | None, gpu_name: str) -> Plan:
         cfg = self.profile.train
-        candidates = candidate_plans(cfg.batch_size, cfg.grad_accum, cfg.gradient_checkpointing,
-                                     world_size=self.placement.world)
+        candidates = candidate_plans(
+            cfg.batch_size, cfg.grad_accum, cfg.gradient_checkpointing, world_size=self.placement.world
+        )
         if not self.placement.device.startswith("cuda"):
             plan = candidates[0]  # a CPU has no memory cliff worth probing; the profile's plan runs as given
         else:
@@ -118,7 +125,11 @@ class TrainingRun:
             del trainer
             gc.collect()
             torch.cuda.empty_cache()
-            log.info("probe %s: %.2f GiB still allocated after cleanup", plan.describe(), torch.cuda.memory_allocated() / 2**30)
+            log.info(
+                "probe %s: %.2f GiB still allocated after cleanup",
+                plan.describe(),
+                torch.cuda.memory_allocated() / 2**30,
+            )
 
     def _make_trainer(self, plan: Plan) -> Trainer:
         if plan.gradient_checkpointing:

@@ -47,7 +47,9 @@ def detect(environ, paths=(), smi_text=None, uptime_s=3600.0, tmp_path=None):
 
 
 def test_colab_free_t4(tmp_path):
-    env, clock = detect({"COLAB_RELEASE_TAG": "release-colab_20261101"}, smi_text=T4_SMI, uptime_s=1800, tmp_path=tmp_path)
+    env, clock = detect(
+        {"COLAB_RELEASE_TAG": "release-colab_20261101"}, smi_text=T4_SMI, uptime_s=1800, tmp_path=tmp_path
+    )
     assert env.platform == "colab" and env.tier == "colab-free"
     assert env.gpus[0].name == "Tesla T4" and env.gpus[0].compute_capability == "7.5"
     assert env.gpus[0].total_gib == pytest.approx(15.0) and not env.gpus[0].has_bf16

@@ -1,0 +1,380 @@
+"""Faults inside a session: a crashing step, a full disk, storage errors, corrupt files, a second writer.
+
+Most scenarios run Relay's CLI in this process (runner.cli.main: torch is imported once) on a
+copy of a reference run's storage, cut back to an earlier checkpoint, so each costs a step or
+two. Storage faults wrap the session's storage (FlakyStorage from tests/flaky.py, or the fake
+Drive server failing every few requests); crashes and a full disk patch the trainer. Each
+scenario must end as designed: the same final LoRA as the uninterrupted reference, bit for
+bit, or a clear error (no traceback) with every earlier checkpoint still verified and no
+COMMIT.json vouching for a half-written folder.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from runner import events
+from runner.checkpoint.manifest import parse_manifest, verify_dir
+from tests.e2e.conftest import (
+    RUN,
+    Reference,
+    assert_same_lora,
+    broken_commits,
+    relay_main,
+    start_relay,
+    train_args,
+    verified_steps,
+    wait_relay,
+)
+from tests.flaky import FlakyStorage
+
+
+@pytest.fixture(autouse=True)
+def _every_step(every_step):
+    """Every scenario here checkpoints after each step, so the fault lands where the test says."""
+
+
+@pytest.fixture
+def session_hooks(monkeypatch):
+    """Events of in-process sessions, and a way to wrap their storage: hooks.wrap = fn(storage) → storage."""
+
+    class Hooks:
+        events: list[events.Event] = []
+        wrap = None
+        contexts: list = []
+        subscribers: list = []
+
+    import runner.session as session_module
+
+    real_build = session_module.build_context
+
+    def build_context(opts, **kwargs):
+        ctx = real_build(opts, **kwargs)
+        if Hooks.wrap is not None:
+            ctx.storage = Hooks.wrap(ctx.storage)
+        ctx.bus.subscribe(Hooks.events.append)
+        for fn in Hooks.subscribers:
+            ctx.bus.subscribe(fn)
+        Hooks.contexts.append(ctx)
+        return ctx
+
+    Hooks.events = []
+    Hooks.contexts = []
+    Hooks.subscribers = []
+    monkeypatch.setattr(session_module, "build_context", build_context)
+    return Hooks
+
+
+def cut_back(ref: Reference, dest: Path, *, keep_steps: tuple[int, ...]) -> Path:
+    """A copy of the reference storage holding only the checkpoints `keep_steps` (no final/, no lease)."""
+    storage = ref.copy_storage(dest)
+    for folder in (storage / RUN / "checkpoints").iterdir():
+        if int(folder.name.split("-")[1]) not in keep_steps:
+            shutil.rmtree(folder)
+    return storage
+
+
+def final_of(storage: Path) -> Path:
+    return storage / RUN / "final" / "pytorch_lora_weights.safetensors"
+
+
+def warnings_of(hooks, kind: str) -> list[str]:
+    return [e.message for e in hooks.events if isinstance(e, events.Warning) and e.kind == kind]
+
+
+def flip_byte(path: Path, offset: int = -100) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# ---------------------------------------------------------------- crashes and a full disk
+
+
+def _raise_at(step_to_fail: int, exc: BaseException):
+    """A Trainer method wrapper that raises `exc` once, when the trainer is at `step_to_fail`."""
+    state = {"raised": False}
+
+    def wrap(real):
+        def method(self, *args, **kwargs):
+            step = args[0] if args and isinstance(args[0], int) else None
+            if not state["raised"] and (
+                step == step_to_fail or (step is None and self._relay_test_step == step_to_fail)
+            ):
+                state["raised"] = True
+                raise exc
+            return real(self, *args, **kwargs)
+
+        return method
+
+    return wrap, state
+
+
+@pytest.mark.parametrize("fault", ["exception in a step", "disk full while staging"])
+def test_crash_keeps_the_previous_checkpoint_and_a_rerun_ends_the_same(
+    fault, tmp_path, reference, session_hooks, monkeypatch, capsys, reliability
+):
+    from runner.train.loop import Trainer
+
+    last = reference.steps
+    storage = cut_back(reference, tmp_path / "storage", keep_steps=(last - 2,))
+    workdir = reference.seed_workdir(tmp_path / "work")
+    failing_step = last - 1  # the second step of the session
+    if fault == "exception in a step":
+        wrap, state = _raise_at(failing_step, RuntimeError("injected crash in the training step"))
+        monkeypatch.setattr(Trainer, "step", wrap(Trainer.step))
+        expected = "injected crash in the training step"
+    else:
+        real_step = Trainer.step
+
+        def step(self, n):  # remember where the trainer is, for save_state below
+            self._relay_test_step = n + 1
+            return real_step(self, n)
+
+        monkeypatch.setattr(Trainer, "step", step)
+        wrap, state = _raise_at(failing_step, OSError(errno.ENOSPC, "No space left on device"))
+        monkeypatch.setattr(Trainer, "save_state", wrap(Trainer.save_state))
+        expected = "No space left on device"
+
+    code = relay_main(train_args(storage, workdir))
+    err = capsys.readouterr().err
+    assert state["raised"], "the fault was never injected"
+    assert code == 1, f"{fault}: exit {code}, expected 1\n{err}"
+    assert expected in err and "Traceback" not in err, err
+    # The crash comes in the session's second step, after the first one's checkpoint; a full disk
+    # comes while staging that first checkpoint, so nothing of it may reach the storage.
+    newest_good = last - 1 if fault == "exception in a step" else last - 2
+    verified = verified_steps(storage / RUN)
+    assert last - 2 in verified and verified[-1] == newest_good, f"checkpoints verified after the fault: {verified}"
+    assert broken_commits(storage / RUN) == []
+    assert not (storage / RUN / "lease.json").exists(), "the failed session kept the lease"
+
+    monkeypatch.undo()
+    assert relay_main(train_args(storage, workdir)) == 0
+    assert_same_lora(final_of(storage), reference.final_lora)
+    reliability.record(fault, test="test_crash_keeps_the_previous_checkpoint_and_a_rerun_ends_the_same",
+                       injected=1, survived=True)  # fmt: skip
+
+
+# ---------------------------------------------------------------- storage errors
+
+
+def test_permanent_upload_failure_is_reported_and_the_next_commit_succeeds(
+    tmp_path, reference, session_hooks, capsys, reliability
+):
+    last = reference.steps
+    storage = cut_back(reference, tmp_path / "storage", keep_steps=(last - 3,))
+    failing = f"checkpoints/step-{last - 2:08d}/"
+    flaky: list[FlakyStorage] = []
+    kept: list[tuple[int, bool]] = []
+
+    def wrap(inner):
+        flaky.append(FlakyStorage(inner, fail_ops={"put": 1}, transient=False, key_contains=failing))
+        return flaky[-1]
+
+    def on_event(event):  # at the moment of the failure, the staged copy must still be on disk
+        if isinstance(event, events.UploadFailed):
+            kept.append((event.step, Path(event.local_copy, "lora.safetensors").is_file()))
+
+    session_hooks.wrap = wrap
+    session_hooks.subscribers.append(on_event)
+    code = relay_main(train_args(storage, reference.seed_workdir(tmp_path / "work")))
+    assert code == 0, capsys.readouterr().err
+    failed = [e for e in session_hooks.events if isinstance(e, events.UploadFailed)]
+    assert [e.step for e in failed] == [last - 2], failed
+    assert "injected put failure" in failed[0].error
+    committed = [e.step for e in session_hooks.events if isinstance(e, events.CheckpointCommitted)]
+    assert last - 1 in committed and last in committed, committed
+    assert flaky[0].failures == 1
+    assert kept == [(last - 2, True)], "the local copy of the failed checkpoint was not kept"
+    assert_same_lora(final_of(storage), reference.final_lora)
+    reliability.record("permanent storage error on upload",
+                       test="test_permanent_upload_failure_is_reported_and_the_next_commit_succeeds",
+                       injected=1, survived=True)  # fmt: skip
+
+
+class EveryNthRequestFails(list):
+    """Stands in for FakeDrive.faults.errors: every n-th API request fails with a retryable status."""
+
+    STATUSES = ((429, "rateLimitExceeded"), (503, "backendError"), (500, "internalError"))
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.count, self.injected = n, 0, 0
+
+    def __iter__(self):
+        self.count += 1
+        if self.count % self.n:
+            return iter(())
+        self.injected += 1
+        status, reason = self.STATUSES[self.injected % len(self.STATUSES)]
+        return iter([(status, reason, self.injected % 2 == 0, "")])
+
+    def remove(self, value) -> None:
+        pass
+
+
+def test_transient_drive_errors_on_every_operation_are_survived(tmp_path, reference, monkeypatch, capsys, reliability):
+    """Against the fake Drive server: every 4th request (reads, lists, uploads, deletes) fails with 429/5xx."""
+    import runner.session as session_module
+    from runner.storage.gdrive import RetryPolicy, open_gdrive
+    from tests.fakedrive import ROOT_ID, FakeDrive, make_fake_account
+
+    with FakeDrive() as server:
+        folder = server.add_folder(ROOT_ID, "relay")
+        account = make_fake_account(server, tmp_path / "home")
+        fast = RetryPolicy(attempts=8, initial_s=0.01, max_s=0.05, jitter_s=0.01)
+        monkeypatch.setattr(session_module, "open_storage", lambda url: open_gdrive(url, env=account, retry=fast))
+        faults = EveryNthRequestFails(4)
+        server.faults.errors = faults
+        url = f"gdrive://{folder}"
+        code = relay_main(train_args(url, reference.seed_workdir(tmp_path / "work")))
+        err = capsys.readouterr().err
+        assert code == 0, err
+        assert faults.injected >= 20, f"only {faults.injected} faults injected"
+        server.faults.errors = []
+        drive = open_gdrive(url, env=account, retry=fast)
+        drive.get(f"{RUN}/final/pytorch_lora_weights.safetensors", tmp_path / "final.safetensors")
+    assert_same_lora(tmp_path / "final.safetensors", reference.final_lora)
+    reliability.record("transient Drive errors (429/500/503) on every 4th request",
+                       test="test_transient_drive_errors_on_every_operation_are_survived",
+                       injected=faults.injected, survived=True)  # fmt: skip
+
+
+def test_transient_upload_errors_are_retried(tmp_path, reference, session_hooks, monkeypatch, capsys, reliability):
+    """Transient errors on checkpoint uploads, above the backend: the commit is retried as a whole."""
+    import runner.checkpoint.manager as manager
+
+    monkeypatch.setattr(manager, "RETRY_MAX_WAIT_S", 0.05)
+    last = reference.steps
+    storage = cut_back(reference, tmp_path / "storage", keep_steps=(last - 3,))
+    flaky: list[FlakyStorage] = []
+    session_hooks.wrap = lambda inner: (
+        flaky.append(
+            FlakyStorage(inner, fail_ops={"put": 3, "exists": 1}, key_contains=f"checkpoints/step-{last - 2:08d}/")
+        )
+        or flaky[-1]
+    )
+    code = relay_main(train_args(storage, reference.seed_workdir(tmp_path / "work")))
+    assert code == 0, capsys.readouterr().err
+    assert flaky[0].failures == 4
+    assert not [e for e in session_hooks.events if isinstance(e, events.UploadFailed)]
+    assert_same_lora(final_of(storage), reference.final_lora)
+    reliability.record("transient storage errors on checkpoint upload", test="test_transient_upload_errors_are_retried",
+                       injected=flaky[0].failures, survived=True)  # fmt: skip
+
+
+# ---------------------------------------------------------------- corrupt files
+
+
+def _corrupt_checkpoint(folder: Path, how: str) -> None:
+    if how == "bit flip in lora.safetensors":
+        flip_byte(folder / "lora.safetensors")
+    elif how == "truncated optimizer.safetensors":
+        data = (folder / "optimizer.safetensors").read_bytes()
+        (folder / "optimizer.safetensors").write_bytes(data[: len(data) // 2])
+    elif how == "COMMIT.json without its files":
+        for name in ("lora.safetensors", "optimizer.safetensors", "state.json"):
+            (folder / name).unlink()
+
+
+@pytest.mark.parametrize(
+    "how", ["bit flip in lora.safetensors", "truncated optimizer.safetensors", "COMMIT.json without its files"]
+)
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(
+    how, tmp_path, reference, session_hooks, capsys, reliability
+):
+    last = reference.steps
+    storage = cut_back(reference, tmp_path / "storage", keep_steps=(last - 1, last))
+    _corrupt_checkpoint(storage / RUN / "checkpoints" / f"step-{last:08d}", how)
+    code = relay_main(train_args(storage, reference.seed_workdir(tmp_path / "work")))
+    assert code == 0, capsys.readouterr().err
+    warned = warnings_of(session_hooks, "checkpoint")
+    assert any(f"step {last}" in w and "unusable" in w for w in warned), warned
+    started = [e for e in session_hooks.events if isinstance(e, events.SessionStarted)]
+    assert started and started[0].step == last - 1, "did not resume from the previous checkpoint"
+    assert_same_lora(final_of(storage), reference.final_lora)
+    assert verified_steps(storage / RUN)[-1] == last and broken_commits(storage / RUN) == []
+    reliability.record(f"corrupt checkpoint: {how}",
+                       test="test_corrupt_newest_checkpoint_falls_back_to_the_previous",
+                       injected=1, survived=True, lost_steps=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["in storage", "in the local workdir"])
+def test_corrupt_latent_cache_is_detected_and_replaced(where, tmp_path, reference, session_hooks, capsys, reliability):
+    last = reference.steps
+    storage = cut_back(reference, tmp_path / "storage", keep_steps=(last - 1,))
+    if where == "in storage":
+        workdir = tmp_path / "work"  # a fresh VM: the cache must come from storage
+        shard = next((storage / RUN / "cache").glob("*/latents-*.safetensors"))
+    else:
+        workdir = reference.seed_workdir(tmp_path / "work")
+        shard = next((workdir / RUN / "cache").glob("*/latents-*.safetensors"))
+    flip_byte(shard)
+    code = relay_main(train_args(storage, workdir))
+    assert code == 0, capsys.readouterr().err
+    local = next((workdir / RUN / "cache").glob("*/latents-*.safetensors"))
+    reference_shard = next((reference.workdir / RUN / "cache").glob("*/latents-*.safetensors"))
+    assert local.read_bytes() == reference_shard.read_bytes(), "the cache in use is not the good one"
+    if where == "in storage":
+        assert warnings_of(session_hooks, "cache"), "a corrupt stored cache was not reported"
+    assert_same_lora(final_of(storage), reference.final_lora)
+    stored = next((storage / RUN / "cache").glob("*/COMMIT.json")).parent
+    stored_ok = verify_dir(stored, parse_manifest((stored / "COMMIT.json").read_bytes(), str(stored))) == []
+    reliability.record(f"corrupt latent cache {where}", test="test_corrupt_latent_cache_is_detected_and_replaced",
+                       injected=1, survived=True, notes={"stored copy good afterwards": int(stored_ok)})  # fmt: skip
+    if where == "in storage":  # the next fresh VM must not have to rebuild it again
+        assert stored_ok, (
+            "KNOWN BUG (runner/session.py ensure_cache): the rebuilt cache was not re-committed; the corrupt "
+            "stored copy stays, so every fresh session rebuilds the cache again"
+        )
+
+
+# ---------------------------------------------------------------- two writers
+
+
+def _lease(storage: Path, age_s: float) -> None:
+    now = time.time()
+    record = {"holder": "colab:dead-vm:pid1:abc", "token": "0" * 32, "since": "2026-01-01T00:00:00Z",
+              "heartbeat_wall": now - age_s, "timeout_s": 300.0}  # fmt: skip
+    (storage / RUN / "lease.json").write_text(json.dumps(record))
+
+
+def test_stale_lease_is_taken_over_and_a_live_one_is_refused(tmp_path, reference, session_hooks, capsys, reliability):
+    last = reference.steps
+    storage = cut_back(reference, tmp_path / "storage", keep_steps=(last - 1,))
+    workdir = reference.seed_workdir(tmp_path / "work")
+    _lease(storage, age_s=30)
+    assert relay_main(train_args(storage, workdir)) == 1
+    err = capsys.readouterr().err
+    assert "another session is training this run" in err and "colab:dead-vm" in err and "Traceback" not in err
+    assert verified_steps(storage / RUN) == [last - 1], "a refused session touched the checkpoints"
+    _lease(storage, age_s=400)  # older than the 300 s lease timeout: its holder is dead
+    assert relay_main(train_args(storage, workdir)) == 0, capsys.readouterr().err
+    assert_same_lora(final_of(storage), reference.final_lora)
+    assert not (storage / RUN / "lease.json").exists()
+    test = "test_stale_lease_is_taken_over_and_a_live_one_is_refused"
+    reliability.record("live lease held by another session", test=test, injected=1, survived=True)
+    reliability.record("stale lease of a dead session", test=test, injected=1, survived=True)
+
+
+def test_two_processes_on_one_run_exactly_one_trains(tmp_path, reference, reliability):
+    storage = cut_back(reference, tmp_path / "storage", keep_steps=())
+    procs = []
+    for name in ("a", "b"):
+        workdir = reference.seed_workdir(tmp_path / f"work-{name}")
+        procs.append(start_relay(train_args(storage, workdir), tmp_path / f"{name}.log"))
+    codes = sorted(wait_relay(p, timeout_s=400) for p in procs)
+    logs = [(tmp_path / f"{n}.log").read_text() for n in ("a", "b")]
+    assert codes == [0, 1], f"exit codes {codes}:\n" + "\n----\n".join(log[-1500:] for log in logs)
+    loser = next(log for log in logs if "another session is training this run" in log)
+    assert "Traceback" not in loser
+    assert_same_lora(final_of(storage), reference.final_lora)
+    reliability.record("second relay process on the same run", test="test_two_processes_on_one_run_exactly_one_trains",
+                       injected=1, survived=True)  # fmt: skip
