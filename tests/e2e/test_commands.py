@@ -65,3 +65,16 @@ def test_samples_during_training_leave_the_trained_weights_unchanged(tmp_path):
     plain, sampled = lora("a"), lora("b", "--set", "sample.every_steps=3")
     assert (tmp_path / "b" / "tiny" / "samples" / "step-00000003" / "step-00000003.png").is_file()
     assert all((plain[k] == sampled[k]).all() for k in plain)
+
+
+def test_bench_runs_the_training_path_and_reports_json():
+    out = relay(
+        "bench", "--model", "tiny", "--resolution", "64", "--steps", "2", "--rank", "4", "--skip-resume", "--json"
+    )
+    assert out.returncode == 0, out.stderr
+    import json
+
+    report = json.loads(out.stdout)
+    assert report["model"] == "tiny" and report["resolution"] == 64 and len(report["step_s_all"]) == 2
+    assert report["trainable_params"] > 0 and report["step_s_median"] > 0 and report["checkpoint_save_s"] > 0
+    assert report["images_per_s"] == pytest.approx(1 / report["step_s_median"], rel=0.01)

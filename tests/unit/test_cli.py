@@ -58,3 +58,12 @@ def test_bad_input_is_a_message_not_a_traceback(tmp_path, args, words):
 def test_status_of_an_empty_storage_says_how_to_start(tmp_path):
     out = relay("status", "--storage", str(tmp_path))
     assert out.returncode == 2 and "no run found" in out.stderr and "relay train" in out.stderr
+
+
+def test_doctor_gives_a_verdict_per_line(tmp_path):
+    out = relay("doctor", "--storage", str(tmp_path / "store"), "--profile", "tiny")
+    assert out.returncode == 0, out.stdout + out.stderr
+    for line in ("platform", "torch", "diffusers", "peft", "storage", "profile", "verdict: ready"):
+        assert line in out.stdout
+    bad = relay("doctor", "--storage", str(tmp_path / "store"), "--profile", "nope")
+    assert bad.returncode == 1 and "FAIL" in bad.stdout and "no profile named" in bad.stdout
