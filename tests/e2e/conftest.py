@@ -208,7 +208,7 @@ def reference_factory(tmp_path_factory):
             ref = Reference(root / "storage", root / "work", steps)
             # In-process, a checkpoint after every step, all kept: fault tests start from copies of
             # this storage cut back to any step. (When checkpoints are taken changes no weight.)
-            args = train_args(ref.storage, ref.workdir, steps=steps, extra=("checkpoint.keep=1000",))
+            args = train_args(ref.storage, ref.workdir, steps=steps, extra=(f"checkpoint.keep={steps + 1}",))
             with pytest.MonkeyPatch.context() as patch:
                 checkpoint_every_step(patch)
                 code = relay_main(args)
