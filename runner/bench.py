@@ -41,6 +41,8 @@ class BenchReport:
     optimizer: str
     gradient_checkpointing: bool
     vram_cap_gib: float | None
+    compiled: str = ""  # the torch.compile mode used, "" when eager
+    first_step_s: float = 0.0  # the first step after the fit: includes torch.compile's work when compiled
     trainable_params: int = 0
     cache_build_s: float = 0.0
     setup_s: float = 0.0  # UNet load + LoRA + memory plan
@@ -70,7 +72,8 @@ def bench_profile(args) -> Profile:
         "data.buckets=false", "data.flip=false", "data.validation_count=0", f"train.resolution={args.resolution}",
         f"train.batch_size={args.batch_size}", f"train.grad_accum={args.grad_accum}", f"lora.rank={args.rank}",
         f"lora.alpha={2 * args.rank}", f'train.precision="{args.precision}"', f'train.optimizer="{args.optimizer}"',
-        f'train.gradient_checkpointing="{args.checkpointing}"', "train.steps=100000", "train.warmup_steps=0",
+        f'train.gradient_checkpointing="{args.checkpointing}"', f'train.compile="{args.compile}"',
+        "train.steps=100000", "train.warmup_steps=0",
     ]  # fmt: skip
     return load_profile("sdxl-naruto-t4", overrides)
 
@@ -129,7 +132,7 @@ class Bench:
             grad_accum=plan.grad_accum, world=p.world, rank=a.rank, precision=tr.trainer.precision,
             optimizer=a.optimizer, gradient_checkpointing=plan.gradient_checkpointing, vram_cap_gib=a.vram_gib,
             trainable_params=sum(t.numel() for t in tr.trainer.params), cache_build_s=round(cache_s, 2),
-            setup_s=round(setup_s, 2),
+            setup_s=round(setup_s, 2), compiled=tr.trainer.compiled or "",
         )  # fmt: skip
         self._time_steps(tr, report)
         self._count_flops(tr, report)
@@ -145,6 +148,12 @@ class Bench:
             self._time_resume(tr, report)
         return report
 
+    def _sync(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+
     def _reset_peak(self) -> None:
         import torch
 
@@ -159,9 +168,12 @@ class Bench:
     def _time_steps(self, tr, report: BenchReport) -> None:
         import torch
 
-        step = 0
         for step in range(WARMUP_STEPS):
+            t0 = time.perf_counter()
             tr.step(step)
+            if step == 0:
+                self._sync()
+                report.first_step_s = round(time.perf_counter() - t0, 2)
         self._reset_peak()
         times = []
         for step in range(WARMUP_STEPS, WARMUP_STEPS + self.args.steps):
@@ -184,16 +196,20 @@ class Bench:
         from torch.utils.flop_counter import FlopCounterMode
 
         from runner.fit import is_oom_error
+        from runner.train.model import eager
 
         counter = FlopCounterMode(display=False)
+        graphs, tr.trainer.graphs = tr.trainer.graphs, None  # a replayed graph shows the counter nothing
         try:
-            with counter:
+            with eager(tr.unet), counter:  # nor do compiled blocks: count the eager aten ops
                 tr.step(10_000)
         except RuntimeError as exc:  # the counter runs attention unfused: it can need far more memory than training
             if not is_oom_error(exc):
                 raise
             report.notes.append("FLOPs not counted: the counter's unfused attention does not fit under the cap")
             return
+        finally:
+            tr.trainer.graphs = graphs
         report.step_tflop = round(counter.get_total_flops() / 1e12, 2)
         report.achieved_tflops = round(report.step_tflop / report.step_s_median, 1)
 
@@ -251,7 +267,8 @@ def bench_overrides_for(profile: Profile) -> list[str]:
         "data.flip=false", "data.validation_count=0", f"train.resolution={t.resolution}",
         f"train.batch_size={t.batch_size}", f"train.grad_accum={t.grad_accum}", f"lora.rank={profile.lora.rank}",
         f"lora.alpha={profile.lora.alpha}", f'train.precision="{t.precision}"', f'train.optimizer="{t.optimizer}"',
-        f'train.gradient_checkpointing="{t.gradient_checkpointing}"', "train.steps=100000", "train.warmup_steps=0",
+        f'train.gradient_checkpointing="{t.gradient_checkpointing}"', f'train.compile="{t.compile}"',
+        "train.steps=100000", "train.warmup_steps=0",
     ]  # fmt: skip
 
 
@@ -284,26 +301,20 @@ def matmul_tflops(device: str, n: int = 8192, repeats: int = 10) -> float:
 
 
 def floor_step_seconds(tr, steps: int) -> float:
-    """A bare LoRA step: the same UNet, one fixed cached batch already on the GPU, autocast, scaler, fused
-    AdamW — none of Relay's data, RNG, events or bookkeeping. The runner is judged against this."""
+    """A bare LoRA step: the trainer's own micro-batch (forward, loss, backward; replayed as a CUDA graph
+    under graphs) on one fixed cached batch already on the GPU, then the scaler and fused AdamW — none of
+    Relay's data loading, RNG draws, events or bookkeeping. The runner is judged against this."""
     import torch
 
     trainer = tr.trainer
     batch = trainer._batch(0, 0)  # one real micro-batch, built once
-    params = trainer.params
-    opt = torch.optim.AdamW(params, lr=1e-6, fused=True)
-    scaler = torch.amp.GradScaler("cuda") if trainer.precision == "fp16" else None
-    noisy = trainer.noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps).to(trainer.weight_dtype)
-    cond = {"text_embeds": batch.pooled, "time_ids": batch.time_ids}
+    opt = torch.optim.AdamW(trainer.params, lr=1e-6, fused=True)
+    scaler = trainer.scaler  # the one _micro scales the loss with
 
     def one() -> None:
-        opt.zero_grad(set_to_none=True)
+        trainer._zero_grad()
         for _ in range(trainer.grad_accum):
-            with torch.autocast("cuda", dtype=trainer.weight_dtype):
-                pred = trainer.unet(noisy, batch.timesteps, encoder_hidden_states=batch.prompt,
-                                    added_cond_kwargs=cond).sample  # fmt: skip
-            loss = torch.nn.functional.mse_loss(pred.float(), batch.noise) / trainer.grad_accum
-            (scaler.scale(loss) if scaler else loss).backward()
+            trainer.graphs.run(batch) if trainer.graphs else trainer._micro(batch)
         if scaler:
             scaler.step(opt)
             scaler.update()
@@ -326,13 +337,15 @@ def print_report(r: BenchReport) -> None:
     rows = [
         ("device", f"{r.device}" + (f" (capped at {r.vram_cap_gib} GiB)" if r.vram_cap_gib else "")),
         ("plan", f"{r.resolution} px, micro-batch {r.micro_batch} × accum {r.grad_accum} × {r.world} GPU, "
-                 f"checkpointing {'on' if r.gradient_checkpointing else 'off'}, {r.precision}, {r.optimizer}"),
+                 f"checkpointing {'on' if r.gradient_checkpointing else 'off'}, {r.precision}, {r.optimizer}"
+                 f"{f', compiled ({r.compiled})' if r.compiled else ''}"),
         ("LoRA params", f"{r.trainable_params / 1e6:.2f} M (rank {r.rank})"),
         ("s/step (median)", f"{r.step_s_median:.3f}  ({r.images_per_s:.2f} images/s)"),
         ("peak VRAM", f"{r.peak_allocated_gib} GiB allocated, {r.peak_reserved_gib} GiB reserved"),
         ("compute", f"{r.step_tflop} TFLOP/step, {r.achieved_tflops} TFLOP/s "
                     f"({r.mfu_vs_matmul} of the {r.matmul_fp16_tflops} TFLOP/s fp16 matmul rate)"),
         ("floor", f"{r.floor_step_s} s/step bare; runner overhead {r.overhead_vs_floor_pct} %"),
+        ("first step", f"{r.first_step_s} s (compiling included)" if r.compiled else f"{r.first_step_s} s"),
         ("cache build", f"{r.cache_build_s} s"),
         ("checkpoint save", f"{r.checkpoint_save_s} s (blocking)"),
         ("resume", f"{r.resume_to_first_step_s} s to first step (import {r.import_s} s, load {r.resume_load_s} s)"),

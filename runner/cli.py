@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
     p.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
+    p.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "off", "blocks", "unet", "graphs"],
+        help="torch.compile of the UNet",
+    )
     p.add_argument("--steps", type=int, default=12, help="timed optimizer steps (after warm-up)")
     p.add_argument("--vram-gib", type=float, help="cap the CUDA allocator to emulate a smaller GPU (15 for a T4)")
     p.add_argument("--model", default="sdxl-random", help="sdxl-random (full size) or tiny")

@@ -29,6 +29,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp16", "bf16", "fp32"),
     "train.optimizer": ("adamw", "adamw8bit"),
     "train.gradient_checkpointing": ("auto", "on", "off"),
+    "train.compile": ("auto", "off", "blocks", "graphs"),
     "train.lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
     "train.prediction_type": ("epsilon", "v_prediction"),
     "lora.init": ("default", "gaussian"),
@@ -121,6 +122,9 @@ class TrainConfig:
     """Gradient clipping norm; 0: off."""
     gradient_checkpointing: str = "auto"
     """auto (only when the step does not fit without it), on, off."""
+    compile: str = "auto"
+    """CUDA GPUs only (CPUs stay eager): off; blocks (torch.compile of the UNet's blocks); graphs (blocks, and
+    each micro-batch replayed as a CUDA graph; needs lora.dropout = 0); auto (see bench/RESULTS.md)."""
     prediction_type: str = "epsilon"
     """epsilon or v_prediction."""
     snr_gamma: float = 0.0
@@ -212,7 +216,13 @@ TOP_KEYS = ("name", "description")
 # Sections and keys that change the trained weights. batch_size × grad_accum enter as the
 # effective batch (the fit may split it differently on another GPU without changing the run).
 FINGERPRINT_SECTIONS = ("model", "data", "lora", "train")
-FINGERPRINT_EXCLUDED = {"train.batch_size", "train.grad_accum", "train.gradient_checkpointing", "data.max_bad_fraction"}
+FINGERPRINT_EXCLUDED = {
+    "train.batch_size",
+    "train.grad_accum",
+    "train.gradient_checkpointing",
+    "train.compile",
+    "data.max_bad_fraction",
+}
 
 
 def _positive(v: float) -> bool:

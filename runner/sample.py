@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 
 from runner.errors import ModelError
 from runner.profile import LoraConfig
-from runner.train.model import SDXLParts, attach_lora, load_lora_state_dict, lora_state_dict
+from runner.train.model import SDXLParts, attach_lora, eager, load_lora_state_dict, lora_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ def sample_grid(
         raise ModelError("no prompts to sample", hint="set sample.prompts in the profile")
     pipe, denoiser = build_pipeline(pipe_parts), build_pipeline(pipe_parts, text_encoders=False)
     offload = cpu_offload and device.startswith("cuda") and torch.cuda.is_available()
-    with _lora_loaded(pipe_parts.unet, lora_sd, lora_cfg), _offloaded(pipe, device, offload):
+    unet = pipe_parts.unet
+    with _lora_loaded(unet, lora_sd, lora_cfg), _offloaded(pipe, device, offload), eager(unet):
         with _on(device, offload, pipe_parts.text_encoder, pipe_parts.text_encoder_2):
             embeds = [_encode(pipe, prompt, device, guidance) for prompt in prompts]
         with _on(device, offload, pipe_parts.unet):

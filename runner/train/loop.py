@@ -38,7 +38,17 @@ from runner.events import EventBus, Warning
 from runner.profile import Profile
 from runner.train.cache import CachedData
 from runner.train.data import StepOrder, derive_seed, generator, split_validation
-from runner.train.model import attach_lora, load_lora_state_dict, lora_parameters, lora_state_dict, training_scheduler
+from runner.train.graphs import MicroBatchGraphs, checkpoint_without_rng
+from runner.train.model import (
+    attach_lora,
+    compile_available,
+    compile_blocks,
+    load_lora_state_dict,
+    lora_parameters,
+    lora_state_dict,
+    set_lora_input_casts,
+    training_scheduler,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +58,7 @@ STATE_FORMAT = 1
 DROPOUT_TAG = 1  # separates the LoRA-dropout seed from the per-example seeds
 LORA_INIT_TAG = 2
 VALIDATION_TAG = 3
+AUTO_COMPILE = "blocks"  # what train.compile = "auto" uses on a CUDA GPU: bench/RESULTS.md says why
 
 
 @dataclass
@@ -110,7 +121,7 @@ class Trainer:
             self._warn(f"train.precision = {self.cfg.precision} is not available on CPU; training in fp32", "precision")
         self.nan_streak, self.nan_total = 0, 0
         self.noise_scheduler = training_scheduler(self.cfg.prediction_type)
-        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(torch.float32)
+        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.train_index, self.val_index = split_validation(len(data), profile.data.validation_count, self.seed)
         self.order = StepOrder([data.buckets[i] for i in self.train_index], micro_batch, grad_accum, world, self.seed)
         self._prepare_unet(gradient_checkpointing)
@@ -119,6 +130,7 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.lr_scheduler = self._make_lr_scheduler()
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.graphs = MicroBatchGraphs(self._micro, self.params) if self.compiled == "graphs" else None
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -142,11 +154,32 @@ class Trainer:
         unet.to(self.device)
         for param in lora_parameters(unet):
             param.data = param.data.float()  # LoRA weights stay fp32 whatever the UNet's dtype
-        if gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+        self.compiled = self._compile_mode()
+        if gradient_checkpointing:  # graphs: the capture forbids saving the RNG state, and nothing draws any
+            unet.enable_gradient_checkpointing(checkpoint_without_rng if self.compiled == "graphs" else None)
         elif getattr(unet, "is_gradient_checkpointing", False):
             unet.disable_gradient_checkpointing()  # a UNet reused after a probe at another plan
+        set_lora_input_casts(unet, enabled=self.precision == "fp32")  # autocast picks the matmul dtype
+        if self.compiled:
+            compile_blocks(unet)
         unet.train()
+
+    def _compile_mode(self) -> str | None:
+        """The train.compile mode this device can run ("blocks" or "graphs"); None: eager."""
+        wanted = self.cfg.compile
+        if wanted == "off":
+            return None
+        ok, why = compile_available(self.device)
+        if not ok:
+            if wanted != "auto":
+                self._warn(f"train.compile = {wanted}, but {why}; training eagerly", "compile")
+            return None
+        mode = AUTO_COMPILE if wanted == "auto" else wanted
+        if mode == "graphs" and self.profile.lora.dropout > 0:
+            if wanted == "graphs":
+                self._warn("train.compile = graphs needs lora.dropout = 0; compiling blocks only", "compile")
+            mode = "blocks"
+        return mode
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
@@ -178,8 +211,8 @@ class Trainer:
     # --- one step --------------------------------------------------------------------------
 
     def _autocast(self) -> Any:
-        if self.precision in ("fp16", "bf16"):
-            return torch.autocast("cuda", dtype=self.weight_dtype)
+        if self.precision in ("fp16", "bf16"):  # a CUDA graph capture cannot use autocast's weight cache
+            return torch.autocast("cuda", dtype=self.weight_dtype, cache_enabled=self.graphs is None)
         return nullcontext()
 
     def _example_draws(self, step: int, slot: int, shape: torch.Size) -> tuple[bool, bool, int, torch.Tensor]:
@@ -240,7 +273,7 @@ class Trainer:
 
     def _snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR+1) for v."""
-        alpha = self.alphas_cumprod.to(timesteps.device)[timesteps]
+        alpha = self.alphas_cumprod[timesteps]
         snr = alpha / (1 - alpha)
         clipped = torch.clamp(snr, max=self.cfg.snr_gamma)
         return clipped / (snr + 1) if self.cfg.prediction_type == "v_prediction" else clipped / snr
@@ -253,19 +286,36 @@ class Trainer:
         started = self.clock.monotonic()
         torch.manual_seed(derive_seed(self.seed, step, self.rank, DROPOUT_TAG))  # LoRA dropout
         lr = float(self.lr_scheduler.get_last_lr()[0])
-        self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        self._zero_grad()
+        losses = []
         for micro in range(self.grad_accum):
-            loss = self._loss(self._batch(step, micro)) / self.grad_accum
-            total += float(loss.detach())
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
-        total = self._all_reduce(total)
+            batch = self._batch(step, micro)
+            losses.append(self.graphs.run(batch).clone() if self.graphs else self._micro(batch))
+        total = self._all_reduce(sum(float(loss) for loss in losses))  # one wait for the GPU, after the backward
         grad_norm, skipped = self._update(math.isfinite(total))
         with warnings.catch_warnings():  # a skipped update still advances the schedule: lr is a function of the step
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.lr_scheduler.step()
         self._track_nan(step, total)
         return StepResult(total, lr, grad_norm, skipped, self.clock.monotonic() - started)
+
+    def _micro(self, batch: Batch) -> torch.Tensor:
+        """Forward, loss and (scaled) backward of one micro-batch; the loss, already divided by grad_accum."""
+        loss = self._loss(batch) / self.grad_accum
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        return loss.detach()
+
+    def _zero_grad(self) -> None:
+        """Clear the gradients. A CUDA graph accumulates into the .grad buffers it was captured with: under
+        graphs they are allocated once and zeroed in place, never replaced."""
+        if self.graphs is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        for param in self.params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            else:
+                param.grad.zero_()
 
     def _all_reduce(self, total: float) -> float:
         """Average gradients and loss over ranks (no-op on one process).
@@ -296,7 +346,7 @@ class Trainer:
             self.scaler.update()
             return (norm if math.isfinite(norm) else None), self.scaler.get_scale() < scale or not is_finite
         if not is_finite:
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             return None, True
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         if not math.isfinite(norm):

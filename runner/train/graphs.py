@@ -1,0 +1,105 @@
+"""CUDA graphs of a micro-batch: forward, loss and scaled backward replayed as one launch.
+
+Owns: capturing one graph per batch shape (after an eager warm-up whose effect on the gradients is
+undone), the static input buffers each graph reads, the memory pool the graphs share, and noticing
+when a graph no longer matches the parameters it was captured on (then it is captured again).
+
+Why: on a fast GPU, and on a notebook's slow CPU, an SDXL LoRA step is bound by the CPU issuing
+~24,000 kernel launches, most of them small; a replayed graph issues them all at once.
+
+Rules a captured micro-batch obeys (the Trainer sees to them): no CPU-GPU synchronisation and no
+host-to-device copy inside it, autocast without its weight cache, no random draws on the GPU (LoRA
+dropout 0; checkpointing without RNG state), and gradients accumulated into .grad buffers that exist
+before capture and are zeroed in place, never replaced.
+
+Must not: know about the optimizer, the scaler's update, storage or events.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    inputs: Any  # the static batch the graph reads: a dataclass of tensors
+    loss: torch.Tensor  # the static output the graph writes
+    addresses: tuple[int, ...]  # data pointers of the parameters and .grad buffers at capture
+
+
+class MicroBatchGraphs:
+    """Replays `micro(batch) -> loss` (which also runs the backward) as a CUDA graph per batch shape."""
+
+    def __init__(self, micro: Callable[[Any], torch.Tensor], params: list[torch.nn.Parameter]) -> None:
+        self.micro, self.params = micro, params
+        self.graphs: dict[tuple, _Captured] = {}
+        self.pool: Any = None
+        self.captures = 0
+
+    def _addresses(self) -> tuple[int, ...]:
+        return tuple(p.data_ptr() for p in self.params) + tuple(
+            p.grad.data_ptr() if p.grad is not None else 0 for p in self.params
+        )
+
+    def run(self, batch: Any) -> torch.Tensor:
+        """Run one micro-batch through its graph (capturing it first if needed); returns the loss tensor.
+
+        The returned tensor is the graph's output: read it before the next call."""
+        key = tuple((t.shape, t.dtype) for t in _tensors(batch))
+        captured = self.graphs.get(key)
+        if captured is not None and captured.addresses != self._addresses():
+            log.info("CUDA graphs: parameters or gradients moved; capturing again")
+            self.graphs.clear()
+            captured = None
+        if captured is None:
+            captured = self._capture(batch, key)
+        for static, value in zip(_tensors(captured.inputs), _tensors(batch), strict=True):
+            static.copy_(value, non_blocking=True)
+        captured.graph.replay()
+        return captured.loss
+
+    def _capture(self, batch: Any, key: tuple) -> _Captured:
+        if any(p.grad is None for p in self.params):
+            raise RuntimeError("CUDA graphs need .grad buffers allocated before capture")
+        static = dataclasses.replace(batch, **{f.name: getattr(batch, f.name).clone() for f in _fields(batch)})
+        saved = [p.grad.clone() for p in self.params]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: compiles, autotunes and allocates outside the capture
+            self.micro(static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            loss = self.micro(static)
+        for param, grad in zip(self.params, saved, strict=True):  # undo the warm-up's accumulation
+            param.grad.copy_(grad)
+        del saved
+        self.pool = self.pool if self.pool is not None else graph.pool()
+        self.captures += 1
+        captured = _Captured(graph, static, loss, self._addresses())
+        self.graphs[key] = captured
+        log.info("CUDA graphs: captured a micro-batch of shape %s (%d graphs)", key[0][0], len(self.graphs))
+        return captured
+
+
+def _fields(batch: Any) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(batch) if isinstance(getattr(batch, f.name), torch.Tensor)]
+
+
+def _tensors(batch: Any) -> list[torch.Tensor]:
+    return [getattr(batch, f.name) for f in _fields(batch)]
+
+
+def checkpoint_without_rng(module: torch.nn.Module, *args: Any) -> Any:
+    """diffusers' gradient-checkpointing call without saving and restoring the RNG state, which a CUDA
+    graph capture forbids; only valid when the checkpointed blocks draw no random numbers."""
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, preserve_rng_state=False)
