@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from runner.clock import Clock, SystemClock
 from runner.errors import ProfileError, TrainingDiverged
 from runner.events import EventBus, Warning
+from runner.fit import is_oom_error
 from runner.profile import Profile
 from runner.train.cache import CachedData
 from runner.train.data import StepOrder, derive_seed, generator, split_validation
@@ -48,6 +49,7 @@ from runner.train.model import (
     lora_state_dict,
     set_lora_input_casts,
     training_scheduler,
+    uncompile,
 )
 
 log = logging.getLogger(__name__)
@@ -131,6 +133,7 @@ class Trainer:
         self.lr_scheduler = self._make_lr_scheduler()
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.graphs = MicroBatchGraphs(self._micro, self.params) if self.compiled == "graphs" else None
+        self.compile_proven = False  # set by the first step that ran compiled: failures after it are real
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -287,10 +290,14 @@ class Trainer:
         torch.manual_seed(derive_seed(self.seed, step, self.rank, DROPOUT_TAG))  # LoRA dropout
         lr = float(self.lr_scheduler.get_last_lr()[0])
         self._zero_grad()
-        losses = []
-        for micro in range(self.grad_accum):
-            batch = self._batch(step, micro)
-            losses.append(self.graphs.run(batch).clone() if self.graphs else self._micro(batch))
+        try:
+            losses = self._micro_batches(step)
+        except Exception as exc:
+            if not self.compiled or self.compile_proven or is_oom_error(exc):
+                raise
+            self._fall_back_to_eager(exc)
+            losses = self._micro_batches(step)
+        self.compile_proven = True
         total = self._all_reduce(sum(float(loss) for loss in losses))  # one wait for the GPU, after the backward
         grad_norm, skipped = self._update(math.isfinite(total))
         with warnings.catch_warnings():  # a skipped update still advances the schedule: lr is a function of the step
@@ -298,6 +305,23 @@ class Trainer:
             self.lr_scheduler.step()
         self._track_nan(step, total)
         return StepResult(total, lr, grad_norm, skipped, self.clock.monotonic() - started)
+
+    def _micro_batches(self, step: int) -> list[torch.Tensor]:
+        losses = []
+        for micro in range(self.grad_accum):
+            batch = self._batch(step, micro)
+            losses.append(self.graphs.run(batch).clone() if self.graphs else self._micro(batch))
+        return losses
+
+    def _fall_back_to_eager(self, exc: Exception) -> None:
+        """torch.compile or the graph capture failed on the first step (a missing compiler, an unsupported
+        GPU): warn, undo it, and run the step again eagerly. Later failures are real errors and raise."""
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        self._warn(f"train.compile = {self.cfg.compile} failed ({reason[:300]}); training eagerly", "compile")
+        log.debug("compile failure", exc_info=exc)
+        uncompile(self.unet, reason)
+        self.compiled, self.graphs = None, None
+        self._zero_grad()
 
     def _micro(self, batch: Batch) -> torch.Tensor:
         """Forward, loss and (scaled) backward of one micro-batch; the loss, already divided by grad_accum."""

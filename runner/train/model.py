@@ -446,8 +446,13 @@ COMPILED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 RECOMPILE_LIMIT = 64  # block variants (channel counts, shortcut or not) × aspect buckets
 
 
+_compile_broken = ""  # why torch.compile failed in this process; set once, then every trainer stays eager
+
+
 def compile_available(device: torch.device) -> tuple[bool, str]:
     """Whether torch.compile can run here, and why not when it cannot."""
+    if _compile_broken:
+        return False, f"torch.compile failed earlier in this process ({_compile_broken})"
     if device.type != "cuda":
         return False, "torch.compile is used on CUDA only (CPU runs stay eager and bit-exact)"
     major, _ = torch.cuda.get_device_capability(device)
@@ -478,6 +483,15 @@ def compile_blocks(unet: UNet2DConditionModel) -> int:
             count += 1
     log.info("torch.compile: %d UNet blocks, compiled on first use", count)
     return count
+
+
+def uncompile(unet: UNet2DConditionModel, reason: str) -> None:
+    """Undo compile_blocks after torch.compile failed, and keep later trainers in this process eager."""
+    global _compile_broken
+    _compile_broken = reason[:200]
+    for module in unet.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
 
 
 @contextmanager

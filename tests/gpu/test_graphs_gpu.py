@@ -37,14 +37,29 @@ def _worst(a: Trainer, b: Trainer) -> float:
     return max(float((sa[k] - sb[k]).abs().max()) for k in sa)
 
 
-def test_graph_replay_trains_like_the_compiled_eager_step(cached):
+def _grads_of_one_step(trainer: Trainer) -> list[torch.Tensor]:
+    trainer._zero_grad()
+    trainer._micro_batches(0)  # two accumulated micro-batches, scaled, not yet unscaled or applied
+    return [p.grad.detach().clone() for p in trainer.params]
+
+
+def test_graph_replay_accumulates_the_same_gradients_as_the_compiled_eager_step(cached):
     blocks, graphs = _trainer(cached, "blocks"), _trainer(cached, "graphs")
     assert blocks.compiled == "blocks" and graphs.compiled == "graphs" and graphs.graphs is not None
+    expected, got = _grads_of_one_step(blocks), _grads_of_one_step(graphs)
+    scale = max(float(g.abs().max()) for g in expected)
+    worst = max(float((a - b).abs().max()) for a, b in zip(expected, got, strict=True))
+    # GEMMs chosen under capture may round differently in fp16; a lost or doubled micro-batch would be ~50 %
+    assert worst < 0.02 * scale, (worst, scale)
+
+
+def test_graph_replay_trains_like_the_compiled_eager_step(cached):
+    blocks, graphs = _trainer(cached, "blocks"), _trainer(cached, "graphs")
     for step in range(5):
         a, b = blocks.step(step), graphs.step(step)
-        assert abs(a.loss - b.loss) < 1e-5, (step, a.loss, b.loss)
+        assert abs(a.loss - b.loss) <= 1e-2 * abs(a.loss), (step, a.loss, b.loss)
     assert graphs.graphs.captures == 1  # one batch shape: captured once, replayed after
-    assert _worst(blocks, graphs) < 1e-5
+    assert _worst(blocks, graphs) < 1e-3
 
 
 def test_graphs_resume_matches_a_straight_run(cached, tmp_path):
