@@ -34,5 +34,5 @@ else
   bench "c_b1_1024_auto_$MODE" --resolution 1024 --compile "$MODE" --steps 10
   bench "c_b4_1024_$MODE" --resolution 1024 --batch-size 4 --compile "$MODE" --steps 6 --skip-resume
   bench "c_b1_512_$MODE" --resolution 512 --compile "$MODE" --steps 10 --skip-resume
-  python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | grep -v "^DEBUG" | tail -n 30
+  python3 -m pytest -q -s -m gpu tests/gpu -p no:cacheprovider 2>&1 | grep -E "SDXL LoRA|GPU resume|passed|failed|FAILED|Error|assert" | tail -n 30
 fi
