@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Two-GPU figures behind bench/RESULTS.md: images/s on one vs two GPUs (full-size random SDXL, 1024 px,
-# 15 GiB cap), the 1024 px batch-4 fit, and a SIGKILL-and-resume of `relay train` on both GPUs.
+# 15 GiB cap, CUDA graphs), a SIGKILL-and-resume of `relay train` on both GPUs, and (beside it) the GPU tests
+# of CUDA graphs.
 # Run on a 2-GPU device machine from the repository root: bash bench/ddp_suite.sh
 set -uo pipefail
 OUT="${OUT:-bench/out}"; mkdir -p "$OUT"
@@ -10,15 +11,15 @@ if [[ -d .whl ]]; then
 fi
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-show() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d[k] for k in ('world','micro_batch','gradient_checkpointing','step_s_median','images_per_s','peak_allocated_gib','peak_reserved_gib')})" "$1" || tail -n 20 "${1%.json}.err"; }
-echo "== 1024 px batch 4, one GPU"
-CUDA_VISIBLE_DEVICES=0 python3 -m runner -v bench --vram-gib 15 --resolution 1024 --batch-size 4 --steps 6 --skip-resume --json >"$OUT/b4.json" 2>"$OUT/b4.err"; show "$OUT/b4.json"
-echo "== 1024 px batch 1, one GPU"
-CUDA_VISIBLE_DEVICES=0 python3 -m runner bench --vram-gib 15 --resolution 1024 --steps 10 --skip-resume --json >"$OUT/g1.json" 2>"$OUT/g1.err"; show "$OUT/g1.json"
-echo "== 1024 px batch 1 per GPU, two GPUs"
-RELAY_PROCESSES=2 python3 -m runner bench --vram-gib 15 --resolution 1024 --steps 10 --skip-resume --json >"$OUT/g2.json" 2>"$OUT/g2.err"; show "$OUT/g2.json"
+show() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d[k] for k in ('world','micro_batch','gradient_checkpointing','compiled','step_s_median','images_per_s','peak_allocated_gib','peak_reserved_gib','floor_step_s','overhead_vs_floor_pct','checkpoint_save_s')})" "$1" || tail -n 20 "${1%.json}.err"; }
+echo "== 1024 px batch 1, one GPU (CUDA graphs)"
+CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m runner bench --vram-gib 15 --resolution 1024 --compile graphs --steps 20 --skip-resume --json >"$OUT/g1.json" 2>"$OUT/g1.err"; show "$OUT/g1.json"
+echo "== 1024 px batch 1 per GPU, two GPUs (CUDA graphs)"
+RELAY_PROCESSES=2 timeout 200 python3 -m runner bench --vram-gib 15 --resolution 1024 --compile graphs --steps 20 --skip-resume --json >"$OUT/g2.json" 2>"$OUT/g2.err"; show "$OUT/g2.json"
+(python3 -m pytest -q -m gpu tests/gpu -k graphs -p no:cacheprovider >"$OUT/gpu_tests.log" 2>&1; echo "GPU tests exit $?" >>"$OUT/gpu_tests.log") &
+tests=$!
 echo "== relay train on both GPUs: uninterrupted, then killed with SIGKILL and resumed"
-T="--profile tiny --plain --set train.steps=300"
+T="--profile tiny --plain --set train.steps=200 --set checkpoint.every_min=0.03 --set train.compile=off"
 python3 -m runner train $T --storage /tmp/ref --workdir /tmp/wref >/tmp/ref.log 2>&1; echo "reference exit $?"
 python3 -m runner train $T --storage /tmp/ref2 --workdir /tmp/wref2 >/tmp/ref2.log 2>&1; echo "second reference exit $? (GPU run-to-run noise floor)"
 setsid python3 -m runner train $T --storage /tmp/kill --workdir /tmp/wkill >/tmp/kill1.log 2>&1 &
@@ -38,4 +39,5 @@ print(f"final LoRA: {len(a)} tensors, bit-identical={same}, max abs diff={diff:.
 c = load_file("/tmp/ref2/tiny/final/pytorch_lora_weights.safetensors")
 print(f"two uninterrupted runs: max abs diff={max((a[k].float() - c[k].float()).abs().max().item() for k in a):.3g}")
 PY
-tail -n 3 /tmp/kill2.log; cp /tmp/kill1.log /tmp/kill2.log "$OUT/"
+tail -n 3 /tmp/kill2.log
+wait $tests; grep -E "passed|failed|FAILED|Error|exit" "$OUT/gpu_tests.log" | tail -n 12

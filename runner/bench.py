@@ -145,7 +145,10 @@ class Bench:
                 report.mfu_vs_matmul = round(report.achieved_tflops / report.matmul_fp16_tflops, 3)
         log_partial(report)
         if not self.args.skip_resume:
-            self._time_resume(tr, report)
+            meta = tr.save_state(self.tmp / "ckpt")
+            del tr  # its CUDA graphs hold their memory pool until the trainer is gone
+            self._free()
+            self._time_resume(meta, report)
         return report
 
     def _sync(self) -> None:
@@ -222,16 +225,13 @@ class Bench:
         write_manifest(folder, {"bench": True})
         return round(time.perf_counter() - t0, 3)
 
-    def _time_resume(self, tr, report: BenchReport) -> None:
+    def _time_resume(self, meta: dict, report: BenchReport) -> None:
         """A resume with the cache present: import, load the UNet from disk, LoRA, state, first step."""
         import torch
 
         from runner.train.model import load_parts
         from runner.train.run import TrainingRun, unet_dtype
 
-        meta = tr.save_state(self.tmp / "ckpt")
-        del tr
-        self._free()
         model_dir = self.tmp / "model"
         base = load_parts(self.profile.model, unet=True, text=False, vae=False, device="cpu",
                           dtype=unet_dtype(self.profile, self.placement.device)).unet  # fmt: skip

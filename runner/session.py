@@ -476,6 +476,7 @@ class Session:
         from runner.train.run import draw_samples
 
         out = self.ctx.workdir / "samples" / f"step-{step:08d}.png"
+        tr.trainer.release_graphs()  # their memory pool would crowd the pipeline; the next step captures again
         try:
             draw_samples(self.ctx.profile, None, out, device=tr.placement.device, unet=tr.unet)
             self.ctx.storage.put(out, f"{self.ctx.run}/samples/step-{step:08d}/{out.name}")

@@ -60,7 +60,7 @@ STATE_FORMAT = 1
 DROPOUT_TAG = 1  # separates the LoRA-dropout seed from the per-example seeds
 LORA_INIT_TAG = 2
 VALIDATION_TAG = 3
-AUTO_COMPILE = "blocks"  # what train.compile = "auto" uses on a CUDA GPU: bench/RESULTS.md says why
+AUTO_COMPILE = "graphs"  # what train.compile = "auto" uses on a CUDA GPU: bench/RESULTS.md says why
 
 
 @dataclass
@@ -134,6 +134,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.graphs = MicroBatchGraphs(self._micro, self.params) if self.compiled == "graphs" else None
         self.compile_proven = False  # set by the first step that ran compiled: failures after it are real
+        self._ahead: tuple[tuple[int, int], Batch] | None = None  # the next micro-batch, built early
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -244,15 +245,35 @@ class Trainer:
 
     def _stack(self, rows: list[tuple]) -> Batch:
         columns = list(zip(*rows, strict=True))
-        to = self.device
         return Batch(
-            latents=torch.stack(columns[0]).to(to, torch.float32),
-            noise=torch.stack(columns[1]).to(to, torch.float32),
-            timesteps=torch.tensor(columns[2], dtype=torch.long, device=to),
-            prompt=torch.stack(columns[3]).to(to, self.weight_dtype),
-            pooled=torch.stack(columns[4]).to(to, self.weight_dtype),
-            time_ids=torch.stack(columns[5]).to(to, self.weight_dtype),
+            latents=self._to_device(torch.stack(columns[0]), torch.float32),
+            noise=self._to_device(torch.stack(columns[1]), torch.float32),
+            timesteps=self._to_device(torch.tensor(columns[2], dtype=torch.long), torch.long),
+            prompt=self._to_device(torch.stack(columns[3]), self.weight_dtype),
+            pooled=self._to_device(torch.stack(columns[4]), self.weight_dtype),
+            time_ids=self._to_device(torch.stack(columns[5]), self.weight_dtype),
         )
+
+    def _to_device(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """On CUDA through pinned memory, without waiting: the copy queues behind the GPU's current work."""
+        if self.device.type != "cuda":
+            return tensor.to(self.device, dtype)
+        return tensor.to(dtype).pin_memory().to(self.device, non_blocking=True)
+
+    def _take_batch(self, step: int, micro: int) -> Batch:
+        """The micro-batch, built ahead of time while the GPU ran the previous one when it could be."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == (step, micro):
+            return ahead[1]
+        return self._batch(step, micro)
+
+    def _build_ahead(self, step: int, micro: int) -> None:
+        """Build the micro-batch after (step, micro) now, while the GPU works (CUDA only). Every draw in it
+        is seeded by its own (step, slot), so building early changes nothing it contains."""
+        if self.device.type != "cuda":
+            return
+        following = (step, micro + 1) if micro + 1 < self.grad_accum else (step + 1, 0)
+        self._ahead = (following, self._batch(*following))
 
     def _loss(self, batch: Batch) -> torch.Tensor:
         """Mean diffusion loss of one micro-batch (Min-SNR weighted when snr_gamma > 0)."""
@@ -309,8 +330,9 @@ class Trainer:
     def _micro_batches(self, step: int) -> list[torch.Tensor]:
         losses = []
         for micro in range(self.grad_accum):
-            batch = self._batch(step, micro)
+            batch = self._take_batch(step, micro)
             losses.append(self.graphs.run(batch).clone() if self.graphs else self._micro(batch))
+            self._build_ahead(step, micro)  # a replayed graph returns at once: the CPU is free meanwhile
         return losses
 
     def _fall_back_to_eager(self, exc: Exception) -> None:
@@ -322,6 +344,12 @@ class Trainer:
         uncompile(self.unet, reason)
         self.compiled, self.graphs = None, None
         self._zero_grad()
+
+    def release_graphs(self) -> None:
+        """Free the CUDA graphs and their memory pool (before sampling); the next step captures again."""
+        if self.graphs is not None:
+            self.graphs = MicroBatchGraphs(self._micro, self.params)
+            torch.cuda.empty_cache()
 
     def _micro(self, batch: Batch) -> torch.Tensor:
         """Forward, loss and (scaled) backward of one micro-batch; the loss, already divided by grad_accum."""
