@@ -248,6 +248,8 @@ class Session:
         self.started_wall = ctx.clock.wall()
         self.step_from = self.step = 0
         self.train_s = self.checkpoint_s = 0.0
+        self.compile_key: str | None = None  # set when this session reuses or may store compiled kernels
+        self.compile_cache_loaded = False
         self.upload_started: float | None = None
         self.checkpointed_step: int | None = None  # the newest step staged in this session
         self.reason = "running"  # until the session knows how it ends
@@ -354,6 +356,7 @@ class Session:
                 self._finish_from_checkpoint(state, restored, placement.device)
             return EXIT_OK
         cache_dir = self._cache(placement)
+        self._restore_compile_cache(placement)  # before the fit's probe step compiles anything
         tr = TrainingRun(
             ctx.profile,
             cache_dir,
@@ -389,6 +392,44 @@ class Session:
         barrier(placement)
         return local
 
+    def _restore_compile_cache(self, placement) -> None:
+        """Load the kernels an earlier session compiled on this GPU model and torch, when stored: the first
+        step then skips most of torch.compile's work. Best effort: without them the step compiles."""
+        ctx = self.ctx
+        if not placement.device.startswith("cuda") or ctx.profile.train.compile == "off":
+            return
+        import torch
+
+        from runner.train.model import compile_cache_key, load_compile_artifacts
+        from runner.train.run import barrier
+
+        self.compile_key = compile_cache_key(torch.device(placement.device))
+        local = ctx.workdir / "compile-cache" / self.compile_key
+        if self.is_main:
+            fetch_compile_cache(ctx, self.compile_key, local)
+        barrier(placement)  # the ranks share the work folder: rank 0 fetched for all
+        blob = (local / COMPILE_CACHE_FILE).read_bytes() if _verified_locally(local) else None
+        if blob is None:
+            return
+        try:
+            load_compile_artifacts(blob)
+            self.compile_cache_loaded = True
+        except Exception as exc:  # a cache from another build of torch must never stop training
+            ctx.bus.emit(events.Warning(f"stored compile cache not used ({exc}); compiling", kind="compile"))
+
+    def _store_compile_cache(self, tr) -> None:
+        """After the first compiled step, store what it compiled for the sessions after this one."""
+        if not (self.is_main and self.compile_key and tr.trainer.compiled) or self.compile_cache_loaded:
+            return
+        from runner.train.model import compile_artifacts
+
+        try:
+            blob = compile_artifacts()
+            if blob:
+                store_compile_cache(self.ctx, self.compile_key, blob)
+        except (RuntimeError, OSError, StorageError) as exc:  # a cache is an optimisation: never cost training
+            self.ctx.bus.emit(events.Warning(f"compile cache not stored ({exc})", kind="compile"))
+
     def _loop(self, tr, state: RunState, deadline: float | None, stop) -> int:
         from runner.train.run import agree
 
@@ -406,6 +447,8 @@ class Session:
                 self.reason = "signal" if stop.requested else "budget"
                 break
             result = tr.step(state.step)
+            if state.step == self.step_from:
+                self._store_compile_cache(tr)
             self.train_s += result.seconds
             self.meter.add_step(result.seconds)
             state = replace(state, step=state.step + 1)
@@ -585,6 +628,41 @@ def ensure_cache(ctx: Context, cache_fp: str, build) -> Path:
     if stored_is_bad or not ctx.storage.exists(f"{prefix}/{COMMIT}"):
         commit_folder(ctx.storage, local, prefix)
     return local
+
+
+# ---------------------------------------------------------------- the compile cache
+
+COMPILE_CACHE_FILE = "artifacts.bin"
+
+
+def fetch_compile_cache(ctx: Context, key: str, local: Path) -> bytes | None:
+    """The stored compile artifacts for `key` (see runner.train.model.compile_cache_key), verified; None
+    when there are none yet or the stored copy is unusable (then a warning says so)."""
+    if _verified_locally(local):
+        return (local / COMPILE_CACHE_FILE).read_bytes()
+    prefix = f"{ctx.run}/compile-cache/{key}"
+    try:
+        if not ctx.storage.exists(f"{prefix}/{COMMIT}"):
+            return None
+        fetch_folder(ctx.storage, prefix, local)
+        return (local / COMPILE_CACHE_FILE).read_bytes()
+    except (CheckpointCorrupt, StorageError, OSError) as exc:
+        shutil.rmtree(local, ignore_errors=True)
+        ctx.bus.emit(events.Warning(f"stored compile cache unusable ({exc}); compiling", kind="compile"))
+        return None
+
+
+def store_compile_cache(ctx: Context, key: str, blob: bytes) -> None:
+    """Commit `blob` as RUN/compile-cache/KEY/ (files first, COMMIT.json last), unless one is there."""
+    prefix = f"{ctx.run}/compile-cache/{key}"
+    if ctx.storage.exists(f"{prefix}/{COMMIT}"):
+        return
+    local = ctx.workdir / "compile-cache" / key
+    shutil.rmtree(local, ignore_errors=True)
+    local.mkdir(parents=True)
+    (local / COMPILE_CACHE_FILE).write_bytes(blob)
+    write_manifest(local, {"compile_cache": key})
+    commit_folder(ctx.storage, local, prefix)
 
 
 def _verified_locally(local: Path) -> bool:

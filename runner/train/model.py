@@ -494,6 +494,30 @@ def uncompile(unet: UNet2DConditionModel, reason: str) -> None:
             module._compiled_call_impl = None
 
 
+def compile_cache_key(device: torch.device) -> str:
+    """Where compiled kernels can be reused: the same torch, Triton and GPU model."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    raw = f"torch-{torch.__version__}-triton-{triton_version}-{gpu}"
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in raw)
+
+
+def compile_artifacts() -> bytes | None:
+    """What torch.compile produced in this process (kernels, graphs), serialized; None when nothing."""
+    saved = torch.compiler.save_cache_artifacts()
+    return saved[0] if saved else None
+
+
+def load_compile_artifacts(blob: bytes) -> None:
+    """Seed this process's compile caches with `compile_artifacts` of an earlier session."""
+    torch.compiler.load_cache_artifacts(blob)
+
+
 @contextmanager
 def eager(unet: UNet2DConditionModel) -> Iterator[None]:
     """Run compiled blocks eagerly for the duration (sampling, FLOP counting), with peft's input casts on."""

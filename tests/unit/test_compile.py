@@ -133,3 +133,43 @@ def test_compiled_blocks_match_eager_on_cpu():
     assert set(unet.state_dict()) == keys  # checkpoints and exports see the same names
     assert torch.allclose(out, eager_out, atol=1e-4)
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-3) for a, b in zip(grads, eager_grads, strict=True))
+
+
+# --- the compile cache carried between sessions ------------------------------------------------
+
+
+def _ctx(tmp_path, workdir="work"):
+    from types import SimpleNamespace
+
+    from runner.storage.local import LocalStorage
+
+    bus = EventBus()
+    return SimpleNamespace(run="run", storage=LocalStorage(tmp_path / "storage"), workdir=tmp_path / workdir, bus=bus)
+
+
+def test_a_stored_compile_cache_comes_back_verified_in_another_session(tmp_path):
+    from runner.session import fetch_compile_cache, store_compile_cache
+
+    first = _ctx(tmp_path)
+    assert fetch_compile_cache(first, "torch-x-gpu-y", first.workdir / "cc") is None  # nothing stored yet
+    store_compile_cache(first, "torch-x-gpu-y", b"kernels" * 1000)
+    store_compile_cache(first, "torch-x-gpu-y", b"other")  # the first one stays
+    second = _ctx(tmp_path, workdir="elsewhere")
+    seen = _warnings(second.bus)
+    assert fetch_compile_cache(second, "torch-x-gpu-y", second.workdir / "cc") == b"kernels" * 1000
+    assert fetch_compile_cache(second, "torch-other", second.workdir / "cc2") is None
+    assert seen == []
+
+
+def test_a_damaged_compile_cache_is_reported_and_not_used(tmp_path):
+    from runner.session import COMPILE_CACHE_FILE, fetch_compile_cache, store_compile_cache
+
+    first = _ctx(tmp_path)
+    store_compile_cache(first, "k", b"kernels" * 1000)
+    stored = tmp_path / "storage" / "run" / "compile-cache" / "k" / COMPILE_CACHE_FILE
+    stored.write_bytes(b"x" * stored.stat().st_size)  # same size, other content
+    second = _ctx(tmp_path, workdir="elsewhere")
+    seen = _warnings(second.bus)
+    assert fetch_compile_cache(second, "k", second.workdir / "cc") is None
+    assert [w.kind for w in seen] == ["compile"] and "unusable" in seen[0].message
+    assert not (second.workdir / "cc").exists()
