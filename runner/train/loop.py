@@ -366,8 +366,7 @@ class Trainer:
         for param in self.params:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-            else:
-                param.grad.zero_()
+        torch._foreach_zero_([param.grad for param in self.params])  # one launch, not 1,120
 
     def _all_reduce(self, total: float) -> float:
         """Average gradients and loss over ranks (no-op on one process).
@@ -383,8 +382,7 @@ class Trainer:
         torch.distributed.all_reduce(flat)
         flat /= self.world
         *reduced, loss = _unflatten_dense_tensors(flat, [*grads, flat[-1:]])
-        for grad, value in zip(grads, reduced, strict=True):
-            grad.copy_(value)
+        torch._foreach_copy_(grads, reduced)
         return float(loss.item())
 
     def _update(self, is_finite: bool) -> tuple[float | None, bool]:
