@@ -121,13 +121,18 @@ class LocalStorage:
         base = self._path(clean) if clean else self.root
         if not base.is_dir():
             return []
-        keys = []
+        keys, with_temps = [], []
         try:
             for folder, _dirs, files in os.walk(base):
                 rel = Path(folder).relative_to(self.root)
                 for name in files:
-                    if not _is_temp(name):
+                    if _is_temp(name):
+                        with_temps.append(Path(folder))
+                    else:
                         keys.append((rel / name).as_posix())
+            for folder in dict.fromkeys(with_temps):  # a dead put's temp may be all its folder holds: no
+                self._sweep_stale_temps(folder)  # delete() would ever visit it, so listing sweeps it
+                self._prune_empty(folder)
         except OSError as exc:
             raise self._translate(exc, prefix, "list") from exc
         return keys

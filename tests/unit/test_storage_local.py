@@ -33,6 +33,26 @@ def test_list_ignores_temporary_files(tmp_path):
     assert storage.list("run") == ["run/a"]
 
 
+def test_listing_sweeps_a_dead_puts_temp_that_is_alone_in_its_folder(tmp_path):
+    import os
+    import time
+
+    from runner.storage.local import STALE_TEMP_S
+
+    storage = LocalStorage(tmp_path / "store")
+    storage.put(_src(tmp_path), "run/checkpoints/step-1/COMMIT.json")
+    orphan = tmp_path / "store" / "run" / "checkpoints" / "step-2" / f".lora{TMP_MARK}9"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"half")  # a put killed mid-copy on a VM that died: nothing else in step-2
+    old = time.time() - STALE_TEMP_S - 60
+    os.utime(orphan, (old, old))
+    running = tmp_path / "store" / "run" / "checkpoints" / "step-3" / f".lora{TMP_MARK}7"
+    running.parent.mkdir(parents=True)
+    running.write_bytes(b"in flight")  # a put still running elsewhere: recent, kept
+    assert storage.list("run/checkpoints") == ["run/checkpoints/step-1/COMMIT.json"]
+    assert not orphan.parent.exists() and running.exists()
+
+
 def test_failed_put_leaves_old_content_and_no_temp(tmp_path, monkeypatch):
     storage = LocalStorage(tmp_path / "store")
     storage.put(_src(tmp_path, b"old"), "run/k")
