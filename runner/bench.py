@@ -13,6 +13,7 @@ the CLI imports this module before it knows the command is `bench`.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -79,8 +80,6 @@ def bench_profile(args) -> Profile:
 
 
 def run_bench(args) -> int:
-    import os
-
     processes = int(os.environ.get("RELAY_PROCESSES", "0"))
     if processes > 1 and "WORLD_SIZE" not in os.environ:
         from runner.session import launch_distributed
@@ -226,28 +225,38 @@ class Bench:
         return round(time.perf_counter() - t0, 3)
 
     def _time_resume(self, meta: dict, report: BenchReport) -> None:
-        """A resume with the cache present: import, load the UNet from disk, LoRA, state, first step."""
-        import torch
-
-        from runner.train.model import load_parts
-        from runner.train.run import TrainingRun, unet_dtype
+        """A resume as a new session makes it: a fresh process that imports, loads the UNet from disk, adds
+        the LoRA and the trainer state and runs the first step. When compiled, that process starts with
+        empty inductor and Triton folders and the compile artifacts the run committed, as on a new VM."""
+        from runner.train.model import compile_artifacts, load_parts
+        from runner.train.run import unet_dtype
 
         model_dir = self.tmp / "model"
         base = load_parts(self.profile.model, unet=True, text=False, vae=False, device="cpu",
                           dtype=unet_dtype(self.profile, self.placement.device)).unet  # fmt: skip
         base.save_pretrained(model_dir / "unet", safe_serialization=True)  # a base model as users download it
         del base
-        report.import_s = round(import_seconds(), 2)
-        profile = load_profile("sdxl-naruto-t4", [f'model.base="{model_dir}"', *bench_overrides_for(self.profile)])
-        t0 = time.perf_counter()
-        resumed = TrainingRun(profile, self.tmp / "cache", placement=self.placement, bus=self.bus,
-                              gpu_name=self.placement.device)  # fmt: skip
-        report.resume_load_s = round(time.perf_counter() - t0, 2)
-        resumed.restore(self.tmp / "ckpt", meta)
-        resumed.step(0)
-        if self.cuda:
-            torch.cuda.synchronize()
-        report.resume_to_first_step_s = round(report.import_s + time.perf_counter() - t0, 2)
+        spec = {"sets": [f'model.base="{model_dir}"', *bench_overrides_for(self.profile)], "cache": str(self.tmp / "cache"),
+                "ckpt": str(self.tmp / "ckpt"), "meta": meta, "vram_gib": self.args.vram_gib, "artifacts": None}  # fmt: skip
+        env = dict(os.environ)
+        if report.compiled:
+            artifacts = self.tmp / "compile-artifacts.bin"
+            artifacts.write_bytes(compile_artifacts() or b"")
+            spec["artifacts"] = str(artifacts)
+            for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+                env[name] = str(self.tmp / f"fresh-{name.lower()}")
+        (self.tmp / "resume.json").write_text(json.dumps(spec))
+        started = time.time()  # wall clock: the child reports its own, on the same machine
+        out = subprocess.run([sys.executable, "-c", "from runner.bench import resume_child; resume_child()",
+                              str(self.tmp / "resume.json")], env=env, capture_output=True, text=True)  # fmt: skip
+        if out.returncode != 0:
+            report.notes.append(f"resume timing failed: {out.stderr.strip().splitlines()[-1:]}")
+            return
+        child = json.loads(out.stdout.strip().splitlines()[-1])
+        report.import_s, report.resume_load_s = child["import_s"], child["load_s"]
+        report.resume_to_first_step_s = round(child["first_step_at"] - started, 2)
+        if child["compiled"] != report.compiled:
+            report.notes.append(f"the resumed process trained with compile={child['compiled'] or 'off'}")
 
     def _free(self) -> None:
         import gc
@@ -277,11 +286,36 @@ def log_partial(report: BenchReport) -> None:
     print(f"relay-bench partial: {json.dumps(asdict(report))}", file=sys.stderr, flush=True)
 
 
-def import_seconds() -> float:
-    """Seconds a fresh interpreter takes to import the training stack."""
-    code = "import time; t = time.perf_counter(); import runner.train.run; print(time.perf_counter() - t)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+def resume_child() -> None:
+    """The resumed session of `relay bench` (its own process, see Bench._time_resume): prints one JSON line
+    with the wall-clock time its first step ended."""
+    started = time.perf_counter()
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    import torch
+
+    from runner.train.model import load_compile_artifacts
+    from runner.train.run import Placement, TrainingRun
+
+    import_s = time.perf_counter() - started
+    placement = Placement.detect()
+    if placement.device.startswith("cuda") and spec["vram_gib"]:
+        total = torch.cuda.get_device_properties(placement.device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec["vram_gib"] * GIB / total), placement.device)
+    blob = Path(spec["artifacts"]).read_bytes() if spec["artifacts"] else b""
+    if blob:
+        load_compile_artifacts(blob)  # what a session fetches from the run
+    profile = load_profile("sdxl-naruto-t4", spec["sets"])
+    t0 = time.perf_counter()
+    resumed = TrainingRun(profile, Path(spec["cache"]), placement=placement, bus=events.EventBus(),
+                          gpu_name=placement.device)  # fmt: skip
+    load_s = time.perf_counter() - t0
+    resumed.restore(Path(spec["ckpt"]), spec["meta"])
+    resumed.step(0)
+    if placement.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    result = {"first_step_at": time.time(), "import_s": round(import_s, 2), "load_s": round(load_s, 2),
+              "compiled": resumed.trainer.compiled or ""}  # fmt: skip
+    print(json.dumps(result), flush=True)
 
 
 def matmul_tflops(device: str, n: int = 8192, repeats: int = 10) -> float:

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compile",
         default="auto",
-        choices=["auto", "off", "blocks", "unet", "graphs"],
+        choices=["auto", "off", "blocks", "graphs"],
         help="torch.compile of the UNet",
     )
     p.add_argument("--steps", type=int, default=12, help="timed optimizer steps (after warm-up)")

@@ -39,12 +39,14 @@ from runner.fit import is_oom_error
 from runner.profile import Profile
 from runner.train.cache import CachedData
 from runner.train.data import StepOrder, derive_seed, generator, split_validation
+from runner.train.grads import FlatGrads
 from runner.train.graphs import MicroBatchGraphs, checkpoint_without_rng
 from runner.train.model import (
     attach_lora,
     compile_available,
     compile_blocks,
     load_lora_state_dict,
+    lora_forward_order,
     lora_parameters,
     lora_state_dict,
     set_lora_input_casts,
@@ -132,7 +134,9 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.lr_scheduler = self._make_lr_scheduler()
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        self.graphs = MicroBatchGraphs(self._micro, self.params) if self.compiled == "graphs" else None
+        # one flat gradient buffer: what a CUDA graph accumulates into, and what ranks exchange
+        self.grads = self._flat_grads() if self.compiled == "graphs" or world > 1 else None
+        self.graphs = self._new_graphs() if self.compiled == "graphs" else None
         self.compile_proven = False  # set by the first step that ran compiled: failures after it are real
         self._ahead: tuple[tuple[int, int], Batch] | None = None  # the next micro-batch, built early
 
@@ -167,6 +171,9 @@ class Trainer:
         if self.compiled:
             compile_blocks(unet)
         unet.train()
+
+    def _flat_grads(self) -> FlatGrads:
+        return FlatGrads(self.params, self.world, lora_forward_order(self.unet))
 
     def _compile_mode(self) -> str | None:
         """The train.compile mode this device can run ("blocks" or "graphs"); None: eager."""
@@ -319,8 +326,12 @@ class Trainer:
             self._fall_back_to_eager(exc)
             losses = self._micro_batches(step)
         self.compile_proven = True
-        total = self._all_reduce(sum(float(loss) for loss in losses))  # one wait for the GPU, after the backward
-        grad_norm, skipped = self._update(math.isfinite(total))
+        if self.grads is not None:
+            self.grads.average()  # the sums the last backward's all-reduce left, loss included
+            total = self.grads.loss
+        else:
+            total = torch.stack(losses).sum()
+        total, grad_norm, skipped = self._update(total)
         with warnings.catch_warnings():  # a skipped update still advances the schedule: lr is a function of the step
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.lr_scheduler.step()
@@ -331,7 +342,8 @@ class Trainer:
         losses = []
         for micro in range(self.grad_accum):
             batch = self._take_batch(step, micro)
-            losses.append(self.graphs.run(batch).clone() if self.graphs else self._micro(batch))
+            reduce = self.world > 1 and micro == self.grad_accum - 1  # ranks exchange once a step
+            losses.append(self.graphs.run(batch, reduce) if self.graphs else self._micro(batch, reduce))
             self._build_ahead(step, micro)  # a replayed graph returns at once: the CPU is free meanwhile
         return losses
 
@@ -345,64 +357,66 @@ class Trainer:
         self.compiled, self.graphs = None, None
         self._zero_grad()
 
+    def _new_graphs(self) -> MicroBatchGraphs:
+        return MicroBatchGraphs(self._micro, self.params, self.grads.flat)
+
     def release_graphs(self) -> None:
         """Free the CUDA graphs and their memory pool (before sampling); the next step captures again."""
         if self.graphs is not None:
-            self.graphs = MicroBatchGraphs(self._micro, self.params)
+            self.graphs = self._new_graphs()
             torch.cuda.empty_cache()
 
-    def _micro(self, batch: Batch) -> torch.Tensor:
-        """Forward, loss and (scaled) backward of one micro-batch; the loss, already divided by grad_accum."""
+    def _micro(self, batch: Batch, reduce: bool = False) -> torch.Tensor:
+        """Forward, loss and (scaled) backward of one micro-batch; the loss, already divided by grad_accum.
+
+        With `reduce` the gradients (and loss) are then summed over ranks: inside a CUDA graph capture bucket
+        by bucket while the backward runs (captured once, so the launches cost nothing on replay); eagerly in
+        one all-reduce after it, from this thread."""
         loss = self._loss(batch) / self.grad_accum
+        if self.grads is not None:
+            self.grads.add_loss(loss)
+        overlap = reduce and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        if overlap:
+            self.grads.begin_reduce()
         (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if overlap:
+            self.grads.end_reduce()
+        elif reduce:
+            self.grads.reduce_now()
         return loss.detach()
 
     def _zero_grad(self) -> None:
-        """Clear the gradients. A CUDA graph accumulates into the .grad buffers it was captured with: under
-        graphs they are allocated once and zeroed in place, never replaced."""
-        if self.graphs is None:
+        """Clear the gradients: in place in the flat buffer (a CUDA graph accumulates into the buffers it was
+        captured with, and ranks exchange it), else by dropping them."""
+        if self.grads is not None:
+            self.grads.zero()
+        else:
             self.optimizer.zero_grad(set_to_none=True)
-            return
-        for param in self.params:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-        torch._foreach_zero_([param.grad for param in self.params])  # one launch, not 1,120
 
-    def _all_reduce(self, total: float) -> float:
-        """Average gradients and loss over ranks (no-op on one process).
+    def _update(self, total: torch.Tensor) -> tuple[float, float | None, bool]:
+        """Clip and apply the gradients; returns (loss, grad norm, skipped).
 
-        One flat buffer, one all-reduce: per-parameter calls (1,120 for SDXL's attention LoRA) cost more
-        in launches than the data they move."""
-        if self.world == 1 or not torch.distributed.is_initialized():
-            return total
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-        grads = [param.grad for param in self.params if param.grad is not None]
-        flat = _flatten_dense_tensors([*grads, torch.tensor([total], device=self.device, dtype=grads[0].dtype)])
-        torch.distributed.all_reduce(flat)
-        flat /= self.world
-        *reduced, loss = _unflatten_dense_tensors(flat, [*grads, flat[-1:]])
-        torch._foreach_copy_(grads, reduced)
-        return float(loss.item())
-
-    def _update(self, is_finite: bool) -> tuple[float | None, bool]:
-        """Clip and apply the gradients; returns (grad norm, skipped)."""
+        With the fp16 scaler nothing here waits for the GPU until the update is queued: the loss and the
+        norm are read together at the end, once a step, so the GPU never idles between the backward and
+        the optimizer while the CPU catches up."""
         max_norm = self.cfg.max_grad_norm or float("inf")
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-            norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-            scale = self.scaler.get_scale()
+            norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
             self.scaler.step(self.optimizer)  # skips the update itself on inf/NaN gradients
             self.scaler.update()
-            return (norm if math.isfinite(norm) else None), self.scaler.get_scale() < scale or not is_finite
-        if not is_finite:
+            loss, norm_value = torch.stack([total.float(), norm.float()]).tolist()
+            finite = math.isfinite(loss) and math.isfinite(norm_value)
+            return loss, (norm_value if math.isfinite(norm_value) else None), not finite
+        loss = float(total)
+        if not math.isfinite(loss):
             self._zero_grad()
-            return None, True
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        if not math.isfinite(norm):
-            return None, True
+            return loss, None, True
+        norm_value = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if not math.isfinite(norm_value):
+            return loss, None, True
         self.optimizer.step()
-        return norm, False
+        return loss, norm_value, False
 
     def _track_nan(self, step: int, total: float) -> None:
         if math.isfinite(total):

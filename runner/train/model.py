@@ -531,6 +531,23 @@ def lora_parameters(unet: UNet2DConditionModel) -> list[torch.nn.Parameter]:
     return [p for name, p in unet.named_parameters() if LORA_MARK in name]
 
 
+# The UNet's top-level parts in the order its forward runs them; named_parameters() lists up_blocks before
+# mid_block (the order UNet2DConditionModel registers them), which is not the order gradients appear in.
+FORWARD_ORDER = ("conv_in", "time_", "add_", "encoder_hid", "down_blocks", "mid_block", "up_blocks")
+
+
+def lora_forward_order(unet: UNet2DConditionModel) -> list[int]:
+    """Indices into lora_parameters(unet), in the order the forward pass uses them (so the backward
+    finishes their gradients in the reverse order)."""
+    names = [name for name, _ in unet.named_parameters() if LORA_MARK in name]
+
+    def part(index: int) -> int:
+        top = names[index]
+        return next((k for k, prefix in enumerate(FORWARD_ORDER) if top.startswith(prefix)), len(FORWARD_ORDER))
+
+    return sorted(range(len(names)), key=lambda index: (part(index), index))
+
+
 def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     """The peft-format LoRA state dict of the UNet (keys without the adapter name), on CPU, contiguous."""
     from peft.utils import get_peft_model_state_dict

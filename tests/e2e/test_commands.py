@@ -68,9 +68,7 @@ def test_samples_during_training_leave_the_trained_weights_unchanged(tmp_path):
 
 
 def test_bench_runs_the_training_path_and_reports_json():
-    out = relay(
-        "bench", "--model", "tiny", "--resolution", "64", "--steps", "2", "--rank", "4", "--skip-resume", "--json"
-    )
+    out = relay("bench", "--model", "tiny", "--resolution", "64", "--steps", "2", "--rank", "4", "--json")
     assert out.returncode == 0, out.stderr
     import json
 
@@ -78,3 +76,6 @@ def test_bench_runs_the_training_path_and_reports_json():
     assert report["model"] == "tiny" and report["resolution"] == 64 and len(report["step_s_all"]) == 2
     assert report["trainable_params"] > 0 and report["step_s_median"] > 0 and report["checkpoint_save_s"] > 0
     assert report["images_per_s"] == pytest.approx(1 / report["step_s_median"], rel=0.01)
+    # the resume is timed in a fresh process, from its start to the end of its first step
+    assert report["notes"] == [] and 0 < report["import_s"] < report["resume_to_first_step_s"]
+    assert 0 < report["resume_load_s"] < report["resume_to_first_step_s"]

@@ -37,6 +37,17 @@ def _worst(a: Trainer, b: Trainer) -> float:
     return max(float((sa[k] - sb[k]).abs().max()) for k in sa)
 
 
+def _relative_gap(a: Trainer, b: Trainer, start: dict[str, torch.Tensor]) -> float:
+    """|a - b| / |a - start| over all LoRA weights (L2): how far apart two runs ended, against how far
+    they moved. Adam moves each weight by about lr per step whatever its gradient's size, so a weight
+    whose gradient is near zero can step the other way in either run after an fp16 rounding; the
+    largest single difference says nothing, the total does."""
+    sa, sb = lora_state_dict(a.unet), lora_state_dict(b.unet)
+    gap = sum(float((sa[k] - sb[k]).pow(2).sum()) for k in sa) ** 0.5
+    moved = sum(float((sa[k] - start[k]).pow(2).sum()) for k in sa) ** 0.5
+    return gap / moved
+
+
 def _grads_of_one_step(trainer: Trainer) -> list[torch.Tensor]:
     trainer._zero_grad()
     trainer._micro_batches(0)  # two accumulated micro-batches, scaled, not yet unscaled or applied
@@ -55,10 +66,11 @@ def test_graph_replay_accumulates_the_same_gradients_as_the_compiled_eager_step(
 
 def test_graph_replay_trains_like_the_compiled_eager_step(cached):
     blocks, graphs = _trainer(cached, "blocks"), _trainer(cached, "graphs")
+    start = lora_state_dict(blocks.unet)
     for step in range(5):
         a, b = blocks.step(step), graphs.step(step)
         assert abs(a.loss - b.loss) <= 1e-2 * abs(a.loss), (step, a.loss, b.loss)
-    assert _worst(blocks, graphs) < 1e-3
+    assert _relative_gap(blocks, graphs, start) < 0.02  # fp16 rounding; a lost or stale micro-batch is far above
     for step in range(5, 15):
         graphs.step(step)
     # one capture per batch shape (the tiny data has several aspect buckets), replayed after; none again
@@ -80,11 +92,12 @@ def test_graphs_resume_matches_a_straight_run(cached, tmp_path):
     assert _worst(straight, resumed) < 1e-5
 
 
-def test_moved_gradients_are_noticed_and_captured_again(cached):
+def test_moved_parameters_are_noticed_and_captured_again(cached):
     trainer = _trainer(cached, "graphs")
     trainer.step(0)
     before = trainer.graphs.captures
-    for param in trainer.params:  # what a probe's cleanup does
-        param.grad = None
+    for param in trainer.params:  # storage replaced, as a state load that reallocates would do
+        param.data = param.data.clone()
     result = trainer.step(0)  # the same batches: only the moved buffers can cause a capture
     assert trainer.graphs.captures > before and torch.isfinite(torch.tensor(result.loss))
+    assert all(p.grad.data_ptr() != 0 for p in trainer.params)
