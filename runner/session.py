@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -139,9 +140,8 @@ def launch_distributed(gpus: int) -> int:
     with socket.socket() as sock:  # a free port for the process group's rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(gpus)}
     cmd = [sys.executable, "-m", "runner", *sys.argv[1:]]
-    procs = [subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(gpus)]
+    procs = [subprocess.Popen(cmd, env=rank_env(os.environ, r, gpus, port, os.cpu_count() or 1)) for r in range(gpus)]
 
     def forward(signum, _frame) -> None:
         for proc in procs:
@@ -155,6 +155,17 @@ def launch_distributed(gpus: int) -> int:
             signal.signal(sig, handler)
     log.info("ranks exited with %s", codes)
     return codes[0] if codes[0] != 0 or all(c == 0 for c in codes) else max(codes, key=abs)
+
+
+def rank_env(env: Mapping[str, str], rank: int, world: int, port: int, cpus: int) -> dict[str, str]:
+    """The environment of one rank: the rendezvous, and the CPU cores shared out between the ranks.
+
+    Each torch process otherwise sizes its CPU thread pool to the whole machine; several ranks then
+    oversubscribe the cores (a Kaggle 2×T4 VM has 4), and spinning worker threads delay the ranks
+    unevenly, when every step waits for the slowest one. A value the user set is kept."""
+    threads = env.get("OMP_NUM_THREADS") or str(max(1, cpus // world))
+    return {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+            "RANK": str(rank), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": threads}  # fmt: skip
 
 
 def wait_all(procs, poll_s: float = 0.5, grace_s: float = 30.0) -> list[int]:
