@@ -6,6 +6,7 @@ backward (to fp16 rounding): a bucket left out or reduced twice would show as a 
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 from pathlib import Path
@@ -20,6 +21,7 @@ pytestmark = [
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs"),
 ]
 STEPS = 6
+RANK_TIMEOUT_S = 360  # a rank stuck in a collective dumps its threads' stacks and exits: the test fails, not hangs
 
 
 def _free_port() -> int:
@@ -36,6 +38,7 @@ def _rank(rank: int, port: int, cache_dir: str, out_dir: str) -> None:
     from runner.train.loop import Trainer
     from runner.train.model import build_tiny, lora_state_dict
 
+    faulthandler.dump_traceback_later(RANK_TIMEOUT_S, exit=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=2, device_id=torch.device("cuda", rank))
