@@ -210,7 +210,7 @@ def reference_factory(tmp_path_factory):
             # this storage cut back to any step. (When checkpoints are taken changes no weight.)
             args = train_args(ref.storage, ref.workdir, steps=steps, extra=(f"checkpoint.keep={steps + 1}",))
             with pytest.MonkeyPatch.context() as patch:
-                checkpoint_every_step(patch)
+                checkpoint_every_step(patch, wait_uploads=True)
                 code = relay_main(args)
             assert code == 0, "the reference run failed (see the captured output)"
             assert len(list((ref.run_dir / "checkpoints").iterdir())) == steps
@@ -221,16 +221,29 @@ def reference_factory(tmp_path_factory):
     return make
 
 
-def checkpoint_every_step(patch: pytest.MonkeyPatch) -> None:
-    """Make in-process sessions checkpoint after every step (the budget would space them by cost)."""
+def checkpoint_every_step(patch: pytest.MonkeyPatch, *, wait_uploads: bool = False) -> None:
+    """Make in-process sessions checkpoint after every step (the budget would space them by cost).
+
+    A checkpoint still waiting when the next one is submitted is superseded (by design), so on a
+    slow machine some steps would have none; `wait_uploads` makes each submit wait for its upload.
+    """
     from runner import budget
+    from runner.checkpoint.manager import CheckpointManager
 
     patch.setattr(budget, "should_checkpoint", lambda ctx: not budget.should_stop(ctx))
+    if wait_uploads:
+        submit = CheckpointManager.submit
+
+        def submit_and_wait(self, staged):
+            submit(self, staged)
+            self.wait()
+
+        patch.setattr(CheckpointManager, "submit", submit_and_wait)
 
 
 @pytest.fixture
 def every_step(monkeypatch) -> None:
-    checkpoint_every_step(monkeypatch)
+    checkpoint_every_step(monkeypatch, wait_uploads=True)
 
 
 @pytest.fixture(scope="session")
