@@ -45,8 +45,8 @@ PLATFORM_LIMITS_H: dict[str, float | None] = {
 }
 
 PRIOR_STEP_S = 10.0  # SDXL 1024 px, effective batch 4, T4: ~2.5 s per micro-batch (a guess until measured)
-PRIOR_CHECKPOINT_S = 10.0  # staging ~0.3 GB of LoRA + optimizer safetensors on local disk
-PRIOR_UPLOAD_S = 60.0  # ~0.3 GB to Google Drive at ~5 MB/s
+PRIOR_CHECKPOINT_S = 10.0  # copying ~0.3 GB of LoRA + optimizer state to host memory (a cautious prior)
+PRIOR_UPLOAD_S = 60.0  # writing ~0.3 GB locally, then uploading it to Google Drive at ~5 MB/s
 COST_WINDOW = 15  # recent samples kept per cost; the median of these is the estimate
 KAGGLE_WEEKLY_GPU_H = 30.0  # Kaggle's "floating" weekly GPU quota (The Kaggle Book)
 WEEK_S = 7 * 24 * 3600.0

@@ -43,8 +43,8 @@ from runner.storage.url import open_storage
 
 log = logging.getLogger(__name__)
 HEARTBEAT_EVERY_S = 60.0
-# Priors until the first checkpoint is measured: staging a ~280 MB LoRA + AdamW state takes a
-# second or two; an upload to Drive tens of seconds.
+# Priors until the first checkpoint is measured: copying a ~280 MB LoRA + AdamW state to host memory
+# takes well under a second (2 s is cautious); writing it locally and uploading it to Drive, tens of seconds.
 CHECKPOINT_PRIOR_S = 2.0
 UPLOAD_PRIOR_S = 30.0
 
@@ -465,6 +465,8 @@ class Session:
             state = replace(state, step=state.step + 1)
             self.step = state.step
             ctx.bus.emit(tr.step_event(state.step, result))
+            if self.is_main:
+                self.ckpts.check()  # a checkpoint the worker could not write (a full disk) ends the session now
             due = state.step < target and budget.should_checkpoint(
                 self._budget(deadline, last_ckpt_at, target - state.step)
             )
@@ -515,7 +517,7 @@ class Session:
         if not self.is_main:
             return  # rank 0 holds the same LoRA weights (gradients are all-reduced) and saves them
         state = replace(state, sessions=[*self._prior_sessions(state), self.session_record()])
-        staged = self.ckpts.stage(state.step, tr.save_state, state=state)
+        staged = self.ckpts.stage_snapshot(state.step, tr.snapshot_state, state=state)  # written by the worker
         self.checkpointed_step = state.step
         self.meter.add_checkpoint(staged.stage_s)
         self.checkpoint_s += staged.stage_s

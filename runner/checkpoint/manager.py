@@ -1,16 +1,18 @@
 """Checkpoints of one run: stage locally, upload in the background, commit, rotate, restore.
 
 Owns: RUN/checkpoints/step-XXXXXXXX/ folders. `stage` writes a checkpoint to
-local disk (fast: no network); `submit` hands it to one background worker that
-uploads it with the commit protocol (files first, COMMIT.json last), verifies
-the commit, and only then deletes older checkpoints (COMMIT.json first, so a
-half-deleted folder never looks committed). At most one checkpoint waits behind
-the one uploading; a newer submit replaces the waiting one. `latest` restores
-the newest committed checkpoint that verifies, falling back with a Warning.
+local disk (fast: no network); `stage_snapshot` only takes the caller's snapshot
+(a copy in host memory) and leaves writing it to local disk to the worker.
+`submit` hands it to one background worker that writes it if needed, uploads it
+with the commit protocol (files first, COMMIT.json last), verifies the commit,
+and only then deletes older checkpoints (COMMIT.json first, so a half-deleted
+folder never looks committed). At most one checkpoint waits behind the one
+uploading; a newer submit replaces the waiting one. `latest` restores the
+newest committed checkpoint that verifies, falling back with a Warning.
 
-Must not: import torch (the trainer's `write` callback writes the tensors),
-decide when to checkpoint (the budget does), or ever delete the only verified
-checkpoint.
+Must not: import torch (the trainer's `write` callback or snapshot writes the
+tensors), decide when to checkpoint (the budget does), or ever delete the only
+verified checkpoint.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import re
 import shutil
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import tenacity
 
@@ -45,12 +48,24 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+class Snapshot(Protocol):
+    """A checkpoint's tensors and meta, already copied out of the live training state."""
+
+    nbytes: int  # size of the tensors, for the CheckpointStaged event
+
+    def write(self, directory: Path) -> dict:
+        """Write the tensor files into `directory`; return the JSON meta (as `stage`'s `write`)."""
+        ...
+
+
 @dataclass(frozen=True)
 class Staged:
     step: int
     dir: Path
-    bytes: int  # total size of the folder, COMMIT.json included
+    bytes: int  # total size of the folder, COMMIT.json included (before a snapshot is written: its tensors' size)
     stage_s: float  # seconds the (blocking) staging took
+    snapshot: Snapshot | None = field(default=None, repr=False, compare=False)  # still to be written to `dir`
+    state: RunState | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -115,15 +130,40 @@ class CheckpointManager:
         trainer=meta), which is written as state.json too and comes back as Restored.state.
         """
         t0 = self.clock.monotonic()
-        folder = self.workdir / "staging" / step_dir_name(step)
+        folder = self._claim(step)
+        size = self._write_folder(step, folder, write, state)
+        staged = Staged(step, folder, size, self.clock.monotonic() - t0)
+        self.bus.emit(events.CheckpointStaged(step, size, staged.stage_s))
+        return staged
+
+    def stage_snapshot(self, step: int, take: Callable[[], Snapshot], state: RunState | None = None) -> Staged:
+        """Take checkpoint `step`'s snapshot now (`take()`, the only part that blocks the caller).
+
+        Writing it to workdir/staging/ and hashing it, as `stage` does, is left to the worker,
+        before the upload. If that write fails (a full local disk), the caller's next `check`,
+        `submit` or `wait` raises the StorageError.
+        """
+        t0 = self.clock.monotonic()
+        folder = self._claim(step)
+        snapshot = take()
+        staged = Staged(step, folder, snapshot.nbytes, self.clock.monotonic() - t0, snapshot=snapshot, state=state)
+        self.bus.emit(events.CheckpointStaged(step, snapshot.nbytes, staged.stage_s))
+        return staged
+
+    def _claim(self, step: int) -> Path:
+        """The staging folder of `step`, after making sure no upload of the same step is in the way."""
         with self._cond:
             if self._uploading is not None and self._uploading.step == step:
                 raise RelayError(f"checkpoint step {step} is still uploading; cannot stage it again now")
             if self._waiting is not None and self._waiting.step == step:
                 self._waiting = None  # about to be rewritten; the caller submits the new one
+        return self.workdir / "staging" / step_dir_name(step)
+
+    def _write_folder(self, step: int, folder: Path, write: Callable[[Path], dict], state: RunState | None) -> int:
+        """Write the files, state.json and COMMIT.json of `step` into `folder`; its size in bytes."""
         shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
         try:
+            folder.mkdir(parents=True)
             written = write(folder) or {}
         except OSError as exc:  # a full local disk, most often: say where, keep what is committed
             shutil.rmtree(folder, ignore_errors=True)
@@ -138,10 +178,7 @@ class CheckpointManager:
             (folder / STATE_FILE).write_text(state.to_json())
             meta["state"] = state.to_dict()
         write_manifest(folder, meta, clock=self.clock)
-        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-        staged = Staged(step, folder, size, self.clock.monotonic() - t0)
-        self.bus.emit(events.CheckpointStaged(step, size, staged.stage_s))
-        return staged
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
     # ---- background upload -------------------------------------------------------------------
 
@@ -159,6 +196,11 @@ class CheckpointManager:
         if replaced is not None and replaced.step != staged.step:
             log.info("checkpoint step %d superseded by step %d before its upload began", replaced.step, staged.step)
             shutil.rmtree(replaced.dir, ignore_errors=True)
+
+    def check(self) -> None:
+        """Raise what stopped the worker, if anything has (a snapshot that could not be written)."""
+        with self._cond:
+            self._raise_crash()
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """Block until no upload is waiting or running. Re-raises a crashed worker.
@@ -195,7 +237,13 @@ class CheckpointManager:
                 job, self._waiting, self._uploading = self._waiting, None, self._waiting
             crash = None
             try:
-                self._upload(job)
+                t0 = self.clock.monotonic()
+                if job.snapshot is not None:
+                    job = self._write_snapshot(job)
+                self._upload(job, t0)
+            except StorageError as exc:  # the snapshot could not be staged: the caller's next call raises it
+                log.warning("%s", exc)
+                crash = exc
             except Exception as exc:  # the thread boundary: hand an unexpected error to the caller
                 log.exception("upload worker failed on step %d", job.step)
                 crash = exc
@@ -204,8 +252,13 @@ class CheckpointManager:
                 self._uploading = None
                 self._cond.notify_all()
 
-    def _upload(self, staged: Staged) -> None:
-        t0 = self.clock.monotonic()
+    def _write_snapshot(self, job: Staged) -> Staged:
+        assert job.snapshot is not None
+        size = self._write_folder(job.step, job.dir, job.snapshot.write, job.state)
+        return Staged(job.step, job.dir, size, job.stage_s)
+
+    def _upload(self, staged: Staged, t0: float) -> None:
+        """Commit `staged`; its upload time counts from `t0` (the worker's start on it, writing included)."""
         try:
             self._retrying()(self._commit_and_verify, staged, t0)
         except (StorageError, CheckpointCorrupt, OSError) as exc:

@@ -166,6 +166,10 @@ class TrainingRun:
     def save_state(self, directory: Path) -> dict[str, Any]:
         return self.trainer.save_state(directory)
 
+    def snapshot_state(self):
+        """The training state copied to host memory (runner.train.loop.StateSnapshot), to be written later."""
+        return self.trainer.snapshot_state()
+
     def lora_weights(self) -> dict[str, torch.Tensor]:
         return lora_state_dict(self.unet)
 

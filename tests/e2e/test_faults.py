@@ -98,18 +98,15 @@ def flip_byte(path: Path, offset: int = -100) -> None:
 
 
 def _raise_at(step_to_fail: int, exc: BaseException):
-    """A Trainer method wrapper that raises `exc` once, when the trainer is at `step_to_fail`."""
+    """A Trainer.step wrapper that raises `exc` once, at step `step_to_fail`."""
     state = {"raised": False}
 
     def wrap(real):
-        def method(self, *args, **kwargs):
-            step = args[0] if args and isinstance(args[0], int) else None
-            if not state["raised"] and (
-                step == step_to_fail or (step is None and self._relay_test_step == step_to_fail)
-            ):
+        def method(self, step, *args, **kwargs):
+            if not state["raised"] and step == step_to_fail:
                 state["raised"] = True
                 raise exc
-            return real(self, *args, **kwargs)
+            return real(self, step, *args, **kwargs)
 
         return method
 
@@ -130,16 +127,19 @@ def test_crash_keeps_the_previous_checkpoint_and_a_rerun_ends_the_same(
         wrap, state = _raise_at(failing_step, RuntimeError("injected crash in the training step"))
         monkeypatch.setattr(Trainer, "step", wrap(Trainer.step))
         expected = "injected crash in the training step"
-    else:
-        real_step = Trainer.step
+    else:  # the checkpoint's snapshot is written to local disk by the upload worker
+        from runner.train.loop import StateSnapshot
 
-        def step(self, n):  # remember where the trainer is, for save_state below
-            self._relay_test_step = n + 1
-            return real_step(self, n)
+        state = {"raised": False}
+        real_write = StateSnapshot.write
 
-        monkeypatch.setattr(Trainer, "step", step)
-        wrap, state = _raise_at(failing_step, OSError(errno.ENOSPC, "No space left on device"))
-        monkeypatch.setattr(Trainer, "save_state", wrap(Trainer.save_state))
+        def write(self, directory):
+            if not state["raised"] and directory.name == f"step-{failing_step:08d}":
+                state["raised"] = True
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(self, directory)
+
+        monkeypatch.setattr(StateSnapshot, "write", write)
         expected = "No space left on device"
 
     code = relay_main(train_args(storage, workdir))

@@ -100,6 +100,63 @@ def test_state_returned_by_the_writer_as_json_is_restored(h, tmp_path):
     assert restored.state == state and restored.meta["step"] == 5
 
 
+class _Snapshot:
+    """A stand-in for the trainer's StateSnapshot: `_writer(step)`'s files, written when the worker asks."""
+
+    nbytes = 6144
+
+    def __init__(self, step: int, fail: OSError | None = None, gate: threading.Event | None = None):
+        self.step, self.fail, self.gate = step, fail, gate
+        self.thread: str | None = None
+
+    def write(self, folder):
+        self.thread = threading.current_thread().name
+        if self.gate is not None:
+            assert self.gate.wait(30)
+        if self.fail is not None:
+            (folder / "lora.safetensors").write_bytes(b"half")
+            raise self.fail
+        return _writer(self.step)(folder)
+
+
+def test_a_snapshot_is_written_by_the_worker_and_commits_the_same_files_as_stage(h, tmp_path):
+    gate = threading.Event()
+    snapshot = _Snapshot(10, gate=gate)
+    staged = h.manager.stage_snapshot(10, lambda: snapshot, _state())
+    assert not staged.dir.exists(), "staging a snapshot must not write it in the caller's thread"
+    assert h.of(events.CheckpointStaged)[0].bytes == _Snapshot.nbytes
+    h.manager.submit(staged)
+    gate.set()
+    assert h.manager.wait(timeout_s=30)
+    assert snapshot.thread == "relay-upload"
+    committed = h.local.root / RUN / "checkpoints" / step_dir_name(10)
+    want = {p.name: p.read_bytes() for p in _fresh_copy(tmp_path, 10).iterdir()}
+    assert {p.name: p.read_bytes() for p in committed.iterdir()} == want
+    restored = h.manager.latest(tmp_path / "restore")
+    assert restored.step == 10 and restored.state.trainer == {"scheduler": {"last_epoch": 10}}
+    assert h.of(events.CheckpointCommitted)[0].bytes == sum(len(b) for b in want.values())
+
+
+def test_a_snapshot_that_cannot_be_written_is_raised_to_the_caller_and_nothing_reaches_storage(h, tmp_path):
+    import errno
+
+    from runner.errors import StorageError
+
+    h.save(4)
+    snapshot = _Snapshot(5, fail=OSError(errno.ENOSPC, "No space left on device"))
+    h.manager.submit(h.manager.stage_snapshot(5, lambda: snapshot, _state()))
+    with pytest.raises(StorageError, match="could not stage checkpoint step 5.*No space left on device") as info:
+        for _ in range(300):  # the session calls check() after every step
+            h.manager.check()
+            threading.Event().wait(0.01)
+    assert "free local disk space" in (info.value.hint or "")
+    assert not (h.workdir / "staging" / step_dir_name(5)).exists(), "the half-written folder is left behind"
+    assert h.manager.committed_steps() == [4]
+    h.manager.submit(h.manager.stage_snapshot(6, lambda: _Snapshot(6), _state()))  # the disk has room again
+    assert h.manager.wait(timeout_s=30)
+    assert h.manager.committed_steps() == [4, 6]
+
+
 def _fresh_copy(tmp_path, step):
     """What the trainer wrote for `step`, staged again in a scratch manager (same bytes, same state)."""
     scratch = CheckpointManager(LocalStorage(tmp_path / "unused"), RUN, tmp_path / "scratch", keep=1, clock=FakeClock())

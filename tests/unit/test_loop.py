@@ -110,6 +110,34 @@ def test_state_files_are_safetensors_and_meta_is_json(cached, tmp_path):
     assert meta["lr_scheduler"]["last_epoch"] == 1
 
 
+def test_a_snapshot_written_later_holds_the_state_of_when_it_was_taken(cached, tmp_path):
+    """The checkpoint worker writes a snapshot while training goes on: later steps must not reach it."""
+    trainer = _trainer(load_profile("tiny"), cached)
+    [trainer.step(s) for s in range(2)]
+    meta_now = trainer.save_state(tmp_path / "now")
+    snapshot = trainer.snapshot_state()
+    assert snapshot.nbytes == sum((tmp_path / "now" / n).stat().st_size for n in (LORA_FILE, OPTIMIZER_FILE)) - (
+        _header_bytes(tmp_path / "now" / LORA_FILE) + _header_bytes(tmp_path / "now" / OPTIMIZER_FILE)
+    )
+    [trainer.step(s) for s in range(2, 4)]  # weights and AdamW moments change in place
+    assert snapshot.write(tmp_path / "later") == meta_now
+    for name in (LORA_FILE, OPTIMIZER_FILE):
+        assert (tmp_path / "later" / name).read_bytes() == (tmp_path / "now" / name).read_bytes(), name
+    assert not _equal_files(trainer, tmp_path / "later"), "the steps after the snapshot changed nothing"
+
+
+def _header_bytes(path) -> int:
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")  # safetensors: u64 length, then the JSON header
+
+
+def _equal_files(trainer, folder) -> bool:
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / LORA_FILE))
+    live = lora_state_dict(trainer.unet)
+    return all(torch.equal(saved[k], live[k]) for k in saved)
+
+
 def _poisoned(data):
     nan = [torch.full_like(t, float("nan")) for t in data.latents]
     return replace(data, latents=nan, latents_flip=nan)
