@@ -12,6 +12,6 @@ bench() {  # name, flags…
   echo "== $name: relay bench $*"
   local t0=$SECONDS
   timeout "${BENCH_TIMEOUT:-600}" python3 -m runner bench --vram-gib 15 --json "$@" >"$OUT/$name.json" 2>"$OUT/$name.err" || { echo "FAILED $name"; tail -n 5 "$OUT/$name.err"; }
-  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d[k] for k in ('step_s_median','peak_allocated_gib','peak_reserved_gib','gradient_checkpointing','micro_batch','compiled','setup_s','first_step_s','floor_step_s','overhead_vs_floor_pct','achieved_tflops','checkpoint_save_s','resume_to_first_step_s','notes')})" "$OUT/$name.json" 2>/dev/null
+  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d[k] for k in ('step_s_median','peak_allocated_gib','peak_reserved_gib','gradient_checkpointing','micro_batch','compiled','setup_s','first_step_s','floor_step_s','overhead_vs_floor_pct','achieved_tflops','checkpoint_save_s','checkpoint_write_s','resume_to_first_step_s','notes')})" "$OUT/$name.json" 2>/dev/null
   echo "   ($((SECONDS - t0)) s wall)"
 }

@@ -227,7 +227,7 @@ class Bench:
         t1 = time.perf_counter()
         snapshot.write(folder)
         write_manifest(folder, {"bench": True})
-        return round(t1 - t0, 3), round(time.perf_counter() - t1, 3)
+        return round(t1 - t0, 4), round(time.perf_counter() - t1, 4)
 
     def _time_resume(self, meta: dict, report: BenchReport) -> None:
         """A resume as a new session makes it: a fresh process that imports, loads the UNet from disk, adds

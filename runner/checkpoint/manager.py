@@ -260,7 +260,7 @@ class CheckpointManager:
     def _upload(self, staged: Staged, t0: float) -> None:
         """Commit `staged`; its upload time counts from `t0` (the worker's start on it, writing included)."""
         try:
-            self._retrying()(self._commit_and_verify, staged, t0)
+            self._retrying()(self._commit_and_verify, staged, self.clock.monotonic())
         except (StorageError, CheckpointCorrupt, OSError) as exc:
             self.last_error = str(exc)
             log.warning("upload of checkpoint step %d failed: %s (local copy kept in %s)", staged.step, exc, staged.dir)

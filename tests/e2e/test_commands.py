@@ -74,7 +74,8 @@ def test_bench_runs_the_training_path_and_reports_json():
 
     report = json.loads(out.stdout)
     assert report["model"] == "tiny" and report["resolution"] == 64 and len(report["step_s_all"]) == 2
-    assert report["trainable_params"] > 0 and report["step_s_median"] > 0 and report["checkpoint_save_s"] > 0
+    assert report["trainable_params"] > 0 and report["step_s_median"] > 0
+    assert report["checkpoint_save_s"] >= 0 and report["checkpoint_write_s"] > 0  # the copy of a tiny LoRA: ~0
     assert report["images_per_s"] == pytest.approx(1 / report["step_s_median"], rel=0.01)
     # the resume is timed in a fresh process, from its start to the end of its first step
     assert report["notes"] == [] and 0 < report["import_s"] < report["resume_to_first_step_s"]
