@@ -146,6 +146,47 @@ def test_load_parts_reads_a_local_diffusers_folder(tmp_path):
     assert torch.equal(with_vae.vae.encoder.conv_in.weight, separate.encoder.conv_in.weight)
 
 
+def test_load_parts_reads_the_unet_of_a_single_file_checkpoint(tmp_path, monkeypatch):
+    """A .safetensors file as A1111 / ComfyUI users have it: the UNet is converted from that layout with
+    the bundled config (here the tiny model's, standing in for SDXL's), with no download."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from tests.ldm_format import unet_to_single_file
+
+    unet = model.build_tiny(3).unet
+    shutil.copytree(model.CONFIGS_DIR, tmp_path / "configs")
+    unet.save_config(tmp_path / "configs" / "unet")  # the tiny UNet's config in place of SDXL's
+    monkeypatch.setattr(model, "CONFIGS_DIR", tmp_path / "configs")
+    state = unet.state_dict()
+    save_file(unet_to_single_file(state, unet.config.layers_per_block), str(tmp_path / "sdxl.safetensors"))
+    loaded = model.load_parts(ModelConfig(base=str(tmp_path / "sdxl.safetensors")), text=False, vae=False).unet
+    got = loaded.state_dict()
+    assert got.keys() == state.keys()
+    assert all(torch.equal(got[k], state[k]) for k in state), "a weight landed in the wrong place"
+    save_file({"model.diffusion_model.nonsense.weight": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ModelError, match="other.safetensors"):
+        model.load_parts(ModelConfig(base=str(tmp_path / "other.safetensors")), text=False, vae=False)
+
+
+def test_a_full_size_single_file_layout_converts_to_every_unet_weight_with_the_bundled_config():
+    """The same layout at full size (SDXL's first level has no attention; 2 layers per level): diffusers'
+    converter, given the bundled config, puts each stored tensor at the UNet weight it came from."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from tests.ldm_format import unet_to_single_file
+
+    config = json.loads((model.CONFIGS_DIR / "unet" / "config.json").read_text())
+    with torch.device("meta"):
+        names = list(UNet2DConditionModel.from_config(config).state_dict())
+    tagged = {name: torch.tensor(i) for i, name in enumerate(names)}  # each value says where it came from
+    converted = convert_ldm_unet_checkpoint(unet_to_single_file(tagged, config["layers_per_block"]), config)
+    assert sorted(converted) == sorted(names)
+    assert all(int(converted[name]) == i for i, name in enumerate(names))
+
+
 def test_dora_and_gaussian_init_attach_and_round_trip():
     plain = model.attach_lora(model.build_tiny(0).unet, TINY_LORA)
     unet = model.build_tiny(0).unet
