@@ -1,10 +1,16 @@
-"""A diffusers SDXL UNet's weights laid out as in a single-file checkpoint (A1111 / ComfyUI / the original
-repository: keys under `model.diffusion_model.`), so tests can make such a file from the tiny model.
+"""Diffusers SDXL weights laid out as in a single-file checkpoint (A1111 / ComfyUI / the original
+repository), so tests can make such a file from the tiny model.
 
-Only the UNet: that is what training loads from the file every session. The layout: `input_blocks.N`
-numbers the down path's layers (the conv_in first, then `layers_per_block` layers and a downsampler per
-level), `middle_block.0-2` is resnet, attention, resnet, and `output_blocks.N` numbers the up path's
-`layers_per_block + 1` layers per level, the upsampler riding in the last layer of a level.
+The UNet (keys under `model.diffusion_model.`): `input_blocks.N` numbers the down path's layers (the
+conv_in first, then `layers_per_block` layers and a downsampler per level), `middle_block.0-2` is
+resnet, attention, resnet, and `output_blocks.N` numbers the up path's `layers_per_block + 1` layers per
+level, the upsampler riding in the last layer of a level.
+
+The VAE (keys under `first_stage_model.`): `down.N.block.M` / `up.N.block.M` (the decoder's levels
+numbered from the bottom, the reverse of diffusers' order), `mid.block_1`, `mid.attn_1`, `mid.block_2`,
+and the attention's projections stored as 1×1 convolutions.
+
+The text encoders are left out: diffusers reads them from such a file with SDXL's files from the hub.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import re
 import torch
 
 PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
 _FIXED = {
     "time_embedding.linear_1": "time_embed.0",
     "time_embedding.linear_2": "time_embed.2",
@@ -68,3 +75,43 @@ def _key(key: str, per_level: int, up_with_attention: set[int]) -> str:
         return f"output_blocks.{level * (per_level + 1) + per_level}.{slot}.{rest}"
     layer = level * (per_level + 1) + index
     return f"output_blocks.{layer}.0.{_resnet(rest)}" if kind == "resnets" else f"output_blocks.{layer}.1.{rest}"
+
+
+_VAE_FIXED = {"conv_norm_out": "norm_out"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_VAE_BLOCK = re.compile(
+    r"^(encoder|decoder)\.(down_blocks|up_blocks)\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)$"
+)
+_VAE_MID = re.compile(r"^(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.+)$")
+
+
+def vae_to_single_file(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
+    """`state` (a diffusers AutoencoderKL state dict with `levels` block levels) under the single-file names."""
+    out = {}
+    for key, value in state.items():
+        name = _vae_key(key, levels)
+        if ".mid.attn_1." in name and name.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")):
+            value = value[:, :, None, None]  # stored as 1×1 convolutions
+        out[VAE_PREFIX + name] = value
+    return out
+
+
+def _vae_key(key: str, levels: int) -> str:
+    if m := _VAE_MID.match(key):
+        part, kind, index, rest = m.group(1), m.group(2), int(m.group(3)), m.group(4)
+        if kind == "resnets":
+            return f"{part}.mid.block_{index + 1}.{rest.replace('conv_shortcut', 'nin_shortcut')}"
+        module, _, param = rest.rpartition(".")
+        return f"{part}.mid.attn_1.{_VAE_ATTENTION[module]}.{param}"
+    if m := _VAE_BLOCK.match(key):
+        part, path, level, kind, index, rest = m.groups()
+        level = int(level) if path == "down_blocks" else levels - 1 - int(level)
+        side = "down" if path == "down_blocks" else "up"
+        if kind == "resnets":
+            return f"{part}.{side}.{level}.block.{index}.{rest.replace('conv_shortcut', 'nin_shortcut')}"
+        return f"{part}.{side}.{level}.{'downsample' if kind == 'downsamplers' else 'upsample'}.{rest}"
+    head, _, tail = key.partition(".")
+    module, _, param = tail.rpartition(".")
+    if head in ("encoder", "decoder"):
+        return f"{head}.{_VAE_FIXED.get(module, module)}.{param}"
+    return key  # quant_conv, post_quant_conv

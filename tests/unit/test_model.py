@@ -146,45 +146,63 @@ def test_load_parts_reads_a_local_diffusers_folder(tmp_path):
     assert torch.equal(with_vae.vae.encoder.conv_in.weight, separate.encoder.conv_in.weight)
 
 
-def test_load_parts_reads_the_unet_of_a_single_file_checkpoint(tmp_path, monkeypatch):
-    """A .safetensors file as A1111 / ComfyUI users have it: the UNet is converted from that layout with
-    the bundled config (here the tiny model's, standing in for SDXL's), with no download."""
+def test_load_parts_reads_the_unet_and_vae_of_a_single_file_checkpoint(tmp_path, monkeypatch):
+    """A .safetensors file as A1111 / ComfyUI users have it: UNet and VAE are converted from that layout
+    with the bundled configs (here the tiny model's, standing in for SDXL's), with no download."""
     import shutil
 
     from safetensors.torch import save_file
 
-    from tests.ldm_format import unet_to_single_file
+    from tests.ldm_format import unet_to_single_file, vae_to_single_file
 
-    unet = model.build_tiny(3).unet
+    parts = model.build_tiny(3)
     shutil.copytree(model.CONFIGS_DIR, tmp_path / "configs")
-    unet.save_config(tmp_path / "configs" / "unet")  # the tiny UNet's config in place of SDXL's
+    parts.unet.save_config(tmp_path / "configs" / "unet")  # the tiny model's configs in place of SDXL's
+    parts.vae.save_config(tmp_path / "configs" / "vae")
     monkeypatch.setattr(model, "CONFIGS_DIR", tmp_path / "configs")
-    state = unet.state_dict()
-    save_file(unet_to_single_file(state, unet.config.layers_per_block), str(tmp_path / "sdxl.safetensors"))
-    loaded = model.load_parts(ModelConfig(base=str(tmp_path / "sdxl.safetensors")), text=False, vae=False).unet
-    got = loaded.state_dict()
-    assert got.keys() == state.keys()
-    assert all(torch.equal(got[k], state[k]) for k in state), "a weight landed in the wrong place"
+    want = {"unet": parts.unet.state_dict(), "vae": parts.vae.state_dict()}
+    levels = len(parts.vae.config.down_block_types)
+    stored = {**unet_to_single_file(want["unet"], parts.unet.config.layers_per_block),
+              **vae_to_single_file(want["vae"], levels)}  # fmt: skip
+    save_file(stored, str(tmp_path / "sdxl.safetensors"))
+    loaded = model.load_parts(ModelConfig(base=str(tmp_path / "sdxl.safetensors")), text=False)
+    for name in ("unet", "vae"):
+        got = getattr(loaded, name).state_dict()
+        assert got.keys() == want[name].keys(), name
+        assert all(torch.equal(got[k], want[name][k]) for k in got), f"a {name} weight landed in the wrong place"
+    assert loaded.vae.config.scaling_factor == parts.vae.config.scaling_factor  # from the config, not a default
     save_file({"model.diffusion_model.nonsense.weight": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ModelError, match="other.safetensors"):
         model.load_parts(ModelConfig(base=str(tmp_path / "other.safetensors")), text=False, vae=False)
 
 
-def test_a_full_size_single_file_layout_converts_to_every_unet_weight_with_the_bundled_config():
-    """The same layout at full size (SDXL's first level has no attention; 2 layers per level): diffusers'
-    converter, given the bundled config, puts each stored tensor at the UNet weight it came from."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+def test_a_full_size_single_file_layout_converts_to_every_weight_with_the_bundled_configs():
+    """The same layout at full size (SDXL's first UNet level has no attention; 2 layers per level; 4 VAE
+    levels): diffusers' converters, given the bundled configs, put each stored tensor where it came from."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    from tests.ldm_format import unet_to_single_file
+    from tests.ldm_format import unet_to_single_file, vae_to_single_file
 
-    config = json.loads((model.CONFIGS_DIR / "unet" / "config.json").read_text())
+    def config(name):
+        return json.loads((model.CONFIGS_DIR / name / "config.json").read_text())
+
     with torch.device("meta"):
-        names = list(UNet2DConditionModel.from_config(config).state_dict())
-    tagged = {name: torch.tensor(i) for i, name in enumerate(names)}  # each value says where it came from
-    converted = convert_ldm_unet_checkpoint(unet_to_single_file(tagged, config["layers_per_block"]), config)
-    assert sorted(converted) == sorted(names)
-    assert all(int(converted[name]) == i for i, name in enumerate(names))
+        unet_names = list(UNet2DConditionModel.from_config(config("unet")).state_dict())
+        vae_shapes = {k: v.shape for k, v in AutoencoderKL.from_config(config("vae")).state_dict().items()}
+    tagged = {name: torch.tensor(i) for i, name in enumerate(unet_names)}  # each value says where it came from
+    converted = convert_ldm_unet_checkpoint(
+        unet_to_single_file(tagged, config("unet")["layers_per_block"]), config("unet")
+    )
+    assert sorted(converted) == sorted(unet_names)
+    assert all(int(converted[name]) == i for i, name in enumerate(unet_names))
+    tagged = {name: torch.full(shape, float(i)) if len(shape) == 2 else torch.tensor(float(i))
+              for i, (name, shape) in enumerate(vae_shapes.items())}  # fmt: skip
+    stored = vae_to_single_file(tagged, len(config("vae")["down_block_types"]))
+    converted = convert_ldm_vae_checkpoint(stored, config("vae"))
+    assert sorted(converted) == sorted(vae_shapes)
+    assert all(converted[name].shape == tagged[name].shape and converted[name].flatten()[0] == i
+               for i, name in enumerate(vae_shapes))  # fmt: skip
 
 
 def test_dora_and_gaussian_init_attach_and_round_trip():
