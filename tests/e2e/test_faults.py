@@ -26,6 +26,7 @@ from tests.e2e.conftest import (
     Reference,
     assert_same_lora,
     broken_commits,
+    checkpoint_every_step,
     relay_main,
     start_relay,
     train_args,
@@ -36,8 +37,15 @@ from tests.flaky import FlakyStorage
 
 
 @pytest.fixture(autouse=True)
-def _every_step(every_step):
-    """Every scenario here checkpoints after each step, so the fault lands where the test says."""
+def _every_step(request, monkeypatch):
+    """Every scenario here checkpoints after each step, so the fault lands where the test says; each
+    submit waits for its upload, unless the test asks for `uploads_overlap` (training goes on meanwhile)."""
+    checkpoint_every_step(monkeypatch, wait_uploads="uploads_overlap" not in request.fixturenames)
+
+
+@pytest.fixture
+def uploads_overlap() -> None:
+    """Checkpoints are written and uploaded in the background while the next steps train, as in production."""
 
 
 @pytest.fixture
@@ -160,6 +168,48 @@ def test_crash_keeps_the_previous_checkpoint_and_a_rerun_ends_the_same(
     assert_same_lora(final_of(storage), reference.final_lora)
     reliability.record(fault, test="test_crash_keeps_the_previous_checkpoint_and_a_rerun_ends_the_same",
                        injected=1, survived=True)  # fmt: skip
+
+
+def test_disk_full_while_training_goes_on_ends_the_session_at_the_next_step(
+    tmp_path, reference, uploads_overlap, session_hooks, monkeypatch, capsys
+):
+    """The worker writes a checkpoint while the next step trains. Its failure must end the session after
+    that step, not at the next checkpoint however far off, say why, and leave nothing half-committed."""
+    import threading
+
+    from runner import budget
+    from runner.train.loop import StateSnapshot, Trainer
+
+    last = reference.steps
+    storage = cut_back(reference, tmp_path / "storage", keep_steps=(last - 3,))
+    workdir = reference.seed_workdir(tmp_path / "work")
+    first = last - 2  # the session's first step, and its only periodic checkpoint
+    monkeypatch.setattr(budget, "should_checkpoint", lambda ctx: ctx.steps_left == last - first)
+    real_write, real_step, failed = StateSnapshot.write, Trainer.step, threading.Event()
+
+    def write(self, directory):
+        if directory.name == f"step-{first:08d}" and not failed.is_set():
+            failed.set()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, directory)
+
+    def step(self, n):
+        if n == first:  # the step after the checkpoint: let the worker fail while it runs
+            assert failed.wait(30), "the checkpoint was never written"
+        return real_step(self, n)
+
+    monkeypatch.setattr(StateSnapshot, "write", write)
+    monkeypatch.setattr(Trainer, "step", step)
+    code = relay_main(train_args(storage, workdir))
+    err = capsys.readouterr().err
+    assert code == 1 and "No space left on device" in err and "Traceback" not in err, err
+    steps = [e.step for e in session_hooks.events if isinstance(e, events.StepDone)]
+    assert steps == [first, first + 1], f"the session went on after the failed checkpoint: {steps}"
+    assert verified_steps(storage / RUN) == [last - 3] and broken_commits(storage / RUN) == []
+    assert not (storage / RUN / "lease.json").exists(), "the failed session kept the lease"
+    monkeypatch.undo()
+    assert relay_main(train_args(storage, workdir)) == 0
+    assert_same_lora(final_of(storage), reference.final_lora)
 
 
 # ---------------------------------------------------------------- storage errors
