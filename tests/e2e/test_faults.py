@@ -171,7 +171,7 @@ def test_crash_keeps_the_previous_checkpoint_and_a_rerun_ends_the_same(
 
 
 def test_disk_full_while_training_goes_on_ends_the_session_at_the_next_step(
-    tmp_path, reference, uploads_overlap, session_hooks, monkeypatch, capsys
+    tmp_path, reference, uploads_overlap, session_hooks, monkeypatch, capsys, reliability
 ):
     """The worker writes a checkpoint while the next step trains. Its failure must end the session after
     that step, not at the next checkpoint however far off, say why, and leave nothing half-committed."""
@@ -210,6 +210,9 @@ def test_disk_full_while_training_goes_on_ends_the_session_at_the_next_step(
     monkeypatch.undo()
     assert relay_main(train_args(storage, workdir)) == 0
     assert_same_lora(final_of(storage), reference.final_lora)
+    reliability.record("disk full while the next step trains (checkpoint written in the background)",
+                       test="test_disk_full_while_training_goes_on_ends_the_session_at_the_next_step",
+                       injected=1, survived=True)  # fmt: skip
 
 
 # ---------------------------------------------------------------- storage errors
