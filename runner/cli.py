@@ -117,6 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def dispatch(args: argparse.Namespace) -> int:
+    if args.command in ("train", "plan", "doctor"):  # before anything loads: a GPU torch cannot run is exit 2
+        from runner.train.gpu_arch import ensure_gpus_supported
+
+        ensure_gpus_supported()
     if args.command == "profiles":
         from runner.report import print_profiles
 

@@ -1,10 +1,14 @@
 """Where Relay runs: platform, GPUs, memory, disk and the session's clock.
 
-Owns: `detect_env()`, which reads the platform's signals (modules, variables,
-paths), the GPUs (through `nvidia-smi`, so it imports no torch), RAM, free disk
-and the session's start. Every input (environment, file system, command runner,
-clock) is injectable so tests fake Colab, Kaggle and local machines. Decides
-nothing: budget.py turns the session's start and limit into a deadline.
+Owns: `detect_env()`, which reads the platform's signals (variables, paths), the
+GPUs (through `nvidia-smi`, so it imports no torch), RAM, free disk and the
+session's start; and `gpu_unsupported_reason()`, the pure check of the GPUs'
+compute capability against the kernels the installed torch ships (the caller
+passes `torch.cuda.get_arch_list()`; runner/train/gpu_arch.py reads it). Every
+input (environment, file system, command runner, clock) is injectable so tests
+fake Colab, Kaggle and local machines (tests/platforms/ holds their real variable
+sets). Decides nothing else: budget.py turns the session's start and limit into
+a deadline. Sources of every platform fact: docs/platforms.md.
 """
 
 from __future__ import annotations
@@ -13,14 +17,21 @@ import os
 import shutil
 import socket
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from runner.clock import Clock, SystemClock
+from runner.errors import EXIT_USAGE, RelayError
 
-COLAB_VARS = ("COLAB_RELEASE_TAG", "COLAB_GPU", "COLAB_BACKEND_VERSION")
-KAGGLE_VARS = ("KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_URL_BASE", "KAGGLE_DATA_PROXY_URL")
+# Kaggle's notebook image is built on Colab's (Kaggle/docker-python PR #1444), so COLAB_RELEASE_TAG and
+# google.colab exist on Kaggle too (Kaggle/kagglehub PR #230). Kaggle is recognised by what only Kaggle
+# sets, and checked first; these variables are inherited by `!python` child processes.
+KAGGLE_VARS = ("KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_URL_BASE", "KAGGLE_DATA_PROXY_URL", "KAGGLE_DATA_PROXY_TOKEN",
+               "KAGGLE_USER_SECRETS_TOKEN")  # fmt: skip
+KAGGLE_PATHS = ("/kaggle/working",)
+COLAB_VARS = ("COLAB_RELEASE_TAG", "COLAB_GPU", "COLAB_BACKEND_VERSION", "TBE_RUNTIME_ADDR")
+COLAB_PATHS = ("/content/.config", "/var/colab")
 NVIDIA_SMI_QUERY = "--query-gpu=name,memory.total,memory.free,compute_cap"
 GIB = 1024**3
 
@@ -65,11 +76,18 @@ class Env:
 
 
 def detect_platform(environ: Mapping[str, str], exists: Callable[[str], bool]) -> str:
-    """colab, kaggle or local, from variables that survive in `!python` child processes, then paths."""
-    if any(v in environ for v in COLAB_VARS) or exists("/content/.config") or exists("/var/colab"):
-        return "colab"
-    if "KAGGLE_KERNEL_RUN_TYPE" in environ or any(v in environ for v in KAGGLE_VARS[1:]) or exists("/kaggle/working"):
+    """kaggle, colab or local, from variables that survive in `!python` child processes, then paths.
+
+    Kaggle first: its image carries Colab's variables and modules, Colab's carries nothing of Kaggle's.
+    Variables before paths: a Colab notebook may create /kaggle/working for a script written for Kaggle."""
+    if any(v in environ for v in KAGGLE_VARS):
         return "kaggle"
+    if any(v in environ for v in COLAB_VARS):
+        return "colab"
+    if any(exists(p) for p in KAGGLE_PATHS):
+        return "kaggle"
+    if any(exists(p) for p in COLAB_PATHS):
+        return "colab"
     return "local"
 
 
@@ -193,3 +211,78 @@ def _disk_free_gib(path: str) -> float:
         return round(shutil.disk_usage(probe).free / GIB, 1)
     except OSError:
         return 0.0
+
+
+# ---------------------------------------------------------------- can the installed torch run these GPUs?
+
+ACCELERATOR_ADVICE = {
+    "kaggle": "choose 'GPU T4 x2' in Kaggle's accelerator menu (Settings → Accelerator); the P100 "
+    "cannot run Kaggle's current torch (Kaggle/kaggle-cli #1151)",
+    "colab": "choose a T4 GPU in Runtime → Change runtime type",
+    "local": "use a GPU this torch supports, or install a torch build with kernels for it (pytorch.org)",
+}
+
+
+class UnsupportedGpu(RelayError):
+    """The installed torch has no kernels for this GPU: every CUDA op would fail. The user must
+    change the machine (or the torch build), so this is bad input: exit 2."""
+
+    exit_code = EXIT_USAGE
+
+
+def _parse_arch(entry: str) -> tuple[str, int, int, str] | None:
+    """('sm' or 'compute', major, minor, suffix) of an arch-list entry: 'sm_75' → ('sm', 7, 5, ''),
+    'sm_90a' → ('sm', 9, 0, 'a'), 'compute_120' → ('compute', 12, 0, ''); None when unreadable."""
+    kind, _, code = entry.strip().partition("_")
+    digits = code.rstrip("abcdefghijklmnopqrstuvwxyz")
+    if kind not in ("sm", "compute") or len(digits) < 2 or not digits.isdigit():
+        return None
+    return kind, int(digits[:-1]), int(digits[-1]), code[len(digits) :]
+
+
+def capability_runs(capability: str, arch_list: Sequence[str]) -> bool:
+    """Whether a GPU of `capability` ("7.5") can run a torch built for `arch_list`.
+
+    CUDA's rules: a cubin (sm_XY) runs on the same major version with a minor of Y or more;
+    PTX (compute_XY) is compiled just in time for any capability of X.Y or more; an
+    arch-specific build (sm_90a) runs on exactly that capability."""
+    try:
+        major, minor = (int(part) for part in capability.split(".")[:2])
+    except ValueError:
+        return True  # unknown capability: let torch decide
+    for entry in arch_list:
+        parsed = _parse_arch(entry)
+        if parsed is None:
+            continue
+        kind, arch_major, arch_minor, suffix = parsed
+        if suffix == "a":
+            runs = (major, minor) == (arch_major, arch_minor)
+        elif kind == "sm":
+            runs = major == arch_major and minor >= arch_minor
+        else:
+            runs = (major, minor) >= (arch_major, arch_minor)
+        if runs:
+            return True
+    return False
+
+
+def gpu_unsupported_reason(
+    gpus: Sequence[Gpu], arch_list: Sequence[str], platform: str, torch_version: str = ""
+) -> str | None:
+    """Why these GPUs cannot run the installed torch, with what to do; None when they can.
+
+    `arch_list` is `torch.cuda.get_arch_list()`; empty (a CPU-only torch) means there is nothing to
+    check here."""
+    if not gpus or not arch_list:
+        return None
+    bad = [g for g in gpus if not capability_runs(g.compute_capability, arch_list)]
+    if not bad:
+        return None
+    gpu = bad[0]
+    sm = "sm_" + gpu.compute_capability.replace(".", "")
+    return (
+        f"the {gpu.name} (compute capability {gpu.compute_capability}, {sm}) cannot run this torch"
+        f"{' ' + torch_version if torch_version else ''}: it ships kernels for {', '.join(arch_list)} only, "
+        f"so every CUDA operation would fail with 'no kernel image is available'.\n  → "
+        + ACCELERATOR_ADVICE.get(platform, ACCELERATOR_ADVICE["local"])
+    )

@@ -84,6 +84,21 @@ def test_local_without_gpu_counts_from_process_start():
     assert env.session_limit_h is None
 
 
-def test_platform_precedence_and_garbage_smi():
-    assert detect_platform({"COLAB_GPU": "1", "KAGGLE_URL_BASE": "x"}, lambda p: False) == "colab"
+def test_kaggle_wins_over_the_colab_signals_its_image_carries():
+    # Kaggle's image is Colab's (Kaggle/docker-python #1444): Colab's variables and paths may all be there
+    colab_everything = {
+        "COLAB_RELEASE_TAG": "r",
+        "COLAB_GPU": "1",
+        "COLAB_BACKEND_VERSION": "x",
+        "TBE_RUNTIME_ADDR": "a",
+    }
+    for kaggle_var in ("KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_URL_BASE", "KAGGLE_DATA_PROXY_TOKEN"):
+        environ = {**colab_everything, kaggle_var: "x"}
+        assert detect_platform(environ, lambda p: p in ("/content/.config", "/var/colab")) == "kaggle", kaggle_var
+    assert detect_platform(colab_everything, lambda p: False) == "colab"
+    # a Colab notebook that made /kaggle/working for a Kaggle script is still Colab: variables come first
+    assert detect_platform({"COLAB_RELEASE_TAG": "r"}, lambda p: p == "/kaggle/working") == "colab"
+
+
+def test_garbage_smi():
     assert parse_nvidia_smi("garbage\n, , ,\nTesla T4, x, y, 7.5\n") == ()
