@@ -295,9 +295,56 @@ def _hub_kwargs(model_cfg: ModelConfig, dtype: torch.dtype | None) -> dict[str, 
         kwargs["torch_dtype"] = dtype
     if model_cfg.revision:
         kwargs["revision"] = model_cfg.revision
-    if model_cfg.variant:
-        kwargs["variant"] = model_cfg.variant
     return kwargs
+
+
+FP16_VARIANT = "fp16"
+"""SDXL base 1.0 ships `*.fp16.safetensors` beside its fp32 files: UNet 5.1 GB instead of 10.3 GB."""
+
+
+def download_variant(model_cfg: ModelConfig, dtype: torch.dtype | None) -> tuple[str | None, bool]:
+    """(variant to download, whether it may fall back to the default files).
+
+    `model.variant` when the profile sets one (no fallback: the user asked for it). Otherwise the
+    fp16 files when the weights end up in fp16 anyway: casting fp32 files to fp16 gives the same
+    numbers at twice the download. Not for bf16 (fp16 then bf16 rounds twice and would change the
+    frozen weights of runs started from the fp32 files). A download detail: it never enters the
+    profile fingerprint, so runs started before it existed still resume."""
+    if model_cfg.variant:
+        return model_cfg.variant, False
+    return (FP16_VARIANT, True) if dtype == torch.float16 else (None, False)
+
+
+def _has_variant_files(folder: Path, variant: str) -> bool:
+    return (
+        any(folder.glob(f"*.{variant}.safetensors"))
+        or any(folder.glob(f"*.{variant}.bin"))
+        or any(folder.glob(f"*.{variant}.safetensors.index.json"))
+    )
+
+
+def _is_missing_variant(exc: OSError, variant: str) -> bool:
+    """diffusers (utils/hub_utils.py _get_model_file) and transformers (modeling_utils.py) raise OSError
+    "… does not appear to have a file named X.<variant>.…" for a hub repo, "Error no file named …" for a
+    folder; a connection error says neither."""
+    text = str(exc)
+    return f".{variant}." in text and ("does not appear to have a file named" in text or "no file named" in text)
+
+
+def _from_pretrained(loader: Any, base: str, subfolder: str, kwargs: dict[str, Any], variant: tuple[str | None, bool]):
+    """`loader.from_pretrained` of one component, in `variant` when it has one (see download_variant)."""
+    name, may_fall_back = variant
+    if name and may_fall_back and Path(base).is_dir() and not _has_variant_files(Path(base) / subfolder, name):
+        name = None  # a local folder without the variant: nothing to try
+    if not name:
+        return loader.from_pretrained(base, subfolder=subfolder, **kwargs)
+    try:
+        return loader.from_pretrained(base, subfolder=subfolder, variant=name, **kwargs)
+    except OSError as exc:
+        if not (may_fall_back and _is_missing_variant(exc, name)):
+            raise
+    log.info("%s/%s has no %s weights: loading its default files", base, subfolder, name)
+    return loader.from_pretrained(base, subfolder=subfolder, **kwargs)
 
 
 def _load_pretrained(
@@ -305,18 +352,21 @@ def _load_pretrained(
 ) -> SDXLParts:
     base = model_cfg.base
     kwargs = _hub_kwargs(model_cfg, dtype)
+    variant = download_variant(model_cfg, dtype)
+    # the stock VAE is upcast to fp32 to encode (it overflows in fp16): its fp32 files, unless asked otherwise
+    vae_variant = (model_cfg.variant or None, False)
     revision = {"revision": model_cfg.revision} if model_cfg.revision else {}
     parts = SDXLParts()
     if unet:
-        parts.unet = _guarded(base, lambda: UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kwargs))
+        parts.unet = _guarded(base, lambda: _from_pretrained(UNet2DConditionModel, base, "unet", kwargs, variant))
     if vae:
-        parts.vae = _guarded(base, lambda: AutoencoderKL.from_pretrained(base, subfolder="vae", **kwargs))
+        parts.vae = _guarded(base, lambda: _from_pretrained(AutoencoderKL, base, "vae", kwargs, vae_variant))
     if text:
         parts.text_encoder = _guarded(
-            base, lambda: CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **kwargs)
+            base, lambda: _from_pretrained(CLIPTextModel, base, "text_encoder", kwargs, variant)
         )
         parts.text_encoder_2 = _guarded(
-            base, lambda: CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", **kwargs)
+            base, lambda: _from_pretrained(CLIPTextModelWithProjection, base, "text_encoder_2", kwargs, variant)
         )
         parts.tokenizer = _guarded(base, lambda: CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **revision))
         parts.tokenizer_2 = _guarded(
@@ -507,14 +557,33 @@ def compile_cache_key(device: torch.device) -> str:
     return "".join(c if c.isalnum() or c in ".-" else "_" for c in raw)
 
 
+def has_compile_cache_api() -> bool:
+    """torch.compiler.save_cache_artifacts / load_cache_artifacts exist from torch 2.7; pyproject allows older."""
+    return hasattr(torch.compiler, "save_cache_artifacts") and hasattr(torch.compiler, "load_cache_artifacts")
+
+
+def _no_compile_cache_api() -> bool:
+    if has_compile_cache_api():
+        return False
+    log.info("torch %s has no compile-cache API (torch 2.7+): compiled kernels are not kept across sessions",
+             torch.__version__)  # fmt: skip
+    return True
+
+
 def compile_artifacts() -> bytes | None:
-    """What torch.compile produced in this process (kernels, graphs), serialized; None when nothing."""
+    """What torch.compile produced in this process (kernels, graphs), serialized; None when nothing
+    (or when this torch cannot serialize them)."""
+    if _no_compile_cache_api():
+        return None
     saved = torch.compiler.save_cache_artifacts()
     return saved[0] if saved else None
 
 
 def load_compile_artifacts(blob: bytes) -> None:
-    """Seed this process's compile caches with `compile_artifacts` of an earlier session."""
+    """Seed this process's compile caches with `compile_artifacts` of an earlier session (a no-op,
+    logged, on a torch without the API: the first step compiles)."""
+    if _no_compile_cache_api():
+        return
     torch.compiler.load_cache_artifacts(blob)
 
 
