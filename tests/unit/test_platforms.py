@@ -71,6 +71,18 @@ def test_subprocess_sees_the_platform(tmp_path):
         assert done.stdout.split() == [plat.platform, str(gpus)], done.stderr
 
 
+def test_relay_plan_in_a_kaggle_child_process_counts_kaggle_limits(tmp_path):
+    env = child_env(kaggle_t4x2.ENV, RELAY_WORKDIR=str(tmp_path / "work"))
+    done = subprocess.run([sys.executable, "-m", "runner", "plan", "--profile", "tiny", "--storage", str(tmp_path / "runs")],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "platform: kaggle (kaggle)" in done.stdout and "2× Tesla T4" in done.stdout
+    hours_left = float(done.stdout.split("this session: ")[1].split(" h left")[0])
+    expected = 12.0 - float(open("/proc/uptime").read().split()[0]) / 3600  # Kaggle's 12 h from the VM's boot
+    if expected > 0.1:
+        assert abs(hours_left - expected) < 0.05, (hours_left, expected)  # not Colab's 11.5 h
+
+
 # ---------------------------------------------------------------- GPU capability
 
 
