@@ -131,8 +131,10 @@ def colab_secret(name: str) -> str | None:
         from google.colab import userdata  # type: ignore[import-not-found]
     except ImportError:
         return None
-    names = ("SecretNotFoundError", "NotebookAccessError")
-    expected = tuple(getattr(userdata, n) for n in names if hasattr(userdata, n)) + (LookupError,)
+    names = ("SecretNotFoundError", "NotebookAccessError", "TimeoutException")
+    # google.colab also imports on Kaggle (its image is Colab's, docs/platforms.md) and in `!` child processes,
+    # where userdata cannot reach the notebook: AttributeError (no kernel) or TimeoutException (no answer)
+    expected = tuple(getattr(userdata, n) for n in names if hasattr(userdata, n)) + (LookupError, AttributeError)
     try:
         return userdata.get(name)
     except expected:

@@ -189,3 +189,30 @@ def test_relay_reads_a_kaggle_secret_through_the_stand_in(monkeypatch):
         assert credentials.kaggle_secret("NOT_ATTACHED") is None  # BackendError: not there
     for name in ("kaggle_secrets", "kaggle_web_client"):
         sys.modules.pop(name, None)
+
+
+def test_on_kaggle_a_colab_secret_lookup_gives_way_to_the_kaggle_secret(monkeypatch, tmp_path):
+    """google.colab imports on Kaggle, but userdata needs Colab's notebook kernel: colabtools'
+    _message.blocking_request starts with get_ipython().kernel, None outside a kernel (a `!` child)."""
+    from runner.storage import credentials
+
+    def get(key):  # what google/colab/userdata.py get() does first, reached through _message/_ipython
+        import IPython
+
+        return IPython.get_ipython().kernel.parent  # AttributeError: 'NoneType' object has no attribute 'kernel'
+
+    userdata = type(sys)("google.colab.userdata")
+    userdata.get = get
+    colab = type(sys)("google.colab")
+    colab.userdata = userdata
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setitem(sys.modules, "google.colab.userdata", userdata)
+    account = '{"type": "authorized_user", "client_id": "c", "client_secret": "s", "refresh_token": "r"}'
+    with KaggleSecretsService({credentials.SECRET_NAME: account}) as service:
+        apply(monkeypatch, kaggle_t4x2.ENV, KAGGLE_URL_BASE=service.url)
+        for name in ("kaggle_secrets", "kaggle_web_client"):
+            monkeypatch.delitem(sys.modules, name, raising=False)
+        found = credentials.find_credentials({}, home=tmp_path)
+    assert found.source == f"Kaggle secret {credentials.SECRET_NAME}" and found.kind == "authorized_user"
+    for name in ("kaggle_secrets", "kaggle_web_client"):
+        sys.modules.pop(name, None)
