@@ -348,7 +348,7 @@ def supervise_main(argv: Sequence[str]) -> int:
 
 def follow(
     rundir: RunDir, on_event: Callable[[ev.Event], None], *, poll_s: float = 0.5,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], None] = time.sleep, on_poll: Callable[[], None] | None = None,
 ) -> int:  # fmt: skip
     """Feed every event of the run's log to `on_event`, old ones first, until the supervisor is done;
     return the trainer's last exit code. KeyboardInterrupt passes through (the run goes on)."""
@@ -367,6 +367,8 @@ def follow(
         gone_polls = 0 if rundir.is_live() else gone_polls + 1
         if gone_polls > 4:  # no process left and no final record: the supervisor itself was killed
             return EXIT_ERROR
+        if on_poll is not None:
+            on_poll()
         sleep(poll_s)
 
 
