@@ -15,7 +15,6 @@ import json
 import os
 
 import IPython
-
 from google.colab import errors
 
 

@@ -15,7 +15,8 @@ one's prompt reads the kernel's stdin).
 import json as _json
 import os as _os
 
-from google.colab import _message, errors as _errors
+from google.colab import _message
+from google.colab import errors as _errors
 
 __all__ = ["authenticate_user"]
 

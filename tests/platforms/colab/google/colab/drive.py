@@ -31,7 +31,9 @@ def mount(mountpoint, force_remount=False, timeout_ms=120000, readonly=False):
     mountpoint = _os.path.expanduser(mountpoint)
     my_drive = _os.path.join(mountpoint, "MyDrive")
     if _os.path.isdir(my_drive) and not force_remount:
-        print(f'Drive already mounted at {mountpoint}; to attempt to forcibly remount, call drive.mount("{mountpoint}", force_remount=True).')
+        print(
+            f'Drive already mounted at {mountpoint}; to attempt to forcibly remount, call drive.mount("{mountpoint}", force_remount=True).'
+        )
         return
     contents = _os.path.join(_root(), "drive-contents")
     _os.makedirs(contents, exist_ok=True)

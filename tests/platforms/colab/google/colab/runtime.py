@@ -7,7 +7,8 @@ through the kernel (colabtools output/_js.py) and so raises AttributeError from 
 
 import os as _os
 
-from google.colab import _message, errors as _errors
+from google.colab import _message
+from google.colab import errors as _errors
 
 __all__ = ["unassign"]
 

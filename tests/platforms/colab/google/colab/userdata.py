@@ -28,7 +28,9 @@ class TimeoutException(errors.Error):
     """Exception thrown when requesting a secret times out."""
 
     def __init__(self, key):
-        super().__init__(f"Requesting secret {key} timed out. Secrets can only be fetched when running from the Colab UI.")
+        super().__init__(
+            f"Requesting secret {key} timed out. Secrets can only be fetched when running from the Colab UI."
+        )
 
 
 def get(key):
