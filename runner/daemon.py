@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 ENV_HOME = "RELAY_HOME"
 ENV_BACKOFF = "RELAY_RESTART_BACKOFF_S"  # the first restart's delay in seconds (tests shorten it)
 NO_RESTART_CODES = (EXIT_OK, EXIT_USAGE, EXIT_PREEMPTED)
-# Trainer messages that refuse the run rather than fail it (runner/errors.py): restarting cannot help.
-REFUSALS = ("another session is training this run",)
+# Trainer messages that refuse the run rather than fail it (runner/errors.py LeaseHeld, CredentialsError;
+# runner/storage/gdrive.py translate): restarting cannot help, the user must act first.
+REFUSALS = ("another session is training this run", "no Google Drive credentials found", "Google refused the")
 LOG_TAIL_BYTES = 4096
 PHASE_STARTING, PHASE_RUNNING, PHASE_RESTARTING, PHASE_ENDED = "starting", "running", "restarting", "ended"
 

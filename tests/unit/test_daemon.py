@@ -43,6 +43,7 @@ def test_the_bound_holds_even_with_progress():
 
 def test_a_refused_lease_or_a_requested_stop_is_not_restarted():
     assert not decide(1, tail="relay: error: another session is training this run: colab:x").restart
+    assert not decide(1, tail="relay: error: no Google Drive credentials found; looked in: …").restart
     assert not decide(-signal.SIGTERM, stop=True).restart
 
 
