@@ -16,6 +16,7 @@ import json
 import os
 import queue
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ import pytest
 
 from runner import daemon
 from runner import events as ev
-from tests.e2e.conftest import FAST, REPO, STEPS, assert_same_lora, relay_env, train_args
+from tests.e2e.conftest import FAST, REPO, STEPS, assert_same_lora, relay_env, train_args, verified_steps
 
 jupyter_client = pytest.importorskip("jupyter_client", reason="pip install nbclient ipykernel (the [test] extra)")
 pytest.importorskip("ipykernel", reason="pip install nbclient ipykernel (the [test] extra)")
@@ -199,3 +200,19 @@ def test_a_crash_that_repeats_without_progress_stops_with_a_message(tmp_path):
     state = rundir.read_state()
     assert state["phase"] == "ended" and "no new committed step" in state["message"], state
     assert rundir.trainer_log.read_text().count("relay: unexpected error") == 2
+
+
+def test_relay_stop_checkpoints_and_ends_75_and_attach_replays_the_run(tmp_path):
+    storage, workdir = tmp_path / "storage", tmp_path / "work"
+    env = relay_env({"RELAY_HOME": str(tmp_path / "home")})
+    rundir = daemon.start(train_args(storage, workdir, steps=500)[1:], env)
+    wait_for(lambda: any(isinstance(e, ev.StepDone) for e in events_of(rundir)), what="a step")
+    stop = subprocess.run([sys.executable, "-m", "runner", "stop"], env=env, capture_output=True, text=True)
+    assert stop.returncode == 0, stop.stderr
+    attach = subprocess.run([sys.executable, "-m", "runner", "attach", "--plain"], env=env, capture_output=True,
+                            text=True, timeout=240)  # fmt: skip
+    assert attach.returncode == 75, attach.stdout + attach.stderr
+    assert "relay | step" in attach.stdout and "trainer ended: session over" in attach.stderr
+    assert not [e for e in events_of(rundir) if isinstance(e, ev.TrainerRestarted)]
+    ended = [e for e in events_of(rundir) if isinstance(e, ev.SessionEnded)]
+    assert ended and ended[-1].exit_code == 75 and ended[-1].step == max(verified_steps(storage / "tiny"))
