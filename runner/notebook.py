@@ -85,23 +85,10 @@ def platform_of(env: Mapping[str, str]) -> str:
 
 def read_secret(platform: str, name: str) -> str | None:
     """A notebook secret, read in the kernel; None when it does not exist or this notebook may not read it."""
-    if platform == "colab":
-        from google.colab import userdata  # type: ignore[import-not-found]
+    from runner.storage.credentials import colab_secret, kaggle_secret
 
-        try:
-            return userdata.get(name)
-        except (userdata.SecretNotFoundError, userdata.NotebookAccessError):
-            return None
-    if platform == "kaggle":
-        try:
-            from kaggle_secrets import UserSecretsClient  # type: ignore[import-not-found]
-        except ImportError:
-            return None
-        try:
-            return UserSecretsClient().get_secret(name)
-        except Exception:  # Kaggle's client raises its own errors for a missing secret or no internet  # noqa: BLE001
-            return None
-    return None
+    lookup = {"colab": colab_secret, "kaggle": kaggle_secret}.get(platform)
+    return lookup(name) if lookup else None
 
 
 def trainer_env(platform: str, storage: str, env: Mapping[str, str], *, sign_in: Callable[[], None]) -> dict[str, str]:

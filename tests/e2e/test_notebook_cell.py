@@ -208,10 +208,13 @@ def test_a_crash_that_repeats_without_progress_stops_with_a_message(tmp_path):
     assert rundir.trainer_log.read_text().count("relay: unexpected error") == 2
 
 
-def test_relay_stop_checkpoints_and_ends_75_and_attach_replays_the_run(tmp_path):
+def test_train_detach_then_stop_checkpoints_and_ends_75_and_attach_replays_the_run(tmp_path):
     storage, workdir = tmp_path / "storage", tmp_path / "work"
     env = relay_env({"RELAY_HOME": str(tmp_path / "home")})
-    rundir = daemon.start(train_args(storage, workdir, steps=500)[1:], env)
+    started = subprocess.run([sys.executable, "-m", "runner", *train_args(storage, workdir, steps=500), "--detach"],
+                             env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert started.returncode == 0 and "training in the background" in started.stdout, started.stderr
+    rundir = daemon.run_dir_for("tiny", str(storage), env)
     wait_for(lambda: any(isinstance(e, ev.StepDone) for e in events_of(rundir)), what="a step")
     stop = subprocess.run([sys.executable, "-m", "runner", "stop"], env=env, capture_output=True, text=True)
     assert stop.returncode == 0, stop.stderr
