@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Relay's one-line set-up for a fresh notebook or machine.
 #
-#   bash bootstrap.sh                      install Relay from this checkout (or: bash bootstrap.sh PATH|GIT_URL)
+#   bash bootstrap.sh                      install Relay from this checkout (or: bash bootstrap.sh PATH|GIT_URL;
+#                                          a URL is cloned to $RELAY_DIR, default ~/relay, or updated if there)
 #   bash bootstrap.sh --test               install with the test tools and run the test suite
 #   bash bootstrap.sh --run PROFILE [relay train options]
 #                                          install, then train (e.g. --run tiny, or
@@ -25,7 +26,7 @@ while [[ $# -gt 0 ]]; do
     --run)
       [[ $# -ge 2 ]] || { echo "bootstrap.sh: --run needs a profile, e.g. --run tiny" >&2; exit 2; }
       MODE=run; shift; RUN_ARGS=("--profile" "$1"); shift; RUN_ARGS+=("$@"); break ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "bootstrap.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) SRC="$1"; shift ;;
   esac
@@ -36,8 +37,18 @@ say() { printf '\033[1mrelay-bootstrap:\033[0m %s\n' "$*"; }
 fetch_source() {
   if [[ -f "$SRC/pyproject.toml" ]]; then return; fi
   if [[ "$SRC" == http*://* || "$SRC" == git@* ]]; then
-    local dest="${RELAY_HOME:-$HOME/relay}"
-    if [[ -d "$dest/.git" ]]; then git -C "$dest" pull --ff-only --quiet; else git clone --quiet "$SRC" "$dest"; fi
+    local dest="${RELAY_DIR:-$HOME/relay}"
+    if [[ -d "$dest/.git" ]]; then
+      # a second run in the same VM: update the checkout (a local change keeps the checkout as it is)
+      git -C "$dest" pull --ff-only --quiet || say "could not update $dest (local changes?); using it as it is"
+    elif [[ -f "$dest/pyproject.toml" ]]; then
+      say "using the Relay checkout already at $dest"
+    elif [[ -e "$dest" && -n "$(ls -A "$dest" 2>/dev/null)" ]]; then
+      echo "bootstrap.sh: $dest exists and is not a Relay checkout; move it away or set RELAY_DIR to another folder" >&2
+      exit 2
+    else
+      git clone --quiet "$SRC" "$dest"
+    fi
     SRC="$dest"
     return
   fi

@@ -39,6 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="resume even though weight-changing settings differ")
     p.add_argument("--release-gpu", action="store_true", help="on Colab, end the runtime after the final commit")
     p.add_argument("--plain", action="store_true", help="plain progress lines instead of the live dashboard")
+    p.add_argument("--detach", action="store_true", help="train in the background (survives this terminal); "
+                   "follow with relay attach, stop with relay stop")  # fmt: skip
+
+    for name, what in (("attach", "follow a detached run's dashboard (Ctrl-C leaves it running)"),
+                       ("stop", "ask a detached run to checkpoint and stop (it exits 75: resume later)")):  # fmt: skip
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--run", help="run name (default: the run started last on this machine)")
+        p.add_argument("--storage", help="run storage URL (with --run: that run)")
+        if name == "attach":
+            p.add_argument("--plain", action="store_true", help="plain progress lines instead of the live dashboard")
 
     p = sub.add_parser("plan", help="dry run: platform, GPU, fit plan, steps this session, sessions still needed")
     _run_args(p, profile_required=True)
@@ -94,7 +104,9 @@ def _run_args(p: argparse.ArgumentParser, *, profile_required: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -137,6 +149,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from runner.bench import run_bench
 
         return run_bench(args)
+    if args.command in ("attach", "stop") or getattr(args, "detach", False):
+        from runner import daemon
+
+        return daemon.command(args)
     from runner import session
 
     return {"train": session.train, "plan": session.plan, "sample": session.sample, "export": session.export}[

@@ -7,9 +7,12 @@ directly. Imports nothing of Relay.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +116,107 @@ class SessionEnded(Event):
     exit_code: int
 
 
+@dataclass(frozen=True)
+class TrainerRestarted(Event):
+    """The supervisor of a detached run restarts the trainer after an unexpected failure."""
+
+    attempt: int  # 1 for the first restart
+    exit_code: int  # the failed trainer's exit code; negative: killed by that signal
+    committed_step: int  # the run resumes from this committed step
+    delay_s: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class TrainerExited(Event):
+    """The supervisor of a detached run is done: the trainer's last exit code, and why it stopped there."""
+
+    exit_code: int
+    restarts: int
+    message: str
+
+
+ENV_EVENTS_LOG = "RELAY_EVENTS_LOG"
+"""Set by the supervisor of a detached run (runner.daemon): the trainer appends every event, as one JSON
+line, to the file it names. The environment is the one channel that reaches `python -m runner train`."""
+
+
+def to_record(event: Event) -> dict:
+    """The event as a JSON-able dict: its type name and its fields."""
+    return {"type": type(event).__name__, **dataclasses.asdict(event)}
+
+
+def from_record(record: Mapping) -> Event | None:
+    """The event a record describes, or None for an unknown type (a log written by a newer Relay)."""
+    cls = _TYPES.get(str(record.get("type")))
+    if cls is None:
+        return None
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in names}
+    try:
+        return cls(**values)
+    except TypeError:  # a field missing: written by an older or newer Relay
+        return None
+
+
+def read_records(path: Path, offset: int = 0) -> tuple[list[dict], int]:
+    """The complete JSON lines of `path` from byte `offset`, and the offset after the last complete line.
+
+    A line still being written (no newline yet) is left for the next read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    records = []
+    for line in data[:end].splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            log.warning("unreadable line in %s skipped", path)
+    return records, offset + end
+
+
+def iter_events(records: list[dict]) -> Iterator[Event]:
+    for record in records:
+        event = from_record(record)
+        if event is not None:
+            yield event
+
+
+@dataclass
+class EventLog:
+    """A subscriber that appends each event to a JSON-lines file (one write per line, flushed)."""
+
+    path: Path
+
+    def __call__(self, event: Event) -> None:
+        line = json.dumps(to_record(event), default=str) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+
+
+def default_subscribers(env: Mapping[str, str]) -> list[Callable[[Event], None]]:
+    """The subscribers every bus starts with: the events log of a detached run, if one is named.
+
+    Only the leading rank writes it; the other ranks of a several-GPU session train in lockstep."""
+    path = env.get(ENV_EVENTS_LOG, "")
+    return [EventLog(Path(path))] if path and env.get("RANK", "0") == "0" else []
+
+
+def _bus_subscribers() -> list[Callable[[Event], None]]:
+    import os  # the edge: a detached trainer learns where its events go from its environment
+
+    return default_subscribers(os.environ)
+
+
 @dataclass
 class EventBus:
     """Delivers each event to every subscriber, in order. A failing subscriber is logged, never fatal."""
 
-    subscribers: list[Callable[[Event], None]] = field(default_factory=list)
+    subscribers: list[Callable[[Event], None]] = field(default_factory=_bus_subscribers)
 
     def subscribe(self, fn: Callable[[Event], None]) -> None:
         self.subscribers.append(fn)
@@ -128,3 +227,6 @@ class EventBus:
                 fn(event)
             except Exception:  # a broken view must never stop training
                 log.exception("event subscriber %r failed on %r", fn, event)
+
+
+_TYPES: dict[str, type[Event]] = {cls.__name__: cls for cls in Event.__subclasses__()}

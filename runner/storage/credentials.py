@@ -38,6 +38,14 @@ CONFIG_FILE = Path(".config") / "relay" / "gdrive-credentials.json"
 
 AUTHORIZED_USER = "authorized_user"
 SERVICE_ACCOUNT = "service_account"
+APPLICATION_DEFAULT = "application_default"
+APPLICATION_DEFAULT_VALUE = "application-default"
+"""RELAY_GDRIVE_CREDENTIALS value meaning "use Google's application-default credentials" (ADC): what
+Colab's `auth.authenticate_user()` installs, with Drive access (colabtools google/colab/auth.py: the
+gcloud login runs with --enable-gdrive-access; the credential lands in $DATALAB_ROOT/content/.adc/adc.json,
+named by GOOGLE_APPLICATION_CREDENTIALS in the kernel's environment, or, with USE_AUTH_EPHEM=1, is
+served by the VM's metadata server). runner.notebook sets it after signing in; google.auth.default()
+finds either form, in any process of the VM."""
 _SECRET_FIELDS = ("refresh_token", "client_secret", "private_key", "private_key_id", "access_token", "token")
 _USER_FIELDS = ("client_id", "client_secret", "refresh_token")
 _SERVICE_FIELDS = ("client_email", "private_key")
@@ -65,6 +73,10 @@ class DriveCredentials:
     @property
     def is_service_account(self) -> bool:
         return self.kind == SERVICE_ACCOUNT
+
+    @property
+    def is_application_default(self) -> bool:
+        return self.kind == APPLICATION_DEFAULT
 
     @property
     def account(self) -> str:
@@ -117,7 +129,9 @@ def _read_file(path: Path, source: str) -> DriveCredentials:
 
 
 def _from_value(value: str, source: str) -> DriveCredentials:
-    """A variable or secret holds either the JSON itself or a path to it."""
+    """A variable or secret holds the JSON itself, a path to it, or APPLICATION_DEFAULT_VALUE."""
+    if value.strip() == APPLICATION_DEFAULT_VALUE:
+        return DriveCredentials(APPLICATION_DEFAULT, f"{source} (Google application-default credentials)", {})
     if value.lstrip().startswith("{"):
         return parse_credentials(value, source)
     if "\n" in value or len(value) > 4096:
@@ -193,6 +207,56 @@ def find_credentials(
         return _read_file(config, "config file")
     looked.append(f"{config} (missing)")
     raise CredentialsError("no Google Drive credentials found; looked in: " + "; ".join(looked), hint=_HINT)
+
+
+class ApplicationDefault:
+    """Google's application-default credentials (google.auth.default) in the shape the Drive backend and
+    pydrive2 use of oauth2client credentials: access_token, access_token_expired, refresh(http), authorize(http).
+    Colab's own PyDrive2 hook does the same with the metadata server's credentials
+    (colabtools google/colab/_import_hooks/_pydrive2.py)."""
+
+    def __init__(self, credentials) -> None:
+        self._credentials = credentials
+
+    def __repr__(self) -> str:
+        return f"ApplicationDefault({type(self._credentials).__name__})"
+
+    @property
+    def access_token(self) -> str | None:
+        return self._credentials.token
+
+    @property
+    def access_token_expired(self) -> bool:
+        return not self._credentials.valid
+
+    def refresh(self, http) -> None:
+        import google_auth_httplib2
+
+        self._credentials.refresh(google_auth_httplib2.Request(http))
+
+    def authorize(self, http):
+        import google_auth_httplib2
+
+        return google_auth_httplib2.AuthorizedHttp(self._credentials, http=http)
+
+
+def load_application_default(scope: str, default: Callable | None = None) -> ApplicationDefault:
+    """The VM's application-default credentials with `scope`; CredentialsError (no secret in it) if none."""
+    if default is None:
+        import google.auth
+
+        default = google.auth.default
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+        credentials, _project = default(scopes=[scope])
+    except DefaultCredentialsError:
+        raise CredentialsError(
+            f"{ENV_CREDENTIALS}={APPLICATION_DEFAULT_VALUE}, but this machine has no Google application-default "
+            "credentials",
+            hint="on Colab, run the notebook cell (it signs you in); elsewhere use OAuth user credentials: " + _HINT,
+        ) from None
+    return ApplicationDefault(credentials)
 
 
 def write_credentials_file(info: Mapping[str, str], path: Path) -> Path:

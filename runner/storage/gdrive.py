@@ -46,7 +46,13 @@ import tenacity
 
 from runner.clock import Clock, SystemClock
 from runner.errors import CredentialsError, RelayError, StorageError, UsageError
-from runner.storage.credentials import DEFAULT_SECRET_LOOKUPS, DriveCredentials, SecretLookup, find_credentials
+from runner.storage.credentials import (
+    DEFAULT_SECRET_LOOKUPS,
+    DriveCredentials,
+    SecretLookup,
+    find_credentials,
+    load_application_default,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -126,9 +132,16 @@ def connect(credentials: DriveCredentials, endpoint: str | None = None) -> Drive
     from pydrive2.files import ApiRequestError
 
     auth = GoogleAuth(settings_file=None, http_timeout=HTTP_TIMEOUT_S)
-    auth.credentials = _oauth2client_credentials(credentials)
+    if credentials.is_application_default:  # Colab's sign-in (runner/storage/credentials.py)
+        from google.auth.exceptions import GoogleAuthError
+
+        auth.credentials = load_application_default(DRIVE_SCOPE)
+        api_errors: tuple = (GoogleAuthError,)
+    else:
+        auth.credentials = _oauth2client_credentials(credentials)
+        api_errors = ()
     auth.auth_method = "service" if credentials.is_service_account else "oauth"
-    if not credentials.is_service_account:
+    if not credentials.is_service_account and not credentials.is_application_default:
         # If pydrive2 ever finds the token expired before we refresh it, it calls LocalWebserverAuth,
         # whose decorator refreshes with the refresh token when a full client config is present and
         # would otherwise look for client_secrets.json. Give it one, so it never prompts.
@@ -146,7 +159,8 @@ def connect(credentials: DriveCredentials, endpoint: str | None = None) -> Drive
         document["rootUrl"] = endpoint.rstrip("/") + "/"
         document["baseUrl"] = document["rootUrl"] + document["servicePath"]
     auth.service = build_from_document(document, http=auth.http)
-    errors = (ApiRequestError, ApiClientError, OAuthError, AuthError, httplib2.HttpLib2Error, OSError, ValueError)
+    errors = (ApiRequestError, ApiClientError, OAuthError, AuthError, httplib2.HttpLib2Error, OSError, ValueError,
+              *api_errors)  # fmt: skip
     return DriveClient(GoogleDrive(auth), credentials, errors, token_http=auth._build_http())
 
 

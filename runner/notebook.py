@@ -1,0 +1,342 @@
+"""The kernel side of a notebook run: the one cell that starts, follows and finishes a run.
+
+    from runner import notebook
+    notebook.run(profile="sdxl-naruto-t4", storage="gdrive://My Drive/relay", release_gpu=True)
+
+Owns what only the notebook's kernel can do, because Colab's services talk to the frontend through
+the kernel (colabtools google/colab/_message.py uses get_ipython().kernel; a `!` child has none):
+reading Colab or Kaggle secrets, Colab's sign-in (auth.authenticate_user) for Drive without a
+Google Cloud project, mounting Drive, and ending the runtime (runtime.unassign) once the final
+commit is verified. It then does the right thing for this run, every time the same cell runs:
+
+    a trainer for this run is alive on this VM    → follow it
+    the run is complete in its storage             → show the result (final/, sample grid, loss plot)
+    otherwise                                      → start (or resume) it detached, and follow it
+
+The trainer runs detached (runner.daemon): interrupting the cell, closing the browser or restarting
+the kernel leaves it training. Interactive cells follow it until it ends or the cell is interrupted;
+headless runs (Kaggle "Save & Run All", a script) block until it ends, so the VM stays up.
+
+Secrets reach the trainer only through its environment; they are never printed or written.
+Must not: import torch, or train in the kernel.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner import daemon
+from runner import events as ev
+from runner.errors import EXIT_OK, EXIT_PREEMPTED, RelayError
+
+SECRET_NAMES = ("RELAY_GDRIVE_CREDENTIALS", "HF_TOKEN")
+ADC = "application-default"
+"""RELAY_GDRIVE_CREDENTIALS value that tells the trainer to use Google's application-default credentials
+(what Colab's sign-in installs; runner/storage/credentials.py)."""
+MOUNT_POINT = "/content/drive"  # colabtools' documented mount point; runner.storage.colab uses the same
+REDRAW_EVERY_S = 1.0
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+MEANING = {
+    EXIT_OK: "done: the LoRA is in final/ in your storage",
+    EXIT_PREEMPTED: "session over: run this cell again (in a new session if this one ended) to resume",
+}
+
+
+class NotebookRunError(RelayError):
+    """The trainer ended with an error; `exit_code` keeps its meaning (1 error, 2 bad input)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How the cell left the run."""
+
+    run: str
+    storage: str
+    exit_code: int | None  # None: still training (the cell stopped following it)
+    local_dir: str  # the run's local folder: events.jsonl, trainer.log
+    message: str = ""
+
+
+# ---------------------------------------------------------------- platform and secrets
+
+
+def platform_of(env: Mapping[str, str]) -> str:
+    """kaggle, colab or local. Kaggle first: Kaggle's image is built on Colab's and sets COLAB_RELEASE_TAG
+    too (Kaggle/docker-python #1444); only Kaggle sets KAGGLE_KERNEL_RUN_TYPE."""
+    if "KAGGLE_KERNEL_RUN_TYPE" in env or "KAGGLE_URL_BASE" in env:
+        return "kaggle"
+    if "COLAB_RELEASE_TAG" in env or "COLAB_GPU" in env:
+        return "colab"
+    return "local"
+
+
+def read_secret(platform: str, name: str) -> str | None:
+    """A notebook secret, read in the kernel; None when it does not exist or this notebook may not read it."""
+    from runner.storage.credentials import colab_secret, kaggle_secret
+
+    lookup = {"colab": colab_secret, "kaggle": kaggle_secret}.get(platform)
+    return lookup(name) if lookup else None
+
+
+def trainer_env(platform: str, storage: str, env: Mapping[str, str], *, sign_in: Callable[[], None]) -> dict[str, str]:
+    """The trainer's environment: `env` plus the secrets it needs (never printed)."""
+    child = dict(env)
+    for name in SECRET_NAMES:
+        if name == "RELAY_GDRIVE_CREDENTIALS" and not storage.startswith("gdrive://"):
+            continue
+        if not child.get(name):
+            value = read_secret(platform, name)
+            if value:
+                child[name] = value
+    needs_drive = storage.startswith("gdrive://") and not child.get("RELAY_GDRIVE_CREDENTIALS")
+    if needs_drive and not child.get("GOOGLE_APPLICATION_CREDENTIALS") and platform == "colab":
+        sign_in()  # one consent click; installs application-default credentials with Drive access
+        child.update({k: v for k, v in os.environ.items() if k in ("GOOGLE_APPLICATION_CREDENTIALS",)})
+        child["RELAY_GDRIVE_CREDENTIALS"] = ADC
+    return child
+
+
+def colab_sign_in() -> None:
+    from google.colab import auth  # type: ignore[import-not-found]
+
+    auth.authenticate_user()
+
+
+def mount_drive(mount_point: str = MOUNT_POINT) -> None:
+    from google.colab import drive  # type: ignore[import-not-found]
+
+    drive.mount(mount_point)
+
+
+def uses_mount(storage: str) -> bool:
+    return storage == "drive" or storage.rstrip("/") == MOUNT_POINT or storage.startswith(MOUNT_POINT + "/")
+
+
+def is_headless(env: Mapping[str, str]) -> bool:
+    """Kaggle's "Save & Run All" (a batch run), or not in a notebook kernel at all."""
+    if env.get("KAGGLE_KERNEL_RUN_TYPE") == "Batch":
+        return True
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return True
+    return getattr(get_ipython(), "kernel", None) is None
+
+
+# ---------------------------------------------------------------- the cell
+
+
+def train_args(
+    profile: str, storage: str, *, run: str | None = None, overrides: Sequence[str] = (), hours: float | None = None,
+    workdir: str | None = None, extra: Sequence[str] = (),
+) -> list[str]:  # fmt: skip
+    """`relay train` arguments; each value is one argument, so a storage path with spaces stays whole."""
+    args = ["--profile", profile, "--storage", storage]
+    if run:
+        args += ["--run", run]
+    if hours is not None:
+        args += ["--hours", str(hours)]
+    if workdir:
+        args += ["--workdir", workdir]
+    for item in overrides:
+        args += ["--set", item]
+    return [*args, *extra]
+
+
+def run(
+    profile: str, storage: str, *, run: str | None = None, overrides: Sequence[str] = (), hours: float | None = None,
+    release_gpu: bool = False, workdir: str | None = None, extra: Sequence[str] = (), follow: bool | None = None,
+) -> Outcome:  # fmt: skip
+    """Start, resume or follow the run; see the module docstring.
+
+    profile, storage, run, overrides (`section.key=value` items), hours, workdir: as `relay train`.
+    release_gpu: on Colab, end the runtime once the run is complete and its final commit verified.
+    follow: None follows until the end (headless) or until the cell is interrupted (interactive);
+    False returns once the trainer is started."""
+    env = dict(os.environ)
+    platform = platform_of(env)
+    headless = is_headless(env)
+    if uses_mount(storage) and platform == "colab":
+        mount_drive()
+    child = trainer_env(platform, storage, env, sign_in=colab_sign_in)
+    argv = train_args(profile, storage, run=run, overrides=overrides, hours=hours, workdir=workdir, extra=extra)
+    name, url = daemon.identify(argv, child)
+    rundir = daemon.run_dir_for(name, url, child)
+    if rundir.is_live():
+        print(f"relay: run {name!r} is training on this VM; following it ({rundir.root})")
+    elif is_complete(name, url, child):
+        print(f"relay: run {name!r} is complete")
+        return _finish(Outcome(name, url, EXIT_OK, str(rundir.root)), child, workdir, release_gpu, storage)
+    else:
+        rundir = daemon.start(argv, child)
+        print(f"relay: training {name!r} in the background; interrupting this cell leaves it running ({rundir.root})")
+    if follow is False:
+        return Outcome(name, url, None, str(rundir.root))
+    code = _follow(rundir, headless=headless)
+    if code is None:
+        print("relay: stopped following; the run goes on. Run this cell again to follow it.")
+        return Outcome(name, url, None, str(rundir.root))
+    return _finish(Outcome(name, url, code, str(rundir.root), rundir.read_state().get("message", "")),
+                   child, workdir, release_gpu, storage)  # fmt: skip
+
+
+def _follow(rundir: daemon.RunDir, *, headless: bool) -> int | None:
+    """Show the dashboard until the trainer ends (its exit code), or None when the cell is interrupted."""
+    view = PlainView() if headless else CellView()
+    try:
+        return daemon.follow(rundir, view.on_event, on_poll=view.tick)
+    except KeyboardInterrupt:
+        return None
+    finally:
+        view.close()
+
+
+def _finish(outcome: Outcome, env: Mapping[str, str], workdir: str | None, release_gpu: bool, storage: str) -> Outcome:
+    code = outcome.exit_code
+    print(f"relay: exit {code}: {MEANING.get(code, 'error: see the message below')}")
+    if code not in (EXIT_OK, EXIT_PREEMPTED):
+        tail = _tail(Path(outcome.local_dir) / "trainer.log")
+        raise NotebookRunError(f"the trainer ended with exit {code}: {outcome.message}\n{tail}", exit_code=code)
+    if uses_mount(storage) and platform_of(env) == "colab":
+        from google.colab import drive  # type: ignore[import-not-found]
+
+        drive.flush_and_unmount()  # the mount writes back late; push everything before the VM can go
+    if code == EXIT_OK:
+        show_result(outcome.run, outcome.storage, workdir)
+        if release_gpu and platform_of(env) == "colab":
+            if not is_complete(outcome.run, outcome.storage, env):
+                print("relay: final/ is not committed in storage; keeping the runtime")
+                return outcome
+            from google.colab import runtime  # type: ignore[import-not-found]
+
+            print("relay: final commit verified; ending the runtime (release_gpu=True)")
+            runtime.unassign()
+    return outcome
+
+
+def is_complete(run: str, storage: str, env: Mapping[str, str]) -> bool:
+    """Whether the run's final/ is committed in its storage (`relay status --json`, in a child process that
+    gets the secrets through its environment)."""
+    plain = {k: v for k, v in env.items() if k not in ("FORCE_COLOR", "CLICOLOR_FORCE")}  # a kernel sets these
+    proc = subprocess.run([sys.executable, "-m", "runner", "status", "--storage", storage, "--run", run, "--json"],
+                          capture_output=True, text=True, env={**plain, "NO_COLOR": "1"}, timeout=600)  # fmt: skip
+    if proc.returncode != 0:
+        return False
+    try:
+        return bool(json.loads(ANSI.sub("", proc.stdout)).get("complete"))
+    except ValueError:
+        return False
+
+
+def status(storage: str, run: str | None = None) -> None:
+    """`relay status` for this notebook's storage, with the notebook's secrets."""
+    env = trainer_env(platform_of(os.environ), storage, os.environ, sign_in=colab_sign_in)
+    cmd = [sys.executable, "-m", "runner", "status", "--storage", storage, *(["--run", run] if run else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    print(proc.stdout + proc.stderr, end="")
+
+
+def stop(storage: str, run: str) -> bool:
+    """Ask this VM's trainer of the run to checkpoint and stop (exit 75)."""
+    return daemon.stop(daemon.run_dir_for(run, storage, os.environ))
+
+
+def show_result(run: str, storage: str, workdir: str | None) -> None:
+    """Where final/ is, and the images found on this machine (sample grid, loss plot)."""
+    local = "://" not in storage and storage != "drive"
+    print(f"relay: the LoRA is in {storage.rstrip('/')}/{run}/final/")
+    roots = [Path(storage) / run / "final"] if local else []
+    if workdir:
+        roots.append(Path(workdir) / run)
+    images = sorted({p for root in roots if root.is_dir() for p in root.rglob("*.png") if "final" in p.parts})
+    try:
+        from IPython.display import Image, display
+    except ImportError:
+        return
+    for image in images[:4]:
+        print(image)
+        display(Image(filename=str(image)))
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------- views
+
+
+class CellView:
+    """The dashboard in the cell's output, redrawn in place (a display handle; no ipywidgets needed)."""
+
+    def __init__(self, width: int = 100) -> None:
+        from IPython.display import display
+
+        from runner.clock import SystemClock
+        from runner.dashboard import Snapshot
+
+        self.clock, self.width, self.snapshot = SystemClock(), width, Snapshot()
+        self.handle = display({"text/plain": "relay: waiting for the trainer…"}, raw=True, display_id=True)
+        self.drawn_at = 0.0
+
+    def on_event(self, event: ev.Event) -> None:
+        from runner.dashboard import apply
+
+        self.snapshot = apply(self.snapshot, event, self.clock.monotonic())
+        if isinstance(event, ev.Warning):
+            print(f"relay | warning ({event.kind}): {event.message}")
+
+    def tick(self) -> None:
+        if time.monotonic() - self.drawn_at >= REDRAW_EVERY_S:
+            self.draw()
+
+    def draw(self) -> None:
+        from rich.console import Console
+
+        from runner.dashboard import render
+
+        console = Console(file=io.StringIO(), record=True, width=self.width, force_terminal=True, force_jupyter=False)
+        console.print(render(self.snapshot, self.clock.monotonic()))
+        html = console.export_html(inline_styles=True, code_format="<pre style='line-height:1.2'>{code}</pre>")
+        self.handle.update({"text/plain": console.export_text(), "text/html": html}, raw=True)
+        self.drawn_at = time.monotonic()
+
+    def close(self) -> None:
+        self.draw()
+
+
+class PlainView:
+    """Plain progress lines (a headless run is read later as a log)."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        from runner.clock import SystemClock
+        from runner.dashboard import Dashboard
+
+        console = Console(file=sys.stdout, force_jupyter=False, force_terminal=False, width=160)
+        self.dash = Dashboard(console, SystemClock(), live=False)
+
+    def on_event(self, event: ev.Event) -> None:
+        self.dash.on_event(event)
+
+    def tick(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.dash.stop()
