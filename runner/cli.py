@@ -101,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:  # the libraries' own advice (torchvision fallbacks, dtype casts) is noise to a user
         for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
             os.environ.setdefault(name, "error")
+    # bitsandbytes' CPU backend asks for `pip install kernels` whenever peft or diffusers import it; Relay never
+    # runs bitsandbytes on a CPU (adamw8bit needs CUDA), so its CPU backend's advice is noise on every run.
+    logging.getLogger("bitsandbytes.backends.cpu").setLevel(logging.ERROR)
     try:
         return dispatch(args)
     except RelayError as exc:
