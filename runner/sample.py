@@ -83,7 +83,7 @@ def sample_grid(
         rows = [[_decode(pipe, x, device) for x in row] for row in latents]
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(rows, column_headers(step), prompts).save(out_path)
+    make_grid(rows, HEADERS, prompts, step=step).save(out_path)
     log.info("sample grid (%d prompts) written to %s", len(prompts), out_path)
     return out_path
 
@@ -210,22 +210,27 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def column_headers(step: int | None) -> tuple[str, str]:
-    """("base", "LoRA · step 120"); without a step, HEADERS."""
-    return HEADERS if step is None else (HEADERS[0], f"{HEADERS[1]} · step {step}")
-
-
 def make_grid(
-    rows: Sequence[Sequence[Image.Image]], headers: Sequence[str], prompts: Sequence[str] | None = None
-) -> Image.Image:
+    rows: Sequence[Sequence[Image.Image]], headers: Sequence[str], prompts: Sequence[str] | None = None, *,
+    step: int | None = None,
+) -> Image.Image:  # fmt: skip
     """Images in a grid (rows × columns) under a header row of labels; with `prompts`, a column on the left
-    labels each row with its prompt (wrapped, cut with "…" when it does not fit the row)."""
+    labels each row with its prompt (wrapped, cut with "…" when it does not fit the row). `step` is named
+    in the last column's header ("LoRA · step 120"), or in the corner above the prompts when that column
+    is too narrow for it."""
     width, height = rows[0][0].size
     left = PROMPT_W_PX if prompts else 0
     grid = Image.new("RGB", (left + width * len(headers), LABEL_H_PX + height * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
+    headers, corner = list(headers), "prompt"
+    if step is not None:
+        with_step = f"{headers[-1]} · step {step}"
+        if draw.textlength(with_step) <= width - 8 or not prompts:
+            headers[-1] = with_step
+        else:
+            corner = f"prompt · LoRA at step {step}"
     if prompts:
-        draw.text((4, 2), "prompt", fill="black")
+        draw.text((4, 2), _fit(draw, corner, PROMPT_W_PX - 8, 1)[0], fill="black")
     for col, label in enumerate(headers):
         draw.text((left + col * width + 4, 2), _fit(draw, label, width - 8, 1)[0], fill="black")
     for r, images in enumerate(rows):

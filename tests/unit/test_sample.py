@@ -13,7 +13,7 @@ from runner.profile import LoraConfig
 from runner.sample import (
     LABEL_H_PX,
     PROMPT_W_PX,
-    column_headers,
+    HEADERS,
     ensure_writable,
     has_adapter,
     make_grid,
@@ -117,9 +117,8 @@ def ink(image: Image.Image, box: tuple[int, int, int, int]) -> int:
 def test_grid_labels_rows_with_their_prompt_and_columns_with_base_and_lora_at_the_step():
     cells = [[Image.new("RGB", (64, 64), "gray") for _ in range(2)] for _ in range(3)]
     prompts = ["a red circle", "", "a very long prompt " * 20]
-    grid = make_grid(cells, column_headers(120), prompts)
+    grid = make_grid(cells, HEADERS, prompts, step=120)
     assert grid.size == (PROMPT_W_PX + 2 * 64, LABEL_H_PX + 3 * 64)
-    assert column_headers(120) == ("base", "LoRA · step 120") and column_headers(None) == ("base", "LoRA")
     assert ink(grid, (PROMPT_W_PX, 0, PROMPT_W_PX + 64, LABEL_H_PX)) > 0, "no 'base' header"
     assert ink(grid, (PROMPT_W_PX + 64, 0, PROMPT_W_PX + 128, LABEL_H_PX)) > 0, "no 'LoRA' header"
     rows = [ink(grid, (0, LABEL_H_PX + r * 64, PROMPT_W_PX, LABEL_H_PX + (r + 1) * 64)) for r in range(3)]
@@ -134,3 +133,13 @@ def test_an_output_path_that_cannot_be_written_is_bad_input(tmp_path):
         ensure_writable(tmp_path.parent / "/proc/relay-x/grid.png")
     assert bad.value.exit_code == 2
     assert ensure_writable(tmp_path / "new" / "grid.png").parent.is_dir()
+
+
+def test_the_step_is_named_in_the_lora_header_or_in_the_corner_when_the_column_is_narrow():
+    wide = make_grid([[Image.new("RGB", (256, 32), "gray")] * 2], HEADERS, ["p"], step=120)
+    narrow = make_grid([[Image.new("RGB", (32, 32), "gray")] * 2], HEADERS, ["p"], step=120)
+    plain = make_grid([[Image.new("RGB", (256, 32), "gray")] * 2], HEADERS, ["p"])
+    lora_header = (PROMPT_W_PX + 256, 0, PROMPT_W_PX + 512, LABEL_H_PX)
+    assert ink(wide, lora_header) > ink(plain, lora_header), "'· step 120' missing from the LoRA header"
+    corner = (0, 0, PROMPT_W_PX, LABEL_H_PX)
+    assert ink(narrow, corner) > ink(plain, corner), "the step of a narrow grid is not in the corner"
