@@ -22,8 +22,8 @@ import logging
 import os
 import socket
 import sys
-import time
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +31,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from runner import humanize
 from runner.checkpoint.manager import STATE_FILE, step_dir_name
 from runner.checkpoint.manifest import COMMIT
-from runner import humanize
 from runner.clock import iso
 from runner.env import detect_env
 from runner.errors import UsageError

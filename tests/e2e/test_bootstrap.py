@@ -66,7 +66,10 @@ def test_bootstrap_twice_in_a_fresh_virtualenv(tmp_path, checkout):
     assert out.returncode == 0 and "tiny" in out.stdout
     # the package was installed into the venv, from the copy
     where = subprocess.run(
-        [str(python), "-c", "import runner; print(runner.__file__)"], capture_output=True, text=True, cwd=tmp_path,
+        [str(python), "-c", "import runner; print(runner.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
         env=clean_env(),
     )
     assert str(checkout) in where.stdout

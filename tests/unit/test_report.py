@@ -13,7 +13,7 @@ import pytest
 from rich.console import Console
 
 from runner.env import detect_env
-from runner.errors import RelayError, UsageError
+from runner.errors import UsageError
 from runner.report import print_status, read_status, run_doctor, settle_sessions
 from runner.storage.local import LocalStorage
 

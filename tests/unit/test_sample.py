@@ -11,9 +11,9 @@ from PIL import Image
 from runner.errors import ModelError, UsageError
 from runner.profile import LoraConfig
 from runner.sample import (
+    HEADERS,
     LABEL_H_PX,
     PROMPT_W_PX,
-    HEADERS,
     ensure_writable,
     has_adapter,
     make_grid,
