@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from runner import __version__
-from runner.errors import EXIT_ERROR, RelayError
+from runner.errors import RelayError, exit_code_for
 
 DEFAULT_STORAGE = "./relay-runs"
 log = logging.getLogger("runner")
@@ -113,19 +113,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:  # the libraries' own advice (torchvision fallbacks, dtype casts) is noise to a user
         for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
             os.environ.setdefault(name, "error")
+    # bitsandbytes' CPU backend asks for `pip install kernels` whenever peft or diffusers import it; Relay never
+    # runs bitsandbytes on a CPU (adamw8bit needs CUDA), so its CPU backend's advice is noise on every run.
+    logging.getLogger("bitsandbytes.backends.cpu").setLevel(logging.ERROR)
     try:
         return dispatch(args)
     except RelayError as exc:
         print(f"relay: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
+        return exit_code_for(exc)
+    except KeyboardInterrupt as exc:
         print("relay: interrupted", file=sys.stderr)
-        return 130
+        return exit_code_for(exc)
     except Exception as exc:  # the boundary: an unexpected failure becomes a message, with details in the log
         log.info("unexpected failure", exc_info=True)  # the traceback, shown with -v
         print(f"relay: unexpected error: {type(exc).__name__}: {exc}", file=sys.stderr)
         print("  → rerun with -v for details; committed checkpoints are untouched", file=sys.stderr)
-        return EXIT_ERROR
+        return exit_code_for(exc)
 
 
 def dispatch(args: argparse.Namespace) -> int:

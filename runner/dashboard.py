@@ -6,6 +6,12 @@ event)`, the pure views `render(snapshot, now)` (a rich renderable) and
 to the EventBus and draws either a rate-limited `rich.live.Live` (terminal,
 Jupyter) or a plain line every few seconds (background runs, CI, log files).
 
+While the live view is up, Python warnings and library log records go into its
+"warnings" section instead of the terminal: text written under a redrawing
+panel leaves stale copies of it above. They are put back when it stops. A
+session that fails is shown ending with the code the command returns
+(runner.errors.exit_code_for), whatever its last event said.
+
 Must not: read anything but events and the numbers the session sets through
 `Dashboard.set_budget`; import torch; slow training down (events only update
 the snapshot; drawing is rate-limited and its cost is measured in
@@ -15,8 +21,11 @@ the snapshot; drawing is rate-limited and its cost is measured in
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -28,7 +37,9 @@ from rich.table import Table
 from rich.text import Text
 
 from runner import events as ev
+from runner import humanize
 from runner.clock import Clock
+from runner.errors import end_reason_for, exit_code_for
 from runner.profile import Profile
 
 LOSS_HISTORY = 40  # losses kept for the sparkline
@@ -40,7 +51,10 @@ SPARK = "▁▂▃▄▅▆▇█"
 # Set in the environment of a notebook kernel's children: Colab, Kaggle, any jupyter_client-launched kernel.
 NOTEBOOK_MARKERS = ("COLAB_RELEASE_TAG", "KAGGLE_KERNEL_RUN_TYPE", "JPY_PARENT_PID")
 # Events worth a plain line at once, not only every `plain_every_s`.
-IMPORTANT = (ev.SessionStarted, ev.CheckpointCommitted, ev.UploadFailed, ev.Warning, ev.SessionEnded, ev.Planned)
+# SessionEnded is printed by stop(), which knows whether the session failed (and so the exit code).
+IMPORTANT = (ev.SessionStarted, ev.CheckpointCommitted, ev.UploadFailed, ev.Warning, ev.Planned)
+# Earlier sessions recorded as "running" in a checkpoint ended without saying how (killed, disconnected).
+UNRECORDED_END = "killed"
 
 
 @dataclass(frozen=True)
@@ -81,6 +95,7 @@ class Snapshot:
     history: tuple[dict, ...] = ()
     warnings: tuple[WarningLine, ...] = ()
     ended: str = ""  # why the session ended; empty while running
+    stopping: str = ""  # the acknowledgement of a stop request (Ctrl-C, SIGTERM), shown until the end
     # Set by the session (Dashboard.set_budget): seconds as of `budget_at`.
     time_left_s: float | None = None
     next_checkpoint_in_s: float | None = None
@@ -161,8 +176,18 @@ _HANDLERS: dict[type, Callable[[Snapshot, object, float], Snapshot]] = {
     ev.UploadProgress: lambda s, e, now: dataclasses.replace(s, upload=e),
     ev.CacheProgress: lambda s, e, now: dataclasses.replace(s, cache=f"{e.what} {e.done}/{e.total}"),
     ev.SampleSaved: lambda s, e, now: dataclasses.replace(s, sample_path=e.path),
-    ev.Warning: lambda s, e, now: dataclasses.replace(s, warnings=_add_warning(s.warnings, e.kind, e.message)),
+    ev.Warning: lambda s, e, now: _on_warning(s, e, now),
 }
+
+
+def _on_warning(s: Snapshot, e: ev.Warning, now: float) -> Snapshot:
+    stopping = e.message if e.kind == "signal" and not s.stopping else s.stopping
+    return dataclasses.replace(s, warnings=_add_warning(s.warnings, e.kind, e.message), stopping=stopping)
+
+
+def ended_by(s: Snapshot, exc: BaseException) -> Snapshot:
+    """The snapshot of a session that failed with `exc`: its end shows the code the command returns."""
+    return dataclasses.replace(s, ended=f"{end_reason_for(exc)} (exit {exit_code_for(exc)})")
 
 
 # ---- formatting helpers (pure) ----
@@ -179,14 +204,7 @@ def sparkline(values: tuple[float, ...] | list[float]) -> str:
     return "".join(SPARK[min(len(SPARK) - 1, int((v - low) / span * len(SPARK)))] for v in values)
 
 
-def format_duration(seconds: float) -> str:
-    """12 s · 4 min · 2 h 05 min."""
-    seconds = max(0.0, seconds)
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    if seconds < 3600:
-        return f"{seconds // 60:.0f} min"
-    return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:02.0f} min"
+format_duration = humanize.duration  # 12 s · 4 min · 2 h 05 min
 
 
 def format_bytes(n: float) -> str:
@@ -209,17 +227,16 @@ def time_left(s: Snapshot, now: float) -> float | None:
 
 
 def eta_text(s: Snapshot, now: float) -> str:
-    """'ETA 3.4 h · this session' or 'ETA 30.0 h · ≈ 3.2 sessions' (counting this one)."""
+    """'ETA 12 min · this session' or 'ETA 30 h · about 3 sessions' (counting this one)."""
     eta = eta_seconds(s)
-    if eta is None:
-        return "ETA —"
-    text = f"ETA {eta / 3600:.1f} h"
+    text = humanize.eta(eta)
     left = time_left(s, now)
-    if left is None or not s.session_length_s:
+    if eta is None or left is None or not s.session_length_s:
         return text
     if eta <= left:
         return f"{text} · this session"
-    return f"{text} · ≈ {1 + (eta - left) / s.session_length_s:.1f} sessions"
+    sessions = 1 + humanize.sessions_for((eta - left) / 3600, s.session_length_s / 3600)
+    return f"{text} · about {sessions} sessions"
 
 
 def _rate_text(s: Snapshot) -> str:
@@ -274,6 +291,7 @@ def _session_row(entry: Mapping) -> str:
             steps = f"{entry[first]}→{entry[last]}"
             break
     how = entry.get("reason", entry.get("ended", "?"))
+    how = UNRECORDED_END if how == "running" else how  # an earlier session cannot be running now
     return f"{entry.get('platform', '?')} {entry.get('gpu', '?')} · steps {steps if steps is not None else '?'} · {how}"
 
 
@@ -299,7 +317,9 @@ def render(snapshot: Snapshot, now: float) -> RenderableType:
         grid.add_row("upload", _upload_text(s.upload))
     if s.val_loss is not None:
         grid.add_row("validation", f"val loss {s.val_loss:.4f} at step {s.val_step}")
-    for label, value in (("plan", s.plan), ("cache", s.cache), ("sample", s.sample_path), ("ended", s.ended)):
+    rows = (("plan", s.plan), ("cache", s.cache), ("sample", s.sample_path), ("stopping", s.stopping),
+            ("ended", s.ended))  # fmt: skip
+    for label, value in rows:
         if value:
             grid.add_row(label, value)
     parts: list[RenderableType] = [grid]
@@ -378,6 +398,7 @@ class Dashboard:
     _live: Live | None = field(default=None, repr=False)
     _last_plain: float | None = field(default=None, repr=False)
     _printed: Snapshot | None = field(default=None, repr=False)
+    _capture: _OutputCapture | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.live is None:
@@ -432,12 +453,19 @@ class Dashboard:
                 console=self.console, get_renderable=self._timed_render, refresh_per_second=self.refresh_per_s,
                 auto_refresh=True,  # stray prints and warnings go above the panel (rich redirects them)
             )  # fmt: skip
+            self._capture = _OutputCapture(self.on_event)
+            self._capture.start()
             self._live.start(refresh=True)
 
-    def stop(self) -> None:
+    def stop(self, error: BaseException | None = None) -> None:
+        """Draw the final state (with `error`, the exception the session failed with: its exit code) and let go."""
+        if error is not None:
+            self.snapshot = ended_by(self.snapshot, error)
         if self._live is not None:
             self._live.stop()  # draws the final state once more
             self._live = None
+            self._capture.stop()
+            self._capture = None
         elif not self.live and self._printed is not self.snapshot:
             self._print_status(self.clock.monotonic())
 
@@ -445,8 +473,8 @@ class Dashboard:
         self.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self.stop(exc)
 
     def _timed_render(self) -> RenderableType:
         t0 = time.perf_counter()  # measuring our own cost, not deciding anything: no Clock needed
@@ -463,3 +491,70 @@ class Dashboard:
         t0 = time.perf_counter()
         self.console.print(line, markup=False, highlight=False, soft_wrap=True)
         self.render_seconds_total += time.perf_counter() - t0
+
+
+class _OutputCapture:
+    """While the live view is up: Python warnings and log records that would be written to the terminal
+    become Warning events (shown in the panel's "warnings" section); `stop()` puts everything back.
+
+    Log handlers that write to stdout/stderr are taken off their loggers and one capturing handler is put
+    in their place; records that several loggers would print are counted once."""
+
+    def __init__(self, emit: Callable[[ev.Event], None]) -> None:
+        self.emit = emit
+        self._removed: list[tuple[logging.Logger, logging.Handler]] = []
+        self._added: list[logging.Logger] = []
+        self._handler = _EventLogHandler(emit)
+        self._showwarning = None
+
+    def start(self) -> None:
+        self._showwarning = warnings.showwarning
+        warnings.showwarning = self._on_warning
+        loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
+                                          if isinstance(v, logging.Logger))]  # fmt: skip
+        for logger in loggers:
+            terminal = [h for h in logger.handlers if _writes_to_terminal(h)]
+            for handler in terminal:
+                logger.removeHandler(handler)
+                self._removed.append((logger, handler))
+            if terminal or logger is logging.getLogger():
+                logger.addHandler(self._handler)
+                self._added.append(logger)
+
+    def stop(self) -> None:
+        if self._showwarning is not None:
+            warnings.showwarning = self._showwarning
+            self._showwarning = None
+        for logger in self._added:
+            logger.removeHandler(self._handler)
+        for logger, handler in self._removed:
+            logger.addHandler(handler)
+        self._added, self._removed = [], []
+
+    def _on_warning(self, message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        self.emit(ev.Warning(f"{message}", kind=getattr(category, "__name__", "warning")))
+
+
+def _writes_to_terminal(handler: logging.Handler) -> bool:
+    if isinstance(handler, logging.FileHandler) or not isinstance(handler, logging.StreamHandler):
+        return False
+    return handler.stream in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
+
+
+class _EventLogHandler(logging.Handler):
+    """Log records at WARNING and above as Warning events; runner.signals' records are the stop acknowledgement."""
+
+    def __init__(self, emit: Callable[[ev.Event], None]) -> None:
+        super().__init__(level=logging.WARNING)
+        self.emit_event = emit
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "relay_shown", False):
+            return  # already shown through another logger's handler
+        record.relay_shown = True
+        try:
+            message = record.getMessage().splitlines()[0] if record.getMessage() else record.msg
+        except Exception:  # a bad format string in a library's log call must not stop training
+            message = str(record.msg)
+        kind = "signal" if record.name == "runner.signals" else record.name.split(".")[0] or "log"
+        self.emit_event(ev.Warning(str(message), kind=kind))

@@ -11,6 +11,7 @@ EXIT_OK = 0  # target reached, final LoRA written
 EXIT_ERROR = 1  # something must be fixed before running again
 EXIT_USAGE = 2  # bad command line or bad input
 EXIT_PREEMPTED = 75  # session budget spent or interrupted: run the same command again (EX_TEMPFAIL)
+EXIT_KEYBOARD = 130  # Ctrl-C reached the command line before a session could stop cleanly (128 + SIGINT)
 
 
 class RelayError(Exception):
@@ -28,7 +29,7 @@ class RelayError(Exception):
 
 
 class ProfileError(RelayError):
-    """A profile file or an override is invalid. Names the file, the key and what is allowed."""
+    """A profile file or an override is invalid. Names the file (or the flag), the key and what is allowed."""
 
     exit_code = EXIT_USAGE
 
@@ -37,6 +38,11 @@ class ProfileError(RelayError):
         super().__init__(f"{where}: {message}" if where else message, hint=hint)
         self.path = path
         self.key = key
+        self.detail = message  # what is wrong, without where
+
+    def blamed_on(self, path: str) -> ProfileError:
+        """The same error, naming `path` (a flag such as "--hours 0.5") as where the value came from."""
+        return ProfileError(self.detail, path=path, key=self.key, hint=self.hint)
 
 
 class UsageError(RelayError):
@@ -66,6 +72,12 @@ class StorageError(RelayError):
         super().__init__(message, hint=hint)
         self.key = key
         self.transient = transient
+
+
+class StorageLocationError(StorageError):
+    """The --storage location itself cannot be used (a folder that cannot be created): bad input, exit 2."""
+
+    exit_code = EXIT_USAGE
 
 
 class CredentialsError(StorageError):
@@ -120,3 +132,29 @@ class Interrupted(RelayError):
     """The session was asked to stop (signal) or ran out of time; work was committed."""
 
     exit_code = EXIT_PREEMPTED
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The one rule from a failure to the process exit code; the CLI returns it and the dashboard prints it.
+
+    A RelayError carries its own code; Ctrl-C that escapes a session is 130; anything unexpected is 1."""
+    if isinstance(exc, RelayError):
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_KEYBOARD
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    return EXIT_ERROR
+
+
+def end_reason_for(exc: BaseException) -> str:
+    """How a session that failed with `exc` ended, in a word or two, for the dashboard's "ended" line."""
+    if isinstance(exc, LeaseHeld):
+        return "refused: another session holds the lease"
+    if isinstance(exc, ResumeMismatch):
+        return "refused: settings differ from the stored run"
+    if isinstance(exc, (Interrupted, KeyboardInterrupt)):
+        return "interrupted"
+    if exit_code_for(exc) == EXIT_USAGE:
+        return "bad input"
+    return "error"

@@ -186,6 +186,7 @@ def _sessions_section(sessions: tuple[dict, ...]) -> list[str]:
     for i, s in enumerate(sessions, 1):
         steps = f"{s['step_from']}→{s['step_to']}" if "step_from" in s and "step_to" in s else s.get("steps", "?")
         ended = s.get("reason", s.get("ended", "?"))
+        ended = "killed" if ended == "running" else ended  # recorded mid-session by a checkpoint; never logged an end
         lines.append(f"| {i} | {s.get('platform', '?')} | {s.get('gpu', '?')} | {steps} | {ended} |")
     return lines
 

@@ -303,8 +303,11 @@ def resolve_profile_path(name_or_path: str, directory: Path = PROFILES_DIR) -> P
     )
 
 
-def load_profile(name_or_path: str, overrides: list[str] = (), directory: Path = PROFILES_DIR) -> Profile:
-    """Load, override and validate a profile. Raises ProfileError naming the file and key."""
+def load_profile(
+    name_or_path: str, overrides: list[str] = (), directory: Path = PROFILES_DIR, *, flags: dict[str, str] | None = None
+) -> Profile:
+    """Load, override and validate a profile. Raises ProfileError naming the file and key, or for a value
+    that came from the command line, the flag: `--set KEY=VALUE`, or `flags[KEY]` (e.g. "--hours 0.5")."""
     path = resolve_profile_path(name_or_path, directory)
     try:
         raw = tomllib.loads(path.read_text())
@@ -313,9 +316,18 @@ def load_profile(name_or_path: str, overrides: list[str] = (), directory: Path =
     except OSError as exc:
         raise ProfileError(f"cannot read: {exc.strerror}", path=str(path)) from None
     raw.setdefault("name", path.stem)
+    origins = {}
     for item in overrides:
         apply_override(raw, item)
-    return build_profile(raw, source=str(path))
+        key = item.partition("=")[0].strip()
+        origins[key] = (flags or {}).get(key, f"--set {item.strip()}")
+    try:
+        return build_profile(raw, source=str(path))
+    except ProfileError as exc:
+        flag = next((f for k, f in origins.items() if exc.key and (k == exc.key or k.startswith(exc.key + "."))), None)
+        if flag is None:
+            raise
+        raise exc.blamed_on(flag) from None
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

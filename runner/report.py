@@ -4,7 +4,10 @@ Owns: what these commands print. Loads no model and needs no GPU: status reads
 run.json, sessions.jsonl, lease.json, which checkpoint folders hold a
 COMMIT.json (names only, nothing is verified) and the newest one's small
 state.json (for sessions killed before they could log themselves); doctor checks the
-machine line by line with a verdict each. Imports no torch at module level
+machine line by line with a verdict each. A session is live while it holds the lease
+with a heartbeat younger than the lease's timeout (and, on this machine, its process
+runs); earlier sessions a checkpoint still records as "running" ended without a
+record: killed. Reading never creates anything: a missing folder is an error. Imports no torch at module level
 (doctor checks for it with importlib). Stored values are printed as plain text,
 never as rich markup.
 """
@@ -16,9 +19,11 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import math
+import os
+import socket
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +31,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from runner import humanize
 from runner.checkpoint.manager import STATE_FILE, step_dir_name
 from runner.checkpoint.manifest import COMMIT
 from runner.clock import iso
 from runner.env import detect_env
 from runner.errors import UsageError
-from runner.lease import read_lease
+from runner.lease import LEASE_FILE, read_lease
 from runner.profile import list_profiles, load_profile
 from runner.state import read_bytes, read_run_info, read_sessions
 from runner.storage.url import open_storage
@@ -39,6 +45,7 @@ from runner.storage.url import open_storage
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 CLEAN_ENDS = ("completed", "budget", "signal")  # how a session that exits on its own ends
+LEASE_TIMEOUT_S = 300.0  # the lease's timeout when lease.json does not say (runner.lease.Lease's default)
 SESSION_LENGTHS_H = (3.0, 12.0)  # a typical Colab free session (often less than its 12 h cap), a Kaggle one
 DISK_NEEDED_GIB = 20.0  # full SDXL weights (~7 GB fp16 download) + cache + staging, with room to spare
 
@@ -66,6 +73,8 @@ class RunStatus:
     complete: bool = False  # final/ is committed
     holder: str | None = None  # who holds the lease (a session training now, or one that died)
     heartbeat: str | None = None  # ISO time of the holder's last heartbeat
+    heartbeat_age_s: float | None = None  # seconds since that heartbeat, when status was read
+    holder_alive: bool = False  # the holder's heartbeat is younger than the lease timeout (and its process runs)
 
     @property
     def hours_left(self) -> float | None:
@@ -77,7 +86,7 @@ class RunStatus:
 
     def sessions_left(self, session_h: float) -> int | None:
         hours = self.hours_left
-        return None if hours is None else math.ceil(hours / session_h) if hours > 0 else 0
+        return None if hours is None else humanize.sessions_for(hours, session_h)
 
     def to_dict(self) -> dict:
         return {
@@ -99,21 +108,65 @@ def find_run(storage, run: str | None) -> str:
     raise UsageError(f"several runs in {storage.url}: {', '.join(runs)}", hint="choose one with --run NAME")
 
 
-def read_status(storage, run: str | None) -> RunStatus:
-    """What `relay status` shows, from run.json, sessions.jsonl, the COMMIT.json names and lease.json."""
+def read_status(storage, run: str | None, *, now_wall: float | None = None, host: str | None = None,
+                pid_alive=None) -> RunStatus:  # fmt: skip
+    """What `relay status` shows, from run.json, sessions.jsonl, the COMMIT.json names and lease.json.
+
+    now_wall / host / pid_alive: the wall clock, this machine's name and a check that a process id runs
+    (None: the real ones; tests pass their own)."""
     run = find_run(storage, run)
-    info = read_run_info(storage, run, missing_ok=False)
+    info = read_run_info(storage, run, missing_ok=True)
+    if info is None:
+        raise UsageError(f"{storage.url}: no run named {run!r} (no {run}/run.json)",
+                         hint="check --run and --storage; `relay status --storage URL` lists the runs there")  # fmt: skip
     committed = _committed_steps(storage, run)
     last = committed[-1] if committed else None
-    sessions = _with_killed_sessions(read_sessions(storage, run), _checkpoint_sessions(storage, run, last))
+    lease = read_lease(storage, run)
+    now_wall = time.time() if now_wall is None else now_wall  # the CLI edge: status is read once, now
+    age = lease.age_s(now_wall) if lease else None
+    alive = lease is not None and age < _lease_timeout_s(storage, run) and _process_may_run(
+        lease.holder, host or socket.gethostname(), pid_alive or _pid_runs
+    )  # fmt: skip
+    live_id = lease.holder.rsplit(":", 1)[-1] if alive else None
+    sessions = settle_sessions(_checkpoint_sessions(storage, run, last), read_sessions(storage, run), live_id=live_id)
     trained_steps = sum(s.get("steps", 0) for s in sessions)
     train_hours = sum(s.get("train_s", 0.0) for s in sessions) / 3600
     rate = trained_steps / train_hours if train_hours > 0 and trained_steps > 0 else None
-    lease = read_lease(storage, run)
     return RunStatus(
         run, last or 0, info.target, last, sessions, rate, complete=storage.exists(f"{run}/final/{COMMIT}"),
         holder=lease.holder if lease else None, heartbeat=iso(lease.heartbeat_wall) if lease else None,
+        heartbeat_age_s=age, holder_alive=alive,
     )  # fmt: skip
+
+
+def _lease_timeout_s(storage, run: str) -> float:
+    """The timeout the holder wrote into lease.json (runner.lease writes it), else Lease's default."""
+    raw = read_bytes(storage, f"{run}/{LEASE_FILE}")
+    try:
+        return float(json.loads(raw or b"{}").get("timeout_s", LEASE_TIMEOUT_S))
+    except (ValueError, TypeError, AttributeError):
+        return LEASE_TIMEOUT_S
+
+
+def _process_may_run(holder: str, host: str, pid_alive) -> bool:
+    """False only when the holder ("platform:host:pidN:session") is a process of this machine that is gone."""
+    parts = holder.split(":")
+    if len(parts) < 3 or parts[1] != host or not parts[2].startswith("pid"):
+        return True  # another machine: only its heartbeat can tell
+    try:
+        return pid_alive(int(parts[2].removeprefix("pid")))
+    except ValueError:
+        return True
+
+
+def _pid_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, but another user's
+    return True
 
 
 def _committed_steps(storage, run: str) -> list[int]:
@@ -140,22 +193,40 @@ def _checkpoint_sessions(storage, run: str, step: int | None) -> list[dict]:
     return [s for s in sessions if isinstance(s, dict)]
 
 
-def _with_killed_sessions(logged: list[dict], in_checkpoint: list[dict]) -> list[dict]:
-    """sessions.jsonl gets a line when a session exits; one killed outright (a Colab disconnect) never writes it.
-    Its record survives in the checkpoints it committed: add it, marked "killed", in start order."""
+def settle_sessions(in_checkpoint: list[dict], logged: list[dict], *, live_id: str | None = None) -> list[dict]:
+    """Every session of a run with how it really ended, in start order. Pure.
+
+    A checkpoint records its session while it trains ("running"); sessions.jsonl gets a line when a session
+    exits, with its last step and end. A logged line wins over the checkpoint's copy. A session only in
+    the checkpoints ended without a record (killed outright: a Colab disconnect, SIGKILL) unless it is
+    `live_id`, the session holding a live lease, which is still running."""
     known = {s.get("id") for s in logged}
-    killed = [
-        {**s, "reason": s.get("reason") if s.get("reason") in CLEAN_ENDS else "killed"}
-        for s in in_checkpoint
-        if s.get("id") not in known
-    ]
-    if not killed:
+    unlogged = []
+    for s in in_checkpoint:
+        if s.get("id") in known:
+            continue
+        if s.get("id") is not None and s.get("id") == live_id:
+            unlogged.append({**s, "reason": "running"})
+        else:
+            unlogged.append({**s, "reason": s.get("reason") if s.get("reason") in CLEAN_ENDS else "killed"})
+    if not unlogged:
         return logged
-    return sorted([*logged, *killed], key=lambda s: s.get("start_wall") or 0)
+    return sorted([*logged, *unlogged], key=lambda s: s.get("start_wall") or 0)
+
+
+def session_history(storage, run: str, in_checkpoint: list[dict]) -> list[dict]:
+    """The sessions before this one, settled against sessions.jsonl: what a new session shows and records
+    (in the dashboard's history, later checkpoints and the model card) instead of the checkpoint's
+    "running" copies."""
+    return settle_sessions(in_checkpoint, read_sessions(storage, run))
 
 
 def print_status(storage_url: str, run: str | None, *, as_json: bool = False, console: Console | None = None) -> int:
     console = console or Console()
+    missing = _missing_local_folder(storage_url)
+    if missing is not None:  # opening a local storage creates its folder; a status must not
+        raise UsageError(f"--storage {storage_url}: no such folder ({missing})",
+                         hint="check the path; runs are in the folder given to relay train --storage")  # fmt: skip
     status = read_status(open_storage(storage_url), run)
     if as_json:
         console.print_json(json.dumps(status.to_dict()))
@@ -168,7 +239,9 @@ def print_status(storage_url: str, run: str | None, *, as_json: bool = False, co
     last = status.last_checkpoint
     console.print(Text(f"last committed checkpoint: {'step ' + str(last) if last is not None else 'none yet'}"))
     if status.holder and not status.complete:
-        console.print(Text(f"lease held by {status.holder} (last heartbeat {status.heartbeat})"))
+        ago = humanize.duration(status.heartbeat_age_s or 0)
+        state = "training now" if status.holder_alive else "that session is gone; the next relay train takes over"
+        console.print(Text(f"lease held by {status.holder} (last heartbeat {ago} ago, {status.heartbeat}): {state}"))
     console.print(Text(_still_needed(status)))
     _print_sessions(console, status.sessions)
     return 0
@@ -179,69 +252,97 @@ def _still_needed(status: RunStatus) -> str:
         return "nothing left to train: the LoRA is in final/"
     if status.hours_left is None:
         return "still needed: unknown until a session has trained some steps"
-    parts = ", ".join(f"{status.sessions_left(h)} of {h:g} h" for h in SESSION_LENGTHS_H)
+    sessions = humanize.sessions_needed({h: status.sessions_left(h) for h in SESSION_LENGTHS_H})
     return (
-        f"still needed: {status.hours_left:.1f} h of training at {status.steps_per_hour:.0f} steps/h "
-        f"≈ sessions: {parts}"
+        f"still needed: {humanize.hours(status.hours_left)} of training at {status.steps_per_hour:.0f} steps/h, "
+        f"{sessions}"
     )
+
+
+def _missing_local_folder(url: str) -> Path | None:
+    """The folder a local --storage names when it does not exist; None for one that does, or a remote URL."""
+    text = (url or "").strip()
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    elif text == "drive" or "://" in text or not text:
+        return None
+    path = Path(text).expanduser()
+    return None if path.is_dir() else path
 
 
 def _print_sessions(console: Console, sessions: list[dict]) -> None:
     if not sessions:
         console.print("no sessions recorded yet")
         return
-    table = Table("#", "platform", "GPU", "started", "steps", "hours", "ended", box=None)
+    table = Table("#", "platform", "GPU", "started", "steps", "time", "ended", box=None)
     for i, s in enumerate(sessions, 1):
         cells = (
             i, s.get("platform", "?"), s.get("gpu", "?"), s.get("started", "?"),
-            f"{s.get('step_from', '?')}→{s.get('step_to', '?')}", f"{(s.get('wall_s') or 0) / 3600:.2f}",
+            f"{s.get('step_from', '?')}→{s.get('step_to', '?')}", humanize.duration(s.get("wall_s") or 0),
             s.get("reason", "?"),
         )  # fmt: skip
         table.add_row(*(Text(str(cell)) for cell in cells))
     console.print(table)
 
 
-def run_doctor(storage_url: str, profile_ref: str | None, console: Console | None = None) -> int:
-    """Check what a run needs, one line and one verdict each. Exit 1 if anything fails."""
+CPU_MODELS = ("tiny",)  # model.base values small enough to train on a CPU
+
+
+def run_doctor(storage_url: str, profile_ref: str | None, console: Console | None = None, env=None) -> int:
+    """Check what a run needs, one line and one verdict each. Exit 1 if anything fails.
+
+    env: the detected environment (None: detect it here, at the CLI edge)."""
     console = console or Console()
-    env = detect_env()
+    env = env or detect_env()
+    profile, profile_check = _profile_check(profile_ref)
+    needs_gpu = profile is not None and profile.model.base not in CPU_MODELS
+    gpu_detail = env.gpu_summary + "".join(f"; {g.name}: {g.free_gib:.1f}/{g.total_gib:.1f} GiB free" for g in env.gpus)
+    if not env.gpus:
+        gpu_detail = (f"no CUDA GPU: {profile.name} (SDXL) cannot train here; CPU only suits the tiny profile"
+                      if needs_gpu else "no CUDA GPU: CPU only suits the tiny profile")  # fmt: skip
     checks = [
         ("platform", True, f"{env.platform} ({env.tier}), host {env.host}"),
         ("python", sys.version_info >= (3, 10), sys.version.split()[0]),
-        (
-            "GPU",
-            bool(env.gpus),
-            env.gpu_summary + "".join(f"; {g.name}: {g.free_gib:.1f}/{g.total_gib:.1f} GiB free" for g in env.gpus),
-        ),
+        ("GPU", bool(env.gpus), gpu_detail),
         ("RAM", env.ram_gib >= 10 or env.ram_gib == 0, f"{env.ram_gib:.1f} GiB"),
         (
             "disk",
             env.disk_free_gib >= DISK_NEEDED_GIB,
             f"{env.disk_free_gib:.1f} GiB free in {env.workdir} (need ~{DISK_NEEDED_GIB:.0f})",
         ),
-        ("session", True, f"limit {env.session_limit_h or 'none'} h"),
+        ("session", True, humanize.session_limit(env.session_limit_h)),
     ]
     for package in ("torch", "diffusers", "peft", "transformers", "accelerate", "safetensors", "pydrive2"):
         checks.append((package, *_package_version(package)))
     checks.append(("bitsandbytes", *_bitsandbytes_check(bool(env.gpus))))
     checks.append(("storage", *_storage_check(storage_url)))
-    if profile_ref:
-        try:
-            profile = load_profile(profile_ref)
-            checks.append(("profile", True, f"{profile.name}: {profile.description}"))
-        except Exception as exc:  # doctor reports every failure as a line instead of stopping
-            checks.append(("profile", False, str(exc)))
+    if profile_check is not None:
+        checks.append(profile_check)
+    warn_only = ("bitsandbytes", "RAM") if needs_gpu else ("GPU", "bitsandbytes", "RAM")
     ok = True
     for name, good, detail in checks:
-        ok &= good or name in ("GPU", "bitsandbytes")  # CPU-only machines still run the tiny profile
-        mark = (
-            "[green]ok  [/]"
-            if good
-            else ("[yellow]warn[/]" if name in ("GPU", "bitsandbytes", "RAM") else "[red]FAIL[/]")
-        )
-        console.print(f"{mark} {name:<13} {detail}")
-    console.print("verdict: " + ("[green]ready[/]" if ok else "[red]fix the FAIL lines first[/]"))
+        ok &= good or name in warn_only  # CPU-only machines still run the tiny profile
+        mark = "[green]ok  [/]" if good else ("[yellow]warn[/]" if name in warn_only else "[red]FAIL[/]")
+        console.print(Text.from_markup(mark).append(f" {name:<13} {detail}"))
+    if not ok:
+        verdict = "[red]fix the FAIL lines first[/]"
+    elif not env.gpus:
+        verdict = "[yellow]ready for the tiny profile only (no GPU: SDXL cannot train here)[/]"
+    else:
+        verdict = "[green]ready[/]"
+    console.print("verdict: " + verdict)
     return 0 if ok else 1
+
+
+def _profile_check(profile_ref: str | None):
+    """(the profile or None, its check line or None)."""
+    if not profile_ref:
+        return None, None
+    try:
+        profile = load_profile(profile_ref)
+    except Exception as exc:  # doctor reports every failure as a line instead of stopping
+        return None, ("profile", False, str(exc))
+    return profile, ("profile", True, f"{profile.name}: {profile.description}")
 
 
 def _package_version(name: str) -> tuple[bool, str]:

@@ -3,7 +3,8 @@
 Owns: running SDXL inference on already-loaded parts (no second copy of any
 weight), drawing each prompt twice with the same seed, once with the LoRA off
 and once on (the adapter is toggled, not reloaded), and writing one PNG grid:
-rows are prompts, columns base | LoRA.
+rows are prompts (each labelled with its prompt on the left), columns base |
+LoRA under a header that names the step.
 
 Memory: the work goes in phases (encode all prompts, denoise, decode) and only
 the module of the phase is on the GPU beside the UNet; the VAE decodes sliced
@@ -26,13 +27,15 @@ import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 from PIL import Image, ImageDraw
 
-from runner.errors import ModelError
+from runner.errors import ModelError, UsageError
 from runner.profile import LoraConfig
 from runner.train.model import SDXLParts, attach_lora, eager, load_lora_state_dict, lora_state_dict
 
 log = logging.getLogger(__name__)
 
 LABEL_H_PX = 16  # height of the "base" / "LoRA" header row
+PROMPT_W_PX = 160  # width of the column that labels each row with its prompt
+LINE_H_PX = 11  # one line of PIL's default font, with its spacing
 HEADERS = ("base", "LoRA")
 
 
@@ -55,13 +58,14 @@ def build_pipeline(parts: SDXLParts, *, text_encoders: bool = True) -> StableDif
 def sample_grid(
     pipe_parts: SDXLParts, lora_sd: dict[str, torch.Tensor] | None, prompts: Sequence[str], seed: int, steps: int,
     guidance: float, resolution: int, out_path: Path, *, lora_cfg: LoraConfig | None = None, device: str = "cpu",
-    cpu_offload: bool = False,
+    cpu_offload: bool = False, step: int | None = None,
 ) -> Path:  # fmt: skip
     """Draw each prompt with the LoRA off and on (same seed, seed + row) and save the grid PNG at out_path.
 
     lora_sd None: use the adapter already attached to the UNet (sampling during training).
     lora_sd given: load it (lora_cfg gives rank/alpha/targets) for the duration of the call.
     cpu_offload: on CUDA, let diffusers keep only the running module on the GPU (standalone `relay sample`).
+    step: the optimizer step of the LoRA, named in the header ("LoRA · step 120").
     """
     if not prompts:
         raise ModelError("no prompts to sample", hint="set sample.prompts in the profile")
@@ -79,7 +83,7 @@ def sample_grid(
         rows = [[_decode(pipe, x, device) for x in row] for row in latents]
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(rows, HEADERS).save(out_path)
+    make_grid(rows, HEADERS, prompts, step=step).save(out_path)
     log.info("sample grid (%d prompts) written to %s", len(prompts), out_path)
     return out_path
 
@@ -206,14 +210,78 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def make_grid(rows: Sequence[Sequence[Image.Image]], headers: Sequence[str]) -> Image.Image:
-    """Images in a grid (rows × columns) under a header row of labels."""
+def make_grid(
+    rows: Sequence[Sequence[Image.Image]], headers: Sequence[str], prompts: Sequence[str] | None = None, *,
+    step: int | None = None,
+) -> Image.Image:  # fmt: skip
+    """Images in a grid (rows × columns) under a header row of labels; with `prompts`, a column on the left
+    labels each row with its prompt (wrapped, cut with "…" when it does not fit the row). `step` is named
+    in the last column's header ("LoRA · step 120"), or in the corner above the prompts when that column
+    is too narrow for it."""
     width, height = rows[0][0].size
-    grid = Image.new("RGB", (width * len(headers), LABEL_H_PX + height * len(rows)), "white")
+    left = PROMPT_W_PX if prompts else 0
+    grid = Image.new("RGB", (left + width * len(headers), LABEL_H_PX + height * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
+    headers, corner = list(headers), "prompt"
+    if step is not None:
+        with_step = f"{headers[-1]} · step {step}"
+        if draw.textlength(with_step) <= width - 8 or not prompts:
+            headers[-1] = with_step
+        else:
+            corner = f"prompt · LoRA at step {step}"
+    if prompts:
+        draw.text((4, 2), _fit(draw, corner, PROMPT_W_PX - 8, 1)[0], fill="black")
     for col, label in enumerate(headers):
-        draw.text((col * width + 4, 2), label, fill="black")
+        draw.text((left + col * width + 4, 2), _fit(draw, label, width - 8, 1)[0], fill="black")
     for r, images in enumerate(rows):
+        top = LABEL_H_PX + r * height
+        if prompts:
+            lines = _fit(draw, prompts[r], PROMPT_W_PX - 8, max(1, (height - 4) // LINE_H_PX))
+            draw.multiline_text((4, top + 2), "\n".join(lines), fill="black", spacing=LINE_H_PX - _line_px(draw))
         for col, image in enumerate(images):
-            grid.paste(image.convert("RGB"), (col * width, LABEL_H_PX + r * height))
+            grid.paste(image.convert("RGB"), (left + col * width, top))
     return grid
+
+
+def _line_px(draw: ImageDraw.ImageDraw) -> int:
+    box = draw.textbbox((0, 0), "Ag")
+    return min(LINE_H_PX, box[3] - box[1])
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, width_px: int, max_lines: int) -> list[str]:
+    """`text` wrapped at words into lines of at most `width_px`; at most `max_lines`, the last cut with "…"."""
+    lines: list[str] = []
+    for word in text.split():
+        while draw.textlength(word) > width_px and len(word) > 1:  # a word longer than a line: split it
+            cut = max(1, int(len(word) * width_px / draw.textlength(word)))
+            lines, word = _add(draw, lines, word[:cut], width_px), word[cut:]
+        lines = _add(draw, lines, word, width_px)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and draw.textlength(last + "…") > width_px:
+            last = last[:-1]
+        lines = [*lines[: max_lines - 1], last.rstrip() + "…"]
+    return lines or [""]
+
+
+def _add(draw: ImageDraw.ImageDraw, lines: list[str], word: str, width_px: int) -> list[str]:
+    if lines and draw.textlength(f"{lines[-1]} {word}") <= width_px:
+        return [*lines[:-1], f"{lines[-1]} {word}"]
+    return [*lines, word]
+
+
+def ensure_writable(out_path: Path, flag: str = "--out") -> Path:
+    """`out_path`'s folder, created if needed, or a UsageError (exit 2) naming the flag and the path.
+
+    For the `relay sample --out` command, before any model loads; during training a failed sample is
+    only a warning, so sample_grid itself raises the plain OSError."""
+    out_path = Path(out_path)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        probe = out_path.parent / f".{out_path.name}.relay-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"{flag} {out_path}: cannot write there ({exc.strerror or exc})",
+                         hint="choose a folder that exists and that you can write to") from None  # fmt: skip
+    return out_path

@@ -3,8 +3,9 @@
 Owns: an EventBus subscriber that writes loss, validation loss, learning rate,
 grad norm, skipped steps, step time, GPU memory and checkpoint costs as scalars
 into a local logs folder (the session uploads that folder). TensorBoard's
-writer comes from torch.utils.tensorboard when it can be imported (it needs the
-`tensorboard` package); otherwise this is a no-op that says so once, as a
+writer comes from torch.utils.tensorboard (the `tensorboard` package is one of
+Relay's dependencies: every run keeps its loss history, which runner.losscurve
+draws); where it cannot be imported this is a no-op that says so once, as a
 Warning event. W&B is used only when `wandb` imports and WANDB_API_KEY is set;
 wandb reads the key from the environment itself, and it is never logged.
 
@@ -63,7 +64,7 @@ class TensorBoardLogger:
         self.unavailable = ""
         if factory is None:
             self.unavailable = "TensorBoard logs are off: `pip install tensorboard` to get them"
-            log.warning(self.unavailable)
+            log.info(self.unavailable)  # users see it once, as the Warning event attach() emits
         else:
             self.logs_dir.mkdir(parents=True, exist_ok=True)
             self.writer = factory(log_dir=str(self.logs_dir), flush_secs=FLUSH_EVERY_S)

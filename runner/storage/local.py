@@ -21,7 +21,7 @@ import time
 import uuid
 from pathlib import Path, PurePosixPath
 
-from runner.errors import StorageError
+from runner.errors import StorageError, StorageLocationError
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,12 @@ class LocalStorage:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise self._translate(exc, "", "create the storage folder") from exc
+            error = self._translate(exc, "", "create the storage folder")
+            if error.transient:
+                raise error from exc
+            raise StorageLocationError(  # a folder that cannot be created is bad input (exit 2), not a failure
+                error.message, key="", hint=error.hint or "choose a --storage folder that exists or can be created"
+            ) from exc
 
     def __repr__(self) -> str:
         return f"LocalStorage({self.url!r})"

@@ -67,3 +67,15 @@ def test_doctor_gives_a_verdict_per_line(tmp_path):
         assert line in out.stdout
     bad = relay("doctor", "--storage", str(tmp_path / "store"), "--profile", "nope")
     assert bad.returncode == 1 and "FAIL" in bad.stdout and "no profile named" in bad.stdout
+
+
+def test_bitsandbytes_cpu_advice_is_silenced_by_the_command_line(capsys):
+    """Its CPU backend asks for `pip install kernels` on every import; Relay never uses bitsandbytes on a CPU."""
+    import logging
+
+    from runner.cli import main
+
+    assert main(["profiles"]) == 0
+    assert logging.getLogger("bitsandbytes.backends.cpu").getEffectiveLevel() == logging.ERROR
+    logging.getLogger("bitsandbytes.backends.cpu").warning("Please make sure you already `pip install kernels`")
+    assert "kernels" not in capsys.readouterr().err

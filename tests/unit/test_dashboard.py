@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import logging
+import re
+import sys
 import time
+import warnings
 
 import pytest
 from rich.console import Console
@@ -11,6 +15,7 @@ from rich.console import Console
 from runner import events as ev
 from runner.clock import FakeClock
 from runner.dashboard import Dashboard, Snapshot, apply, plain_line, render, should_use_live, sparkline
+from runner.errors import DataError, LeaseHeld, ResumeMismatch, StorageError
 
 HOUR = 3600.0
 
@@ -47,20 +52,20 @@ def test_render_shows_progress_loss_pace_and_eta():
     out = text_of(render(s, now=0.0))
     assert "step 120 / 2000 (6.0%)" in out
     # 1880 steps left × 2 s = 1.04 h, inside the 4 h left of this session
-    assert "ETA 1.0 h · this session" in out
+    assert "ETA 1 h 03 min · this session" in out
     assert "0.50 steps/s · 2.00 s/step" in out
     assert "loss 0.1880" in out
     assert "━" in out  # the progress bar
 
 
 def test_eta_counts_sessions_when_the_run_outlasts_this_one():
-    # 1900 steps × 30 s = 15.8 h; 4 h left now, 12 h sessions → 1 + 11.8 / 12 ≈ 2.0 sessions
+    # 1900 steps × 30 s = 15 h 50 min; 4 h left now, 12 h sessions → this one + 1 more = 2 sessions
     clock = FakeClock()
     dash = Dashboard(make_console(), clock, live=False)
     dash.on_event(started())
     dash.on_event(step(100, step_s=30.0))
     dash.set_budget(time_left_s=4 * HOUR, next_checkpoint_in_s=None, session_length_s=12 * HOUR)
-    assert "ETA 15.8 h · ≈ 2.0 sessions" in text_of(render(dash.snapshot, clock.monotonic()))
+    assert "ETA 15 h 50 min · about 2 sessions" in text_of(render(dash.snapshot, clock.monotonic()))
 
 
 def test_sparkline_tracks_the_loss_shape():
@@ -129,7 +134,7 @@ def test_plain_line_format():
     s = apply(s, ev.CheckpointCommitted(step=100, bytes=1, upload_s=1.0))
     assert plain_line(s, now=60.0) == (
         "relay | step 120/2000 (6.0%) | loss 0.1000 · ema 0.1000 | 0.50 steps/s · 2.00 s/step"
-        " | ETA 1.0 h · this session | vram 10.2 GiB · peak 11.0 GiB | ckpt step 100 | session left 3 h 59 min"
+        " | ETA 1 h 03 min · this session | vram 10.2 GiB · peak 11.0 GiB | ckpt step 100 | session left 3 h 59 min"
     )
 
 
@@ -173,6 +178,75 @@ def test_plain_mode_handles_10000_steps_in_well_under_a_second():
     assert dash.snapshot.step == 10_000
     assert elapsed < 1.0, f"10,000 events took {elapsed:.2f} s"
     assert dash.render_seconds_total < elapsed
+
+
+def test_an_earlier_session_left_running_in_the_checkpoint_shows_as_killed():
+    history = ({"platform": "colab", "gpu": "Tesla T4", "step_from": 0, "step_to": 100, "reason": "running"},)
+    out = text_of(render(run_events([started(history=history), step(101)]), now=0.0))
+    assert "#1 colab Tesla T4 · steps 0→100 · killed" in out
+    assert "#2 colab Tesla T4 · steps 100→101 · running" in out  # only this session is running
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def test_live_mode_shows_library_warnings_and_the_stop_acknowledgement_inside_the_panel(capsys):
+    """Text written to the terminal under a redrawing panel leaves stale copies of the panel above it."""
+    console = make_console()
+    library = logging.getLogger("somelibrary")
+    handler = logging.StreamHandler(sys.stderr)  # as transformers and diffusers set up their loggers
+    library.addHandler(handler)
+    library.propagate = False
+    showwarning = warnings.showwarning
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            with Dashboard(console, FakeClock(), live=True, refresh_per_s=1.0) as dash:
+                dash.on_event(started())
+                warnings.warn("install the kernels package for faster CPU kernels", UserWarning, stacklevel=1)
+                library.warning("TensorBoard is not installed")
+                logging.getLogger("runner.signals").warning("interrupted: stopping after this step")
+                dash.on_event(step(101))
+        assert warnings.showwarning is showwarning and library.handlers == [handler], "not put back"
+    finally:
+        library.removeHandler(handler)
+        library.propagate = True
+    captured = capsys.readouterr()
+    assert captured.err == captured.out == "", "text reached the terminal outside the panel"
+    lines = [line for line in ANSI.sub("", console.file.getvalue()).replace("\r", "\n").splitlines() if line.strip()]
+    stray = [line for line in lines if line[0] not in "╭│╰"]
+    assert not stray, f"text outside the panel: {stray}"
+    out = "\n".join(lines)
+    assert "UserWarning ×1: install the kernels package" in out
+    assert "somelibrary ×1: TensorBoard is not installed" in out
+    assert re.search(r"│ stopping +interrupted: stopping after this step", out), out[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("error", "ended"),
+    [
+        (DataError("no images", source="data/"), "bad input (exit 2)"),
+        (ResumeMismatch({"lora.rank": (4, 8)}), "refused: settings differ from the stored run (exit 2)"),
+        (
+            LeaseHeld("colab:vm:pid7:abc", "2026-12-01T10:00:00Z", 32.0),
+            "refused: another session holds the lease (exit 1)",
+        ),
+        (StorageError("Drive said 500"), "error (exit 1)"),
+        (RuntimeError("boom"), "error (exit 1)"),
+    ],
+)
+@pytest.mark.parametrize("live", [False, True])
+def test_a_failed_session_ends_with_the_code_the_command_returns(error, ended, live):
+    console = make_console(force_terminal=live)
+    with pytest.raises(type(error)):
+        with Dashboard(console, FakeClock(), live=live) as dash:
+            dash.on_event(started())
+            dash.on_event(ev.SessionEnded(step=100, target=2000, reason="running", exit_code=1))  # the session's guess
+            raise error
+    assert dash.snapshot.ended == ended
+    out = console.file.getvalue()
+    assert ended in out
+    assert "running (exit" not in out and out.count("(exit ") == (1 if not live else out.count(ended))
 
 
 def test_live_mode_draws_through_rich_live_and_measures_render_time():

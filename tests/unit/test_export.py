@@ -109,3 +109,15 @@ def test_model_card_says_how_it_was_trained_and_how_to_load_it(trained):
 def test_export_refuses_a_state_dict_that_would_match_nothing(tmp_path: Path):
     with pytest.raises(ModelError, match="lora_A"):
         export_lora({"weird.weight": torch.zeros(2)}, LORA, tmp_path, profile_dict={}, card=CardInfo("x", 1))
+
+
+def test_model_card_never_lists_an_earlier_session_as_running():
+    from runner.export import model_card
+
+    sessions = (
+        {"platform": "colab", "gpu": "T4", "step_from": 0, "step_to": 100, "reason": "running"},  # a checkpoint's copy
+        {"platform": "kaggle", "gpu": "T4", "step_from": 100, "step_to": 200, "reason": "completed"},
+    )
+    card = CardInfo(name="run", steps=200, sessions=sessions)
+    text = model_card(load_profile("tiny").to_dict(), card, kohya_file=None, has_grid=False)
+    assert "| 1 | colab | T4 | 0→100 | killed |" in text and "running" not in text

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from runner.errors import RelayError, UsageError
-from runner.report import print_status, read_status
+from runner.env import detect_env
+from runner.errors import UsageError
+from runner.report import print_status, read_status, run_doctor, settle_sessions
 from runner.storage.local import LocalStorage
 
 RUN = "naruto"
@@ -89,7 +90,8 @@ def test_status_text_shows_progress_sessions_and_what_is_left(in_progress):
     text = render(str(in_progress), None)
     assert "step 900 / 2000 (45 %)" in text
     assert "last committed checkpoint: step 900" in text
-    assert "5.5 h" in text and "200 steps/h" in text and "2 of 3 h" in text and "1 of 12 h" in text
+    assert "still needed: 5 h 30 min of training at 200 steps/h, about 2 more sessions of 3 h, or 1 of 12 h" in text
+    assert "3 h 05 min" in text  # the first session's time, as a person writes it
     for word in ("colab", "kaggle", "Tesla T4", "2x Tesla T4", "0→600", "600→900", "budget", "signal"):
         assert word in text, word
 
@@ -147,8 +149,92 @@ def test_which_run(tmp_path):
         read_status(LocalStorage(tmp_path), None)
     assert "naruto" in str(several.value) and "other" in str(several.value)
     assert read_status(LocalStorage(tmp_path), RUN).run == RUN
-    with pytest.raises(RelayError, match="no run named 'missing'"):
+    with pytest.raises(UsageError, match="no run named 'missing'"):  # bad input: exit 2
         read_status(LocalStorage(tmp_path), "missing")
+
+
+def test_status_of_a_folder_that_does_not_exist_creates_nothing(tmp_path):
+    with pytest.raises(UsageError, match="no such folder") as missing:
+        print_status(str(tmp_path / "typo"), None, console=Console(file=io.StringIO()))
+    assert missing.value.exit_code == 2
+    assert not (tmp_path / "typo").exists()
+
+
+HEARTBEAT_WALL = 1.795e9
+
+
+def with_lease(root: Path, holder: str, *, timeout_s: float | None = 300.0) -> None:
+    lease = {"holder": holder, "token": "t", "since": "2026-11-20T15:00:00Z", "heartbeat_wall": HEARTBEAT_WALL}
+    if timeout_s is not None:
+        lease["timeout_s"] = timeout_s
+    write(root, f"{RUN}/lease.json", json.dumps(lease))
+
+
+def live_run(root: Path) -> None:
+    """One logged session, and one training now: only in the checkpoints, as "running"."""
+    logged = session(0, 600, "budget", train_s=3 * 3600, start_wall=1000.0)
+    now = session(600, 750, "running", train_s=3600, start_wall=20000.0, id="live1", platform="kaggle")
+    make_run(root, sessions=[logged], checkpoints=[600, 750], state_sessions=[logged, now])
+
+
+@pytest.mark.parametrize(
+    ("holder", "age_s", "pid_runs", "alive"),
+    [
+        ("kaggle:othervm:pid7:live1", 32.0, False, True),  # another machine, a 32 s old heartbeat: training
+        ("kaggle:othervm:pid7:live1", 299.0, False, True),
+        ("kaggle:othervm:pid7:live1", 301.0, True, False),  # older than the lease timeout: dead
+        ("kaggle:thisvm:pid7:live1", 32.0, True, True),  # this machine, the process runs
+        ("kaggle:thisvm:pid7:live1", 32.0, False, False),  # this machine, the process is gone (SIGKILL)
+    ],
+)
+def test_a_session_is_live_while_its_heartbeat_is_younger_than_the_lease_timeout(
+    tmp_path, holder, age_s, pid_runs, alive
+):
+    live_run(tmp_path)
+    with_lease(tmp_path, holder)
+    status = read_status(LocalStorage(tmp_path), None, now_wall=HEARTBEAT_WALL + age_s, host="thisvm",
+                         pid_alive=lambda pid: pid_runs)  # fmt: skip
+    assert status.holder_alive is alive
+    assert [s["reason"] for s in status.sessions] == ["budget", "running" if alive else "killed"]
+    assert status.heartbeat_age_s == pytest.approx(age_s)
+
+
+def test_the_lease_timeout_comes_from_lease_json(tmp_path):
+    live_run(tmp_path)
+    with_lease(tmp_path, "kaggle:othervm:pid7:live1", timeout_s=60.0)
+    status = read_status(LocalStorage(tmp_path), None, now_wall=HEARTBEAT_WALL + 90, host="thisvm")
+    assert not status.holder_alive
+
+
+def test_settled_sessions_prefer_the_logged_end_over_the_checkpoints_running_copy():
+    """A session stopped by a signal after its last checkpoint: the checkpoint says running, the log says signal."""
+    in_checkpoint = [session(0, 100, "running", train_s=60, start_wall=1.0)]
+    logged = [session(0, 120, "signal", train_s=70, start_wall=1.0)]
+    assert settle_sessions(in_checkpoint, logged) == logged
+    assert [s["reason"] for s in settle_sessions(in_checkpoint, [])] == ["killed"]
+    assert [s["reason"] for s in settle_sessions(in_checkpoint, [], live_id="s0")] == ["running"]
+
+
+def doctor_text(profile: str, *, gpus: bool, tmp_path: Path) -> tuple[int, str]:
+    import dataclasses
+
+    env = detect_env()
+    if not gpus:
+        env = dataclasses.replace(env, gpus=(), disk_free_gib=100.0, ram_gib=32.0)  # only the GPU varies
+    console = Console(file=io.StringIO(), width=200)
+    code = run_doctor(str(tmp_path / "s"), profile, console=console, env=env)
+    return code, console.file.getvalue()
+
+
+def test_doctor_says_an_sdxl_profile_cannot_train_without_a_gpu(tmp_path):
+    code, text = doctor_text("sdxl-naruto-t4", gpus=False, tmp_path=tmp_path)
+    assert "sdxl-naruto-t4 (SDXL) cannot train here; CPU only suits the tiny profile" in text
+    assert "verdict: ready" not in text and code == 1
+
+
+def test_doctor_without_a_gpu_is_ready_for_the_tiny_profile_only(tmp_path):
+    code, text = doctor_text("tiny", gpus=False, tmp_path=tmp_path)
+    assert "verdict: ready for the tiny profile only" in text and code == 0
 
 
 def test_a_session_killed_before_it_could_log_itself_is_shown_from_the_checkpoint(tmp_path):

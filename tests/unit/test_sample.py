@@ -8,9 +8,17 @@ import torch
 from peft.utils import set_peft_model_state_dict
 from PIL import Image
 
-from runner.errors import ModelError
+from runner.errors import ModelError, UsageError
 from runner.profile import LoraConfig
-from runner.sample import LABEL_H_PX, has_adapter, sample_grid
+from runner.sample import (
+    HEADERS,
+    LABEL_H_PX,
+    PROMPT_W_PX,
+    ensure_writable,
+    has_adapter,
+    make_grid,
+    sample_grid,
+)
 from runner.train.model import attach_lora, build_tiny, lora_state_dict
 
 LORA = LoraConfig(rank=4, alpha=8.0)
@@ -25,7 +33,7 @@ def randomised_lora(seed: int = 1) -> dict[str, torch.Tensor]:
 
 
 def halves(path, rows: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    grid = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)[LABEL_H_PX:]
+    grid = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)[LABEL_H_PX:, PROMPT_W_PX:]
     h, w = grid.shape[0] // rows, grid.shape[1] // 2
     return [(grid[r * h : (r + 1) * h, :w], grid[r * h : (r + 1) * h, w:]) for r in range(rows)]
 
@@ -34,7 +42,7 @@ def test_grid_has_a_row_per_prompt_and_the_lora_column_differs(tmp_path):
     parts = build_tiny(seed=0)
     out = sample_grid(parts, randomised_lora(), PROMPTS, seed=3, steps=2, guidance=5.0, resolution=64,
                       out_path=tmp_path / "grid.png", lora_cfg=LORA)  # fmt: skip
-    assert Image.open(out).size == (2 * 64, LABEL_H_PX + 2 * 64)
+    assert Image.open(out).size == (PROMPT_W_PX + 2 * 64, LABEL_H_PX + 2 * 64)
     for base, tuned in halves(out, rows=2):
         assert np.abs(base - tuned).max() > 10, "the LoRA column looks like the base column"
     assert not has_adapter(parts.unet), "the adapter attached for sampling must be removed"
@@ -67,7 +75,7 @@ def test_mixed_precision_parts_sample_and_keep_their_dtypes(tmp_path):
     out = sample_grid(
         parts, None, PROMPTS[:1], seed=3, steps=1, guidance=5.0, resolution=64, out_path=tmp_path / "m.png"
     )
-    assert Image.open(out).size == (128, LABEL_H_PX + 64)
+    assert Image.open(out).size == (PROMPT_W_PX + 128, LABEL_H_PX + 64)
     assert parts.vae.dtype == torch.float16 and parts.text_encoder.dtype == torch.float32
     assert not parts.vae.use_tiling, "tiling left on would change the latents of a later cache build"
     assert next(p for n, p in parts.unet.named_parameters() if "lora_A" not in n).dtype == torch.bfloat16
@@ -99,3 +107,39 @@ def test_sampling_mid_training_on_cuda_puts_everything_back(tmp_path, cpu_offloa
     for module in (parts.vae, parts.text_encoder, parts.text_encoder_2):
         assert next(module.parameters()).device.type == "cpu" and module.dtype == torch.float32
     assert not hasattr(parts.unet, "_hf_hook") or parts.unet._hf_hook is None, "offload hooks left behind"
+
+
+def ink(image: Image.Image, box: tuple[int, int, int, int]) -> int:
+    """Dark pixels (text) in `box` of a white-background label region."""
+    return int((np.asarray(image.convert("L").crop(box)) < 128).sum())
+
+
+def test_grid_labels_rows_with_their_prompt_and_columns_with_base_and_lora_at_the_step():
+    cells = [[Image.new("RGB", (64, 64), "gray") for _ in range(2)] for _ in range(3)]
+    prompts = ["a red circle", "", "a very long prompt " * 20]
+    grid = make_grid(cells, HEADERS, prompts, step=120)
+    assert grid.size == (PROMPT_W_PX + 2 * 64, LABEL_H_PX + 3 * 64)
+    assert ink(grid, (PROMPT_W_PX, 0, PROMPT_W_PX + 64, LABEL_H_PX)) > 0, "no 'base' header"
+    assert ink(grid, (PROMPT_W_PX + 64, 0, PROMPT_W_PX + 128, LABEL_H_PX)) > 0, "no 'LoRA' header"
+    rows = [ink(grid, (0, LABEL_H_PX + r * 64, PROMPT_W_PX, LABEL_H_PX + (r + 1) * 64)) for r in range(3)]
+    assert rows[0] > 0 and rows[1] == 0 and rows[2] > rows[0], f"prompt labels per row: {rows}"
+    below = ink(grid, (0, LABEL_H_PX + 3 * 64 - 2, PROMPT_W_PX, LABEL_H_PX + 3 * 64))
+    assert below == 0, "a long prompt must be cut to its row, not run into the next"
+    np.testing.assert_array_equal(np.asarray(grid)[LABEL_H_PX:, PROMPT_W_PX:], 128)  # images untouched
+
+
+def test_an_output_path_that_cannot_be_written_is_bad_input(tmp_path):
+    with pytest.raises(UsageError, match="--out /proc/relay-x/grid.png: cannot write there") as bad:
+        ensure_writable(tmp_path.parent / "/proc/relay-x/grid.png")
+    assert bad.value.exit_code == 2
+    assert ensure_writable(tmp_path / "new" / "grid.png").parent.is_dir()
+
+
+def test_the_step_is_named_in_the_lora_header_or_in_the_corner_when_the_column_is_narrow():
+    wide = make_grid([[Image.new("RGB", (256, 32), "gray")] * 2], HEADERS, ["p"], step=120)
+    narrow = make_grid([[Image.new("RGB", (32, 32), "gray")] * 2], HEADERS, ["p"], step=120)
+    plain = make_grid([[Image.new("RGB", (256, 32), "gray")] * 2], HEADERS, ["p"])
+    lora_header = (PROMPT_W_PX + 256, 0, PROMPT_W_PX + 512, LABEL_H_PX)
+    assert ink(wide, lora_header) > ink(plain, lora_header), "'· step 120' missing from the LoRA header"
+    corner = (0, 0, PROMPT_W_PX, LABEL_H_PX)
+    assert ink(narrow, corner) > ink(plain, corner), "the step of a narrow grid is not in the corner"
