@@ -2,8 +2,16 @@
 
 Owns: capturing one graph per batch shape and kind (a micro-batch whose backward also all-reduces the
 gradients, or not), after an eager warm-up whose effect on the gradient buffer is undone; the static
-input buffers each graph reads, the memory pool the graphs share, and noticing when a graph no longer
-matches the parameters it was captured on (then it is captured again).
+input buffers each graph reads, the ONE memory pool every graph shares, which shapes are captured at all
+(a bounded set; the others, and shapes an out-of-memory backed off, run compiled-eager), and noticing
+when a graph no longer matches the parameters it was captured on (then it is captured again).
+
+Memory: graphs captured one after another into one pool (torch.cuda.graph_pool_handle()) may reuse
+each other's memory because their replays never overlap (one micro-batch at a time, one stream), so N
+shapes keep about the largest shape's activations, not N times them. The warm-up of a new shape runs
+outside the pool; its cached blocks are handed back (empty_cache) before the capture, so the pool can
+grow into them. See https://pytorch.org/docs/stable/notes/cuda.html#graph-memory-management
+("Sharing memory across captures").
 
 Why: on a fast GPU, and on a notebook's slow CPU, an SDXL LoRA step is bound by the CPU issuing
 ~24,000 kernel launches, most of them small; a replayed graph issues them all at once.
@@ -38,19 +46,41 @@ class _Captured:
     addresses: tuple[int, ...]  # data pointers of the parameters and .grad buffers at capture
 
 
+def shape_key(batch: Any) -> str:
+    """The latent shape of a micro-batch without its batch dimension, as "CxHxW" (what a bucket decides)."""
+    return "x".join(str(n) for n in batch.latents.shape[1:])
+
+
 class MicroBatchGraphs:
-    """Replays `micro(batch) -> loss` (which also runs the backward) as a CUDA graph per batch shape."""
+    """Replays `micro(batch) -> loss` (which also runs the backward) as a CUDA graph per batch shape.
+
+    `capture_shapes`: the shapes worth a graph (None: every shape); `eager_shapes`: shapes never captured.
+    Other shapes run `micro` directly (the UNet's blocks are still compiled)."""
 
     def __init__(
         self,
         micro: Callable[[Any, bool], torch.Tensor],
         params: list[torch.nn.Parameter],
         grad_buffer: torch.Tensor,
+        *,
+        capture_shapes: frozenset[str] | None = None,
+        eager_shapes: frozenset[str] = frozenset(),
     ) -> None:
         self.micro, self.params, self.grad_buffer = micro, params, grad_buffer
+        self.capture_shapes, self.eager_shapes = capture_shapes, frozenset(eager_shapes)
         self.graphs: dict[tuple, _Captured] = {}
-        self.pool: Any = None
+        self.pool: Any = None  # one handle for every capture, made at the first
         self.captures = 0
+
+    def is_graphed(self, shape: str) -> bool:
+        """Whether micro-batches of this shape run as a CUDA graph."""
+        return shape not in self.eager_shapes and (self.capture_shapes is None or shape in self.capture_shapes)
+
+    def run_eager(self, shape: str) -> None:
+        """Never capture `shape` again; drop its graphs (their memory stays in the shared pool for the rest)."""
+        self.eager_shapes = self.eager_shapes | {shape}
+        for key in [k for k in self.graphs if k[1] == shape]:
+            del self.graphs[key]
 
     def _addresses(self) -> tuple[int, ...]:
         return (
@@ -64,7 +94,10 @@ class MicroBatchGraphs:
         `reduce`: the graph of the micro-batch whose backward also all-reduces the gradients.
 
         The returned tensor is the graph's output: read it before the next call."""
-        key = (reduce, *((t.shape, t.dtype) for t in _tensors(batch)))
+        shape = shape_key(batch)
+        if not self.is_graphed(shape):
+            return self.micro(batch, reduce)
+        key = (reduce, shape, *((t.shape, t.dtype) for t in _tensors(batch)))
         captured = self.graphs.get(key)
         if captured is not None and captured.addresses != self._addresses():
             log.info("CUDA graphs: parameters or gradients moved; capturing again")
@@ -87,16 +120,18 @@ class MicroBatchGraphs:
         with torch.cuda.stream(side):  # warm-up: compiles, autotunes and allocates outside the capture
             self.micro(static, False)
         torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.empty_cache()  # the warm-up's cached blocks back to the device, for the pool to grow into
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             loss = self.micro(static, key[0])
         self.grad_buffer.copy_(saved)  # undo the warm-up's accumulation (loss slot included)
         del saved
-        self.pool = self.pool if self.pool is not None else graph.pool()
         self.captures += 1
         captured = _Captured(graph, static, loss, self._addresses())
         self.graphs[key] = captured
-        log.info("CUDA graphs: captured a micro-batch of shape %s (%d graphs)", key[1][0], len(self.graphs))
+        log.info("CUDA graphs: captured a micro-batch of shape %s (%d graphs)", key[1], len(self.graphs))
         return captured
 
 
