@@ -165,3 +165,35 @@ def test_an_oom_that_nothing_fixes_ends_with_a_clear_error_not_a_loop(cache_dir,
     assert len(failures) == 3  # 2×2 off, 2×2 on, 1×4 on: each once
     after = lora_state_dict(tr.unet)
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was updated
+
+
+def test_the_fit_probes_the_step_with_the_largest_batch_shape(cache_dir):
+    tr = _run(cache_dir)
+    trainer = tr.trainer
+    step = trainer.largest_shape_step()
+    sizes = {_shape_of_step(tr, s): trainer.data.latents[trainer.train_index[trainer.order.step_batch(s)[0]]].numel()
+             for s in range(8)}  # fmt: skip
+    assert len(sizes) > 1  # several shapes to choose from
+    assert trainer.data.latents[trainer.train_index[trainer.order.step_batch(step)[0]]].numel() == max(sizes.values())
+    assert step == min(s for s in range(8) if sizes[_shape_of_step(tr, s)] == max(sizes.values()))
+
+
+def test_graphs_capture_only_the_chosen_shapes_and_run_the_rest_directly():
+    from dataclasses import dataclass
+
+    from runner.train.graphs import MicroBatchGraphs
+
+    @dataclass
+    class Batch:
+        latents: torch.Tensor
+
+    calls = []
+    graphs = MicroBatchGraphs(
+        lambda batch, reduce: calls.append(tuple(batch.latents.shape)) or batch.latents.sum(),
+        [], torch.zeros(1), capture_shapes=frozenset({"4x8x8"}), eager_shapes=frozenset({"4x6x10"}),
+    )  # fmt: skip
+    assert graphs.is_graphed("4x8x8") and not graphs.is_graphed("4x6x10") and not graphs.is_graphed("4x10x6")
+    graphs.run(Batch(torch.ones(1, 4, 10, 6)))  # neither chosen nor eager: runs as is, no capture (no GPU here)
+    assert calls == [(1, 4, 10, 6)] and graphs.captures == 0
+    graphs.run_eager("4x8x8")
+    assert not graphs.is_graphed("4x8x8")
