@@ -9,8 +9,10 @@ when a graph no longer matches the parameters it was captured on (then it is cap
 Memory: graphs captured one after another into one pool (torch.cuda.graph_pool_handle()) may reuse
 each other's memory because their replays never overlap (one micro-batch at a time, one stream), so N
 shapes keep about the largest shape's activations, not N times them. The warm-up of a new shape runs
-outside the pool; its cached blocks are handed back (empty_cache) before the capture, so the pool can
-grow into them. See https://pytorch.org/docs/stable/notes/cuda.html#graph-memory-management
+outside any pool, so the pool is released first and every graph captured again after it (captures
+are cheap next to compiling): the peak stays at the largest of one warm-up and the pool. The warm-up's
+cached blocks are handed back (empty_cache) before the captures, so the pool can grow into them.
+Shapes run eagerly (not chosen, or backed off) still need their activations beside the pool. See https://pytorch.org/docs/stable/notes/cuda.html#graph-memory-management
 ("Sharing memory across captures").
 
 Why: on a fast GPU, and on a notebook's slow CPU, an SDXL LoRA step is bound by the CPU issuing
@@ -28,6 +30,7 @@ Must not: know about the optimizer, the scaler's update, storage or events.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,7 +73,9 @@ class MicroBatchGraphs:
         self.capture_shapes, self.eager_shapes = capture_shapes, frozenset(eager_shapes)
         self.graphs: dict[tuple, _Captured] = {}
         self.pool: Any = None  # one handle for every capture, made at the first
-        self.captures = 0
+        self.warmed: set[str] = set()  # shapes whose eager warm-up (and compile) ran
+        self.captures = 0  # graphs captured for a new key
+        self.recaptures = 0  # graphs captured again after the pool was released for a new shape
 
     def is_graphed(self, shape: str) -> bool:
         """Whether micro-batches of this shape run as a CUDA graph."""
@@ -111,28 +116,55 @@ class MicroBatchGraphs:
         return captured.loss
 
     def _capture(self, batch: Any, key: tuple) -> _Captured:
+        """Warm up and capture `key`. A shape never warmed up first releases the pool (the other graphs are
+        captured again after its warm-up, without one): its eager warm-up and compile then never need
+        memory on top of what the pool keeps, so a new bucket fits wherever the largest one did."""
         if any(p.grad is None for p in self.params):
             raise RuntimeError("CUDA graphs need .grad buffers allocated before capture")
         static = dataclasses.replace(batch, **{f.name: getattr(batch, f.name).clone() for f in _fields(batch)})
+        kept: list[tuple[tuple, Any]] = []
+        if key[1] not in self.warmed:  # new: compile it with the pool released (a known shape's other kind,
+            # or a graph whose parameters moved, is compiled already and captures straight into the pool)
+            kept = self._release_pool()
+            self._warm_up(static)
+            self.warmed.add(key[1])
+            torch.cuda.empty_cache()  # the warm-up's cached blocks back to the device, for the pool to grow into
+        self.pool = self.pool if self.pool is not None else torch.cuda.graph_pool_handle()
+        for old_key, inputs in kept:  # in sequence into the one pool: their replays never overlap
+            self.graphs[old_key] = self._record(inputs, old_key)
+        self.recaptures += len(kept)
+        captured = self.graphs[key] = self._record(static, key)
+        self.captures += 1
+        log.info("CUDA graphs: captured a micro-batch of shape %s (%d graphs)", key[1], len(self.graphs))
+        return captured
+
+    def _release_pool(self) -> list[tuple[tuple, Any]]:
+        """Drop every graph and the pool they share; returns each one's key and static inputs."""
+        kept = [(key, captured.inputs) for key, captured in self.graphs.items()]
+        if kept:
+            torch.cuda.synchronize()  # no replay may still run in the memory handed back
+            self.graphs.clear()
+            self.pool = None
+            gc.collect()
+            torch.cuda.empty_cache()
+        return kept
+
+    def _warm_up(self, static: Any) -> None:
+        """One eager micro-batch on a side stream (compiles, autotunes and allocates outside any capture);
+        its accumulation into the gradient buffer is undone (loss slot included)."""
         saved = self.grad_buffer.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: compiles, autotunes and allocates outside the capture
+        with torch.cuda.stream(side):
             self.micro(static, False)
         torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.empty_cache()  # the warm-up's cached blocks back to the device, for the pool to grow into
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
+        self.grad_buffer.copy_(saved)
+
+    def _record(self, static: Any, key: tuple) -> _Captured:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             loss = self.micro(static, key[0])
-        self.grad_buffer.copy_(saved)  # undo the warm-up's accumulation (loss slot included)
-        del saved
-        self.captures += 1
-        captured = _Captured(graph, static, loss, self._addresses())
-        self.graphs[key] = captured
-        log.info("CUDA graphs: captured a micro-batch of shape %s (%d graphs)", key[1], len(self.graphs))
-        return captured
+        return _Captured(graph, static, loss, self._addresses())
 
 
 def _fields(batch: Any) -> list[dataclasses.Field]:

@@ -65,7 +65,7 @@ DROPOUT_TAG = 1  # separates the LoRA-dropout seed from the per-example seeds
 LORA_INIT_TAG = 2
 VALIDATION_TAG = 3
 AUTO_COMPILE = "graphs"  # what train.compile = "auto" uses on a CUDA GPU: bench/RESULTS.md says why
-MAX_GRAPH_SHAPES = 4  # CUDA graphs for the most frequent latent shapes only; each costs a compile and a capture
+MAX_GRAPH_SHAPES = 6  # CUDA graphs for the most frequent latent shapes only; a new one recaptures the others
 
 
 @dataclass

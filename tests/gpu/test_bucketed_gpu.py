@@ -63,6 +63,8 @@ def test_every_bucket_shape_gets_ready_once_in_one_shared_pool(cache_dir):
     captured = {key[1] for key in graphs.graphs}
     assert captured <= graphs.capture_shapes and len(graphs.capture_shapes) <= MAX_GRAPH_SHAPES
     assert graphs.pool is not None  # one handle, passed to every capture
+    # each new shape released the pool for its warm-up and captured the earlier ones again
+    assert graphs.captures == len(captured) and graphs.recaptures == len(captured) * (len(captured) - 1) // 2
 
 
 def test_an_oom_of_one_graphed_shape_at_a_later_step_backs_off_and_training_goes_on(cache_dir, monkeypatch):
