@@ -32,6 +32,9 @@ OOM_MESSAGES = (
 )
 
 
+OOM_CHAIN_DEPTH = 3  # an error, what it was raised from or while handling, and one more
+
+
 @dataclass(frozen=True)
 class Plan:
     """How one optimizer step is split on each GPU."""
@@ -199,11 +202,23 @@ def resume_candidates(candidates: list[Plan], stored: dict | None, *, same_gpu: 
     return candidates
 
 
-def is_oom_error(exc: BaseException) -> bool:
-    """True for torch's OutOfMemoryError and RuntimeErrors that report an accelerator out of memory.
+def is_oom_error(exc: BaseException | None) -> bool:
+    """True for torch's OutOfMemoryError and RuntimeErrors that report an accelerator out of memory, also
+    when raised while one was being handled (a CUDA-graph capture that ran out of memory can end with
+    the capture's own error, the out-of-memory as its context).
 
     Looks torch up only if it is already imported, so callers without torch pay nothing.
     """
+    for _ in range(OOM_CHAIN_DEPTH):
+        if exc is None:
+            return False
+        if _is_oom_itself(exc):
+            return True
+        exc = exc.__cause__ if exc.__cause__ is not None or exc.__suppress_context__ else exc.__context__
+    return False
+
+
+def _is_oom_itself(exc: BaseException) -> bool:
     torch = sys.modules.get("torch")
     oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(
         getattr(torch, "cuda", None), "OutOfMemoryError", None
