@@ -7,13 +7,14 @@ input buffers each graph reads, the ONE memory pool every graph shares, which sh
 when a graph no longer matches the parameters it was captured on (then it is captured again).
 
 Memory: graphs captured one after another into one pool (torch.cuda.graph_pool_handle()) may reuse
-each other's memory because their replays never overlap (one micro-batch at a time, one stream), so N
-shapes keep about the largest shape's activations, not N times them. The warm-up of a new shape runs
-outside any pool, so the pool is released first and every graph captured again after it (captures
-are cheap next to compiling): the peak stays at the largest of one warm-up and the pool. The warm-up's
-cached blocks are handed back (empty_cache) before the captures, so the pool can grow into them.
-Shapes run eagerly (not chosen, or backed off) still need their activations beside the pool. See https://pytorch.org/docs/stable/notes/cuda.html#graph-memory-management
-("Sharing memory across captures").
+each other's memory because they read none of each other's outputs and their replays never overlap
+(one micro-batch at a time, one stream; each graph's loss output stays allocated), so N shapes keep
+about the largest shape's activations, not N times them
+(https://docs.pytorch.org/docs/stable/notes/cuda.html#sharing-memory-across-captures). The warm-up of
+a new shape runs outside any pool, so the pool is released first and every graph captured again after
+it (captures are cheap next to compiling): the peak stays at the larger of one warm-up and the pool.
+The warm-up's cached blocks are handed back (empty_cache) before the captures, for the pool to grow
+into. Shapes run eagerly (not chosen, or backed off) still need their activations beside the pool.
 
 Why: on a fast GPU, and on a notebook's slow CPU, an SDXL LoRA step is bound by the CPU issuing
 ~24,000 kernel launches, most of them small; a replayed graph issues them all at once.
