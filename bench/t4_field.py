@@ -40,13 +40,17 @@ def build_model(folder: Path) -> None:
     from runner.train.model import build_random_sdxl
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # random init on the GPU takes seconds
-    parts = build_random_sdxl(device=device, dtype=torch.float16)
+    save_parts(build_random_sdxl(device=device, dtype=torch.float16), folder)
+    print(f"model folder {folder} written", flush=True)
+
+
+def save_parts(parts, folder: Path) -> None:
+    """SDXLParts as a diffusers folder (safetensors), the layout model.base accepts."""
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        getattr(parts, name).save_pretrained(folder / name, safe_serialization=True)
+        getattr(parts, name).save_pretrained(folder / name)  # safetensors by default in diffusers and transformers
         setattr(parts, name, None)
     parts.tokenizer.save_pretrained(folder / "tokenizer")
     parts.tokenizer_2.save_pretrained(folder / "tokenizer_2")
-    print(f"model folder {folder} written", flush=True)
 
 
 def build_images(folder: Path, count: int = 36, scale: float = 1.0) -> None:
