@@ -87,6 +87,8 @@ class MicroBatchGraphs:
         self.eager_shapes = self.eager_shapes | {shape}
         for key in [k for k in self.graphs if k[1] == shape]:
             del self.graphs[key]
+        if not self.graphs:
+            self.pool = None  # see _release_pool: a pool no graph uses is never captured into again
 
     def _addresses(self) -> tuple[int, ...]:
         return (
@@ -108,6 +110,7 @@ class MicroBatchGraphs:
         if captured is not None and captured.addresses != self._addresses():
             log.info("CUDA graphs: parameters or gradients moved; capturing again")
             self.graphs.clear()
+            self.pool = None
             captured = None
         if captured is None:
             captured = self._capture(batch, key)
@@ -140,14 +143,18 @@ class MicroBatchGraphs:
         return captured
 
     def _release_pool(self) -> list[tuple[tuple, Any]]:
-        """Drop every graph and the pool they share; returns each one's key and static inputs."""
+        """Drop every graph and the pool they share; returns each one's key and static inputs.
+
+        The next capture gets a new pool handle: the allocator keeps a pool no graph uses until its last
+        tensor is freed, and refuses a capture into it meanwhile (an internal assert in
+        CUDACachingAllocator's create_or_incref_pool), so a handle is never reused once its graphs are gone."""
         kept = [(key, captured.inputs) for key, captured in self.graphs.items()]
         if kept:
             torch.cuda.synchronize()  # no replay may still run in the memory handed back
             self.graphs.clear()
-            self.pool = None
             gc.collect()
             torch.cuda.empty_cache()
+        self.pool = None
         return kept
 
     def _warm_up(self, static: Any) -> None:
