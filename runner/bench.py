@@ -205,7 +205,7 @@ class Bench:
         graphs, tr.trainer.graphs = tr.trainer.graphs, None  # a replayed graph shows the counter nothing
         try:
             with eager(tr.unet), counter:  # nor do compiled blocks: count the eager aten ops
-                tr.step(10_000)
+                tr.trainer.step(10_000)  # the trainer's own step: an OOM here must not back the plan off
         except RuntimeError as exc:  # the counter runs attention unfused: it can need far more memory than training
             if not is_oom_error(exc):
                 raise

@@ -42,6 +42,15 @@ class Planned(Event):
 
 
 @dataclass(frozen=True)
+class ShapeReady(Event):
+    """A batch shape's first micro-batch ran: its compile (and CUDA-graph capture) took `seconds`, a setup cost."""
+
+    shape: str  # latent "CxHxW"
+    seconds: float
+    graphed: bool  # replayed as a CUDA graph from now on (else compiled-eager or eager)
+
+
+@dataclass(frozen=True)
 class CacheProgress(Event):
     done: int
     total: int

@@ -1,8 +1,10 @@
 """The VRAM fit: which micro-batch, accumulation and gradient checkpointing fit the GPU.
 
 Owns: the `Plan` record (stored in RunState), the order in which plans are tried,
-the back-off loop over a probe, recognising out-of-memory errors, and the sentence
-that tells the user what changed when a resume lands on another GPU.
+the back-off loop over a probe, the back-off ladder after an out-of-memory at any
+later step (`next_plan_after_oom`: it only goes down, so it never loops),
+recognising out-of-memory errors, and the sentence that tells the user what
+changed when a resume lands on another GPU.
 
 Must not: touch the GPU or import torch. The session supplies the probe (one real
 step under a plan); this module only decides what to try next. It never lowers
@@ -14,7 +16,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from runner.errors import CheckpointCorrupt, OutOfMemory, ProfileError
 
@@ -30,6 +32,9 @@ OOM_MESSAGES = (
 )
 
 
+OOM_CHAIN_DEPTH = 3  # an error, what it was raised from or while handling, and one more
+
+
 @dataclass(frozen=True)
 class Plan:
     """How one optimizer step is split on each GPU."""
@@ -42,6 +47,8 @@ class Plan:
     """Recompute UNet activations in the backward pass (less memory, ~20-30 % slower)."""
     world_size: int = 1
     """GPUs training together (DDP)."""
+    eager_shapes: tuple[str, ...] = ()
+    """Latent shapes ("CxHxW") that run compiled-eager, never as a CUDA graph (an out-of-memory backed them off)."""
 
     @property
     def per_rank_batch(self) -> int:
@@ -56,7 +63,20 @@ class Plan:
     def describe(self) -> str:
         ckpt = "on" if self.gradient_checkpointing else "off"
         gpus = f" on {self.world_size} GPUs" if self.world_size > 1 else ""
-        return f"micro-batch {self.micro_batch} × {self.grad_accum} accumulation{gpus}, gradient checkpointing {ckpt}"
+        eager = f", eager for shape {', '.join(self.eager_shapes)}" if self.eager_shapes else ""
+        return (
+            f"micro-batch {self.micro_batch} × {self.grad_accum} accumulation{gpus}, "
+            f"gradient checkpointing {ckpt}{eager}"
+        )
+
+    def same_split(self, other: Plan) -> bool:
+        """True when both plans split a step the same way (eager shapes aside): the same reduction order."""
+        return (self.micro_batch, self.grad_accum, self.gradient_checkpointing, self.world_size) == (
+            other.micro_batch,
+            other.grad_accum,
+            other.gradient_checkpointing,
+            other.world_size,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +90,7 @@ class Plan:
                 grad_accum=int(data["grad_accum"]),
                 gradient_checkpointing=bool(data["gradient_checkpointing"]),
                 world_size=int(data.get("world_size", 1)),
+                eager_shapes=tuple(str(shape) for shape in data.get("eager_shapes", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointCorrupt(
@@ -130,16 +151,79 @@ def candidate_plans(batch_size: int, grad_accum: int, checkpointing: str = "auto
     return plans
 
 
-def is_oom_error(exc: BaseException) -> bool:
-    """True for torch's OutOfMemoryError and RuntimeErrors that report an accelerator out of memory.
+class StepOutOfMemory(RuntimeError):
+    """An out-of-memory error raised by the forward/backward of a step, before its optimizer update.
+
+    Nothing the step changed survives it but the gradients, which the next attempt zeroes: the weights,
+    the optimizer, the LR schedule and the grad scaler are as they were, so the step can run again."""
+
+    def __init__(self, step: int, shape: str, has_graph: bool, message: str) -> None:
+        super().__init__(f"out of memory at step {step}, shape {shape}: {message}")
+        self.step, self.shape, self.has_graph = step, shape, has_graph
+
+
+def next_plan_after_oom(plan: Plan, *, checkpointing: str, shape: str = "", has_graph: bool = False) -> Plan | None:
+    """The next rung down after an out-of-memory at `plan`; None when none is left.
+
+    The ladder: gradient checkpointing on (unless train.gradient_checkpointing = "off"), then the
+    failing shape compiled-eager instead of a CUDA graph (when it ran as one), then half the micro-batch
+    with twice the accumulation (effective batch unchanged), down to 1. Every rung moves one way only
+    (checkpointing never turns off, eager shapes never return to graphs, the micro-batch never grows),
+    so a session backs off a bounded number of times and never loops.
+    """
+    if not plan.gradient_checkpointing and checkpointing != "off":
+        return replace(plan, gradient_checkpointing=True)
+    if has_graph and shape and shape not in plan.eager_shapes:
+        return replace(plan, eager_shapes=(*plan.eager_shapes, shape))
+    if plan.micro_batch > 1:
+        micro = _smaller_micro_batch(plan.per_rank_batch, plan.micro_batch)
+        return replace(plan, micro_batch=micro, grad_accum=plan.per_rank_batch // micro)
+    return None
+
+
+def out_of_memory_at_the_bottom(plan: Plan, error: StepOutOfMemory) -> OutOfMemory:
+    """The error that ends a session whose back-off ladder is spent."""
+    return OutOfMemory(
+        f"step {error.step} (latent shape {error.shape}) does not fit this GPU's free memory even at the lowest "
+        f"plan, {plan.describe()}: {str(error).splitlines()[0][:300]}",
+        hint=_no_fit_hint([plan]),
+    )
+
+
+def resume_candidates(candidates: list[Plan], stored: dict | None, *, same_gpu: bool) -> list[Plan]:
+    """The candidates for a resumed run: on the same GPU model, the stored plan first (exact resume, and
+    the rungs above it already ran out of memory on this data), then the ones below it; else all."""
+    if not stored or not same_gpu:
+        return candidates
+    plan = Plan.from_dict(stored)
+    for index, candidate in enumerate(candidates):
+        if candidate.same_split(plan):
+            return [plan, *candidates[index + 1 :]]
+    return candidates
+
+
+def is_oom_error(exc: BaseException | None) -> bool:
+    """True for torch's OutOfMemoryError and RuntimeErrors that report an accelerator out of memory, also
+    when raised while one was being handled (a CUDA-graph capture that ran out of memory can end with
+    the capture's own error, the out-of-memory as its context).
 
     Looks torch up only if it is already imported, so callers without torch pay nothing.
     """
+    for _ in range(OOM_CHAIN_DEPTH):
+        if exc is None:
+            return False
+        if _is_oom_itself(exc):
+            return True
+        exc = exc.__cause__ if exc.__cause__ is not None or exc.__suppress_context__ else exc.__context__
+    return False
+
+
+def _is_oom_itself(exc: BaseException) -> bool:
     torch = sys.modules.get("torch")
     oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(
         getattr(torch, "cuda", None), "OutOfMemoryError", None
     )
-    if isinstance(oom_type, type) and isinstance(exc, oom_type):
+    if isinstance(exc, StepOutOfMemory) or (isinstance(oom_type, type) and isinstance(exc, oom_type)):
         return True
     if type(exc).__name__ == "OutOfMemoryError" and type(exc).__module__.startswith("torch"):
         return True
@@ -197,7 +281,7 @@ def describe_replan(old: dict | None, new: Plan, old_gpu: str, new_gpu: str) -> 
     if old is None:
         return None
     before = Plan.from_dict(old)
-    if before == new:
+    if before.same_split(new):
         return None
     changes = []
     for name, label in (("micro_batch", "micro-batch"), ("grad_accum", "accumulation"), ("world_size", "GPUs")):

@@ -72,8 +72,14 @@ class DataConfig:
     """Probability of training a step's example with the empty caption."""
     validation_count: int = 4
     """Examples held out for validation loss; 0: no validation."""
-    max_bad_fraction: float = 0.05
-    """Stop when more than this fraction of images is unreadable."""
+    max_bad_fraction: float = 0.1
+    """Stop when more than this fraction of images is unreadable (one bad image is always tolerated)."""
+    min_images: int = 3
+    """Stop before the model loads when fewer readable images than this remain."""
+    instance_prompt: str = ""
+    """One caption for every image, replacing the dataset's (DreamBooth-style sets); "": the dataset's captions."""
+    trigger_word: str = ""
+    """Prepended to every caption as "TRIGGER, caption" (to the instance prompt too); "": none."""
 
 
 @dataclass(frozen=True)
@@ -222,6 +228,7 @@ FINGERPRINT_EXCLUDED = {
     "train.gradient_checkpointing",
     "train.compile",
     "data.max_bad_fraction",
+    "data.min_images",
 }
 
 
@@ -244,6 +251,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "data.caption_dropout": (_fraction, "a probability in [0, 1)"),
     "data.validation_count": (_non_negative, "0 or more"),
     "data.max_bad_fraction": (_fraction, "a fraction in [0, 1)"),
+    "data.min_images": (_positive, "a positive count of readable images"),
     "lora.rank": (_positive, "a positive integer (16 is usual)"),
     "lora.alpha": (_positive, "a positive number (often 2 × rank)"),
     "lora.dropout": (_fraction, "a probability in [0, 1)"),
@@ -459,6 +467,9 @@ def fingerprint(p: Profile) -> str:
 
 
 def diff_fields(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Fields whose values differ between two `fingerprint_fields` maps."""
+    """Fields whose values differ between two `fingerprint_fields` maps. A key one map lacks (a setting
+    added in a later Relay, absent from an older run.json) counts as its default value."""
+    defaults = fingerprint_fields(Profile())
     keys = set(old) | set(new)
-    return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
+    pairs = {k: (old.get(k, defaults.get(k)), new.get(k, defaults.get(k))) for k in keys}
+    return {k: pair for k, pair in pairs.items() if pair[0] != pair[1]}

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from runner.errors import CheckpointCorrupt, ModelError
 from runner.events import CacheProgress, EventBus
 from runner.profile import Profile
-from runner.train.data import load_records, make_buckets, prepare, read_images
+from runner.train.data import load_records, make_buckets, prepare, read_images, validate_dataset
 from runner.train.model import SDXLParts, load_parts
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,8 @@ def cache_fingerprint(profile: Profile) -> str:
     fields = {
         "format": CACHE_FORMAT,
         "model": [m.base, m.vae, m.revision, m.variant],
-        "data": [d.source, d.image_column, d.caption_column, d.split, d.limit, d.generated_count, d.buckets, d.flip],
+        "data": [d.source, d.image_column, d.caption_column, d.split, d.limit, d.generated_count, d.buckets, d.flip]
+        + ([d.instance_prompt, d.trigger_word] if d.instance_prompt or d.trigger_word else []),
         "resolution": profile.train.resolution,
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
@@ -156,6 +157,7 @@ def build_cache(
     dropped before returning."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg, resolution = profile.data, profile.train.resolution
+    validate_dataset(cfg, resolution=resolution, bus=bus)  # a bad folder fails here, before the model loads
     records = load_records(cfg, resolution=resolution)
     buckets = make_buckets(resolution) if cfg.buckets else None
     model = _resolve_parts(profile, parts, device)
@@ -163,7 +165,7 @@ def build_cache(
     prompt, pooled = encode_prompts(model, [""], device)
     embeds.add({f"{EMPTY}.prompt": prompt[0].to(EMBED_DTYPE), f"{EMPTY}.pooled": pooled[0].to(EMBED_DTYPE)})
     examples = []
-    for record, image in read_images(records, cfg, bus=bus):
+    for record, image in read_images(records, cfg):  # validate_dataset warned about the bad files
         i = len(examples)
         views = [prepare(record, image, resolution=resolution, buckets=buckets, flip=False)]
         if cfg.flip:

@@ -3,6 +3,8 @@
 Owns: reading examples from a HF dataset (hub name or a folder written by
 `Dataset.save_to_disk`), a local folder (same-name .txt captions or a
 metadata.jsonl) or the "generated" source (deterministic coloured shapes);
+the caption each example trains with (data.instance_prompt, data.trigger_word);
+the fast check of a dataset before any model loads (`validate_dataset`);
 skipping and counting unreadable images; aspect-ratio buckets, square
 resize + center crop, horizontal flip and the SDXL size conditioning; the
 held-out validation split; and the pure step → batch order.
@@ -28,8 +30,9 @@ import hashlib
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,7 @@ GENERATED = "generated"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
 BAD_NAMES_SHOWN = 5  # unreadable files named in the warning
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises for a broken file
 MAX_ASPECT = 4.0  # widest bucket is 4:1, tallest 1:4
 VALIDATION_TAG = 2**31 - 1  # seeds the held-out permutation apart from every epoch
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
@@ -115,11 +119,22 @@ def load_records(cfg: DataConfig, *, resolution: int) -> list[Record]:
         records = _hf_records(cfg, _load_hf(source, cfg, from_disk=False))
     if cfg.limit:
         records = records[: cfg.limit]
+    if cfg.instance_prompt or cfg.trigger_word:
+        records = [replace(r, caption=training_caption(r.caption, cfg)) for r in records]
     if not records:
         raise DataError(
             "the dataset has no examples", source=source, hint="check data.source, data.split and data.limit"
         )
     return records
+
+
+def training_caption(caption: str, cfg: DataConfig) -> str:
+    """The caption an example trains with: data.instance_prompt in place of its own when set, after
+    data.trigger_word and a comma when set ("TRIGGER, caption")."""
+    text = cfg.instance_prompt or caption
+    if cfg.trigger_word:
+        return f"{cfg.trigger_word}, {text}" if text else cfg.trigger_word
+    return text
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -149,13 +164,17 @@ def _load_hf(source: str, cfg: DataConfig, *, from_disk: bool) -> Any:
 
 def _hf_records(cfg: DataConfig, dataset: Any) -> list[Record]:
     columns = list(dataset.column_names)
-    for column, key in ((cfg.image_column, "data.image_column"), (cfg.caption_column, "data.caption_column")):
+    needed = [(cfg.image_column, "data.image_column"), (cfg.caption_column, "data.caption_column")]
+    if cfg.instance_prompt and cfg.caption_column not in columns:
+        needed, captions = needed[:1], [""] * len(dataset)  # every image trains with the instance prompt
+    for column, key in needed:
         if column not in columns:
             raise DataError(
                 f"no column {column!r} ({key}); the dataset has {columns}", source=cfg.source, hint=f"set {key}"
             )
-    captions = list(dataset[cfg.caption_column])
-    _check_captions(captions, cfg.source, cfg.caption_column)
+    if len(needed) == 2:
+        captions = list(dataset[cfg.caption_column])
+        _check_captions(captions, cfg.source, cfg.caption_column)
 
     def opener(i: int) -> Callable[[], Image.Image]:
         return lambda: _as_image(dataset[i][cfg.image_column])
@@ -193,12 +212,15 @@ def _folder_records(folder: Path, cfg: DataConfig) -> list[Record]:
     records = []
     for path in images:
         caption_file = path.with_suffix(".txt")
+        if not caption_file.is_file() and cfg.instance_prompt:
+            records.append(Record(path.name, "", _file_opener(path)))  # the instance prompt is its caption
+            continue
         if not caption_file.is_file():
             raise DataError(
                 f"image {path.name} has no caption file {caption_file.name}",
                 source=str(folder),
                 hint=f"add a .txt caption next to every image, or a {METADATA_FILE} with file_name and "
-                f"{cfg.caption_column!r}",
+                f"{cfg.caption_column!r}, or set data.instance_prompt to train every image with one prompt",
             )
         records.append(Record(path.name, caption_file.read_text(encoding="utf-8").strip(), _file_opener(path)))
     return records
@@ -214,6 +236,8 @@ def _metadata_records(folder: Path, cfg: DataConfig) -> list[Record]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"line {number} is not JSON: {exc}", source=source) from exc
+        if cfg.instance_prompt:
+            row.setdefault(cfg.caption_column, "")
         if "file_name" not in row or cfg.caption_column not in row:
             raise DataError(
                 f"line {number} lacks 'file_name' or the caption column {cfg.caption_column!r}",
@@ -284,10 +308,8 @@ def read_images(
     bad = BadImages(total=len(records))
     for record in records:
         try:
-            image = record.open_image()
-            image.load()
-            image = ImageOps.exif_transpose(image).convert("RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            image = _decode(record)
+        except UNREADABLE as exc:
             bad.names.append(record.name)
             log.debug("skipping unreadable image %s: %s", record.name, exc)
             _check_bad(bad, cfg)
@@ -301,8 +323,20 @@ def read_images(
             bus.emit(Warning(message, kind="skipped-images"))
 
 
+def tolerated_bad(total: int, cfg: DataConfig) -> int:
+    """How many unreadable images a dataset of `total` may have: data.max_bad_fraction of them, and at least
+    one (one broken file among nine must not stop a run; data.min_images guards the small sets)."""
+    return max(int(cfg.max_bad_fraction * total), 1)
+
+
+def _decode(record: Record) -> Image.Image:
+    image = record.open_image()
+    image.load()  # the whole file: a truncated image fails here, not in the VAE pass
+    return ImageOps.exif_transpose(image).convert("RGB")
+
+
 def _check_bad(bad: BadImages, cfg: DataConfig) -> None:
-    if bad.count > cfg.max_bad_fraction * bad.total or bad.count == bad.total:
+    if bad.count > tolerated_bad(bad.total, cfg) or bad.count == bad.total:
         shown = ", ".join(bad.names[:BAD_NAMES_SHOWN])
         raise DataError(
             f"{bad.count} of {bad.total} images are unreadable (more than data.max_bad_fraction = "
@@ -310,6 +344,91 @@ def _check_bad(bad: BadImages, cfg: DataConfig) -> None:
             source=cfg.source,
             hint="remove or re-download the broken files, or raise data.max_bad_fraction",
         )
+
+
+# --- the fast check before any model loads -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetCheck:
+    """What `validate_dataset` found."""
+
+    total: int
+    bad: tuple[str, ...]
+    """Unreadable images (tolerated: the cache skips them)."""
+    empty_captions: tuple[str, ...]
+    """Images whose training caption is empty."""
+    histogram: dict[str, int]
+    """Readable images per bucket ("WxH" pixels), largest count first."""
+
+    @property
+    def good(self) -> int:
+        return self.total - len(self.bad)
+
+    def describe(self) -> str:
+        shapes = ", ".join(f"{shape} ×{n}" for shape, n in self.histogram.items())
+        skipped = f" ({len(self.bad)} unreadable skipped)" if self.bad else ""
+        return f"{self.good} images{skipped} in {len(self.histogram)} bucket(s): {shapes}"
+
+
+def validate_dataset(cfg: DataConfig, *, resolution: int, bus: EventBus | None = None) -> DatasetCheck:
+    """Check a dataset in seconds, before any model is loaded or downloaded: captions present (the
+    sources raise naming the file), every image readable, enough readable ones, and which bucket
+    each falls in. Raises DataError (exit 2) naming the bad files; warns about the bad images it
+    tolerates (data.max_bad_fraction, at least one) and about empty captions."""
+    records = load_records(cfg, resolution=resolution)
+    buckets = make_buckets(resolution) if cfg.buckets else None
+    bad, empty, histogram = [], [], Counter()
+    for record in records:
+        try:
+            width, height = _decode(record).size
+        except UNREADABLE as exc:
+            log.debug("unreadable image %s: %s", record.name, exc)
+            bad.append(record.name)
+            continue
+        if not record.caption.strip():
+            empty.append(record.name)
+        bucket = buckets[nearest_bucket(width, height, buckets)] if buckets else (resolution, resolution)
+        histogram[f"{bucket[0]}x{bucket[1]}"] += 1
+    check = DatasetCheck(len(records), tuple(bad), tuple(empty), dict(histogram.most_common()))
+    _refuse_unusable(check, cfg)
+    _warn(bus, _names_message("unreadable images skipped", check.bad, check.total), "skipped-images")
+    hint = "add captions, or set data.instance_prompt / data.trigger_word"
+    _warn(bus, _names_message(f"images with an empty caption ({hint})", check.empty_captions, check.total), "data")
+    log.info("dataset %s: %s", cfg.source, check.describe())
+    return check
+
+
+def _refuse_unusable(check: DatasetCheck, cfg: DataConfig) -> None:
+    if check.bad and (len(check.bad) > tolerated_bad(check.total, cfg) or check.good == 0):
+        raise DataError(
+            _names_message("images are unreadable", check.bad, check.total, limit=len(check.bad))
+            + f"; more than data.max_bad_fraction = {cfg.max_bad_fraction:g} allows",
+            source=cfg.source,
+            hint="remove or re-export the broken files, or raise data.max_bad_fraction",
+        )
+    needed = max(cfg.min_images, cfg.validation_count + 1)
+    if check.good < needed:
+        raise DataError(
+            f"only {check.good} readable image(s); at least {needed} needed (data.min_images = {cfg.min_images}, "
+            f"data.validation_count = {cfg.validation_count} held out)",
+            source=cfg.source,
+            hint="add images, or lower data.min_images / data.validation_count",
+        )
+
+
+def _names_message(what: str, names: Sequence[str], total: int, limit: int = BAD_NAMES_SHOWN) -> str:
+    if not names:
+        return ""
+    shown = ", ".join(names[:limit]) + (", …" if len(names) > limit else "")
+    return f"{len(names)} of {total} {what}: {shown}"
+
+
+def _warn(bus: EventBus | None, message: str, kind: str) -> None:
+    if message:
+        log.warning(message)
+        if bus is not None:
+            bus.emit(Warning(message, kind=kind))
 
 
 # --- transforms ----------------------------------------------------------------------------

@@ -18,11 +18,14 @@ emits Warnings only (the session emits StepDone).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
 import re
+import traceback
 import warnings
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +37,13 @@ from safetensors.torch import load_file, save_file
 
 from runner.clock import Clock, SystemClock
 from runner.errors import ProfileError, TrainingDiverged
-from runner.events import EventBus, Warning
-from runner.fit import is_oom_error
+from runner.events import EventBus, ShapeReady, Warning
+from runner.fit import Plan, StepOutOfMemory, is_oom_error
 from runner.profile import Profile
 from runner.train.cache import CachedData
-from runner.train.data import StepOrder, derive_seed, generator, split_validation
+from runner.train.data import StepOrder, batches_per_epoch, derive_seed, generator, split_validation
 from runner.train.grads import FlatGrads
-from runner.train.graphs import MicroBatchGraphs, checkpoint_without_rng
+from runner.train.graphs import MicroBatchGraphs, checkpoint_without_rng, shape_key
 from runner.train.model import (
     attach_lora,
     compile_available,
@@ -62,6 +65,7 @@ DROPOUT_TAG = 1  # separates the LoRA-dropout seed from the per-example seeds
 LORA_INIT_TAG = 2
 VALIDATION_TAG = 3
 AUTO_COMPILE = "graphs"  # what train.compile = "auto" uses on a CUDA GPU: bench/RESULTS.md says why
+MAX_GRAPH_SHAPES = 6  # CUDA graphs for the most frequent latent shapes only; a new one recaptures the others
 
 
 @dataclass
@@ -71,6 +75,7 @@ class StepResult:
     grad_norm: float | None
     skipped: bool
     seconds: float
+    setup_s: float = 0.0  # of `seconds`, the first run of new batch shapes (compile and capture): budget setup cost
 
 
 @dataclass
@@ -152,6 +157,7 @@ class Trainer:
         grad_accum: int,
         gradient_checkpointing: bool,
         device: str | torch.device,
+        eager_shapes: tuple[str, ...] = (),
         rank: int = 0,
         world: int = 1,
         bus: EventBus | None = None,
@@ -170,6 +176,9 @@ class Trainer:
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.train_index, self.val_index = split_validation(len(data), profile.data.validation_count, self.seed)
         self.order = StepOrder([data.buckets[i] for i in self.train_index], micro_batch, grad_accum, world, self.seed)
+        self.gradient_checkpointing, self.eager_shapes = gradient_checkpointing, frozenset(eager_shapes)
+        self.shape_setup_s: dict[str, float] = {}  # seconds of each latent shape's first micro-batch
+        self._shape = ""  # the latent shape of the micro-batch running now
         self._prepare_unet(gradient_checkpointing)
         self.params = lora_parameters(unet)
         self.trainable_params = sum(p.numel() for p in self.params)
@@ -360,13 +369,19 @@ class Trainer:
         torch.manual_seed(derive_seed(self.seed, step, self.rank, DROPOUT_TAG))  # LoRA dropout
         lr = float(self.lr_scheduler.get_last_lr()[0])
         self._zero_grad()
+        setup_before = sum(self.shape_setup_s.values())
         try:
-            losses = self._micro_batches(step)
+            try:
+                losses = self._micro_batches(step)
+            except Exception as exc:
+                if not self.compiled or self.compile_proven or is_oom_error(exc):
+                    raise
+                self._fall_back_to_eager(exc)
+                losses = self._micro_batches(step)
         except Exception as exc:
-            if not self.compiled or self.compile_proven or is_oom_error(exc):
-                raise
-            self._fall_back_to_eager(exc)
-            losses = self._micro_batches(step)
+            if is_oom_error(exc):  # nothing but the gradients changed yet: the step can run again
+                raise self._step_out_of_memory(step, exc) from None
+            raise
         self.compile_proven = True
         if self.grads is not None:
             self.grads.average()  # the sums the last backward's all-reduce left, loss included
@@ -378,16 +393,71 @@ class Trainer:
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.lr_scheduler.step()
         self._track_nan(step, total)
-        return StepResult(total, lr, grad_norm, skipped, self.clock.monotonic() - started)
+        setup_s = sum(self.shape_setup_s.values()) - setup_before
+        return StepResult(total, lr, grad_norm, skipped, self.clock.monotonic() - started, max(setup_s, 0.0))
 
     def _micro_batches(self, step: int) -> list[torch.Tensor]:
         losses = []
         for micro in range(self.grad_accum):
             batch = self._take_batch(step, micro)
             reduce = self.world > 1 and micro == self.grad_accum - 1  # ranks exchange once a step
+            self._shape = shape_key(batch)
+            first, started = self._shape not in self.shape_setup_s, self.clock.monotonic()
             losses.append(self.graphs.run(batch, reduce) if self.graphs else self._micro(batch, reduce))
+            if first:
+                self._shape_ready(self._shape, started)
             self._build_ahead(step, micro)  # a replayed graph returns at once: the CPU is free meanwhile
         return losses
+
+    def _shape_ready(self, shape: str, started: float) -> None:
+        """Time a shape's first micro-batch (its compile and capture), once: the GPU is waited for here only."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = self.clock.monotonic() - started
+        self.shape_setup_s[shape] = seconds
+        graphed = self.graphs is not None and self.graphs.is_graphed(shape)
+        log.info("batch shape %s ready in %.1f s (%s)", shape, seconds, "CUDA graph" if graphed else "no graph")
+        if self.bus is not None:
+            self.bus.emit(ShapeReady(shape, seconds, graphed))
+
+    def _step_out_of_memory(self, step: int, exc: BaseException) -> StepOutOfMemory:
+        """Drop what the failed step held (its frames keep the activations alive) and say which shape failed."""
+        traceback.clear_frames(exc.__traceback__)
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        has_graph = self.graphs is not None and self.graphs.is_graphed(self._shape)
+        self._ahead = None
+        self._zero_grad()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return StepOutOfMemory(step, self._shape, has_graph, message)
+
+    def apply_plan(self, plan: Plan) -> None:
+        """Continue at another plan (a back-off): the weights, optimizer, LR schedule and scaler are kept.
+
+        A change of checkpointing drops every CUDA graph (they were captured without it); a new eager
+        shape drops that shape's graphs; a new split only changes which examples each micro-batch takes."""
+        self.micro_batch, self.grad_accum = plan.micro_batch, plan.grad_accum
+        self.order = StepOrder(self.order.buckets, plan.micro_batch, plan.grad_accum, self.world, self.seed)
+        self._ahead = None
+        if plan.gradient_checkpointing != self.gradient_checkpointing:
+            self.gradient_checkpointing = plan.gradient_checkpointing
+            if plan.gradient_checkpointing:
+                self.unet.enable_gradient_checkpointing(checkpoint_without_rng if self.compiled == "graphs" else None)
+            else:
+                self.unet.disable_gradient_checkpointing()
+            if self.graphs is not None:
+                self.graphs = None  # free the old pool before the new graphs capture into a fresh one
+                gc.collect()
+                torch.cuda.empty_cache()
+                self.graphs = self._new_graphs()
+            self.shape_setup_s.clear()  # every shape compiles and captures again
+        self.eager_shapes = frozenset(plan.eager_shapes)
+        if self.graphs is not None:
+            for shape in self.eager_shapes - self.graphs.eager_shapes:
+                self.graphs.run_eager(shape)
+                self.shape_setup_s.pop(shape, None)
+        self._zero_grad()
 
     def _fall_back_to_eager(self, exc: Exception) -> None:
         """torch.compile or the graph capture failed on the first step (a missing compiler, an unsupported
@@ -400,7 +470,26 @@ class Trainer:
         self._zero_grad()
 
     def _new_graphs(self) -> MicroBatchGraphs:
-        return MicroBatchGraphs(self._micro, self.params, self.grads.flat)
+        return MicroBatchGraphs(
+            self._micro,
+            self.params,
+            self.grads.flat,
+            capture_shapes=self._capture_shapes(),
+            eager_shapes=self.eager_shapes,
+        )
+
+    def _capture_shapes(self) -> frozenset[str]:
+        """The MAX_GRAPH_SHAPES most frequent latent shapes of the training examples: a graph pays for its
+        compile and capture over many steps; a rare shape runs compiled-eager instead."""
+        counts = Counter("x".join(str(n) for n in self.data.latents[i].shape) for i in self.train_index)
+        return frozenset(shape for shape, _ in counts.most_common(MAX_GRAPH_SHAPES))
+
+    def largest_shape_step(self) -> int:
+        """The first step of epoch 0 whose batch has the largest latent shape (most pixels): what the fit
+        probes, since every other bucket then fits too."""
+        per_epoch = batches_per_epoch(self.order.buckets, self.order.global_batch)
+        size = {s: self.data.latents[self.train_index[self.order.step_batch(s)[0]]].numel() for s in range(per_epoch)}
+        return max(range(per_epoch), key=lambda s: (size[s], -s))
 
     def release_graphs(self) -> None:
         """Free the CUDA graphs and their memory pool (before sampling); the next step captures again."""

@@ -21,8 +21,18 @@ from typing import Any
 import torch
 
 from runner import events
-from runner.fit import Plan, ProbeResult, candidate_plans, describe_replan, is_oom_error, plan_fit
+from runner.fit import (
+    Plan,
+    ProbeResult,
+    StepOutOfMemory,
+    candidate_plans,
+    describe_replan,
+    is_oom_error,
+    plan_fit,
+    resume_candidates,
+)
 from runner.profile import Profile
+from runner.train.backoff import back_off
 from runner.train.cache import CachedData, open_cache
 from runner.train.loop import LORA_FILE, StepResult, Trainer
 from runner.train.model import load_lora_state_dict, load_parts, lora_state_dict
@@ -91,6 +101,7 @@ class TrainingRun:
         candidates = candidate_plans(
             cfg.batch_size, cfg.grad_accum, cfg.gradient_checkpointing, world_size=self.placement.world
         )
+        candidates = resume_candidates(candidates, stored, same_gpu=stored_gpu == gpu_name)  # a back-off holds
         if not self.placement.device.startswith("cuda"):
             plan = candidates[0]  # a CPU has no memory cliff worth probing; the profile's plan runs as given
         else:
@@ -107,7 +118,7 @@ class TrainingRun:
             torch.cuda.reset_peak_memory_stats()
             trainer = self._make_trainer(plan)
             initial = {k: v.detach().clone() for k, v in lora_state_dict(self.unet).items()}
-            result = trainer.step(0)
+            result = trainer.step(trainer.largest_shape_step())  # every other bucket fits if this one does
             peak = torch.cuda.max_memory_allocated() / 2**30
             return ProbeResult(True, peak_gib=peak, step_s=result.seconds)
         except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one; only out-of-memory is an answer
@@ -139,6 +150,7 @@ class TrainingRun:
         return Trainer(
             self.profile, self.data, self.unet, micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
             gradient_checkpointing=plan.gradient_checkpointing, device=self.placement.device,
+            eager_shapes=plan.eager_shapes,
             rank=self.placement.rank, world=self.placement.world, bus=self.bus,
         )  # fmt: skip
 
@@ -148,7 +160,13 @@ class TrainingRun:
         self.trainer.load_state(directory, trainer_meta)
 
     def step(self, step: int) -> StepResult:
-        return self.trainer.step(step)
+        """One optimizer step; an out-of-memory backs off one rung (self.plan changes) and runs it again."""
+        while True:  # each pass goes one rung down a finite ladder, or back_off raises
+            try:
+                return self.trainer.step(step)
+            except StepOutOfMemory as exc:
+                checkpointing = self.profile.train.gradient_checkpointing
+                self.plan = back_off(self.trainer, self.plan, exc, checkpointing=checkpointing, bus=self.bus)
 
     def step_event(self, step_done: int, result: StepResult) -> events.StepDone:
         used = peak = None

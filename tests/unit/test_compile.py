@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from runner.events import EventBus, Warning
+from runner.fit import StepOutOfMemory
 from runner.profile import LoraConfig, load_profile
 from runner.train import loop, model
 from runner.train.cache import build_cache, open_cache
@@ -92,7 +93,7 @@ def test_a_failing_compile_falls_back_to_eager_and_trains_the_same_weights(cache
 def test_out_of_memory_in_a_compiled_step_is_not_taken_for_a_compile_failure(cached, monkeypatch):
     _pretend_compile(monkeypatch, torch.OutOfMemoryError("CUDA out of memory"))
     trainer = _trainer(cached, "blocks")
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(StepOutOfMemory, match="CUDA out of memory"):  # the step's OOM, for the back-off
         trainer.step(0)
     assert trainer.compiled == "blocks"  # the fit backs off to a smaller plan, still compiled
 

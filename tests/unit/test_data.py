@@ -183,3 +183,99 @@ def test_validation_split_is_seeded_and_disjoint():
 def test_limit_applies_to_every_source():
     cfg = replace(DataConfig(source="generated", generated_count=10), limit=3)
     assert len(data.load_records(cfg, resolution=RES)) == 3
+
+
+# --- instance prompt, trigger word, the fast check before the model loads -------------------
+
+
+def _captioned_folder(folder, sizes, *, captions=True):
+    for i, size in enumerate(sizes):
+        _image(folder / f"img{i}.png", size=size)
+        if captions:
+            (folder / f"img{i}.txt").write_text(f"caption {i}")
+
+
+def test_trigger_word_is_prepended_and_the_instance_prompt_replaces_every_caption(tmp_path):
+    _captioned_folder(tmp_path, [(80, 60)] * 2)
+    triggered = DataConfig(source=str(tmp_path), trigger_word="nrt")
+    assert [c for _, c, _ in _decoded(triggered)] == ["nrt, caption 0", "nrt, caption 1"]
+    instance = DataConfig(source=str(tmp_path), instance_prompt="Naruto style anime character")
+    assert {c for _, c, _ in _decoded(instance)} == {"Naruto style anime character"}
+    both = replace(instance, trigger_word="nrt")
+    assert {c for _, c, _ in _decoded(both)} == {"nrt, Naruto style anime character"}
+    assert data.training_caption("", DataConfig(trigger_word="nrt")) == "nrt"
+
+
+def test_an_instance_prompt_needs_no_caption_files_or_column(tmp_path):
+    _captioned_folder(tmp_path, [(80, 60)] * 3, captions=False)
+    with pytest.raises(DataError, match="instance_prompt"):  # the hint names the way out
+        data.load_records(DataConfig(source=str(tmp_path)), resolution=RES)
+    cfg = DataConfig(source=str(tmp_path), instance_prompt="a photo of sks dog")
+    assert [r.caption for r in data.load_records(cfg, resolution=RES)] == ["a photo of sks dog"] * 3
+    lines = [{"file_name": f"img{i}.png"} for i in range(3)]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    assert [r.caption for r in data.load_records(cfg, resolution=RES)] == ["a photo of sks dog"] * 3
+
+
+def test_instance_prompt_and_trigger_word_change_the_fingerprints():
+    from runner.profile import Profile, diff_fields, fingerprint, fingerprint_fields
+    from runner.train.cache import cache_fingerprint
+
+    plain = Profile()
+    for changed in (replace(plain.data, trigger_word="nrt"), replace(plain.data, instance_prompt="x")):
+        other = replace(plain, data=changed)
+        assert fingerprint(other) != fingerprint(plain) and cache_fingerprint(other) != cache_fingerprint(plain)
+    older = {
+        k: v for k, v in fingerprint_fields(plain).items() if k not in ("data.trigger_word", "data.instance_prompt")
+    }
+    assert diff_fields(older, fingerprint_fields(plain)) == {}  # a run.json from before these keys still resumes
+    triggered = replace(plain, data=replace(plain.data, trigger_word="nrt"))
+    assert diff_fields(older, fingerprint_fields(triggered)) == {"data.trigger_word": ("", "nrt")}
+
+
+def test_validation_reports_the_bucket_histogram(tmp_path):
+    _captioned_folder(tmp_path, [(1024, 1024)] * 3 + [(832, 1216)] * 2 + [(1344, 768)])
+    check = data.validate_dataset(DataConfig(source=str(tmp_path), validation_count=0), resolution=1024)
+    assert check.total == check.good == 6 and check.bad == ()
+    assert check.histogram == {"1024x1024": 3, "832x1216": 2, "1344x768": 1}
+    assert check.describe() == "6 images in 3 bucket(s): 1024x1024 ×3, 832x1216 ×2, 1344x768 ×1"
+
+
+def test_one_unreadable_image_among_nine_is_skipped_with_a_warning(tmp_path):
+    _folder_with_bad(tmp_path, good=8, bad=1)
+    bus, seen = EventBus(), []
+    bus.subscribe(seen.append)
+    check = data.validate_dataset(DataConfig(source=str(tmp_path)), resolution=RES, bus=bus)
+    assert check.good == 8 and check.bad == ("bad0.png",)
+    warned = [e.message for e in seen if isinstance(e, Warning) and e.kind == "skipped-images"]
+    assert warned == ["1 of 9 unreadable images skipped: bad0.png"]
+    assert len(_decoded(DataConfig(source=str(tmp_path)))) == 8  # the cache pass skips it too
+
+
+def test_too_many_unreadable_images_fail_fast_naming_every_one(tmp_path):
+    _folder_with_bad(tmp_path, good=8, bad=3)
+    with pytest.raises(DataError) as raised:
+        data.validate_dataset(DataConfig(source=str(tmp_path)), resolution=RES)
+    assert raised.value.exit_code == 2
+    assert "3 of 11 images are unreadable: bad0.png, bad1.png, bad2.png" in str(raised.value)
+    assert "data.max_bad_fraction" in str(raised.value)
+
+
+def test_too_few_readable_images_fail_fast(tmp_path):
+    _folder_with_bad(tmp_path, good=2, bad=1)
+    with pytest.raises(DataError, match="only 2 readable image"):
+        data.validate_dataset(DataConfig(source=str(tmp_path), validation_count=0), resolution=RES)
+    _image(tmp_path / "good2.png")
+    (tmp_path / "good2.txt").write_text("ok")
+    with pytest.raises(DataError, match="data.validation_count = 4 held out"):
+        data.validate_dataset(DataConfig(source=str(tmp_path)), resolution=RES)
+    assert data.validate_dataset(DataConfig(source=str(tmp_path), validation_count=0), resolution=RES).good == 3
+
+
+def test_empty_captions_are_named_in_a_warning(tmp_path):
+    _captioned_folder(tmp_path, [(80, 60)] * 3)
+    (tmp_path / "img1.txt").write_text("  \n")
+    bus, seen = EventBus(), []
+    bus.subscribe(seen.append)
+    data.validate_dataset(DataConfig(source=str(tmp_path), validation_count=0), resolution=RES, bus=bus)
+    assert any("img1.png" in e.message and "empty caption" in e.message for e in seen if isinstance(e, Warning))

@@ -138,3 +138,22 @@ def test_replan_says_what_changed_on_another_gpu():
 def test_replan_warns_when_the_effective_batch_changes():
     text = describe_replan(Plan(1, 2, True, 2).to_dict(), Plan(1, 2, True, 1), "2× Tesla T4", "Tesla T4")
     assert "GPUs 2 → 1" in text and "effective batch 4 → 2: this changes the training" in text
+
+
+def _raised_while_handling_an_oom(*, cut: bool) -> RuntimeError:
+    try:
+        try:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        except RuntimeError:
+            capture_error = RuntimeError("CUDA error: operation failed due to a previous error during capture")
+            if cut:
+                raise capture_error from None
+            raise capture_error  # noqa: B904 - the implicit context is what this test is about
+    except RuntimeError as exc:
+        return exc
+
+
+def test_an_error_raised_while_handling_an_oom_counts_as_one():
+    assert is_oom_error(_raised_while_handling_an_oom(cut=False))
+    assert not is_oom_error(_raised_while_handling_an_oom(cut=True))  # `from None` cuts the chain
+    assert not is_oom_error(RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"))
