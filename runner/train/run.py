@@ -25,7 +25,7 @@ from runner.fit import Plan, ProbeResult, candidate_plans, describe_replan, is_o
 from runner.profile import Profile
 from runner.train.cache import CachedData, open_cache
 from runner.train.loop import LORA_FILE, StepResult, Trainer
-from runner.train.model import load_lora_state_dict, load_parts, lora_state_dict
+from runner.train.model import TextEncoders, load_lora_state_dict, load_parts, lora_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,13 @@ class TrainingRun:
         parts = load_parts(
             profile.model,
             unet=True,
-            text=False,
+            text=profile.lora.text_encoder,  # trained with LoRA: encoded each step from cached token ids
             vae=False,
             device=placement.device,
             dtype=unet_dtype(profile, placement.device),
         )
         self.unet = parts.unet
+        self.encoders = TextEncoders(parts.text_encoder, parts.text_encoder_2) if profile.lora.text_encoder else None
         self.plan = self._choose_plan(stored_plan, stored_gpu, gpu_name)
         self.trainer = self._make_trainer(self.plan)
 
@@ -106,7 +107,7 @@ class TrainingRun:
         try:
             torch.cuda.reset_peak_memory_stats()
             trainer = self._make_trainer(plan)
-            initial = {k: v.detach().clone() for k, v in lora_state_dict(self.unet).items()}
+            initial = {k: v.detach().clone() for k, v in lora_state_dict(self.unet, self.encoders).items()}
             result = trainer.step(0)
             peak = torch.cuda.max_memory_allocated() / 2**30
             return ProbeResult(True, peak_gib=peak, step_s=result.seconds)
@@ -119,9 +120,10 @@ class TrainingRun:
             return ProbeResult(False, peak_gib=torch.cuda.max_memory_allocated() / 2**30, error=str(exc)[:200])
         finally:
             if initial is not None:
-                load_lora_state_dict(self.unet, initial)
-            for param in self.unet.parameters():
-                param.grad = None
+                load_lora_state_dict(self.unet, initial, self.encoders)
+            for module in [self.unet, *(e for _, e in self.encoders.named())] if self.encoders else [self.unet]:
+                for param in module.parameters():
+                    param.grad = None
             del trainer
             gc.collect()
             torch.cuda.empty_cache()
@@ -139,7 +141,7 @@ class TrainingRun:
         return Trainer(
             self.profile, self.data, self.unet, micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
             gradient_checkpointing=plan.gradient_checkpointing, device=self.placement.device,
-            rank=self.placement.rank, world=self.placement.world, bus=self.bus,
+            rank=self.placement.rank, world=self.placement.world, bus=self.bus, text_encoders=self.encoders,
         )  # fmt: skip
 
     # --- training ------------------------------------------------------------------------
@@ -171,7 +173,7 @@ class TrainingRun:
         return self.trainer.snapshot_state()
 
     def lora_weights(self) -> dict[str, torch.Tensor]:
-        return lora_state_dict(self.unet)
+        return lora_state_dict(self.unet, self.encoders)
 
 
 def read_lora_file(directory: Path) -> dict[str, torch.Tensor]:
