@@ -425,6 +425,8 @@ class TextEncoders:
 
     text_encoder: Any
     text_encoder_2: Any
+    tokenizer: Any = None  # their tokenizers, for sampling with them (training reads cached token ids)
+    tokenizer_2: Any = None
 
     def named(self) -> list[tuple[str, Any]]:
         """(key prefix, module) of each encoder, in a fixed order."""
@@ -478,6 +480,19 @@ def set_adapters_enabled(module: torch.nn.Module, enabled: bool) -> None:
     for layer in module.modules():
         if isinstance(layer, BaseTunerLayer):
             layer.enable_adapters(enabled)
+
+
+def detach_text_encoder_lora(encoders: TextEncoders) -> None:
+    """Remove the LoRA weights attach_text_encoder_lora added: each wrapped layer then runs its base layer alone."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for _, encoder in encoders.named():
+        for layer in encoder.modules():
+            if isinstance(layer, BaseTunerLayer):
+                for name in list(layer.active_adapters):
+                    layer.delete_adapter(name)
+        if hasattr(encoder, "peft_config"):
+            del encoder.peft_config
 
 
 def check_8bit_available(device: torch.device) -> None:

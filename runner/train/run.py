@@ -81,7 +81,11 @@ class TrainingRun:
             dtype=unet_dtype(profile, placement.device),
         )
         self.unet = parts.unet
-        self.encoders = TextEncoders(parts.text_encoder, parts.text_encoder_2) if profile.lora.text_encoder else None
+        self.encoders = (
+            TextEncoders(parts.text_encoder, parts.text_encoder_2, parts.tokenizer, parts.tokenizer_2)
+            if profile.lora.text_encoder
+            else None
+        )
         self.plan = self._choose_plan(stored_plan, stored_gpu, gpu_name)
         self.trainer = self._make_trainer(self.plan)
 
@@ -228,7 +232,9 @@ def write_final(
     out_dir.mkdir(parents=True, exist_ok=True)
     grid = out_dir / "samples.png"
     try:
-        draw_samples(profile, lora_sd if unet is None else None, grid, device=device, unet=unet)
+        # with the training UNet: its adapter as it is, and the text encoders' LoRA (if any) from lora_sd
+        sampled = lora_sd if unet is None else {k: v for k, v in lora_sd.items() if k.startswith("text_encoder")}
+        draw_samples(profile, sampled or None, grid, device=device, unet=unet)
     except (RuntimeError, OSError, ValueError) as exc:  # sampling must never cost the trained LoRA
         log.warning("sample grid failed: %s", exc)
         if bus is not None:
@@ -237,14 +243,20 @@ def write_final(
     return export_lora(lora_sd, profile.lora, out_dir, profile_dict=profile.to_dict(), card=card)
 
 
-def draw_samples(profile: Profile, lora_sd: dict | None, out_path: Path, *, device: str, unet: Any = None) -> Path:
-    """The base-vs-LoRA grid with the profile's prompts; reuses the training UNet when given."""
+def draw_samples(
+    profile: Profile, lora_sd: dict | None, out_path: Path, *, device: str, unet: Any = None,
+    text_encoders: TextEncoders | None = None,
+) -> Path:  # fmt: skip
+    """The base-vs-LoRA grid with the profile's prompts; reuses the training UNet (and text encoders) when given."""
     from runner.sample import sample_grid
 
     dtype = unet_dtype(profile, device)
-    parts = load_parts(profile.model, unet=unet is None, text=True, vae=True, device="cpu", dtype=dtype)
+    parts = load_parts(profile.model, unet=unet is None, text=text_encoders is None, vae=True, device="cpu", dtype=dtype)
     if unet is not None:
         parts.unet = unet
+    if text_encoders is not None:
+        parts.text_encoder, parts.text_encoder_2 = text_encoders.text_encoder, text_encoders.text_encoder_2
+        parts.tokenizer, parts.tokenizer_2 = text_encoders.tokenizer, text_encoders.tokenizer_2
     cfg = profile.sample
     try:
         return sample_grid(
