@@ -50,7 +50,10 @@ KOHYA_UNET_PREFIX = "lora_unet_"
 PEFT_A, PEFT_B, PEFT_MAGNITUDE = ".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"
 TEXT_MODEL = "text_model."
 # state-dict prefix of each text encoder's LoRA → (diffusers prefix, kohya prefix); the longer prefix first
-TEXT_ENCODER_PREFIXES = {"text_encoder_2.": ("text_encoder_2.", "lora_te2_"), "text_encoder.": ("text_encoder.", "lora_te1_")}
+TEXT_ENCODER_PREFIXES = {
+    "text_encoder_2.": ("text_encoder_2.", "lora_te2_"),
+    "text_encoder.": ("text_encoder.", "lora_te1_"),
+}
 
 
 @dataclass(frozen=True)

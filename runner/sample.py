@@ -226,7 +226,9 @@ def _unet_lora(unet: Any, state: dict[str, torch.Tensor], lora_cfg: LoraConfig) 
 
 
 @contextmanager
-def _text_lora(encoders: TextEncoders, parts: dict[str, dict[str, torch.Tensor]], lora_cfg: LoraConfig) -> Iterator[None]:
+def _text_lora(
+    encoders: TextEncoders, parts: dict[str, dict[str, torch.Tensor]], lora_cfg: LoraConfig
+) -> Iterator[None]:
     """The text encoders' part of a LoRA, when it has one, on the encoders for the block."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 

@@ -251,7 +251,9 @@ def draw_samples(
     from runner.sample import sample_grid
 
     dtype = unet_dtype(profile, device)
-    parts = load_parts(profile.model, unet=unet is None, text=text_encoders is None, vae=True, device="cpu", dtype=dtype)
+    parts = load_parts(
+        profile.model, unet=unet is None, text=text_encoders is None, vae=True, device="cpu", dtype=dtype
+    )
     if unet is not None:
         parts.unet = unet
     if text_encoders is not None:

@@ -215,6 +215,8 @@ def test_fingerprint_covers_the_text_encoder_keys_only_when_they_train():
 
 
 def test_lora_targets_beyond_attention_are_accepted():
-    targets = '["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_shortcut", "proj_in", "proj_out", ' \
+    targets = (
+        '["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_shortcut", "proj_in", "proj_out", '
         '"ff.net.0.proj", "ff.net.2", "time_emb_proj"]'
+    )
     assert "conv_shortcut" in load_profile("tiny", [f"lora.targets={targets}"]).lora.targets
