@@ -212,7 +212,7 @@ def _unet_lora(unet: Any, state: dict[str, torch.Tensor], lora_cfg: LoraConfig) 
     from peft.utils import set_peft_model_state_dict
 
     attached_here = not has_adapter(unet)
-    previous = None if attached_here else lora_state_dict(unet)
+    previous = None if attached_here else _copied(lora_state_dict(unet))
     if attached_here:
         attach_lora(unet, lora_cfg)
     try:
@@ -236,7 +236,7 @@ def _text_lora(
         yield
         return
     attached_here = not any(has_lora(e) for _, e in encoders.named())
-    previous = None if attached_here else [dict(get_peft_model_state_dict(e)) for _, e in encoders.named()]
+    previous = None if attached_here else [_copied(get_peft_model_state_dict(e)) for _, e in encoders.named()]
     if attached_here:
         attach_text_encoder_lora(encoders, lora_cfg)
     try:
@@ -249,6 +249,11 @@ def _text_lora(
         else:
             for (_, encoder), state in zip(encoders.named(), previous, strict=True):
                 set_peft_model_state_dict(encoder, state)
+
+
+def _copied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies: a state dict of CPU weights shares their memory, so loading other weights would change it too."""
+    return {key: value.detach().clone() for key, value in state.items()}
 
 
 def _load_exactly(module: Any, state: dict[str, torch.Tensor], load: Any) -> None:

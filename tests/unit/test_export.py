@@ -157,16 +157,6 @@ def trained_all(tmp_path_factory):
     return image, outputs, out_dir, files, len(lora_state_dict(parts.unet, encoders))
 
 
-@pytest.fixture
-def peft_gate_lifted(monkeypatch):
-    """transformers 5.24 asks for peft >= 0.22 before loading an adapter into a text encoder, and no such peft
-    is released (0.21.2 is the newest on PyPI): lift that version gate alone, so diffusers' own loading path
-    (load_lora_weights → text_encoder.load_adapter) runs as it does where the versions agree."""
-    import transformers.integrations.peft as hf_peft
-
-    monkeypatch.setattr(hf_peft, "check_peft_version", lambda **_: None)
-
-
 def lora_layers(module) -> int:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -175,7 +165,7 @@ def lora_layers(module) -> int:
 
 @pytest.mark.parametrize("weight_name", ["pytorch_lora_weights.safetensors", "all.kohya.safetensors"])
 def test_many_layer_and_text_encoder_lora_loads_into_diffusers_and_reproduces_the_trained_model(
-    trained_all, peft_gate_lifted, weight_name
+    trained_all, weight_name
 ):
     image, (prompt, pooled), out_dir, _, tensors = trained_all
     parts = build_tiny(seed=0)

@@ -123,3 +123,14 @@ def test_a_lora_that_trained_the_text_encoders_samples_with_them_and_leaves_them
     np.testing.assert_array_equal(base_te, base)  # the base column encodes with the base encoders
     assert np.abs(tuned_te - tuned).max() > 10, "the LoRA column did not use the trained text encoders"
     assert not has_lora(parts.text_encoder) and not has_lora(parts.text_encoder_2)
+
+
+def test_sampling_another_lora_on_a_model_with_an_adapter_restores_its_weights(tmp_path):
+    parts = build_tiny(seed=0)
+    attach_lora(parts.unet, LORA)
+    set_peft_model_state_dict(parts.unet, randomised_lora(seed=4))
+    before = {k: v.clone() for k, v in lora_state_dict(parts.unet).items()}  # CPU state dicts share memory
+    sample_grid(parts, randomised_lora(seed=5), PROMPTS[:1], seed=3, steps=1, guidance=5.0, resolution=64,
+                out_path=tmp_path / "x.png", lora_cfg=LORA)  # fmt: skip
+    after = lora_state_dict(parts.unet)
+    assert all(torch.equal(before[k], after[k]) for k in before)
