@@ -42,6 +42,7 @@ class BenchReport:
     optimizer: str
     gradient_checkpointing: bool
     vram_cap_gib: float | None
+    targets: str = ""  # the UNet LoRA's target modules, comma-separated
     text_encoder: str = ""  # "" UNet LoRA only; "fp16"/"bf16"/"8bit": LoRA on both text encoders, frozen in that
     compiled: str = ""  # the torch.compile mode used, "" when eager
     first_step_s: float = 0.0  # the first step after the fit: includes torch.compile's work when compiled
@@ -76,9 +77,15 @@ def bench_profile(args) -> Profile:
         f"train.batch_size={args.batch_size}", f"train.grad_accum={args.grad_accum}", f"lora.rank={args.rank}",
         f"lora.alpha={2 * args.rank}", f'train.precision="{args.precision}"', f'train.optimizer="{args.optimizer}"',
         f'train.gradient_checkpointing="{args.checkpointing}"', f'train.compile="{args.compile}"',
-        "train.steps=100000", "train.warmup_steps=0", *_text_encoder_sets(args),
+        "train.steps=100000", "train.warmup_steps=0", *_text_encoder_sets(args), *_target_sets(args),
     ]  # fmt: skip
     return load_profile("sdxl-naruto-t4", overrides)
+
+
+def _target_sets(args) -> list[str]:
+    """--targets a,b,c: LoRA on these UNet modules (e.g. the ResNet convs and feed-forward too)."""
+    targets = [t.strip() for t in (getattr(args, "targets", None) or "").split(",") if t.strip()]
+    return [f"lora.targets={json.dumps(targets)}"] if targets else []
 
 
 def _text_encoder_sets(args) -> list[str]:
@@ -145,6 +152,7 @@ class Bench:
             optimizer=a.optimizer, gradient_checkpointing=plan.gradient_checkpointing, vram_cap_gib=a.vram_gib,
             trainable_params=sum(t.numel() for t in tr.trainer.params), cache_build_s=round(cache_s, 2),
             setup_s=round(setup_s, 2), compiled=tr.trainer.compiled or "", text_encoder=_text_encoder_mode(tr),
+            targets=",".join(self.profile.lora.targets),
         )  # fmt: skip
         self._time_steps(tr, report)
         self._count_flops(tr, report)
@@ -304,7 +312,8 @@ def bench_overrides_for(profile: Profile) -> list[str]:
         'model.vae=""', 'data.source="generated"', f"data.generated_count={d.generated_count}", "data.buckets=false",
         "data.flip=false", "data.validation_count=0", f"train.resolution={t.resolution}",
         f"train.batch_size={t.batch_size}", f"train.grad_accum={t.grad_accum}", f"lora.rank={profile.lora.rank}",
-        f"lora.alpha={profile.lora.alpha}", f'train.precision="{t.precision}"', f'train.optimizer="{t.optimizer}"',
+        f"lora.alpha={profile.lora.alpha}", f"lora.targets={json.dumps(list(profile.lora.targets))}",
+        f'train.precision="{t.precision}"', f'train.optimizer="{t.optimizer}"',
         f'train.gradient_checkpointing="{t.gradient_checkpointing}"', f'train.compile="{t.compile}"',
         "train.steps=100000", "train.warmup_steps=0",
         *(["lora.text_encoder=true", f"lora.text_encoder_lr={profile.lora.text_encoder_lr}",
@@ -411,7 +420,7 @@ def print_report(r: BenchReport) -> None:
         ("plan", f"{r.resolution} px, micro-batch {r.micro_batch} × accum {r.grad_accum} × {r.world} GPU, "
                  f"checkpointing {'on' if r.gradient_checkpointing else 'off'}, {r.precision}, {r.optimizer}"
                  f"{f', compiled ({r.compiled})' if r.compiled else ''}"),
-        ("LoRA params", f"{r.trainable_params / 1e6:.2f} M (rank {r.rank})"
+        ("LoRA params", f"{r.trainable_params / 1e6:.2f} M (rank {r.rank}, {r.targets})"
                         + (f", text encoders too ({r.text_encoder})" if r.text_encoder else ", UNet only")),
         ("s/step (median)", f"{r.step_s_median:.3f}  ({r.images_per_s:.2f} images/s)"),
         ("peak VRAM", f"{r.peak_allocated_gib} GiB allocated, {r.peak_reserved_gib} GiB reserved"),

@@ -57,3 +57,20 @@ def test_8bit_text_encoders_train(cached):
     losses = [trainer.step(s).loss for s in range(3)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert any("lora_B" in k and float(v.abs().max()) > 0 for k, v in _state(trainer).items() if "text_encoder" in k)
+
+
+MANY = 'lora.targets=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_shortcut", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "time_emb_proj"]'  # fmt: skip
+
+
+def test_lora_on_resnet_convs_and_feed_forward_trains_under_graphs_like_blocks(cached):
+    blocks, graphs = _trainer(cached, "blocks", MANY), _trainer(cached, "graphs", MANY)
+    start = _state(blocks)
+    for step in range(5):
+        a, b = blocks.step(step), graphs.step(step)
+        assert abs(a.loss - b.loss) <= 1e-2 * abs(a.loss), (step, a.loss, b.loss)
+    assert graphs.compiled == "graphs" and graphs.graphs.captures >= 1
+    sa, sb = _state(blocks), _state(graphs)
+    assert any(".conv1.lora_B" in k and float(sb[k].abs().max()) > 0 for k in sb)
+    gap = sum(float((sa[k] - sb[k]).pow(2).sum()) for k in sa) ** 0.5
+    moved = sum(float((sa[k] - start[k]).pow(2).sum()) for k in sa) ** 0.5
+    assert gap / moved < 0.02
