@@ -532,6 +532,7 @@ def quantize_8bit(encoder: torch.nn.Module, device: torch.device) -> int:
                 q.bias = torch.nn.Parameter(child.bias.data.to(torch.float16), requires_grad=False)
             setattr(parent, child_name, q.to(device))
             replaced += 1
+    encoder.is_loaded_in_8bit = True  # peft then wraps these layers with its bitsandbytes LoRA layer
     return replaced
 
 
