@@ -265,6 +265,11 @@ def _fraction(v: float) -> bool:
     return 0 <= v < 1
 
 
+def _is_target(name: str, known: tuple[str, ...]) -> bool:
+    """A known module name, or a path ending in one (peft matches target names as suffixes)."""
+    return any(name == k or name.endswith("." + k) for k in known)
+
+
 # key → (predicate, what is allowed)
 RANGES: dict[str, tuple[Any, str]] = {
     "data.limit": (_non_negative, "0 (all) or a positive count"),
@@ -276,15 +281,16 @@ RANGES: dict[str, tuple[Any, str]] = {
     "lora.alpha": (_positive, "a positive number (often 2 × rank)"),
     "lora.dropout": (_fraction, "a probability in [0, 1)"),
     "lora.targets": (
-        lambda v: len(v) > 0 and set(v) <= set(UNET_TARGETS),
-        f"a non-empty list of UNet module names from: {', '.join(UNET_TARGETS)}",
+        lambda v: len(v) > 0 and all(_is_target(t, UNET_TARGETS) for t in v),
+        f"a non-empty list of UNet module names (or paths ending in one, e.g. attn2.to_k) from: "
+        f"{', '.join(UNET_TARGETS)}",
     ),
     "lora.text_encoder_lr": (lambda v: 0 <= v < 1, "0 (train.lr) or a learning rate in (0, 1), e.g. 5e-5"),
     "lora.text_encoder_rank": (_non_negative, "0 (lora.rank) or a positive integer"),
     "lora.text_encoder_alpha": (_non_negative, "0 (lora.alpha) or a positive number"),
     "lora.text_encoder_targets": (
-        lambda v: len(v) > 0 and set(v) <= set(TEXT_ENCODER_TARGETS),
-        f"a non-empty list from: {', '.join(TEXT_ENCODER_TARGETS)}",
+        lambda v: len(v) > 0 and all(_is_target(t, TEXT_ENCODER_TARGETS) for t in v),
+        f"a non-empty list of CLIP module names (or paths ending in one) from: {', '.join(TEXT_ENCODER_TARGETS)}",
     ),
     "train.steps": (_positive, "a positive number of optimizer steps"),
     "train.resolution": (lambda v: v >= 32 and v % 8 == 0, "a multiple of 8, at least 32 (1024 or 512 for SDXL)"),

@@ -220,3 +220,7 @@ def test_lora_targets_beyond_attention_are_accepted():
         '"ff.net.0.proj", "ff.net.2", "time_emb_proj"]'
     )
     assert "conv_shortcut" in load_profile("tiny", [f"lora.targets={targets}"]).lora.targets
+    assert load_profile("tiny", ['lora.targets=["attn2.to_k", "attn2.to_v"]']).lora.targets == (
+        "attn2.to_k",
+        "attn2.to_v",
+    )
