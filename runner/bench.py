@@ -42,6 +42,8 @@ class BenchReport:
     optimizer: str
     gradient_checkpointing: bool
     vram_cap_gib: float | None
+    targets: str = ""  # the UNet LoRA's target modules, comma-separated
+    text_encoder: str = ""  # "" UNet LoRA only; "fp16"/"bf16"/"8bit": LoRA on both text encoders, frozen in that
     compiled: str = ""  # the torch.compile mode used, "" when eager
     first_step_s: float = 0.0  # the first step after the fit: includes torch.compile's work when compiled
     trainable_params: int = 0
@@ -75,9 +77,26 @@ def bench_profile(args) -> Profile:
         f"train.batch_size={args.batch_size}", f"train.grad_accum={args.grad_accum}", f"lora.rank={args.rank}",
         f"lora.alpha={2 * args.rank}", f'train.precision="{args.precision}"', f'train.optimizer="{args.optimizer}"',
         f'train.gradient_checkpointing="{args.checkpointing}"', f'train.compile="{args.compile}"',
-        "train.steps=100000", "train.warmup_steps=0",
+        "train.steps=100000", "train.warmup_steps=0", *_text_encoder_sets(args), *_target_sets(args),
     ]  # fmt: skip
     return load_profile("sdxl-naruto-t4", overrides)
+
+
+def _target_sets(args) -> list[str]:
+    """--targets a,b,c: LoRA on these UNet modules (e.g. the ResNet convs and feed-forward too)."""
+    targets = [t.strip() for t in (getattr(args, "targets", None) or "").split(",") if t.strip()]
+    return [f"lora.targets={json.dumps(targets)}"] if targets else []
+
+
+def _text_encoder_sets(args) -> list[str]:
+    """--text-encoder: LoRA on both text encoders too, as sdxl-naruto-t4-te trains them (--text-encoder-8bit:
+    their frozen weights in 8-bit)."""
+    if not getattr(args, "text_encoder", False) and not getattr(args, "text_encoder_8bit", False):
+        return []
+    te = load_profile("sdxl-naruto-t4-te").lora
+    eight_bit = "true" if getattr(args, "text_encoder_8bit", False) else "false"
+    return ["lora.text_encoder=true", f"lora.text_encoder_lr={te.text_encoder_lr}",
+            f"lora.text_encoder_8bit={eight_bit}"]  # fmt: skip
 
 
 def run_bench(args) -> int:
@@ -132,7 +151,8 @@ class Bench:
             grad_accum=plan.grad_accum, world=p.world, rank=a.rank, precision=tr.trainer.precision,
             optimizer=a.optimizer, gradient_checkpointing=plan.gradient_checkpointing, vram_cap_gib=a.vram_gib,
             trainable_params=sum(t.numel() for t in tr.trainer.params), cache_build_s=round(cache_s, 2),
-            setup_s=round(setup_s, 2), compiled=tr.trainer.compiled or "",
+            setup_s=round(setup_s, 2), compiled=tr.trainer.compiled or "", text_encoder=_text_encoder_mode(tr),
+            targets=",".join(self.profile.lora.targets),
         )  # fmt: skip
         self._time_steps(tr, report)
         self._count_flops(tr, report)
@@ -150,6 +170,16 @@ class Bench:
             self._free()
             self._time_resume(meta, report)
         return report
+
+    def _save_text_encoders(self, model_dir: Path) -> None:
+        """The text encoders and tokenizers beside the UNet, for a resume that trains them too."""
+        from runner.train.model import load_parts
+        from runner.train.run import unet_dtype
+
+        parts = load_parts(self.profile.model, unet=False, text=True, vae=False, device="cpu",
+                           dtype=unet_dtype(self.profile, self.placement.device))  # fmt: skip
+        for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+            getattr(parts, name).save_pretrained(model_dir / name)
 
     def _sync(self) -> None:
         import torch
@@ -241,6 +271,8 @@ class Bench:
                           dtype=unet_dtype(self.profile, self.placement.device)).unet  # fmt: skip
         base.save_pretrained(model_dir / "unet", safe_serialization=True)  # a base model as users download it
         del base
+        if self.profile.lora.text_encoder:
+            self._save_text_encoders(model_dir)
         spec = {"sets": [f'model.base="{model_dir}"', *bench_overrides_for(self.profile)], "cache": str(self.tmp / "cache"),
                 "ckpt": str(self.tmp / "ckpt"), "meta": meta, "vram_gib": self.args.vram_gib, "artifacts": None}  # fmt: skip
         env = dict(os.environ)
@@ -280,10 +312,20 @@ def bench_overrides_for(profile: Profile) -> list[str]:
         'model.vae=""', 'data.source="generated"', f"data.generated_count={d.generated_count}", "data.buckets=false",
         "data.flip=false", "data.validation_count=0", f"train.resolution={t.resolution}",
         f"train.batch_size={t.batch_size}", f"train.grad_accum={t.grad_accum}", f"lora.rank={profile.lora.rank}",
-        f"lora.alpha={profile.lora.alpha}", f'train.precision="{t.precision}"', f'train.optimizer="{t.optimizer}"',
+        f"lora.alpha={profile.lora.alpha}", f"lora.targets={json.dumps(list(profile.lora.targets))}",
+        f'train.precision="{t.precision}"', f'train.optimizer="{t.optimizer}"',
         f'train.gradient_checkpointing="{t.gradient_checkpointing}"', f'train.compile="{t.compile}"',
         "train.steps=100000", "train.warmup_steps=0",
+        *(["lora.text_encoder=true", f"lora.text_encoder_lr={profile.lora.text_encoder_lr}",
+           f"lora.text_encoder_8bit={str(profile.lora.text_encoder_8bit).lower()}"] if profile.lora.text_encoder else []),
     ]  # fmt: skip
+
+
+def _text_encoder_mode(tr) -> str:
+    lora = tr.profile.lora
+    if not lora.text_encoder:
+        return ""
+    return "8bit" if lora.text_encoder_8bit else tr.trainer.precision
 
 
 def log_partial(report: BenchReport) -> None:
@@ -378,7 +420,8 @@ def print_report(r: BenchReport) -> None:
         ("plan", f"{r.resolution} px, micro-batch {r.micro_batch} × accum {r.grad_accum} × {r.world} GPU, "
                  f"checkpointing {'on' if r.gradient_checkpointing else 'off'}, {r.precision}, {r.optimizer}"
                  f"{f', compiled ({r.compiled})' if r.compiled else ''}"),
-        ("LoRA params", f"{r.trainable_params / 1e6:.2f} M (rank {r.rank})"),
+        ("LoRA params", f"{r.trainable_params / 1e6:.2f} M (rank {r.rank}, {r.targets})"
+                        + (f", text encoders too ({r.text_encoder})" if r.text_encoder else ", UNet only")),
         ("s/step (median)", f"{r.step_s_median:.3f}  ({r.images_per_s:.2f} images/s)"),
         ("peak VRAM", f"{r.peak_allocated_gib} GiB allocated, {r.peak_reserved_gib} GiB reserved"),
         ("compute", f"{r.step_tflop} TFLOP/step, {r.achieved_tflops} TFLOP/s "

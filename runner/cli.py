@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=12, help="timed optimizer steps (after warm-up)")
     p.add_argument("--vram-gib", type=float, help="cap the CUDA allocator to emulate a smaller GPU (15 for a T4)")
     p.add_argument("--model", default="sdxl-random", help="sdxl-random (full size) or tiny")
+    p.add_argument("--text-encoder", action="store_true", help="LoRA on both text encoders too (sdxl-naruto-t4-te)")
+    p.add_argument("--text-encoder-8bit", action="store_true", help="as --text-encoder, frozen encoders in 8-bit")
+    p.add_argument("--targets", help="UNet LoRA targets, comma-separated (default: the profile's attention ones)")
     p.add_argument("--skip-resume", action="store_true", help="skip the resume timing (saves a UNet to disk)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 

@@ -1,17 +1,26 @@
 """The final LoRA: files other tools load, and a model card.
 
-Owns: turning the trainer's peft-format UNet LoRA state dict into
-  - pytorch_lora_weights.safetensors: diffusers' format ("unet." + peft keys),
+Owns: turning the trainer's peft-format LoRA state dict (the UNet's keys as
+peft names them, the text encoders' under "text_encoder." / "text_encoder_2.")
+into
+  - pytorch_lora_weights.safetensors: diffusers' format ("unet." + peft keys,
+    "text_encoder." / "text_encoder_2." + the encoder's module path),
     read by `StableDiffusionXLPipeline.load_lora_weights(folder)`;
-  - NAME.kohya.safetensors: kohya keys (lora_unet_*.lora_down/lora_up/alpha),
-    read by ComfyUI, AUTOMATIC1111 and diffusers;
+  - NAME.kohya.safetensors: kohya keys (lora_unet_*, lora_te1_*, lora_te2_*
+    with .lora_down/.lora_up/.alpha), read by ComfyUI, AUTOMATIC1111 and diffusers;
   - README.md: a model card (base model, data, settings, steps, sessions, how
     to load it, the sample grid when there is one).
 
 The scale alpha / rank must survive: a diffusers file without adapter metadata
 is loaded with alpha = rank (scale 1), so the scale is folded into lora_B
-(exact for LoRA and DoRA). The kohya file keeps the raw weights and the real
-alpha, which kohya-format loaders apply.
+(exact for LoRA and DoRA); the text encoders use their own rank and alpha. The
+kohya file keeps the raw weights and the real alpha, which kohya-format
+loaders apply.
+
+Text-encoder module paths are written as every loader expects them,
+"text_model.encoder.layers.N…" for both encoders: transformers 5 dropped the
+text_model level from CLIPTextModel (CLIP-L) but kept it in
+CLIPTextModelWithProjection, and kohya files, A1111 and diffusers use it.
 
 Must not: train, read storage or upload (the session uploads out_dir).
 """
@@ -39,6 +48,12 @@ GRID_FILE = "samples.png"
 UNET_PREFIX = "unet."
 KOHYA_UNET_PREFIX = "lora_unet_"
 PEFT_A, PEFT_B, PEFT_MAGNITUDE = ".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"
+TEXT_MODEL = "text_model."
+# state-dict prefix of each text encoder's LoRA → (diffusers prefix, kohya prefix); the longer prefix first
+TEXT_ENCODER_PREFIXES = {
+    "text_encoder_2.": ("text_encoder_2.", "lora_te2_"),
+    "text_encoder.": ("text_encoder.", "lora_te1_"),
+}
 
 
 @dataclass(frozen=True)
@@ -101,31 +116,45 @@ def _check_keys(lora_sd: dict[str, torch.Tensor]) -> None:
         )
 
 
+def _locate(key: str, cfg: LoraConfig) -> tuple[str, str, str, float, float]:
+    """(diffusers prefix, kohya prefix, module key in the loaders' naming, rank, alpha) of a state-dict key."""
+    for prefix, (diffusers_prefix, kohya_prefix) in TEXT_ENCODER_PREFIXES.items():
+        if key.startswith(prefix):
+            rest = key[len(prefix) :]
+            rest = rest if rest.startswith(TEXT_MODEL) else TEXT_MODEL + rest
+            rank, alpha = cfg.text_encoder_rank or cfg.rank, cfg.text_encoder_alpha or cfg.alpha
+            return diffusers_prefix, kohya_prefix, rest, rank, alpha
+    return UNET_PREFIX, KOHYA_UNET_PREFIX, key, cfg.rank, cfg.alpha
+
+
 def _to_diffusers(sd: dict[str, torch.Tensor], cfg: LoraConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """'unet.' + peft keys, with alpha / rank folded into lora_B so loaders can assume scale 1."""
-    scale = cfg.alpha / cfg.rank
+    """'unet.' + peft keys ('text_encoder.' / 'text_encoder_2.' + theirs), with each part's alpha / rank folded
+    into lora_B so loaders can assume scale 1."""
     out = {}
     for key, value in sd.items():
+        prefix, _, module_key, rank, alpha = _locate(key, cfg)
         value = value.detach().float()
         if key.endswith(PEFT_B):
-            value = value * scale
-        out[UNET_PREFIX + key] = value.to(dtype).contiguous()
+            value = value * (alpha / rank)
+        out[prefix + module_key] = value.to(dtype).contiguous()
     return out
 
 
 def _to_kohya(sd: dict[str, torch.Tensor], cfg: LoraConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """lora_unet_<module with _>.lora_down.weight / .lora_up.weight / .alpha (raw weights, real alpha)."""
+    """lora_unet_ / lora_te1_ / lora_te2_ + <module with _>.lora_down.weight / .lora_up.weight / .alpha (raw
+    weights, real alpha). A conv LoRA keeps its shapes: down [r, in, k, k], up [out, r, 1, 1], as kohya's."""
     out = {}
     for key, value in sd.items():
-        if key.endswith(PEFT_A):
-            module, part = key[: -len(PEFT_A)], "lora_down.weight"
-        elif key.endswith(PEFT_B):
-            module, part = key[: -len(PEFT_B)], "lora_up.weight"
+        _, kohya_prefix, module_key, _, alpha = _locate(key, cfg)
+        if module_key.endswith(PEFT_A):
+            module, part = module_key[: -len(PEFT_A)], "lora_down.weight"
+        elif module_key.endswith(PEFT_B):
+            module, part = module_key[: -len(PEFT_B)], "lora_up.weight"
         else:
             raise ModelError(f"LoRA key {key!r} has no kohya equivalent", hint="export without DoRA for kohya tools")
-        name = KOHYA_UNET_PREFIX + module.replace(".", "_")
+        name = kohya_prefix + module.replace(".", "_")
         out[f"{name}.{part}"] = value.detach().to(dtype).contiguous()
-        out[f"{name}.alpha"] = torch.tensor(float(cfg.alpha), dtype=dtype)
+        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
     return out
 
 
@@ -164,6 +193,7 @@ def model_card(profile_dict: dict, card: CardInfo, *, kohya_file: str | None, ha
         f"- data: `{data.get('source', '?')}` (captions from `{data.get('caption_column', '?')}`)",
         f"- LoRA: rank {lora.get('rank')}, alpha {lora.get('alpha')}, dropout {lora.get('dropout')}, "
         f"targets {', '.join(lora.get('targets', []))}" + (", DoRA" if lora.get("dora") else ""),
+        *_trained_parts(lora, train),
         f"- steps: {card.steps} of {train.get('steps')} · resolution {train.get('resolution')} · "
         f"batch {train.get('batch_size')} × accum {train.get('grad_accum')} · lr {train.get('lr')} "
         f"({train.get('lr_scheduler', 'constant')}) · seed {train.get('seed')} · {train.get('precision')}",
@@ -177,6 +207,20 @@ def model_card(profile_dict: dict, card: CardInfo, *, kohya_file: str | None, ha
         lines += [f"![base vs LoRA]({GRID_FILE})"]
     lines += _usage_section(base, kohya_file)
     return "\n".join(lines) + "\n"
+
+
+def _trained_parts(lora: dict, train: dict) -> list[str]:
+    """Which parts were trained, and at which learning rates."""
+    unet = f"- trained: UNet LoRA at lr {train.get('lr')}"
+    if not lora.get("text_encoder"):
+        return [unet + "; text encoders frozen (not trained)"]
+    eight_bit = ", frozen weights in 8-bit" if lora.get("text_encoder_8bit") else ""
+    return [
+        unet + f"; both text encoders (CLIP-L, CLIP-G) LoRA at lr {lora.get('text_encoder_lr') or train.get('lr')}",
+        f"- text-encoder LoRA: rank {lora.get('text_encoder_rank') or lora.get('rank')}, "
+        f"alpha {lora.get('text_encoder_alpha') or lora.get('alpha')}, "
+        f"targets {', '.join(lora.get('text_encoder_targets', []))}{eight_bit}",
+    ]
 
 
 def _sessions_section(sessions: tuple[dict, ...]) -> list[str]:

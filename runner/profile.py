@@ -97,7 +97,17 @@ class LoraConfig:
     init: str = "default"
     """peft initialisation of the A matrix: "default" (Kaiming) or "gaussian"."""
     text_encoder: bool = False
-    """Also train LoRA on both text encoders (text embeddings are then not cached)."""
+    """Also train LoRA on both CLIP text encoders (the caption tokens are cached instead of their embeddings)."""
+    text_encoder_lr: float = 0.0
+    """Peak learning rate of the text encoders' LoRA (kohya's text_encoder_lr); 0: train.lr."""
+    text_encoder_rank: int = 0
+    """LoRA rank on the text encoders; 0: lora.rank."""
+    text_encoder_alpha: float = 0.0
+    """LoRA alpha on the text encoders; 0: lora.alpha."""
+    text_encoder_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    """Text-encoder module names (suffixes) that get LoRA: attention q/k/v/out_proj, and the MLP fc1, fc2."""
+    text_encoder_8bit: bool = False
+    """Keep the frozen text-encoder weights in 8-bit (bitsandbytes; CUDA only)."""
 
 
 @dataclass(frozen=True)
@@ -222,6 +232,24 @@ TOP_KEYS = ("name", "description")
 # Sections and keys that change the trained weights. batch_size × grad_accum enter as the
 # effective batch (the fit may split it differently on another GPU without changing the run).
 FINGERPRINT_SECTIONS = ("model", "data", "lora", "train")
+# Text-encoder LoRA settings change nothing while lora.text_encoder is off: left out then, so runs started
+# before these keys existed keep their fingerprint.
+TEXT_ENCODER_KEYS = (
+    "lora.text_encoder_lr",
+    "lora.text_encoder_rank",
+    "lora.text_encoder_alpha",
+    "lora.text_encoder_targets",
+    "lora.text_encoder_8bit",
+)
+# Module names (suffixes) LoRA may target. UNet: attention projections, the transformer's proj_in/out and
+# feed-forward, the ResNet convolutions and time projection, down/up-sampler convs, the UNet's own in/out
+# convs and embeddings. Text encoders (CLIP): attention projections and the MLP.
+UNET_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv", "conv_in", "conv_out",
+    "time_embedding.linear_1", "time_embedding.linear_2", "add_embedding.linear_1", "add_embedding.linear_2",
+)  # fmt: skip
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 FINGERPRINT_EXCLUDED = {
     "train.batch_size",
     "train.grad_accum",
@@ -244,6 +272,11 @@ def _fraction(v: float) -> bool:
     return 0 <= v < 1
 
 
+def _is_target(name: str, known: tuple[str, ...]) -> bool:
+    """A known module name, or a path ending in one (peft matches target names as suffixes)."""
+    return any(name == k or name.endswith("." + k) for k in known)
+
+
 # key → (predicate, what is allowed)
 RANGES: dict[str, tuple[Any, str]] = {
     "data.limit": (_non_negative, "0 (all) or a positive count"),
@@ -255,7 +288,18 @@ RANGES: dict[str, tuple[Any, str]] = {
     "lora.rank": (_positive, "a positive integer (16 is usual)"),
     "lora.alpha": (_positive, "a positive number (often 2 × rank)"),
     "lora.dropout": (_fraction, "a probability in [0, 1)"),
-    "lora.targets": (lambda v: len(v) > 0 and all(v), 'a non-empty list of module names, e.g. ["to_q", "to_k"]'),
+    "lora.targets": (
+        lambda v: len(v) > 0 and all(_is_target(t, UNET_TARGETS) for t in v),
+        f"a non-empty list of UNet module names (or paths ending in one, e.g. attn2.to_k) from: "
+        f"{', '.join(UNET_TARGETS)}",
+    ),
+    "lora.text_encoder_lr": (lambda v: 0 <= v < 1, "0 (train.lr) or a learning rate in (0, 1), e.g. 5e-5"),
+    "lora.text_encoder_rank": (_non_negative, "0 (lora.rank) or a positive integer"),
+    "lora.text_encoder_alpha": (_non_negative, "0 (lora.alpha) or a positive number"),
+    "lora.text_encoder_targets": (
+        lambda v: len(v) > 0 and all(_is_target(t, TEXT_ENCODER_TARGETS) for t in v),
+        f"a non-empty list of CLIP module names (or paths ending in one) from: {', '.join(TEXT_ENCODER_TARGETS)}",
+    ),
     "train.steps": (_positive, "a positive number of optimizer steps"),
     "train.resolution": (lambda v: v >= 32 and v % 8 == 0, "a multiple of 8, at least 32 (1024 or 512 for SDXL)"),
     "train.batch_size": (_positive, "a positive integer"),
@@ -375,9 +419,20 @@ def build_profile(raw: dict[str, Any], source: str = "<profile>") -> Profile:
         if not isinstance(value, dict):
             raise ProfileError(f"must be a table [{name}]", path=source, key=name)
         sections[name] = _build_section(source, name, cls, value)
+    sections["lora"] = _resolve_text_encoder_defaults(sections["lora"], sections["train"])
     profile = Profile(**top, **sections, source_path=source)
     _check_combinations(profile, source)
     return profile
+
+
+def _resolve_text_encoder_defaults(lora: LoraConfig, train: TrainConfig) -> LoraConfig:
+    """The text encoders' lr, rank and alpha default (0) to the UNet's: fill them in once, here."""
+    return dataclasses.replace(
+        lora,
+        text_encoder_lr=lora.text_encoder_lr or train.lr,
+        text_encoder_rank=lora.text_encoder_rank or lora.rank,
+        text_encoder_alpha=lora.text_encoder_alpha or lora.alpha,
+    )
 
 
 def _build_section(source: str, section: str, cls: type, values: dict[str, Any]) -> Any:
@@ -432,6 +487,13 @@ def _check_value(source: str, key: str, value: Any) -> None:
 
 
 def _check_combinations(p: Profile, source: str) -> None:
+    if p.lora.text_encoder_8bit and not p.lora.text_encoder:
+        raise ProfileError(
+            "8-bit text encoders only apply when the text encoders are trained",
+            path=source,
+            key="lora.text_encoder_8bit",
+            hint="set lora.text_encoder = true, or drop lora.text_encoder_8bit",
+        )
     if p.data.random_crop:
         raise ProfileError(
             "random crop cannot be used with cached latents (each crop would need a fresh VAE encode)",
@@ -454,8 +516,9 @@ def fingerprint_fields(p: Profile) -> dict[str, Any]:
     for section in FINGERPRINT_SECTIONS:
         for key, value in data[section].items():
             dotted = f"{section}.{key}"
-            if dotted not in FINGERPRINT_EXCLUDED:
-                out[dotted] = value
+            if dotted in FINGERPRINT_EXCLUDED or (dotted in TEXT_ENCODER_KEYS and not p.lora.text_encoder):
+                continue
+            out[dotted] = value
     out["train.effective_batch"] = p.train.batch_size * p.train.grad_accum
     return out
 

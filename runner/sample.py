@@ -4,7 +4,9 @@ Owns: running SDXL inference on already-loaded parts (no second copy of any
 weight), drawing each prompt twice with the same seed, once with the LoRA off
 and once on (the adapter is toggled, not reloaded), and writing one PNG grid:
 rows are prompts (each labelled with its prompt on the left), columns base |
-LoRA under a header that names the step.
+LoRA under a header that names the step. When the LoRA trained the text
+encoders too, each column encodes its prompt with its own encoders (base, or
+with their LoRA).
 
 Memory: the work goes in phases (encode all prompts, denoise, decode) and only
 the module of the phase is on the GPU beside the UNet; the VAE decodes sliced
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,20 @@ from PIL import Image, ImageDraw
 
 from runner.errors import ModelError, UsageError
 from runner.profile import LoraConfig
-from runner.train.model import SDXLParts, attach_lora, eager, load_lora_state_dict, lora_state_dict
+from runner.train.model import (
+    TEXT_ENCODER_NAMES,
+    SDXLParts,
+    TextEncoders,
+    attach_lora,
+    attach_text_encoder_lora,
+    detach_text_encoder_lora,
+    eager,
+    has_lora,
+    lora_input_casts,
+    lora_state_dict,
+    set_adapters_enabled,
+    split_lora_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +77,8 @@ def sample_grid(
 ) -> Path:  # fmt: skip
     """Draw each prompt with the LoRA off and on (same seed, seed + row) and save the grid PNG at out_path.
 
-    lora_sd None: use the adapter already attached to the UNet (sampling during training).
-    lora_sd given: load it (lora_cfg gives rank/alpha/targets) for the duration of the call.
+    lora_sd None: use the adapters already attached to the UNet and, if any, the text encoders (during training).
+    lora_sd given: load it (lora_cfg gives rank/alpha/targets), text-encoder weights included, for the call.
     cpu_offload: on CUDA, let diffusers keep only the running module on the GPU (standalone `relay sample`).
     step: the optimizer step of the LoRA, named in the header ("LoRA · step 120").
     """
@@ -72,12 +87,13 @@ def sample_grid(
     pipe, denoiser = build_pipeline(pipe_parts), build_pipeline(pipe_parts, text_encoders=False)
     offload = cpu_offload and device.startswith("cuda") and torch.cuda.is_available()
     unet = pipe_parts.unet
-    with _lora_loaded(unet, lora_sd, lora_cfg), _offloaded(pipe, device, offload), eager(unet):
-        with _on(device, offload, pipe_parts.text_encoder, pipe_parts.text_encoder_2):
-            embeds = [_encode(pipe, prompt, device, guidance) for prompt in prompts]
+    encoders = TextEncoders(pipe_parts.text_encoder, pipe_parts.text_encoder_2)
+    with _lora_loaded(unet, encoders, lora_sd, lora_cfg), _offloaded(pipe, device, offload), eager(unet):
+        with _on(device, offload, *(e for _, e in encoders.named())), _encoding(encoders):
+            embeds = [_encode_both(pipe, encoders, prompt, device, guidance) for prompt in prompts]
         with _on(device, offload, pipe_parts.unet):
             latents = [
-                [_denoise(denoiser, e, seed + i, steps, guidance, resolution, lora_on=on) for on in (False, True)]
+                [_denoise(denoiser, e[on], seed + i, steps, guidance, resolution, lora_on=on) for on in (False, True)]
                 for i, e in enumerate(embeds)
             ]
         rows = [[_decode(pipe, x, device) for x in row] for row in latents]
@@ -88,8 +104,40 @@ def sample_grid(
     return out_path
 
 
+def _encode_both(
+    pipe: StableDiffusionXLPipeline, encoders: TextEncoders, prompt: str, device: str, guidance: float
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(base, LoRA) prompt embeddings: encoded twice, LoRA off then on, when the text encoders carry LoRA; else
+    one encoding serves both columns."""
+    if not any(has_lora(e) for _, e in encoders.named()):
+        embeds = _encode(pipe, prompt, device, guidance)
+        return embeds, embeds
+    out = []
+    for on in (False, True):
+        for _, encoder in encoders.named():
+            set_adapters_enabled(encoder, on)
+        out.append(_encode(pipe, prompt, device, guidance))
+    return out[0], out[1]
+
+
+@contextmanager
+def _encoding(encoders: TextEncoders) -> Iterator[None]:
+    """Encoders in eval mode with peft's input casts on (an fp16 encoder with fp32 LoRA, without autocast);
+    afterwards their mode, casts and adapters as they were (adapters on)."""
+    modes = [e.training for _, e in encoders.named()]
+    with lora_input_casts(encoders.text_encoder), lora_input_casts(encoders.text_encoder_2):
+        try:
+            for _, encoder in encoders.named():
+                encoder.eval()
+            yield
+        finally:
+            for (_, encoder), mode in zip(encoders.named(), modes, strict=True):
+                set_adapters_enabled(encoder, True)
+                encoder.train(mode)
+
+
 def _encode(pipe: StableDiffusionXLPipeline, prompt: str, device: str, guidance: float) -> dict[str, torch.Tensor]:
-    """Prompt embeddings in the UNet's dtype. The text encoders carry no LoRA: one encoding serves both columns."""
+    """Prompt embeddings in the UNet's dtype."""
     with torch.no_grad():  # not inference_mode: its tensors must never reach the caller's (trainable) modules
         tensors = pipe.encode_prompt(prompt, device=torch.device(device), do_classifier_free_guidance=guidance > 1)
     names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
@@ -148,27 +196,81 @@ def has_adapter(unet: Any) -> bool:
 
 
 @contextmanager
-def _lora_loaded(unet: Any, lora_sd: dict[str, torch.Tensor] | None, lora_cfg: LoraConfig | None) -> Iterator[None]:
-    """Make the UNet carry `lora_sd` for the block; restore what it carried before."""
-    if lora_sd is None:
-        if not has_adapter(unet):
-            raise ModelError("the UNet has no LoRA to sample", hint="pass the LoRA state dict (lora.safetensors)")
-        yield
-        return
-    if lora_cfg is None:
+def _lora_loaded(
+    unet: Any, encoders: TextEncoders, lora_sd: dict[str, torch.Tensor] | None, lora_cfg: LoraConfig | None
+) -> Iterator[None]:
+    """Make the UNet (and the text encoders, for a LoRA that trained them) carry `lora_sd` for the block;
+    restore what they carried before. A part `lora_sd` lacks (all of it when None) must be attached already."""
+    parts = split_lora_state(lora_sd or {})
+    if "unet" not in parts and not has_adapter(unet):
+        raise ModelError("the UNet has no LoRA to sample", hint="pass the LoRA state dict (lora.safetensors)")
+    if parts and lora_cfg is None:
         raise ModelError("sampling a LoRA state dict needs its lora settings", hint="pass lora_cfg=profile.lora")
+    unet_lora = _unet_lora(unet, parts["unet"], lora_cfg) if "unet" in parts else nullcontext()
+    with unet_lora, _text_lora(encoders, parts, lora_cfg):
+        yield
+
+
+@contextmanager
+def _unet_lora(unet: Any, state: dict[str, torch.Tensor], lora_cfg: LoraConfig) -> Iterator[None]:
+    from peft.utils import set_peft_model_state_dict
+
     attached_here = not has_adapter(unet)
-    previous = None if attached_here else lora_state_dict(unet)
+    previous = None if attached_here else _copied(lora_state_dict(unet))
     if attached_here:
         attach_lora(unet, lora_cfg)
     try:
-        load_lora_state_dict(unet, lora_sd)
+        _load_exactly(unet, state, set_peft_model_state_dict)
         yield
     finally:
         if attached_here:
             unet.delete_adapters(list(unet.peft_config))
         else:
-            load_lora_state_dict(unet, previous)
+            set_peft_model_state_dict(unet, previous)
+
+
+@contextmanager
+def _text_lora(
+    encoders: TextEncoders, parts: dict[str, dict[str, torch.Tensor]], lora_cfg: LoraConfig
+) -> Iterator[None]:
+    """The text encoders' part of a LoRA, when it has one, on the encoders for the block."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    if not any(name in parts for name in TEXT_ENCODER_NAMES):
+        yield
+        return
+    attached_here = not any(has_lora(e) for _, e in encoders.named())
+    previous = None if attached_here else [_copied(get_peft_model_state_dict(e)) for _, e in encoders.named()]
+    if attached_here:
+        attach_text_encoder_lora(encoders, lora_cfg)
+    try:
+        for name, encoder in encoders.named():
+            _load_exactly(encoder, parts.get(name, {}), set_peft_model_state_dict)
+        yield
+    finally:
+        if attached_here:
+            detach_text_encoder_lora(encoders)
+        else:
+            for (_, encoder), state in zip(encoders.named(), previous, strict=True):
+                set_peft_model_state_dict(encoder, state)
+
+
+def _copied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies: a state dict of CPU weights shares their memory, so loading other weights would change it too."""
+    return {key: value.detach().clone() for key, value in state.items()}
+
+
+def _load_exactly(module: Any, state: dict[str, torch.Tensor], load: Any) -> None:
+    from peft.utils import get_peft_model_state_dict
+
+    expected, given = set(get_peft_model_state_dict(module)), set(state)
+    if expected != given:
+        raise ModelError(
+            f"LoRA weights do not match the model: missing {sorted(expected - given)[:3]}, "
+            f"unexpected {sorted(given - expected)[:3]}",
+            hint="the checkpoint was trained with other lora settings; use the run's profile",
+        )
+    load(module, state)
 
 
 @contextmanager

@@ -2,7 +2,9 @@
 
 Owns: encoding every training image once with the VAE (both flips when
 data.flip) and every caption once with both text encoders (plus the empty
-caption, used by caption dropout); writing them as safetensors shards of at
+caption, used by caption dropout), and keeping each caption's token ids for
+both tokenizers (what a run that trains the text encoders encodes at every
+step, since its embeddings change as it trains); writing them as safetensors shards of at
 most ~32 MB (`latents-00000.safetensors`, `embeds-00000.safetensors`, …) and
 an `index.json`; reading them back for training without any encoder; and the
 cache fingerprint that says when a cache can be reused.
@@ -31,7 +33,7 @@ from runner.errors import CheckpointCorrupt, ModelError
 from runner.events import CacheProgress, EventBus
 from runner.profile import Profile
 from runner.train.data import load_records, make_buckets, prepare, read_images, validate_dataset
-from runner.train.model import SDXLParts, load_parts
+from runner.train.model import SDXLParts, TextEncoders, load_parts, text_conditioning
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ class CachedData:
     empty_prompt: torch.Tensor  # [77, 2048]
     empty_pooled: torch.Tensor  # [1280]
     fingerprint: str
+    ids: torch.Tensor | None = None  # [N, 2, 77] token ids for each tokenizer; None in caches built before them
+    empty_ids: torch.Tensor | None = None  # [2, 77] the empty caption's
 
     def __len__(self) -> int:
         return len(self.names)
@@ -74,6 +78,8 @@ def cache_fingerprint(profile: Profile) -> str:
         + ([d.instance_prompt, d.trigger_word] if d.instance_prompt or d.trigger_word else []),
         "resolution": profile.train.resolution,
     }
+    if profile.lora.text_encoder:  # needs the token ids, which older caches lack; others keep their fingerprint
+        fields["token_ids"] = True
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -109,18 +115,24 @@ class _ShardWriter:
             self.pending, self.pending_bytes = {}, 0
 
 
+def tokenize(parts: SDXLParts, captions: list[str]) -> torch.Tensor:
+    """[B, 2, 77] token ids of each caption for the first and second tokenizer (padded, truncated)."""
+    ids = [
+        tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        for tokenizer in (parts.tokenizer, parts.tokenizer_2)
+    ]
+    return torch.stack(ids, dim=1)
+
+
 @torch.no_grad()
 def encode_prompts(parts: SDXLParts, captions: list[str], device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL text conditioning: ([B, 77, D1+D2] penultimate hidden states of both encoders, [B, P] pooled)."""
-    hidden, pooled = [], None
-    for tokenizer, encoder in ((parts.tokenizer, parts.text_encoder), (parts.tokenizer_2, parts.text_encoder_2)):
-        ids = tokenizer(
-            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(device)
-        output = encoder(ids, output_hidden_states=True)
-        hidden.append(output.hidden_states[-2])
-        pooled = output[0]  # text_embeds of CLIPTextModelWithProjection (the second encoder)
-    return torch.cat(hidden, dim=-1).float(), pooled.float()
+    ids = tokenize(parts, captions).to(device)
+    encoders = TextEncoders(parts.text_encoder, parts.text_encoder_2)
+    prompt, pooled = text_conditioning(encoders, ids[:, 0], ids[:, 1])
+    return prompt.float(), pooled.float()
 
 
 @torch.no_grad()
@@ -163,7 +175,13 @@ def build_cache(
     model = _resolve_parts(profile, parts, device)
     latents, embeds = _ShardWriter(out_dir, "latents"), _ShardWriter(out_dir, "embeds")
     prompt, pooled = encode_prompts(model, [""], device)
-    embeds.add({f"{EMPTY}.prompt": prompt[0].to(EMBED_DTYPE), f"{EMPTY}.pooled": pooled[0].to(EMBED_DTYPE)})
+    embeds.add(
+        {
+            f"{EMPTY}.prompt": prompt[0].to(EMBED_DTYPE),
+            f"{EMPTY}.pooled": pooled[0].to(EMBED_DTYPE),
+            f"{EMPTY}.ids": tokenize(model, [""])[0],
+        }
+    )
     examples = []
     for record, image in read_images(records, cfg):  # validate_dataset warned about the bad files
         i = len(examples)
@@ -181,7 +199,11 @@ def build_cache(
                 "bucket": views[0].bucket,
                 "latents": latents.add(tensors),
                 "embeds": embeds.add(
-                    {f"{i}.prompt": prompt[0].to(EMBED_DTYPE), f"{i}.pooled": pooled[0].to(EMBED_DTYPE)}
+                    {
+                        f"{i}.prompt": prompt[0].to(EMBED_DTYPE),
+                        f"{i}.pooled": pooled[0].to(EMBED_DTYPE),
+                        f"{i}.ids": tokenize(model, [record.caption])[0],
+                    }
                 ),
             }
         )
@@ -239,6 +261,7 @@ def _assemble(
         return shards[examples[i][kind]][f"{i}.{key}"]
 
     count = len(examples)
+    has_ids = f"{EMPTY}.ids" in first
     return CachedData(
         names=[e["name"] for e in examples],
         buckets=[e["bucket"] for e in examples],
@@ -253,6 +276,8 @@ def _assemble(
         empty_prompt=first[f"{EMPTY}.prompt"],
         empty_pooled=first[f"{EMPTY}.pooled"],
         fingerprint=index["fingerprint"],
+        ids=torch.stack([get(i, "ids", "embeds") for i in range(count)]) if has_ids and count else None,
+        empty_ids=first[f"{EMPTY}.ids"] if has_ids else None,
     )
 
 

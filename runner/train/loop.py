@@ -2,7 +2,8 @@
 
 Owns: precision (fp16 autocast + GradScaler, bf16, fp32), the optimizer, the
 LR schedule, the diffusion loss (epsilon / v-prediction, Min-SNR, noise offset,
-caption dropout), gradient accumulation, non-finite loss handling, validation
+caption dropout), the text encoders' forward when their LoRA is trained
+(from cached token ids, each step), gradient accumulation, non-finite loss handling, validation
 loss, and saving / restoring the trainer state as safetensors + JSON. It is the
 only place backward() runs.
 
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from runner.clock import Clock, SystemClock
-from runner.errors import ProfileError, TrainingDiverged
+from runner.errors import ModelError, ProfileError, TrainingDiverged
 from runner.events import EventBus, ShapeReady, Warning
 from runner.fit import Plan, StepOutOfMemory, is_oom_error
 from runner.profile import Profile
@@ -45,13 +46,20 @@ from runner.train.data import StepOrder, batches_per_epoch, derive_seed, generat
 from runner.train.grads import FlatGrads
 from runner.train.graphs import MicroBatchGraphs, checkpoint_without_rng, shape_key
 from runner.train.model import (
+    TextEncoders,
     attach_lora,
+    attach_text_encoder_lora,
+    check_8bit_available,
     compile_available,
     compile_blocks,
+    has_lora,
     load_lora_state_dict,
     lora_forward_order,
     lora_parameters,
+    lora_tensors,
+    quantize_8bit,
     set_lora_input_casts,
+    text_conditioning,
     training_scheduler,
     uncompile,
 )
@@ -64,6 +72,7 @@ STATE_FORMAT = 1
 DROPOUT_TAG = 1  # separates the LoRA-dropout seed from the per-example seeds
 LORA_INIT_TAG = 2
 VALIDATION_TAG = 3
+TEXT_LORA_INIT_TAG = 4
 AUTO_COMPILE = "graphs"  # what train.compile = "auto" uses on a CUDA GPU: bench/RESULTS.md says why
 MAX_GRAPH_SHAPES = 6  # CUDA graphs for the most frequent latent shapes only; a new one recaptures the others
 
@@ -83,9 +92,10 @@ class Batch:
     latents: torch.Tensor
     noise: torch.Tensor
     timesteps: torch.Tensor
-    prompt: torch.Tensor
-    pooled: torch.Tensor
+    prompt: torch.Tensor | None  # cached text conditioning; None when the text encoders train (ids instead)
+    pooled: torch.Tensor | None
     time_ids: torch.Tensor
+    ids: torch.Tensor | None = None  # [B, 2, 77] caption token ids, when the text encoders train
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -145,7 +155,8 @@ class StateSnapshot:
 
 
 class Trainer:
-    """Trains the UNet's LoRA on cached latents. `step(s)` is a pure function of the state after step s-1."""
+    """Trains the UNet's LoRA on cached latents (and, given `text_encoders`, their LoRA on the cached caption
+    tokens). `step(s)` is a pure function of the state after step s-1."""
 
     def __init__(
         self,
@@ -162,8 +173,10 @@ class Trainer:
         world: int = 1,
         bus: EventBus | None = None,
         clock: Clock | None = None,
+        text_encoders: TextEncoders | None = None,
     ) -> None:
         self.profile, self.data, self.unet, self.bus = profile, data, unet, bus
+        self.encoders = text_encoders if profile.lora.text_encoder else None
         self.clock = clock or SystemClock()
         self.cfg, self.seed = profile.train, profile.train.seed
         self.device, self.rank, self.world = torch.device(device), rank, world
@@ -180,7 +193,10 @@ class Trainer:
         self.shape_setup_s: dict[str, float] = {}  # seconds of each latent shape's first micro-batch
         self._shape = ""  # the latent shape of the micro-batch running now
         self._prepare_unet(gradient_checkpointing)
-        self.params = lora_parameters(unet)
+        self._prepare_text_encoders()
+        self.unet_params = lora_parameters(unet)
+        self.text_params = [p for _, e in self.encoders.named() for p in lora_parameters(e)] if self.encoders else []
+        self.params = self.unet_params + self.text_params
         self.trainable_params = sum(p.numel() for p in self.params)
         self.optimizer = self._make_optimizer()
         self.lr_scheduler = self._make_lr_scheduler()
@@ -223,8 +239,43 @@ class Trainer:
             compile_blocks(unet)
         unet.train()
 
+    def _prepare_text_encoders(self) -> None:
+        """LoRA on both text encoders (seeded like the UNet's), frozen weights in the UNet's dtype or 8-bit."""
+        lora = self.profile.lora
+        if not lora.text_encoder:
+            return
+        if self.encoders is None:
+            raise ModelError("lora.text_encoder = true, but the trainer was given no text encoders")
+        if self.data.ids is None:
+            raise ModelError(
+                "the latent cache has no caption token ids, which training the text encoders needs",
+                hint="delete the run's cache/ folder so it is built again",
+            )
+        if lora.text_encoder_8bit:
+            check_8bit_available(self.device)
+        for _, encoder in self.encoders.named():
+            if has_lora(encoder):
+                continue
+            if encoder.dtype != self.weight_dtype:
+                encoder.to(dtype=self.weight_dtype)
+            if lora.text_encoder_8bit:
+                quantize_8bit(encoder, self.device)
+        if not any(has_lora(e) for _, e in self.encoders.named()):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(self.seed, TEXT_LORA_INIT_TAG))
+                attach_text_encoder_lora(self.encoders, lora)
+        for _, encoder in self.encoders.named():
+            encoder.to(self.device)
+            for param in lora_parameters(encoder):
+                param.data = param.data.float()
+            set_lora_input_casts(encoder, enabled=self.precision == "fp32")
+            encoder.train()
+
     def _flat_grads(self) -> FlatGrads:
-        return FlatGrads(self.params, self.world, lora_forward_order(self.unet))
+        # the text encoders run first in the forward, so their gradients finish last in the backward
+        unet_count = len(self.unet_params)
+        text_order = list(range(unet_count, len(self.params)))
+        return FlatGrads(self.params, self.world, text_order + lora_forward_order(self.unet))
 
     def _compile_mode(self) -> str | None:
         """The train.compile mode this device can run ("blocks" or "graphs"); None: eager."""
@@ -237,11 +288,22 @@ class Trainer:
                 self._warn(f"train.compile = {wanted}, but {why}; training eagerly", "compile")
             return None
         mode = AUTO_COMPILE if wanted == "auto" else wanted
+        if mode == "graphs" and self.profile.lora.text_encoder_8bit and self.profile.lora.text_encoder:
+            if wanted == "graphs":  # bitsandbytes' int8 matmul is not known to be safe inside a capture
+                self._warn("train.compile = graphs with 8-bit text encoders: compiling blocks only", "compile")
+            mode = "blocks"
         if mode == "graphs" and self.profile.lora.dropout > 0:
             if wanted == "graphs":
                 self._warn("train.compile = graphs needs lora.dropout = 0; compiling blocks only", "compile")
             mode = "blocks"
         return mode
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """The UNet's LoRA at train.lr; the text encoders' (when trained) at lora.text_encoder_lr."""
+        groups: list[dict[str, Any]] = [{"params": self.unet_params, "lr": self.cfg.lr}]
+        if self.text_params:
+            groups.append({"params": self.text_params, "lr": self.profile.lora.text_encoder_lr or self.cfg.lr})
+        return groups
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
@@ -256,9 +318,9 @@ class Trainer:
                 raise ProfileError(
                     "adamw8bit needs bitsandbytes", key="train.optimizer", hint="pip install bitsandbytes, or use adamw"
                 ) from exc
-            return bnb.optim.AdamW8bit(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            return bnb.optim.AdamW8bit(self._param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         fused = self.device.type == "cuda"
-        return torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+        return torch.optim.AdamW(self._param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
     def _make_lr_scheduler(self) -> Any:
         from diffusers.optimization import get_scheduler
@@ -297,19 +359,31 @@ class Trainer:
             use_flip = use_flip and data.latents_flip is not None
             latent = data.latents_flip[i] if use_flip else data.latents[i]
             time_ids = data.time_ids_flip[i] if use_flip else data.time_ids[i]
-            prompt, pooled = (data.empty_prompt, data.empty_pooled) if drop else (data.prompt_embeds[i], data.pooled[i])
-            rows.append((latent, noise, timestep, prompt, pooled, time_ids))
+            rows.append((latent, noise, timestep, *self._text(i, drop), time_ids))
         return self._stack(rows)
+
+    def _text(self, i: int, drop: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(prompt, pooled, ids) of example i, or of the empty caption when dropped: the cached embeddings,
+        or, when the text encoders train, the cached token ids they encode in the step."""
+        data = self.data
+        if self.encoders is not None:
+            return None, None, data.empty_ids if drop else data.ids[i]
+        return (data.empty_prompt, data.empty_pooled, None) if drop else (data.prompt_embeds[i], data.pooled[i], None)
 
     def _stack(self, rows: list[tuple]) -> Batch:
         columns = list(zip(*rows, strict=True))
+
+        def stacked(index: int, dtype: torch.dtype) -> torch.Tensor | None:
+            return None if columns[index][0] is None else self._to_device(torch.stack(columns[index]), dtype)
+
         return Batch(
-            latents=self._to_device(torch.stack(columns[0]), torch.float32),
-            noise=self._to_device(torch.stack(columns[1]), torch.float32),
+            latents=stacked(0, torch.float32),
+            noise=stacked(1, torch.float32),
             timesteps=self._to_device(torch.tensor(columns[2], dtype=torch.long), torch.long),
-            prompt=self._to_device(torch.stack(columns[3]), self.weight_dtype),
-            pooled=self._to_device(torch.stack(columns[4]), self.weight_dtype),
-            time_ids=self._to_device(torch.stack(columns[5]), self.weight_dtype),
+            prompt=stacked(3, self.weight_dtype),
+            pooled=stacked(4, self.weight_dtype),
+            ids=stacked(5, torch.long),
+            time_ids=stacked(6, self.weight_dtype),
         )
 
     def _to_device(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -342,11 +416,14 @@ class Trainer:
         else:
             target = batch.noise
         with self._autocast():
+            prompt, pooled = batch.prompt, batch.pooled
+            if batch.ids is not None:  # eager (not compiled); inside the CUDA graph when the step is captured
+                prompt, pooled = text_conditioning(self.encoders, batch.ids[:, 0], batch.ids[:, 1])
             pred = self.unet(
                 noisy.to(self.weight_dtype),
                 batch.timesteps,
-                encoder_hidden_states=batch.prompt,
-                added_cond_kwargs={"text_embeds": batch.pooled, "time_ids": batch.time_ids},
+                encoder_hidden_states=prompt,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": batch.time_ids},
             ).sample
         per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.cfg.snr_gamma > 0:
@@ -570,24 +647,20 @@ class Trainer:
         when data.validation_count = 0."""
         if not self.val_index:
             return float("nan")
-        self.unet.eval()
+        modules = [self.unet, *(e for _, e in self.encoders.named())] if self.encoders else [self.unet]
+        for module in modules:
+            module.eval()
         try:
             losses = []
             for n, i in enumerate(self.val_index):
                 gen = generator(self.seed, VALIDATION_TAG, n)
                 timestep = int(torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (1,), generator=gen))
                 noise = torch.randn(self.data.latents[i].shape, generator=gen)
-                row = (
-                    self.data.latents[i],
-                    noise,
-                    timestep,
-                    self.data.prompt_embeds[i],
-                    self.data.pooled[i],
-                    self.data.time_ids[i],
-                )
+                row = (self.data.latents[i], noise, timestep, *self._text(i, False), self.data.time_ids[i])
                 losses.append(float(self._loss(self._stack([row]))))
         finally:
-            self.unet.train()
+            for module in modules:
+                module.train()
         return sum(losses) / len(losses)
 
     def peak_memory_gib(self) -> float | None:
@@ -609,8 +682,6 @@ class Trainer:
         never referenced, CPU included. From a GPU the copies are queued at once into pinned memory
         and waited for once.
         """
-        from peft.utils import get_peft_model_state_dict
-
         state = self.optimizer.state_dict()
         tensors, extra = {}, {}
         for index, values in state["state"].items():
@@ -629,12 +700,12 @@ class Trainer:
             "nan_total": self.nan_total,
             "precision": self.precision,
         }
-        lora, optimizer = host_copies(get_peft_model_state_dict(self.unet), tensors)
+        lora, optimizer = host_copies(lora_tensors(self.unet, self.encoders), tensors)
         return StateSnapshot(lora, optimizer, meta)
 
     def load_state(self, directory: Path, meta: dict[str, Any]) -> None:
         """Restore everything `save_state` wrote. A failure raises; nothing is silently left at its default."""
-        load_lora_state_dict(self.unet, load_file(str(directory / LORA_FILE)))
+        load_lora_state_dict(self.unet, load_file(str(directory / LORA_FILE)), self.encoders)
         for param in self.params:
             param.data = param.data.float()
         state: dict[int, dict[str, Any]] = {}

@@ -35,7 +35,7 @@ from runner.profile import Profile
 from runner.train.backoff import back_off
 from runner.train.cache import CachedData, open_cache
 from runner.train.loop import LORA_FILE, StepResult, Trainer
-from runner.train.model import load_lora_state_dict, load_parts, lora_state_dict
+from runner.train.model import TextEncoders, load_lora_state_dict, load_parts, lora_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +85,17 @@ class TrainingRun:
         parts = load_parts(
             profile.model,
             unet=True,
-            text=False,
+            text=profile.lora.text_encoder,  # trained with LoRA: encoded each step from cached token ids
             vae=False,
             device=placement.device,
             dtype=unet_dtype(profile, placement.device),
         )
         self.unet = parts.unet
+        self.encoders = (
+            TextEncoders(parts.text_encoder, parts.text_encoder_2, parts.tokenizer, parts.tokenizer_2)
+            if profile.lora.text_encoder
+            else None
+        )
         self.plan = self._choose_plan(stored_plan, stored_gpu, gpu_name)
         self.trainer = self._make_trainer(self.plan)
 
@@ -117,7 +122,7 @@ class TrainingRun:
         try:
             torch.cuda.reset_peak_memory_stats()
             trainer = self._make_trainer(plan)
-            initial = {k: v.detach().clone() for k, v in lora_state_dict(self.unet).items()}
+            initial = {k: v.detach().clone() for k, v in lora_state_dict(self.unet, self.encoders).items()}
             result = trainer.step(trainer.largest_shape_step())  # every other bucket fits if this one does
             peak = torch.cuda.max_memory_allocated() / 2**30
             return ProbeResult(True, peak_gib=peak, step_s=result.seconds)
@@ -130,9 +135,10 @@ class TrainingRun:
             return ProbeResult(False, peak_gib=torch.cuda.max_memory_allocated() / 2**30, error=str(exc)[:200])
         finally:
             if initial is not None:
-                load_lora_state_dict(self.unet, initial)
-            for param in self.unet.parameters():
-                param.grad = None
+                load_lora_state_dict(self.unet, initial, self.encoders)
+            for module in [self.unet, *(e for _, e in self.encoders.named())] if self.encoders else [self.unet]:
+                for param in module.parameters():
+                    param.grad = None
             del trainer
             gc.collect()
             torch.cuda.empty_cache()
@@ -151,7 +157,7 @@ class TrainingRun:
             self.profile, self.data, self.unet, micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
             gradient_checkpointing=plan.gradient_checkpointing, device=self.placement.device,
             eager_shapes=plan.eager_shapes,
-            rank=self.placement.rank, world=self.placement.world, bus=self.bus,
+            rank=self.placement.rank, world=self.placement.world, bus=self.bus, text_encoders=self.encoders,
         )  # fmt: skip
 
     # --- training ------------------------------------------------------------------------
@@ -189,7 +195,7 @@ class TrainingRun:
         return self.trainer.snapshot_state()
 
     def lora_weights(self) -> dict[str, torch.Tensor]:
-        return lora_state_dict(self.unet)
+        return lora_state_dict(self.unet, self.encoders)
 
 
 def read_lora_file(directory: Path) -> dict[str, torch.Tensor]:
@@ -244,7 +250,9 @@ def write_final(
     out_dir.mkdir(parents=True, exist_ok=True)
     grid = out_dir / "samples.png"
     try:
-        draw_samples(profile, lora_sd if unet is None else None, grid, device=device, unet=unet)
+        # with the training UNet: its adapter as it is, and the text encoders' LoRA (if any) from lora_sd
+        sampled = lora_sd if unet is None else {k: v for k, v in lora_sd.items() if k.startswith("text_encoder")}
+        draw_samples(profile, sampled or None, grid, device=device, unet=unet)
     except (RuntimeError, OSError, ValueError) as exc:  # sampling must never cost the trained LoRA
         log.warning("sample grid failed: %s", exc)
         if bus is not None:
@@ -253,14 +261,22 @@ def write_final(
     return export_lora(lora_sd, profile.lora, out_dir, profile_dict=profile.to_dict(), card=card)
 
 
-def draw_samples(profile: Profile, lora_sd: dict | None, out_path: Path, *, device: str, unet: Any = None) -> Path:
-    """The base-vs-LoRA grid with the profile's prompts; reuses the training UNet when given."""
+def draw_samples(
+    profile: Profile, lora_sd: dict | None, out_path: Path, *, device: str, unet: Any = None,
+    text_encoders: TextEncoders | None = None,
+) -> Path:  # fmt: skip
+    """The base-vs-LoRA grid with the profile's prompts; reuses the training UNet (and text encoders) when given."""
     from runner.sample import sample_grid
 
     dtype = unet_dtype(profile, device)
-    parts = load_parts(profile.model, unet=unet is None, text=True, vae=True, device="cpu", dtype=dtype)
+    parts = load_parts(
+        profile.model, unet=unet is None, text=text_encoders is None, vae=True, device="cpu", dtype=dtype
+    )
     if unet is not None:
         parts.unet = unet
+    if text_encoders is not None:
+        parts.text_encoder, parts.text_encoder_2 = text_encoders.text_encoder, text_encoders.text_encoder_2
+        parts.tokenizer, parts.tokenizer_2 = text_encoders.tokenizer, text_encoders.tokenizer_2
     cfg = profile.sample
     try:
         return sample_grid(

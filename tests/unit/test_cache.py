@@ -109,3 +109,16 @@ def test_shard_files_are_plain_safetensors(tmp_path, tiny_parts):
     embeds = load_file(str(tmp_path / "embeds-00000.safetensors"))
     assert embeds["empty.prompt"].dtype == torch.float16
     assert "0.prompt" in embeds and "0.pooled" in embeds
+
+
+def test_caption_token_ids_are_cached_for_training_the_text_encoders(tmp_path, tiny_parts):
+    profile = _profile("lora.text_encoder=true")
+    assert cache_fingerprint(profile) != cache_fingerprint(_profile())  # a cache without token ids is not reused
+    assert cache_fingerprint(_profile("lora.text_encoder_lr=1e-5")) == cache_fingerprint(_profile())
+    build_cache(profile, tmp_path, parts=tiny_parts)
+    data = open_cache(tmp_path)
+    assert data.ids.shape == (6, 2, 77) and data.empty_ids.shape == (2, 77)
+    caption = "a red circle, Naruto style"  # the first generated example's caption
+    assert torch.equal(data.ids[0], cache_mod.tokenize(tiny_parts, [caption])[0])
+    assert torch.equal(data.empty_ids, cache_mod.tokenize(tiny_parts, [""])[0])
+    assert not torch.equal(data.ids[0], data.empty_ids)

@@ -18,7 +18,15 @@ from runner.errors import ModelError
 from runner.export import CardInfo, export_lora
 from runner.profile import LoraConfig, load_profile
 from runner.sample import build_pipeline
-from runner.train.model import attach_lora, build_tiny, lora_state_dict
+from runner.train.cache import tokenize
+from runner.train.model import (
+    TextEncoders,
+    attach_lora,
+    attach_text_encoder_lora,
+    build_tiny,
+    lora_state_dict,
+    text_conditioning,
+)
 
 # alpha ≠ rank, so a lost scale (alpha / rank = 2) shows up as a different image
 LORA = LoraConfig(rank=4, alpha=8.0, targets=("to_q", "to_k", "to_v", "to_out.0"))
@@ -121,3 +129,102 @@ def test_model_card_never_lists_an_earlier_session_as_running():
     card = CardInfo(name="run", steps=200, sessions=sessions)
     text = model_card(load_profile("tiny").to_dict(), card, kohya_file=None, has_grid=False)
     assert "| 1 | colab | T4 | 0→100 | killed |" in text and "running" not in text
+
+
+# --- LoRA on more than attention, and on both text encoders ------------------------------------------------
+
+MANY = LoraConfig(
+    rank=4, alpha=8.0, targets=("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_shortcut", "proj_in",
+                                "proj_out", "ff.net.0.proj", "ff.net.2", "time_emb_proj"),
+    text_encoder=True, text_encoder_rank=2, text_encoder_alpha=6.0,  # its own scale: 3, the UNet's 2
+    text_encoder_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+)  # fmt: skip
+
+
+def encoder_outputs(parts) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = tokenize(parts, [PROMPT, ""])
+    with torch.no_grad():
+        return text_conditioning(TextEncoders(parts.text_encoder, parts.text_encoder_2), ids[:, 0], ids[:, 1])
+
+
+@pytest.fixture(scope="module")
+def trained_all(tmp_path_factory):
+    """A tiny SDXL with non-zero LoRA on many UNet layers and both text encoders; its image, its text
+    encoders' outputs, and the exported folder."""
+    parts = build_tiny(seed=0)
+    attach_lora(parts.unet, MANY)
+    encoders = TextEncoders(parts.text_encoder, parts.text_encoder_2)
+    attach_text_encoder_lora(encoders, MANY)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in (parts.unet, parts.text_encoder, parts.text_encoder_2):
+            for name, param in module.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    image, outputs = draw(build_pipeline(parts)), encoder_outputs(parts)
+    out_dir = tmp_path_factory.mktemp("final-all")
+    profile = load_profile("tiny", ["lora.alpha=8", "lora.text_encoder=true", "lora.text_encoder_lr=5e-3"]).to_dict()
+    files = export_lora(lora_state_dict(parts.unet, encoders), MANY, out_dir, profile_dict=profile,
+                        card=CardInfo(name="all", steps=2))  # fmt: skip
+    return image, outputs, out_dir, files, len(lora_state_dict(parts.unet, encoders))
+
+
+def lora_layers(module) -> int:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sum(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
+@pytest.mark.parametrize("weight_name", ["pytorch_lora_weights.safetensors", "all.kohya.safetensors"])
+def test_many_layer_and_text_encoder_lora_loads_into_diffusers_and_reproduces_the_trained_model(
+    trained_all, weight_name
+):
+    image, (prompt, pooled), out_dir, _, tensors = trained_all
+    parts = build_tiny(seed=0)
+    pipe = build_pipeline(parts)
+    base_image, (base_prompt, base_pooled) = draw(pipe), encoder_outputs(parts)
+    pipe.load_lora_weights(str(out_dir), weight_name=weight_name)
+    # every LoRA module of the file found its layer: an A/B pair per layer
+    assert sum(lora_layers(m) for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)) * 2 == tensors
+    loaded_prompt, loaded_pooled = encoder_outputs(parts)
+    assert (loaded_prompt - base_prompt).abs().max() > 1e-2 and (loaded_pooled - base_pooled).abs().max() > 1e-2
+    torch.testing.assert_close(loaded_prompt, prompt, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loaded_pooled, pooled, atol=1e-5, rtol=1e-5)
+    loaded = draw(pipe)
+    assert np.abs(loaded - base_image).max() > 1e-2
+    np.testing.assert_allclose(loaded, image, atol=1e-4)
+
+
+def test_kohya_file_names_text_encoders_and_convs_as_kohya_does(trained_all):
+    _, _, out_dir, _, _ = trained_all
+    with safe_open(str(out_dir / "all.kohya.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in tensors
+    assert "lora_te2_text_model_encoder_layers_1_mlp_fc2.lora_up.weight" in tensors
+    assert float(tensors["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha"]) == 6.0
+    assert float(tensors["lora_unet_down_blocks_0_resnets_0_conv1.alpha"]) == 8.0
+    down, up = (tensors[f"lora_unet_down_blocks_0_resnets_0_conv1.lora_{p}.weight"] for p in ("down", "up"))
+    assert down.shape == (4, 32, 3, 3) and up.shape == (32, 4, 1, 1)
+    with safe_open(str(out_dir / "pytorch_lora_weights.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+    assert all(k.startswith(("unet.", "text_encoder.text_model.", "text_encoder_2.text_model.")) for k in keys)
+
+
+def test_model_card_lists_the_trained_parts_and_their_rates(trained_all):
+    _, _, out_dir, _, _ = trained_all
+    card = (out_dir / "README.md").read_text()
+    assert "UNet LoRA at lr 0.01; both text encoders (CLIP-L, CLIP-G) LoRA at lr 0.005" in card
+    assert "text-encoder LoRA: rank" in card
+
+
+def test_dora_on_the_text_encoders_exports_the_diffusers_file_only(tmp_path):
+    cfg = LoraConfig(rank=4, alpha=4, dora=True, text_encoder=True)
+    parts = build_tiny(seed=0)
+    attach_lora(parts.unet, cfg)
+    encoders = TextEncoders(parts.text_encoder, parts.text_encoder_2)
+    attach_text_encoder_lora(encoders, cfg)
+    files = export_lora(lora_state_dict(parts.unet, encoders), cfg, tmp_path, profile_dict={}, card=CardInfo("d", 1))
+    assert sorted(p.name for p in files) == ["README.md", "pytorch_lora_weights.safetensors"]
+    with safe_open(str(tmp_path / "pytorch_lora_weights.safetensors"), "pt") as f:
+        assert any(k.startswith("text_encoder.") and "lora_magnitude_vector" in k for k in f.keys())

@@ -107,10 +107,49 @@ def test_bundled_unet_config_is_consistent_with_text_time_conditioning():
     assert unet["projection_class_embeddings_input_dim"] == unet["addition_time_embed_dim"] * 6 + te2["projection_dim"]
 
 
-def test_text_encoder_lora_is_refused_clearly():
+def test_text_encoder_lora_has_its_own_rank_and_targets_and_round_trips_under_prefixes():
+    cfg = LoraConfig(rank=4, alpha=4, text_encoder=True, text_encoder_rank=2, text_encoder_alpha=3,
+                     text_encoder_targets=("q_proj", "fc1"))  # fmt: skip
+    parts = model.build_tiny(0)
+    model.attach_lora(parts.unet, cfg)
+    encoders = model.TextEncoders(parts.text_encoder, parts.text_encoder_2)
+    count = model.attach_text_encoder_lora(encoders, cfg)
+    assert count == sum(p.numel() for _, e in encoders.named() for p in model.lora_parameters(e))
+    assert all(not p.requires_grad for n, p in parts.text_encoder.named_parameters() if "lora_" not in n)
+    state = model.lora_state_dict(parts.unet, encoders)
+    te = [k for k in state if k.startswith(("text_encoder.", "text_encoder_2."))]
+    assert te and all(k.endswith(("q_proj.lora_A.weight", "q_proj.lora_B.weight", "fc1.lora_A.weight",
+                                   "fc1.lora_B.weight")) for k in te)  # fmt: skip
+    assert all(state[k].shape[0] == 2 for k in te if k.endswith("lora_A.weight"))  # rank 2, not the UNet's 4
+    assert any(k.startswith("text_encoder_2.") for k in te)
+    other = model.build_tiny(0)
+    model.attach_lora(other.unet, cfg)
+    other_encoders = model.TextEncoders(other.text_encoder, other.text_encoder_2)
+    model.attach_text_encoder_lora(other_encoders, cfg)
+    state = {k: v + 1 for k, v in state.items()}
+    model.load_lora_state_dict(other.unet, state, other_encoders)
+    assert all(torch.equal(v, state[k]) for k, v in model.lora_state_dict(other.unet, other_encoders).items())
+    with pytest.raises(ModelError, match="lora.text_encoder"):  # a UNet-only model refuses text-encoder weights
+        model.load_lora_state_dict(other.unet, state)
+
+
+def test_text_encoder_targets_that_match_nothing_are_refused():
+    parts = model.build_tiny(0)
+    encoders = model.TextEncoders(parts.text_encoder, parts.text_encoder_2)
+    with pytest.raises(ModelError, match="text_encoder_targets"):
+        model.attach_text_encoder_lora(encoders, LoraConfig(text_encoder=True, text_encoder_targets=("nope",)))
+
+
+def test_lora_on_resnet_convs_feed_forward_and_projections_attaches():
+    targets = ("to_q", "conv1", "conv2", "conv_shortcut", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+               "time_emb_proj")  # fmt: skip
     unet = model.build_tiny(0).unet
-    with pytest.raises(ModelError, match="not supported yet"):
-        model.attach_lora(unet, LoraConfig(rank=4, alpha=4, text_encoder=True))
+    model.attach_lora(unet, LoraConfig(rank=4, alpha=4, targets=targets))
+    keys = model.get_lora_keys(unet)
+    for target in targets:
+        assert any(f".{target}.lora_A.weight" in k for k in keys), target
+    conv = next(k for k in keys if k.endswith("resnets.0.conv1.lora_A.weight"))
+    assert model.lora_state_dict(unet)[conv].dim() == 4  # a conv LoRA: down is k×k, up is 1×1
 
 
 def test_load_parts_tiny_returns_only_the_requested_pieces():

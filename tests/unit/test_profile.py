@@ -13,7 +13,7 @@ from runner.profile import (
     load_profile,
 )
 
-SHIPPED = ["sdxl-naruto-t4", "sdxl-naruto-t4-512", "sdxl-naruto-kaggle-2xt4", "tiny"]
+SHIPPED = ["sdxl-naruto-t4", "sdxl-naruto-t4-512", "sdxl-naruto-kaggle-2xt4", "sdxl-naruto-t4-te", "tiny"]
 
 
 def test_shipped_profiles_load_and_have_descriptions():
@@ -122,6 +122,14 @@ BAD_TOML = [
     ("[lora]\ntargets = [1, 2]\n", "lora.targets", "list of strings"),
     ('[lora]\ndora = "yes"\n', "lora.dora", "true or false"),
     ('[lora]\ninit = "pissa"\n', "lora.init", "gaussian"),
+    ('[lora]\ntargets = ["to_q", "attn1"]\n', "lora.targets", "conv_shortcut"),
+    ('[lora]\ntext_encoder = "yes"\n', "lora.text_encoder", "true or false"),
+    ("[lora]\ntext_encoder_lr = 2\n", "lora.text_encoder_lr", "out of range"),
+    ("[lora]\ntext_encoder_rank = -1\n", "lora.text_encoder_rank", "out of range"),
+    ("[lora]\ntext_encoder_alpha = -1\n", "lora.text_encoder_alpha", "out of range"),
+    ('[lora]\ntext_encoder_targets = ["to_q"]\n', "lora.text_encoder_targets", "fc1"),
+    ("[lora]\ntext_encoder_targets = []\n", "lora.text_encoder_targets", "out of range"),
+    ("[lora]\ntext_encoder_8bit = true\n", "lora.text_encoder_8bit", "lora.text_encoder = true"),
     ("[data]\ncaption_dropout = 1.5\n", "data.caption_dropout", "out of range"),
     ("[data]\nrandom_crop = true\n", "data.random_crop", "cached latents"),
     ("[data]\nflip = 1\n", "data.flip", "true or false"),
@@ -181,3 +189,38 @@ def test_missing_profile_lists_the_shipped_ones(tmp_path):
 def test_bad_overrides(item, word):
     with pytest.raises(ProfileError, match=word):
         load_profile("tiny", [item])
+
+
+def test_text_encoder_settings_default_to_the_unets():
+    p = load_profile("tiny", ["lora.text_encoder=true"])
+    assert (p.lora.text_encoder_lr, p.lora.text_encoder_rank, p.lora.text_encoder_alpha) == (p.train.lr, 4, 4.0)
+    assert p.lora.text_encoder_targets == ("q_proj", "k_proj", "v_proj", "out_proj")
+    own = load_profile("tiny", ["lora.text_encoder=true", "lora.text_encoder_lr=5e-5", "lora.text_encoder_rank=8",
+                                'lora.text_encoder_targets=["q_proj", "fc1", "fc2"]'])  # fmt: skip
+    assert (own.lora.text_encoder_lr, own.lora.text_encoder_rank) == (5e-5, 8)
+    assert load_profile("sdxl-naruto-t4-te").lora.text_encoder is True
+
+
+def test_fingerprint_covers_the_text_encoder_keys_only_when_they_train():
+    off = fingerprint_fields(load_profile("tiny"))
+    assert not any(k.startswith("lora.text_encoder_") for k in off)  # older runs keep their fingerprint
+    assert fingerprint(load_profile("tiny", ["lora.text_encoder_lr=5e-5"])) == fingerprint(load_profile("tiny"))
+    on = fingerprint_fields(load_profile("tiny", ["lora.text_encoder=true"]))
+    assert "lora.text_encoder" in diff_fields(off, on)  # a resume that turns it on is refused, naming it
+    base = load_profile("tiny", ["lora.text_encoder=true"])
+    for item in ["lora.text_encoder_lr=5e-5", "lora.text_encoder_rank=8", "lora.text_encoder_alpha=1",
+                 'lora.text_encoder_targets=["q_proj"]']:  # fmt: skip
+        changed = fingerprint_fields(load_profile("tiny", ["lora.text_encoder=true", item]))
+        assert set(diff_fields(fingerprint_fields(base), changed)) == {item.split("=")[0]}, item
+
+
+def test_lora_targets_beyond_attention_are_accepted():
+    targets = (
+        '["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_shortcut", "proj_in", "proj_out", '
+        '"ff.net.0.proj", "ff.net.2", "time_emb_proj"]'
+    )
+    assert "conv_shortcut" in load_profile("tiny", [f"lora.targets={targets}"]).lora.targets
+    assert load_profile("tiny", ['lora.targets=["attn2.to_k", "attn2.to_v"]']).lora.targets == (
+        "attn2.to_k",
+        "attn2.to_v",
+    )

@@ -143,3 +143,38 @@ def test_the_step_is_named_in_the_lora_header_or_in_the_corner_when_the_column_i
     assert ink(wide, lora_header) > ink(plain, lora_header), "'· step 120' missing from the LoRA header"
     corner = (0, 0, PROMPT_W_PX, LABEL_H_PX)
     assert ink(narrow, corner) > ink(plain, corner), "the step of a narrow grid is not in the corner"
+
+
+def test_a_lora_that_trained_the_text_encoders_samples_with_them_and_leaves_them_base(tmp_path):
+    from runner.train.model import TextEncoders, attach_text_encoder_lora, has_lora
+
+    cfg = LoraConfig(rank=4, alpha=8.0, text_encoder=True)
+    source = build_tiny(seed=0)
+    attach_lora(source.unet, cfg)
+    encoders = TextEncoders(source.text_encoder, source.text_encoder_2)
+    attach_text_encoder_lora(encoders, cfg)
+    unet_only = randomised_lora()
+    gen = torch.Generator().manual_seed(5)
+    full = {k: (torch.randn(v.shape, generator=gen) if "lora_B" in k else v)
+            for k, v in lora_state_dict(source.unet, encoders).items() if k.startswith("text_encoder")}  # fmt: skip
+    full.update(unet_only)
+    parts = build_tiny(seed=0)
+    with_te = sample_grid(parts, full, PROMPTS[:1], seed=3, steps=2, guidance=5.0, resolution=64,
+                          out_path=tmp_path / "te.png", lora_cfg=cfg)  # fmt: skip
+    without = sample_grid(parts, unet_only, PROMPTS[:1], seed=3, steps=2, guidance=5.0, resolution=64,
+                          out_path=tmp_path / "unet.png", lora_cfg=LORA)  # fmt: skip
+    (base_te, tuned_te), (base, tuned) = halves(with_te, 1)[0], halves(without, 1)[0]
+    np.testing.assert_array_equal(base_te, base)  # the base column encodes with the base encoders
+    assert np.abs(tuned_te - tuned).max() > 10, "the LoRA column did not use the trained text encoders"
+    assert not has_lora(parts.text_encoder) and not has_lora(parts.text_encoder_2)
+
+
+def test_sampling_another_lora_on_a_model_with_an_adapter_restores_its_weights(tmp_path):
+    parts = build_tiny(seed=0)
+    attach_lora(parts.unet, LORA)
+    set_peft_model_state_dict(parts.unet, randomised_lora(seed=4))
+    before = {k: v.clone() for k, v in lora_state_dict(parts.unet).items()}  # CPU state dicts share memory
+    sample_grid(parts, randomised_lora(seed=5), PROMPTS[:1], seed=3, steps=1, guidance=5.0, resolution=64,
+                out_path=tmp_path / "x.png", lora_cfg=LORA)  # fmt: skip
+    after = lora_state_dict(parts.unet)
+    assert all(torch.equal(before[k], after[k]) for k in before)
