@@ -83,7 +83,7 @@ def bench_profile(args) -> Profile:
 def run_bench(args) -> int:
     processes = int(os.environ.get("RELAY_PROCESSES", "0"))
     if processes > 1 and "WORLD_SIZE" not in os.environ:
-        from runner.session import launch_distributed
+        from runner.launch import launch_distributed
 
         return launch_distributed(processes)
     report = Bench(args).run()

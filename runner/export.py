@@ -23,6 +23,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -215,3 +216,25 @@ def _usage_section(base: str, kohya_file: str | None) -> list[str]:
         ]
     lines += ["", f"`{DIFFUSERS_FILE}` has the LoRA scale (alpha / rank) folded into its weights: load it at scale 1."]
     return lines
+
+
+def write_final(
+    profile: Any, run: str, lora_sd: dict[str, torch.Tensor], out_dir: Path, *, steps: int,
+    sessions: list[dict], device: str, unet: Any = None, bus: Any = None,
+) -> list[Path]:  # fmt: skip
+    """final/: the diffusers and kohya LoRA files, the model card and, when it can be drawn, the sample grid.
+
+    The grid is best effort: a failure to draw it is a Warning, never a lost run."""
+    from runner import events
+    from runner.sample import draw_samples
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid = out_dir / "samples.png"
+    try:
+        draw_samples(profile, lora_sd if unet is None else None, grid, device=device, unet=unet)
+    except (RuntimeError, OSError, ValueError) as exc:  # sampling must never cost the trained LoRA
+        log.warning("sample grid failed: %s", exc)
+        if bus is not None:
+            bus.emit(events.Warning(f"sample grid not drawn: {exc}", kind="samples"))
+    card = CardInfo(name=run, steps=steps, sessions=tuple(sessions), sample_grid=str(grid) if grid.exists() else "")
+    return export_lora(lora_sd, profile.lora, out_dir, profile_dict=profile.to_dict(), card=card)

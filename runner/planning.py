@@ -74,10 +74,11 @@ def probe_plan(ctx):
     if not placement.device.startswith("cuda"):
         t = ctx.profile.train
         return candidate_plans(t.batch_size, t.grad_accum, t.gradient_checkpointing)[0]
-    from runner.session import ensure_cache
+    from runner.checkpoint.store import FolderStore, ensure_latent_cache
     from runner.train.cache import build_cache, cache_fingerprint
     from runner.train.run import TrainingRun
 
-    fp = cache_fingerprint(ctx.profile)
-    cache = ensure_cache(ctx, fp, lambda d: build_cache(ctx.profile, d, bus=ctx.bus, device=placement.device))
+    store = FolderStore(ctx.storage, ctx.run, ctx.workdir)
+    build = lambda d: build_cache(ctx.profile, d, bus=ctx.bus, device=placement.device)  # noqa: E731
+    cache = ensure_latent_cache(store, cache_fingerprint(ctx.profile), build, ctx.bus)
     return TrainingRun(ctx.profile, cache, placement=placement, bus=ctx.bus, gpu_name=ctx.env.gpu_summary).plan

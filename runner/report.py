@@ -26,18 +26,18 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from runner.checkpoint.manager import STATE_FILE, step_dir_name
+from runner.checkpoint.manager import CHECKPOINT_DIR, STATE_FILE, committed_steps, step_dir_name
 from runner.checkpoint.manifest import COMMIT
 from runner.clock import iso
 from runner.env import detect_env
 from runner.errors import UsageError
 from runner.lease import read_lease
 from runner.profile import list_profiles, load_profile
-from runner.state import read_bytes, read_run_info, read_sessions
+from runner.state import read_run_info, read_sessions
+from runner.storage.blobs import read_bytes
 from runner.storage.url import open_storage
 
 log = logging.getLogger(__name__)
-CHECKPOINT_DIR = "checkpoints"
 CLEAN_ENDS = ("completed", "budget", "signal")  # how a session that exits on its own ends
 SESSION_LENGTHS_H = (3.0, 12.0)  # a typical Colab free session (often less than its 12 h cap), a Kaggle one
 DISK_NEEDED_GIB = 20.0  # full SDXL weights (~7 GB fp16 download) + cache + staging, with room to spare
@@ -103,7 +103,7 @@ def read_status(storage, run: str | None) -> RunStatus:
     """What `relay status` shows, from run.json, sessions.jsonl, the COMMIT.json names and lease.json."""
     run = find_run(storage, run)
     info = read_run_info(storage, run, missing_ok=False)
-    committed = _committed_steps(storage, run)
+    committed = committed_steps(storage, run)
     last = committed[-1] if committed else None
     sessions = _with_killed_sessions(read_sessions(storage, run), _checkpoint_sessions(storage, run, last))
     trained_steps = sum(s.get("steps", 0) for s in sessions)
@@ -114,17 +114,6 @@ def read_status(storage, run: str | None) -> RunStatus:
         run, last or 0, info.target, last, sessions, rate, complete=storage.exists(f"{run}/final/{COMMIT}"),
         holder=lease.holder if lease else None, heartbeat=iso(lease.heartbeat_wall) if lease else None,
     )  # fmt: skip
-
-
-def _committed_steps(storage, run: str) -> list[int]:
-    """Steps of the checkpoint folders that hold a COMMIT.json (other names in checkpoints/ are ignored)."""
-    steps = set()
-    for key in storage.list(f"{run}/{CHECKPOINT_DIR}"):
-        parts = key.split("/")
-        name = parts[-2] if len(parts) >= 2 else ""
-        if parts[-1] == COMMIT and name.startswith("step-") and name[5:].isdigit():
-            steps.add(int(name[5:]))
-    return sorted(steps)
 
 
 def _checkpoint_sessions(storage, run: str, step: int | None) -> list[dict]:

@@ -217,3 +217,27 @@ def make_grid(rows: Sequence[Sequence[Image.Image]], headers: Sequence[str]) -> 
         for col, image in enumerate(images):
             grid.paste(image.convert("RGB"), (col * width, LABEL_H_PX + r * height))
     return grid
+
+
+def draw_samples(profile: Any, lora_sd: dict | None, out_path: Path, *, device: str, unet: Any = None) -> Path:
+    """The base-vs-LoRA grid with the profile's prompts; reuses the training UNet when given."""
+    import gc
+
+    from runner.train.model import load_parts
+    from runner.train.run import unet_dtype
+
+    dtype = unet_dtype(profile, device)
+    parts = load_parts(profile.model, unet=unet is None, text=True, vae=True, device="cpu", dtype=dtype)
+    if unet is not None:
+        parts.unet = unet
+    cfg = profile.sample
+    try:
+        return sample_grid(
+            parts, lora_sd, cfg.prompts, cfg.seed, cfg.inference_steps, cfg.guidance, profile.train.resolution,
+            out_path, lora_cfg=profile.lora, device=device, cpu_offload=device.startswith("cuda"),
+        )  # fmt: skip
+    finally:
+        del parts
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()

@@ -1,45 +1,41 @@
 """The only orchestrator: one session of a run, from lease to exit code.
 
-Owns: wiring profile, environment, storage, lease, cache, fit, trainer,
-checkpoints, budget and events together, and mapping how a session ends to an
-exit code (0 target reached, 75 run again, else an error). The parts below it
-know nothing of each other; only this module calls them. What a pure function
-can decide (budget.py, fit.py) is decided there, not here. torch is imported
-only through runner.train, lazily, so `relay status` and the tests of this
-wiring's pure parts start without it.
+Owns: the lifecycle of one session — lease, restore, cache, fit, the step
+loop with its checkpoint and stop decisions, the final checkpoint and final/ —
+and mapping how it ends to an exit code (0 target reached, 75 run again, else
+an error). The parts below it know nothing of each other; only this module
+calls them. What a pure function can decide (budget.py, fit.py) is decided
+there, not here. Commands and the Context live in commands.py, the launcher of
+several ranks in launch.py. torch is imported only through runner.train,
+lazily, so `relay status` and the tests of this wiring start without it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import sys
-import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runner import budget, events
 from runner.checkpoint.manager import CheckpointManager, Restored
-from runner.checkpoint.manifest import COMMIT, commit_folder, fetch_folder, verify_dir, write_manifest
-from runner.clock import Clock, SystemClock, iso
-from runner.env import Env, detect_env
-from runner.errors import (
-    EXIT_OK,
-    EXIT_PREEMPTED,
-    CheckpointCorrupt,
-    Interrupted,
-    ResumeMismatch,
-    StorageError,
+from runner.checkpoint.store import (
+    COMPILE_CACHE_FILE,
+    FolderStore,
+    ensure_latent_cache,
+    fetch_compile_cache,
+    store_compile_cache,
 )
+from runner.clock import iso
+from runner.errors import EXIT_OK, EXIT_PREEMPTED, Interrupted, ResumeMismatch, StorageError
 from runner.lease import Lease, read_lease
-from runner.profile import Profile, diff_fields, fingerprint, fingerprint_fields, load_profile
+from runner.profile import diff_fields, fingerprint, fingerprint_fields
 from runner.signals import install_stop_handlers
 from runner.state import RunInfo, RunState, append_session, read_run_info, read_sessions, write_run_info
-from runner.storage import Storage
-from runner.storage.url import open_storage
+
+if TYPE_CHECKING:
+    from runner.commands import Context
 
 log = logging.getLogger(__name__)
 HEARTBEAT_EVERY_S = 60.0
@@ -49,199 +45,9 @@ CHECKPOINT_PRIOR_S = 2.0
 UPLOAD_PRIOR_S = 30.0
 
 
-@dataclass(frozen=True)
-class Options:
-    profile: str
-    storage: str
-    run: str | None = None
-    overrides: tuple[str, ...] = ()
-    hours: float | None = None
-    take_over: bool = False
-    force: bool = False
-    release_gpu: bool = False
-    plain: bool = False
-    workdir: str | None = None
-
-    @classmethod
-    def from_args(cls, args) -> Options:
-        return cls(
-            profile=args.profile, storage=args.storage, run=args.run, overrides=tuple(args.overrides),
-            hours=getattr(args, "hours", None), take_over=getattr(args, "take_over", False),
-            force=getattr(args, "force", False), release_gpu=getattr(args, "release_gpu", False),
-            plain=getattr(args, "plain", False), workdir=args.workdir,
-        )  # fmt: skip
-
-    def load_profile(self) -> Profile:
-        overrides = list(self.overrides)
-        if self.hours is not None:
-            overrides.append(f"session.hours={self.hours}")
-        if self.release_gpu:
-            overrides.append("session.release_gpu=true")
-        return load_profile(self.profile, overrides)
-
-
-@dataclass
-class Context:
-    """What a session works with, built once at its start."""
-
-    opts: Options
-    profile: Profile
-    env: Env
-    storage: Storage
-    run: str
-    workdir: Path
-    bus: events.EventBus
-    clock: Clock
-    session_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-
-    @property
-    def holder(self) -> str:
-        return f"{self.env.platform}:{self.env.host}:pid{os.getpid()}:{self.session_id}"
-
-
-def build_context(opts: Options, *, clock: Clock | None = None, env: Env | None = None) -> Context:
-    profile = opts.load_profile()
-    env = env or detect_env(workdir=opts.workdir)
-    storage = open_storage(opts.storage)
-    run = opts.run or profile.name
-    workdir = Path(opts.workdir or env.workdir) / run
-    workdir.mkdir(parents=True, exist_ok=True)
-    return Context(opts, profile, env, storage, run, workdir, events.EventBus(), clock or SystemClock())
-
-
-# ---------------------------------------------------------------- commands
-
-
-def train(args) -> int:
-    opts = Options.from_args(args)
-    ctx = build_context(opts)
-    processes = int(os.environ.get("RELAY_PROCESSES", "0")) or len(ctx.env.gpus)  # one per GPU by default
-    if processes > 1 and "WORLD_SIZE" not in os.environ:
-        return launch_distributed(processes)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return Session(ctx).run()  # other ranks train in lockstep and show nothing
-    from runner.dashboard import Dashboard
-
-    with Dashboard.for_terminal(ctx.clock, plain=opts.plain, profile=ctx.profile) as dash:
-        ctx.bus.subscribe(dash.on_event)
-        _subscribe_tensorboard(ctx)
-        return Session(ctx, dashboard=dash).run()
-
-
-def launch_distributed(gpus: int) -> int:
-    """Run this same command once per GPU (rank 0 leads, the others follow) and return rank 0's exit code.
-
-    Not torchrun: its agent turns any non-zero exit (75 included) into a failure report. Signals that
-    reach this parent (SIGTERM, SIGINT) are passed on to every rank, which stop after the current step."""
-    import signal
-    import socket
-    import subprocess
-
-    with socket.socket() as sock:  # a free port for the process group's rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "runner", *sys.argv[1:]]
-    procs = [subprocess.Popen(cmd, env=rank_env(os.environ, r, gpus, port, os.cpu_count() or 1)) for r in range(gpus)]
-
-    def forward(signum, _frame) -> None:
-        for proc in procs:
-            proc.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        codes = wait_all(procs)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    log.info("ranks exited with %s", codes)
-    return codes[0] if codes[0] != 0 or all(c == 0 for c in codes) else max(codes, key=abs)
-
-
-def rank_env(env: Mapping[str, str], rank: int, world: int, port: int, cpus: int) -> dict[str, str]:
-    """The environment of one rank: the rendezvous, and the CPU cores shared out between the ranks.
-
-    Each torch process otherwise sizes its CPU thread pool to the whole machine; several ranks then
-    oversubscribe the cores (a Kaggle 2×T4 VM has 4), and spinning worker threads delay the ranks
-    unevenly, when every step waits for the slowest one. A value the user set is kept."""
-    threads = env.get("OMP_NUM_THREADS") or str(max(1, cpus // world))
-    return {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
-            "RANK": str(rank), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": threads}  # fmt: skip
-
-
-def wait_all(procs, poll_s: float = 0.5, grace_s: float = 30.0) -> list[int]:
-    """Wait for every rank; when one fails, the others would wait for it forever in a collective, so they
-    are terminated (after a grace period to finish on their own) and then killed."""
-    import subprocess
-    import time
-
-    while any(p.poll() is None for p in procs):
-        if any(p.poll() not in (None, 0) for p in procs):
-            for p in procs:
-                if p.poll() is None:
-                    try:
-                        p.wait(timeout=grace_s)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
-            break
-        time.sleep(poll_s)
-    return [p.wait() for p in procs]
-
-
-def plan(args) -> int:
-    from runner.planning import print_plan
-
-    return print_plan(build_context(Options.from_args(args)), probe=args.probe)
-
-
-def sample(args) -> int:
-    """`relay sample`: the base-vs-LoRA grid from the newest committed checkpoint."""
-    from runner.train.run import Placement, draw_samples, read_lora_file
-
-    ctx = build_context(Options.from_args(args))
-    restored = _newest_checkpoint(ctx)
-    out = Path(args.out) if args.out else ctx.workdir / "samples" / f"step-{restored.step:08d}.png"
-    draw_samples(ctx.profile, read_lora_file(restored.dir), out, device=Placement.detect().device)
-    ctx.storage.put(out, f"{ctx.run}/samples/step-{restored.step:08d}/{out.name}")
-    print(f"sample grid of step {restored.step}: {out} (also in {ctx.storage.url}/{ctx.run}/samples/)")
-    return EXIT_OK
-
-
-def export(args) -> int:
-    """`relay export`: final/ (diffusers and kohya files, model card, samples) from the newest checkpoint."""
-    from runner.train.run import Placement
-
-    ctx = build_context(Options.from_args(args))
-    restored = _newest_checkpoint(ctx)
-    state = restored.state or new_state(ctx)
-    Session(ctx)._write_final_from(restored, state.step, state.sessions, Placement.detect().device)
-    print(f"exported step {restored.step} to {ctx.storage.url}/{ctx.run}/final/")
-    return EXIT_OK
-
-
-def _newest_checkpoint(ctx: Context) -> Restored:
-    from runner.errors import UsageError
-
-    restored = CheckpointManager(ctx.storage, ctx.run, ctx.workdir, keep=1, bus=ctx.bus).latest(
-        ctx.workdir / "restore" / "export"
-    )
-    if restored is None:
-        raise UsageError(f"no committed checkpoint of run {ctx.run!r} in {ctx.storage.url}",
-                         hint="train first: relay train --profile NAME --storage URL")  # fmt: skip
-    return restored
-
-
-def _subscribe_tensorboard(ctx: Context) -> None:
-    from runner.tblog import TensorBoardLogger
-
-    TensorBoardLogger(logs_dir(ctx), run=ctx.run, config=ctx.profile.to_dict()).attach(ctx.bus)
-
-
 def logs_dir(ctx: Context) -> Path:
     """This session's TensorBoard folder; each session writes its own files, uploaded when it ends."""
     return ctx.workdir / "logs" / ctx.session_id
-
-
-# ---------------------------------------------------------------- the session
 
 
 class Session:
@@ -255,6 +61,7 @@ class Session:
         self.ckpts = CheckpointManager(
             ctx.storage, ctx.run, ctx.workdir, keep=ctx.profile.checkpoint.keep, bus=ctx.bus, clock=ctx.clock
         )
+        self.store = FolderStore(ctx.storage, ctx.run, ctx.workdir)  # latent cache, compile cache, final/
         self.meter = budget.CostMeter(checkpoint_prior_s=CHECKPOINT_PRIOR_S, upload_prior_s=UPLOAD_PRIOR_S)
         self.started_wall = ctx.clock.wall()
         self.step_from = self.step = 0
@@ -395,13 +202,11 @@ class Session:
         from runner.train.run import barrier
 
         fp = cache_fingerprint(self.ctx.profile)
-        local = self.ctx.workdir / "cache" / fp
         if self.is_main:
-            ensure_cache(
-                self.ctx, fp, lambda d: build_cache(self.ctx.profile, d, bus=self.ctx.bus, device=placement.device)
-            )
+            build = lambda d: build_cache(self.ctx.profile, d, bus=self.ctx.bus, device=placement.device)  # noqa: E731
+            ensure_latent_cache(self.store, fp, build, self.ctx.bus)
         barrier(placement)
-        return local
+        return self.store.local(f"cache/{fp}")
 
     def _restore_compile_cache(self, placement) -> None:
         """Load the kernels an earlier session compiled on this GPU model and torch, when stored: the first
@@ -415,15 +220,14 @@ class Session:
         from runner.train.run import barrier
 
         self.compile_key = compile_cache_key(torch.device(placement.device))
-        local = ctx.workdir / "compile-cache" / self.compile_key
+        name = f"compile-cache/{self.compile_key}"
         if self.is_main:
-            fetch_compile_cache(ctx, self.compile_key, local)
+            fetch_compile_cache(self.store, self.compile_key, ctx.bus)
         barrier(placement)  # the ranks share the work folder: rank 0 fetched for all
-        blob = (local / COMPILE_CACHE_FILE).read_bytes() if _verified_locally(local) else None
-        if blob is None:
+        if not self.store.is_local(name):
             return
         try:
-            load_compile_artifacts(blob)
+            load_compile_artifacts((self.store.local(name) / COMPILE_CACHE_FILE).read_bytes())
             self.compile_cache_loaded = True
         except Exception as exc:  # a cache from another build of torch must never stop training
             ctx.bus.emit(events.Warning(f"stored compile cache not used ({exc}); compiling", kind="compile"))
@@ -437,7 +241,7 @@ class Session:
         try:
             blob = compile_artifacts()
             if blob:
-                store_compile_cache(self.ctx, self.compile_key, blob)
+                store_compile_cache(self.store, self.compile_key, blob)
         except (RuntimeError, OSError, StorageError) as exc:  # a cache is an optimisation: never cost training
             self.ctx.bus.emit(events.Warning(f"compile cache not stored ({exc})", kind="compile"))
 
@@ -509,7 +313,7 @@ class Session:
         self.reason = "completed"
         if self.is_main:
             sessions = [*self._prior_sessions(state), self.session_record()]
-            self._write_final(tr.lora_weights(), state.step, sessions, tr.placement.device, unet=tr.unet)
+            commit_final(self.ctx, tr.lora_weights(), state.step, sessions, tr.placement.device, unet=tr.unet)
             self._release_gpu()
         return EXIT_OK
 
@@ -529,7 +333,7 @@ class Session:
 
     def _sample(self, tr, step: int) -> None:
         """The base-vs-LoRA grid during training; one module at a time on the GPU, freed after. Best effort."""
-        from runner.train.run import draw_samples
+        from runner.sample import draw_samples
 
         out = self.ctx.workdir / "samples" / f"step-{step:08d}.png"
         tr.trainer.release_graphs()  # their memory pool would crowd the pipeline; the next step captures again
@@ -546,25 +350,12 @@ class Session:
 
     def _finish_from_checkpoint(self, state: RunState, restored: Restored, device: str) -> None:
         """The target was reached earlier: make sure final/ exists (a kill may have come before it)."""
-        if self.ctx.storage.exists(f"{self.ctx.run}/final/{COMMIT}"):
+        if self.store.is_committed("final"):
             self.ctx.bus.emit(events.Warning(f"run already complete at step {state.step}; final/ is in storage"))
             return
-        self._write_final_from(restored, state.step, state.sessions, device)
-
-    def _write_final_from(self, restored: Restored, steps: int, sessions: list[dict], device: str) -> None:
         from runner.train.run import read_lora_file
 
-        self._write_final(read_lora_file(restored.dir), steps, sessions, device)
-
-    def _write_final(self, lora_sd, steps: int, sessions: list[dict], device: str, unet=None) -> None:
-        from runner.train.run import write_final
-
-        local = self.ctx.workdir / "final"
-        shutil.rmtree(local, ignore_errors=True)
-        write_final(self.ctx.profile, self.ctx.run, lora_sd, local, steps=steps, sessions=sessions, device=device,
-                    unet=unet, bus=self.ctx.bus)  # fmt: skip
-        write_manifest(local, {"step": steps})
-        commit_folder(self.ctx.storage, local, f"{self.ctx.run}/final")
+        commit_final(self.ctx, read_lora_file(restored.dir), state.step, state.sessions, device)
 
     def _release_gpu(self) -> None:
         if self.ctx.profile.session.release_gpu and self.ctx.env.platform == "colab":
@@ -616,71 +407,12 @@ def ensure_run_info(ctx: Context, *, force: bool) -> RunInfo:
     return info
 
 
-# ---------------------------------------------------------------- the latent cache
+def commit_final(ctx: Context, lora_sd, steps: int, sessions: list[dict], device: str, unet=None) -> None:
+    """Write final/ (LoRA files, model card, sample grid) and commit it, replacing an earlier export."""
+    from runner.export import write_final
 
-
-def ensure_cache(ctx: Context, cache_fp: str, build) -> Path:
-    """The cache folder, verified: the local copy, else a download, else built once here and uploaded."""
-    local = ctx.workdir / "cache" / cache_fp
-    prefix = f"{ctx.run}/cache/{cache_fp}"
-    stored_is_bad = False
-    if not _verified_locally(local):
-        try:
-            fetch_folder(ctx.storage, prefix, local)
-            return local
-        except CheckpointCorrupt as exc:
-            stored_is_bad = ctx.storage.exists(f"{prefix}/{COMMIT}")
-            if stored_is_bad:
-                ctx.bus.emit(events.Warning(f"stored latent cache unusable ({exc}); rebuilding it", kind="cache"))
-        shutil.rmtree(local, ignore_errors=True)
-        local.mkdir(parents=True)
-        build(local)
-        write_manifest(local, {"fingerprint": cache_fp})
-    if stored_is_bad:
-        ctx.storage.delete(f"{prefix}/{COMMIT}")  # uncommit the bad copy before replacing its files
-    if stored_is_bad or not ctx.storage.exists(f"{prefix}/{COMMIT}"):
-        commit_folder(ctx.storage, local, prefix)
-    return local
-
-
-# ---------------------------------------------------------------- the compile cache
-
-COMPILE_CACHE_FILE = "artifacts.bin"
-
-
-def fetch_compile_cache(ctx: Context, key: str, local: Path) -> bytes | None:
-    """The stored compile artifacts for `key` (see runner.train.model.compile_cache_key), verified; None
-    when there are none yet or the stored copy is unusable (then a warning says so)."""
-    if _verified_locally(local):
-        return (local / COMPILE_CACHE_FILE).read_bytes()
-    prefix = f"{ctx.run}/compile-cache/{key}"
-    try:
-        if not ctx.storage.exists(f"{prefix}/{COMMIT}"):
-            return None
-        fetch_folder(ctx.storage, prefix, local)
-        return (local / COMPILE_CACHE_FILE).read_bytes()
-    except (CheckpointCorrupt, StorageError, OSError) as exc:
-        shutil.rmtree(local, ignore_errors=True)
-        ctx.bus.emit(events.Warning(f"stored compile cache unusable ({exc}); compiling", kind="compile"))
-        return None
-
-
-def store_compile_cache(ctx: Context, key: str, blob: bytes) -> None:
-    """Commit `blob` as RUN/compile-cache/KEY/ (files first, COMMIT.json last), unless one is there."""
-    prefix = f"{ctx.run}/compile-cache/{key}"
-    if ctx.storage.exists(f"{prefix}/{COMMIT}"):
-        return
-    local = ctx.workdir / "compile-cache" / key
-    shutil.rmtree(local, ignore_errors=True)
-    local.mkdir(parents=True)
-    (local / COMPILE_CACHE_FILE).write_bytes(blob)
-    write_manifest(local, {"compile_cache": key})
-    commit_folder(ctx.storage, local, prefix)
-
-
-def _verified_locally(local: Path) -> bool:
-    try:
-        manifest = json.loads((local / COMMIT).read_text())
-    except (OSError, ValueError):
-        return False
-    return not verify_dir(local, manifest)
+    store = FolderStore(ctx.storage, ctx.run, ctx.workdir)
+    fill = lambda local: write_final(ctx.profile, ctx.run, lora_sd, local, steps=steps, sessions=sessions,  # noqa: E731
+                                     device=device, unet=unet, bus=ctx.bus)  # fmt: skip
+    store.build("final", fill, {"step": steps})
+    store.commit("final", replace=True)

@@ -42,6 +42,7 @@ from runner.train.data import StepOrder, derive_seed, generator, split_validatio
 from runner.train.grads import FlatGrads
 from runner.train.graphs import MicroBatchGraphs, checkpoint_without_rng
 from runner.train.model import (
+    CompileState,
     attach_lora,
     compile_available,
     compile_blocks,
@@ -83,11 +84,23 @@ class Batch:
     time_ids: torch.Tensor
 
 
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """The precision actually used: fp32 on CPU; on CUDA bf16 only where supported, else fp16."""
+BF16_CAPABILITY = (8, 0)  # Ampere and later run bf16 natively
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes in bf16 itself. Not torch.cuda.is_bf16_supported(): that also counts
+    emulation and says True on a T4 (sm_75), where bf16 runs slower than fp16 (issue 14, item 2)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= BF16_CAPABILITY
+
+
+def resolve_precision(requested: str, device: str | torch.device) -> str:
+    """The precision actually used: fp32 on CPU; on CUDA bf16 only where the GPU has it, else fp16.
+
+    The one place that decides it: the Trainer's autocast and the frozen UNet's dtype both follow it."""
+    device = torch.device(device)
     if device.type != "cuda":
         return "fp32"
-    if requested in ("bf16", "auto") and torch.cuda.is_bf16_supported():
+    if requested in ("bf16", "auto") and has_native_bf16(device):
         return "bf16"
     return "fp32" if requested == "fp32" else "fp16"
 
@@ -156,8 +169,10 @@ class Trainer:
         world: int = 1,
         bus: EventBus | None = None,
         clock: Clock | None = None,
+        compile_state: CompileState | None = None,
     ) -> None:
         self.profile, self.data, self.unet, self.bus = profile, data, unet, bus
+        self.compile_state = compile_state or CompileState()  # shared with the other trainers of one UNet
         self.clock = clock or SystemClock()
         self.cfg, self.seed = profile.train, profile.train.seed
         self.device, self.rank, self.world = torch.device(device), rank, world
@@ -222,7 +237,7 @@ class Trainer:
         wanted = self.cfg.compile
         if wanted == "off":
             return None
-        ok, why = compile_available(self.device)
+        ok, why = compile_available(self.device, self.compile_state)
         if not ok:
             if wanted != "auto":
                 self._warn(f"train.compile = {wanted}, but {why}; training eagerly", "compile")
@@ -395,7 +410,7 @@ class Trainer:
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         self._warn(f"train.compile = {self.cfg.compile} failed ({reason[:300]}); training eagerly", "compile")
         log.debug("compile failure", exc_info=exc)
-        uncompile(self.unet, reason)
+        uncompile(self.unet, reason, self.compile_state)
         self.compiled, self.graphs = None, None
         self._zero_grad()
 
@@ -500,12 +515,6 @@ class Trainer:
         finally:
             self.unet.train()
         return sum(losses) / len(losses)
-
-    def peak_memory_gib(self) -> float | None:
-        """Peak CUDA memory allocated so far, in GiB; None on CPU."""
-        if self.device.type != "cuda":
-            return None
-        return torch.cuda.max_memory_allocated(self.device) / 2**30
 
     # --- state -----------------------------------------------------------------------------
 

@@ -162,7 +162,19 @@ def test_cpu_falls_back_to_fp32_with_a_warning(cached):
     trainer = _trainer(load_profile("tiny", ['train.precision="fp16"']), cached, bus=bus)
     assert trainer.precision == "fp32" and trainer.scaler is None
     assert any(isinstance(e, Warning) and "fp16" in e.message for e in seen)
-    assert trainer.peak_memory_gib() is None
+
+
+def test_bf16_is_decided_by_the_compute_capability_not_by_emulation(monkeypatch):
+    """torch.cuda.is_bf16_supported() is True on a T4 (it counts emulation); a T4 must train in fp16."""
+    from runner.train import loop
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # T4
+    assert loop.resolve_precision("auto", cuda) == "fp16" and loop.resolve_precision("bf16", cuda) == "fp16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # H100/H200
+    assert loop.resolve_precision("auto", cuda) == "bf16" and loop.resolve_precision("fp16", cuda) == "fp16"
+    assert loop.resolve_precision("fp32", cuda) == "fp32" and loop.resolve_precision("bf16", "cpu") == "fp32"
 
 
 def test_adamw8bit_needs_cuda(cached):
