@@ -128,7 +128,8 @@ def sample(args) -> int:
 
 def export(args) -> int:
     """`relay export`: final/ (diffusers and kohya files, model card, samples) from the newest checkpoint."""
-    from runner.session import commit_final, new_state
+    from runner.runinfo import new_state
+    from runner.session import commit_final
     from runner.train.run import Placement, read_lora_file
 
     ctx = build_context(Options.from_args(args))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import threading
 from collections.abc import Callable
@@ -72,6 +73,28 @@ def read_lease(storage: Storage, run: str) -> LeaseRecord | None:
     except (ValueError, KeyError, TypeError):
         log.warning("%s/%s/%s is unreadable; treating the run as free", storage.url, run, LEASE_FILE)
         return None
+
+
+def holder_died_on(holder: str, host: str, is_running: Callable[[int], bool]) -> bool:
+    """Whether `holder` ("platform:host:pidN:session") is a process of `host` that no longer runs.
+
+    Such a lease (left by a crash or a kill on this machine) may be taken at once; one from another
+    machine cannot be judged from here and must age past the timeout, or be taken with --take-over."""
+    parts = holder.split(":")
+    if len(parts) < 3 or parts[1] != host or not parts[2].startswith("pid"):
+        return False
+    pid = parts[2].removeprefix("pid")
+    return pid.isdigit() and int(pid) > 0 and not is_running(int(pid))
+
+
+def pid_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):
+        return True  # someone else's process, or not a pid: not provably gone
+    return True
 
 
 class Heartbeat:

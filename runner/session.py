@@ -28,21 +28,16 @@ from runner.checkpoint.store import (
     store_compile_cache,
 )
 from runner.clock import iso
-from runner.errors import EXIT_OK, EXIT_PREEMPTED, Interrupted, ResumeMismatch, StorageError
-from runner.lease import Lease, read_lease
-from runner.profile import diff_fields, fingerprint, fingerprint_fields
+from runner.errors import EXIT_OK, EXIT_PREEMPTED, Interrupted, StorageError, UsageError
+from runner.lease import Lease, holder_died_on, pid_is_running, read_lease
+from runner.runinfo import ensure_run_info, new_state, resolve_target, sets_target
 from runner.signals import install_stop_handlers
-from runner.state import RunInfo, RunState, append_session, read_run_info, read_sessions, write_run_info
+from runner.state import RunState, append_session, read_run_info, read_sessions
 
 if TYPE_CHECKING:
     from runner.commands import Context
 
 log = logging.getLogger(__name__)
-HEARTBEAT_EVERY_S = 60.0
-# Priors until the first checkpoint is measured: copying a ~280 MB LoRA + AdamW state to host memory
-# takes well under a second (2 s is cautious); writing it locally and uploading it to Drive, tens of seconds.
-CHECKPOINT_PRIOR_S = 2.0
-UPLOAD_PRIOR_S = 30.0
 
 
 def logs_dir(ctx: Context) -> Path:
@@ -62,7 +57,9 @@ class Session:
             ctx.storage, ctx.run, ctx.workdir, keep=ctx.profile.checkpoint.keep, bus=ctx.bus, clock=ctx.clock
         )
         self.store = FolderStore(ctx.storage, ctx.run, ctx.workdir)  # latent cache, compile cache, final/
-        self.meter = budget.CostMeter(checkpoint_prior_s=CHECKPOINT_PRIOR_S, upload_prior_s=UPLOAD_PRIOR_S)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        prior = budget.profile_step_prior(ctx.profile, ctx.env.gpu_summary, world)  # until a step is measured
+        self.meter = budget.CostMeter(step_prior_s=prior.step_s)
         self.started_wall = ctx.clock.wall()
         self.step_from = self.step = 0
         self.train_s = self.checkpoint_s = 0.0
@@ -85,9 +82,10 @@ class Session:
         ctx, code = self.ctx, 1
         with install_stop_handlers() as stop:
             try:
+                self._settle_target()
                 if self.is_main:
-                    ensure_run_info(ctx, force=ctx.opts.force)
                     self.lease.acquire(take_over=ctx.opts.take_over or self._holder_died_here())
+                    self.lease.start_heartbeat()  # from now until release, whatever the session is doing
                 try:
                     code = self._train(stop)
                 except Interrupted:
@@ -105,24 +103,29 @@ class Session:
                 ctx.bus.emit(events.SessionEnded(self.step, ctx.profile.train.steps, self.reason, code))
         return code
 
+    def _settle_target(self) -> None:
+        """The run's target is the run's: run.json's, unless `--set train.steps=N` changes it on purpose.
+        Every rank trains (and schedules its learning rate) for the same target."""
+        ctx = self.ctx
+        if self.is_main:
+            stored = ensure_run_info(ctx, force=ctx.opts.force).target
+        else:
+            info = read_run_info(ctx.storage, ctx.run, missing_ok=True)
+            stored = info.target if info else None
+        target = resolve_target(stored, ctx.profile.train.steps, sets_target(ctx.opts.overrides))
+        if target != ctx.profile.train.steps:
+            ctx.profile = replace(ctx.profile, train=replace(ctx.profile.train, steps=target))
+
     def _holder_died_here(self) -> bool:
         """A lease left by a process of this machine that no longer runs (a crash, a kill) is taken at once;
         one from another machine must age past its timeout, or be taken with --take-over."""
         record = read_lease(self.ctx.storage, self.ctx.run)
-        parts = record.holder.split(":") if record else []
-        if len(parts) < 3 or parts[1] != self.ctx.env.host or not parts[2].startswith("pid"):
+        if record is None or not holder_died_on(record.holder, self.ctx.env.host, pid_is_running):
             return False
-        pid = int(parts[2].removeprefix("pid") or 0)
-        try:
-            os.kill(pid, 0)
-            return False  # still running: a real second session on this machine
-        except ProcessLookupError:
-            self.ctx.bus.emit(
-                events.Warning(f"taking over the lease of {record.holder}: that process is gone", kind="lease")
-            )
-            return True
-        except (PermissionError, ValueError):
-            return False
+        self.ctx.bus.emit(
+            events.Warning(f"taking over the lease of {record.holder}: that process is gone", kind="lease")
+        )
+        return True
 
     def _close(self) -> None:
         self.ckpts.close()
@@ -160,19 +163,24 @@ class Session:
         }  # fmt: skip
 
     def _train(self, stop) -> int:
-        from runner.train.run import Placement, TrainingRun, init_distributed
+        from runner.train.run import Placement, TrainingRun, agree, init_distributed
 
         ctx = self.ctx
         placement = Placement.detect()
         init_distributed(placement)
         restored = self.ckpts.latest(ctx.workdir / "restore" / f"rank{placement.rank}")  # ranks share the workdir
         state = restored.state if restored and restored.state else new_state(ctx)
+        state = replace(state, target=ctx.profile.train.steps)  # the run's target, settled at the start
         self.step_from = self.step = state.step
         if state.step >= ctx.profile.train.steps:
             self.reason = "completed"
             if self.is_main:
                 self._finish_from_checkpoint(state, restored, placement.device)
             return EXIT_OK
+        (has_time,) = agree(placement, self._has_time_to_train(state))  # rank 0's answer, on every rank
+        if not has_time:
+            self.reason = "budget"
+            return EXIT_PREEMPTED
         cache_dir = self._cache(placement)
         self._restore_compile_cache(placement)  # before the fit's probe step compiles anything
         tr = TrainingRun(
@@ -214,12 +222,10 @@ class Session:
         ctx = self.ctx
         if not placement.device.startswith("cuda") or ctx.profile.train.compile == "off":
             return
-        import torch
+        from runner.train.model import load_compile_artifacts
+        from runner.train.run import barrier, compile_cache_key_of
 
-        from runner.train.model import compile_cache_key, load_compile_artifacts
-        from runner.train.run import barrier
-
-        self.compile_key = compile_cache_key(torch.device(placement.device))
+        self.compile_key = compile_cache_key_of(placement)
         name = f"compile-cache/{self.compile_key}"
         if self.is_main:
             fetch_compile_cache(self.store, self.compile_key, ctx.bus)
@@ -250,17 +256,26 @@ class Session:
 
         ctx = self.ctx
         target = ctx.profile.train.steps
-        last_ckpt_at = last_beat = ctx.clock.monotonic()
-        while state.step < target:
+        last_ckpt_at = ctx.clock.monotonic()
+        while True:
             if stop.stop_now:
                 raise Interrupted("stopped at once (second interrupt); the last committed checkpoint is intact")
+            if self.is_main:
+                self.lease.check()  # another session took the run: stop before writing anything more
             bctx = self._budget(deadline, last_ckpt_at, target - state.step)
             if self.dashboard is not None:
                 self.dashboard.set_budget(budget.time_left_s(bctx), budget.next_checkpoint_in_s(bctx))
-            (stopping,) = agree(tr.placement, stop.requested or budget.should_stop(bctx))
+            action = budget.next_action(bctx, has_new_steps=state.step != (self.checkpointed_step or self.step_from))
+            stopping, due = agree(tr.placement, stop.requested or action is budget.Action.STOP,
+                                  action is budget.Action.CHECKPOINT)  # fmt: skip
             if stopping:
                 self.reason = "signal" if stop.requested else "budget"
+                self._say_why_no_step(bctx, state)
                 break
+            if due:
+                last_ckpt_at = ctx.clock.monotonic()  # the interval runs between captures
+                self._checkpoint(tr, state)
+                continue
             result = tr.step(state.step)
             if state.step == self.step_from:
                 self._store_compile_cache(tr)
@@ -271,26 +286,42 @@ class Session:
             ctx.bus.emit(tr.step_event(state.step, result))
             if self.is_main:
                 self.ckpts.check()  # a checkpoint the worker could not write (a full disk) ends the session now
-            due = state.step < target and budget.should_checkpoint(
-                self._budget(deadline, last_ckpt_at, target - state.step)
-            )
-            (due,) = agree(tr.placement, due)
-            if due:
-                last_ckpt_at = ctx.clock.monotonic()  # the interval runs between captures
-                self._checkpoint(tr, state)
             every = ctx.profile.sample.every_steps
             if every and self.is_main and state.step % every == 0 and state.step < target:
                 self._sample(tr, state.step)
-            if self.is_main and ctx.clock.monotonic() - last_beat > HEARTBEAT_EVERY_S:
-                self.lease.heartbeat()
-                last_beat = ctx.clock.monotonic()
         return self._end(tr, state)
+
+    def _has_time_to_train(self, state: RunState) -> bool:
+        """Before any setup: whether one step and its checkpoint fit at the prior costs. A session whose whole
+        length is too short is bad input (exit 2: no rerun can help); one with too little left says why."""
+        deadline = budget.session_deadline(self.ctx.env, self.ctx.profile, self.ctx.clock)
+        bctx = self._budget(deadline, self.ctx.clock.monotonic(), state.target - state.step)
+        hours = self.ctx.profile.session.hours or self.ctx.env.session_limit_h
+        short = budget.too_short_to_train(bctx, session_s=hours * 3600.0 if hours else None)
+        if short is None:
+            return True
+        if not short.rerun_helps:
+            raise UsageError(short.message, hint="give the session more time (e.g. --hours 1) or a smaller "
+                                                 "session.margin_min (--set session.margin_min=1)")  # fmt: skip
+        self.reason = "budget"
+        self.ctx.bus.emit(events.Warning(short.message, kind="budget"))
+        return False
+
+    def _say_why_no_step(self, bctx: budget.BudgetContext, state: RunState) -> None:
+        """A session stopped by the budget before its first step says why, and whether a rerun can help."""
+        if self.step != self.step_from or self.reason != "budget":
+            return
+        hours = self.ctx.profile.session.hours or self.ctx.env.session_limit_h
+        short = budget.too_short_to_train(bctx, session_s=hours * 3600.0 if hours else None)
+        if short is not None:
+            self.ctx.bus.emit(events.Warning(short.message, kind="budget"))
 
     def _budget(self, deadline, last_ckpt_at: float, steps_left: int) -> budget.BudgetContext:
         now = self.ctx.clock.monotonic()
         upload_left = 0.0
-        if self.upload_started is not None:
-            upload_left = budget.estimate_upload_left_s(now - self.upload_started, self.meter.upload_s)
+        started = self.upload_started  # read once: the upload worker sets it to None when the upload ends
+        if started is not None:
+            upload_left = budget.estimate_upload_left_s(now - started, self.meter.upload_s)
         return budget.context(
             self.ctx.profile, self.meter, now=now, deadline=deadline, last_checkpoint_at=last_ckpt_at,
             steps_left=steps_left, train_s=self.train_s, checkpoint_s=self.checkpoint_s, upload_left_s=upload_left,
@@ -378,33 +409,6 @@ class Session:
 
 def _last_gpu(state: RunState) -> str | None:
     return state.sessions[-1].get("gpu") if state.sessions else None
-
-
-def new_state(ctx: Context) -> RunState:
-    return RunState(
-        run=ctx.run, step=0, target=ctx.profile.train.steps, profile_fingerprint=fingerprint(ctx.profile),
-        profile_fields=fingerprint_fields(ctx.profile), created=iso(ctx.clock.wall()),
-    )  # fmt: skip
-
-
-def ensure_run_info(ctx: Context, *, force: bool) -> RunInfo:
-    """Write run.json for a new run; for an existing one, refuse settings that change the weights."""
-    info = read_run_info(ctx.storage, ctx.run, missing_ok=True)
-    fields_now = fingerprint_fields(ctx.profile)
-    if info is None:
-        info = RunInfo(
-            run=ctx.run, profile=ctx.profile.to_dict(), fingerprint=fingerprint(ctx.profile),
-            fingerprint_fields=fields_now, target=ctx.profile.train.steps, created=iso(ctx.clock.wall()),
-        )  # fmt: skip
-        write_run_info(ctx.storage, info)
-        return info
-    differing = diff_fields(info.fingerprint_fields, fields_now)
-    differing.pop("train.steps", None)  # a new target continues the same run
-    if differing and not force:
-        raise ResumeMismatch(differing)
-    if differing:
-        ctx.bus.emit(events.Warning(f"--force: resuming with changed settings: {', '.join(sorted(differing))}"))
-    return info
 
 
 def commit_final(ctx: Context, lora_sd, steps: int, sessions: list[dict], device: str, unet=None) -> None:

@@ -168,6 +168,13 @@ class TrainingRun:
         return lora_state_dict(self.unet)
 
 
+def compile_cache_key_of(placement: Placement) -> str:
+    """Where this process's compiled kernels can be reused (runner.train.model.compile_cache_key)."""
+    from runner.train.model import compile_cache_key
+
+    return compile_cache_key(torch.device(placement.device))
+
+
 def read_lora_file(directory: Path) -> dict[str, torch.Tensor]:
     """The LoRA tensors of a restored checkpoint folder (safetensors, never pickle)."""
     from safetensors.torch import load_file
