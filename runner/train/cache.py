@@ -252,13 +252,3 @@ def _assemble(
         empty_pooled=first[f"{EMPTY}.pooled"],
         fingerprint=index["fingerprint"],
     )
-
-
-def ensure_cache(
-    profile: Profile, cache_dir: Path, *, parts: PartsSource = None, bus: EventBus | None = None, device: str = "cpu"
-) -> CachedData:
-    """Open the cache in `cache_dir` when it was built for this profile; otherwise build it first."""
-    index = read_index(cache_dir)
-    if index is None or index.get("fingerprint") != cache_fingerprint(profile):
-        build_cache(profile, cache_dir, parts=parts, bus=bus, device=device)
-    return open_cache(cache_dir)
