@@ -128,14 +128,17 @@ def sample(args) -> int:
 
 def export(args) -> int:
     """`relay export`: final/ (diffusers and kohya files, model card, samples) from the newest checkpoint."""
+    from runner.checkpoint.store import FolderStore
+    from runner.export import commit_final
     from runner.runinfo import new_state
-    from runner.session import commit_final
     from runner.train.run import Placement, read_lora_file
 
     ctx = build_context(Options.from_args(args))
     restored = newest_checkpoint(ctx)
     state = restored.state or new_state(ctx)
-    commit_final(ctx, read_lora_file(restored.dir), state.step, state.sessions, Placement.detect().device)
+    store = FolderStore(ctx.storage, ctx.run, ctx.workdir)
+    commit_final(store, ctx.profile, read_lora_file(restored.dir), steps=state.step, sessions=state.sessions,
+                 device=Placement.detect().device, bus=ctx.bus)  # fmt: skip
     print(f"exported step {restored.step} to {ctx.storage.url}/{ctx.run}/final/")
     return EXIT_OK
 

@@ -218,6 +218,15 @@ def _usage_section(base: str, kohya_file: str | None) -> list[str]:
     return lines
 
 
+def commit_final(store: Any, profile: Any, lora_sd: dict[str, torch.Tensor], **final: Any) -> None:
+    """Write final/ (`write_final`) through the run's committed-folder store (runner.checkpoint.store) and
+    commit it, replacing an earlier export. `final`: write_final's keyword arguments."""
+    store.build(
+        "final", lambda local: write_final(profile, store.run, lora_sd, local, **final), {"step": final["steps"]}
+    )
+    store.commit("final", replace=True)
+
+
 def write_final(
     profile: Any, run: str, lora_sd: dict[str, torch.Tensor], out_dir: Path, *, steps: int,
     sessions: list[dict], device: str, unet: Any = None, bus: Any = None,

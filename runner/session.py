@@ -270,7 +270,8 @@ class Session:
                                   action is budget.Action.CHECKPOINT)  # fmt: skip
             if stopping:
                 self.reason = "signal" if stop.requested else "budget"
-                self._say_why_no_step(bctx, state)
+                if self.reason == "budget" and self.step == self.step_from and self.is_main:
+                    self._say_why_no_step(bctx, refuse=False)  # the setup took the time a step needed
                 break
             if due:
                 last_ckpt_at = ctx.clock.monotonic()  # the interval runs between captures
@@ -296,25 +297,19 @@ class Session:
         length is too short is bad input (exit 2: no rerun can help); one with too little left says why."""
         deadline = budget.session_deadline(self.ctx.env, self.ctx.profile, self.ctx.clock)
         bctx = self._budget(deadline, self.ctx.clock.monotonic(), state.target - state.step)
+        return self._say_why_no_step(bctx, refuse=True)
+
+    def _say_why_no_step(self, bctx: budget.BudgetContext, *, refuse: bool) -> bool:
+        """True when a step fits; else a warning says why (`refuse`: UsageError when no session this long can)."""
         hours = self.ctx.profile.session.hours or self.ctx.env.session_limit_h
         short = budget.too_short_to_train(bctx, session_s=hours * 3600.0 if hours else None)
         if short is None:
             return True
-        if not short.rerun_helps:
+        if refuse and not short.rerun_helps:
             raise UsageError(short.message, hint="give the session more time (e.g. --hours 1) or a smaller "
                                                  "session.margin_min (--set session.margin_min=1)")  # fmt: skip
-        self.reason = "budget"
         self.ctx.bus.emit(events.Warning(short.message, kind="budget"))
         return False
-
-    def _say_why_no_step(self, bctx: budget.BudgetContext, state: RunState) -> None:
-        """A session stopped by the budget before its first step says why, and whether a rerun can help."""
-        if self.step != self.step_from or self.reason != "budget":
-            return
-        hours = self.ctx.profile.session.hours or self.ctx.env.session_limit_h
-        short = budget.too_short_to_train(bctx, session_s=hours * 3600.0 if hours else None)
-        if short is not None:
-            self.ctx.bus.emit(events.Warning(short.message, kind="budget"))
 
     def _budget(self, deadline, last_ckpt_at: float, steps_left: int) -> budget.BudgetContext:
         now = self.ctx.clock.monotonic()
@@ -344,7 +339,7 @@ class Session:
         self.reason = "completed"
         if self.is_main:
             sessions = [*self._prior_sessions(state), self.session_record()]
-            commit_final(self.ctx, tr.lora_weights(), state.step, sessions, tr.placement.device, unet=tr.unet)
+            self._commit_final(tr.lora_weights(), state.step, sessions, tr.placement.device, unet=tr.unet)
             self._release_gpu()
         return EXIT_OK
 
@@ -386,7 +381,13 @@ class Session:
             return
         from runner.train.run import read_lora_file
 
-        commit_final(self.ctx, read_lora_file(restored.dir), state.step, state.sessions, device)
+        self._commit_final(read_lora_file(restored.dir), state.step, state.sessions, device)
+
+    def _commit_final(self, lora_sd, steps: int, sessions: list[dict], device: str, unet=None) -> None:
+        from runner.export import commit_final
+
+        commit_final(self.store, self.ctx.profile, lora_sd, steps=steps, sessions=sessions, device=device, unet=unet,
+                     bus=self.ctx.bus)  # fmt: skip
 
     def _release_gpu(self) -> None:
         if self.ctx.profile.session.release_gpu and self.ctx.env.platform == "colab":
@@ -409,14 +410,3 @@ class Session:
 
 def _last_gpu(state: RunState) -> str | None:
     return state.sessions[-1].get("gpu") if state.sessions else None
-
-
-def commit_final(ctx: Context, lora_sd, steps: int, sessions: list[dict], device: str, unet=None) -> None:
-    """Write final/ (LoRA files, model card, sample grid) and commit it, replacing an earlier export."""
-    from runner.export import write_final
-
-    store = FolderStore(ctx.storage, ctx.run, ctx.workdir)
-    fill = lambda local: write_final(ctx.profile, ctx.run, lora_sd, local, steps=steps, sessions=sessions,  # noqa: E731
-                                     device=device, unet=unet, bus=ctx.bus)  # fmt: skip
-    store.build("final", fill, {"step": steps})
-    store.commit("final", replace=True)
