@@ -102,7 +102,7 @@ def _text_encoder_sets(args) -> list[str]:
 def run_bench(args) -> int:
     processes = int(os.environ.get("RELAY_PROCESSES", "0"))
     if processes > 1 and "WORLD_SIZE" not in os.environ:
-        from runner.session import launch_distributed
+        from runner.launch import launch_distributed
 
         return launch_distributed(processes)
     report = Bench(args).run()

@@ -14,6 +14,7 @@ written out in docs/budget.md; keep the two in step.
 
 from __future__ import annotations
 
+import enum
 import math
 import statistics
 from collections import deque
@@ -44,10 +45,18 @@ PLATFORM_LIMITS_H: dict[str, float | None] = {
     "local": None,
 }
 
-PRIOR_STEP_S = 10.0  # SDXL 1024 px, effective batch 4, T4: ~2.5 s per micro-batch (a guess until measured)
-PRIOR_CHECKPOINT_S = 10.0  # copying ~0.3 GB of LoRA + optimizer state to host memory (a cautious prior)
-PRIOR_UPLOAD_S = 60.0  # writing ~0.3 GB locally, then uploading it to Google Drive at ~5 MB/s
+# The one set of priors: what the budget assumes until the session has measured the real cost.
+PRIOR_STEP_S = 10.0  # an optimizer step of unknown shape on an unknown GPU (see step_prior for known ones)
+PRIOR_CHECKPOINT_S = 2.0  # copying ~0.3 GB of LoRA + AdamW state to host memory: 0.19 s measured on CPU
+PRIOR_UPLOAD_S = 30.0  # writing it locally and uploading it: tens of seconds on Drive
 COST_WINDOW = 15  # recent samples kept per cost; the median of these is the estimate
+# Seconds per micro-batch of one 1024 px example (default plan) by GPU class; a step costs this scaled by
+# pixels, micro-batch and accumulation. Estimates until a session on that GPU has measured its own.
+STEP_S_PER_1024_EXAMPLE: dict[str, tuple[float, str]] = {
+    "t4": (0.574, "T4 emulation (8 of an H200's SMs, 15 GiB), 1024 px micro-batch 1, issue 16"),
+    "h200": (0.078, "NVIDIA H200, 1024 px micro-batch 1, default plan, bench/RESULTS.md"),
+    "generic": (2.5, "a cautious guess for a GPU not measured yet"),
+}
 KAGGLE_WEEKLY_GPU_H = 30.0  # Kaggle's "floating" weekly GPU quota (The Kaggle Book)
 WEEK_S = 7 * 24 * 3600.0
 
@@ -73,6 +82,44 @@ def session_deadline(env: Any, profile: Any, clock: Clock) -> float | None:
         return None
     end_wall = env.session_start_wall + hours * 3600.0
     return clock.monotonic() + (end_wall - clock.wall())
+
+
+# ---------------------------------------------------------------- priors
+
+
+@dataclass(frozen=True)
+class StepPrior:
+    """An estimated optimizer-step time before any step is measured, and where the figure comes from."""
+
+    step_s: float
+    gpu_class: str
+    source: str
+
+
+def gpu_class(gpu_name: str) -> str:
+    """The class of priors a GPU name falls in: "t4", "h200" (H100/H200-class) or "generic"."""
+    name = gpu_name.upper()
+    if "T4" in name:
+        return "t4"
+    if "H200" in name or "H100" in name:
+        return "h200"
+    return "generic"
+
+
+def step_prior(gpu_name: str, *, resolution: int, micro_batch: int, grad_accum: int) -> StepPrior:
+    """Seconds per optimizer step on one GPU of this kind: the class's 1024 px figure scaled by pixels,
+    micro-batch and accumulation (a step runs grad_accum micro-batches of micro_batch examples)."""
+    klass = gpu_class(gpu_name)
+    per_example, source = STEP_S_PER_1024_EXAMPLE[klass]
+    pixels = (resolution / 1024) ** 2
+    return StepPrior(per_example * pixels * max(1, micro_batch) * max(1, grad_accum), klass, source)
+
+
+def profile_step_prior(profile: Any, gpu_name: str, world: int = 1) -> StepPrior:
+    """The step prior of a profile's plan with `world` GPUs sharing the effective batch."""
+    t = profile.train
+    per_rank = max(1, t.batch_size * t.grad_accum // max(1, world))
+    return step_prior(gpu_name, resolution=t.resolution, micro_batch=1, grad_accum=per_rank)
 
 
 # ---------------------------------------------------------------- measured costs
@@ -291,6 +338,58 @@ def should_checkpoint(ctx: BudgetContext) -> bool:
     return is_checkpoint_due(ctx) and not should_stop(ctx)
 
 
+class Action(enum.Enum):
+    """What the session loop does next."""
+
+    CONTINUE = "continue"  # train one more step
+    CHECKPOINT = "checkpoint"  # take a periodic checkpoint now, then ask again
+    STOP = "stop"  # stop; the session's final checkpoint follows
+
+
+def next_action(ctx: BudgetContext, *, has_new_steps: bool = True) -> Action:
+    """The one "what next" decision of the session loop (and of `simulate_session`, which replays it).
+
+    `has_new_steps`: whether a step has run since the last checkpoint (a checkpoint of nothing new is
+    never taken)."""
+    if should_stop(ctx):
+        return Action.STOP
+    if has_new_steps and should_checkpoint(ctx):
+        return Action.CHECKPOINT
+    return Action.CONTINUE
+
+
+@dataclass(frozen=True)
+class TooShort:
+    """Why a session cannot train even one step."""
+
+    message: str
+    rerun_helps: bool
+    """False when a whole session of this length is too short: running it again can never make progress."""
+
+
+def too_short_to_train(ctx: BudgetContext, session_s: float | None = None) -> TooShort | None:
+    """Why not even one step fits, in words for the user; None when one does (or nothing is left to do).
+
+    `session_s`: the session's whole length, when known, to tell whether a new session of the same
+    length could train at all."""
+    if ctx.steps_left <= 0 or ctx.deadline is None or steps_that_fit(ctx) > 0:
+        return None
+    left = max(0.0, ctx.deadline - ctx.now)
+    need = ctx.margin_s + ctx.step_s + ctx.checkpoint_cost_s + ctx.upload_s
+    why = (f"{_minutes(left)} left in this session, and one step with its checkpoint needs about "
+           f"{_minutes(need)}: the {_minutes(ctx.margin_s)} safety margin (session.margin_min), a "
+           f"{ctx.step_s:.1f} s step, {ctx.checkpoint_cost_s:.0f} s to stage the checkpoint and "
+           f"{ctx.upload_s:.0f} s to upload it")  # fmt: skip
+    if session_s is not None and session_s < need:
+        return TooShort(f"nothing can be trained: {why}. A session of {_minutes(session_s)} is too short for "
+                        "any progress", rerun_helps=False)  # fmt: skip
+    return TooShort(f"no time to train a step: {why}. Run the same command in a new session to continue", True)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
 def time_left_s(ctx: BudgetContext) -> float | None:
     """Seconds until the session's deadline; None when there is none."""
     return None if ctx.deadline is None else max(0.0, ctx.deadline - ctx.now)
@@ -304,11 +403,6 @@ def next_checkpoint_in_s(ctx: BudgetContext) -> float:
         return periodic
     final = max(0.0, ctx.deadline - ctx.margin_s - ctx.now - _upload_left(ctx) - ctx.checkpoint_cost_s - ctx.upload_s)
     return min(periodic, final)
-
-
-def checkpoint_overhead_pct(ctx: BudgetContext) -> float:
-    """Staging time so far as a percentage of training time (the quantity max_overhead_pct caps)."""
-    return 0.0 if ctx.training_s <= 0 else 100.0 * ctx.checkpoint_s / ctx.training_s
 
 
 def training_fraction(training_s: float, session_s: float) -> float:
@@ -366,7 +460,8 @@ class _Upload:
 
 
 class _SessionSim:
-    """Replays the loop of session.py on a FakeClock: decide, step, stage, upload in the background."""
+    """The session's loop on a FakeClock: `next_action` decides (the same function the session calls);
+    steps, staging and background uploads take the given costs."""
 
     def __init__(self, clock: Clock, meter: CostMeter, settings: dict[str, float], steps_left: int) -> None:
         self.clock, self.meter, self.settings = clock, meter, settings
@@ -452,14 +547,15 @@ def simulate_session(
     settings = {"hours": hours, "every_min": every_min, "max_overhead_pct": max_overhead_pct, "margin_s": margin_s}
     sim = _SessionSim(clock, meter, settings, steps_left)
     last_step_at_capture = 0
-    while not should_stop(sim.context()):
-        sim.step(step_s)
-        sim.settle(clock.monotonic())
-        if should_checkpoint(sim.context()):
+    while (action := next_action(sim.context(), has_new_steps=sim.result.steps > last_step_at_capture)) != Action.STOP:
+        if action is Action.CHECKPOINT:
             sim.checkpoint(checkpoint_s, upload_s)
             last_step_at_capture = sim.result.steps
             sim.result.checkpoint_s += clock.monotonic() - sim.last_capture
             sim.result.checkpoints += 1
+            continue
+        sim.step(step_s)
+        sim.settle(clock.monotonic())
     result = sim.result
     if result.steps > last_step_at_capture:  # else the last periodic checkpoint already holds every step
         sim.checkpoint(checkpoint_s, upload_s)

@@ -2,7 +2,7 @@
 
 Commands: train, status, plan, sample, export, bench, doctor, profiles. Flags
 become profile overrides (`--set`, `--hours`) or session options; everything
-else happens in session.py (train, plan), report.py (status, doctor) and the
+else happens in commands.py (train, plan, sample, export), report.py (status, doctor) and the
 modules they call. This is the one place that maps errors to exit codes and
 messages; users never see a traceback for bad input.
 """
@@ -159,8 +159,8 @@ def dispatch(args: argparse.Namespace) -> int:
         from runner import daemon
 
         return daemon.command(args)
-    from runner import session
+    from runner import commands
 
-    return {"train": session.train, "plan": session.plan, "sample": session.sample, "export": session.export}[
+    return {"train": commands.train, "plan": commands.plan, "sample": commands.sample, "export": commands.export}[
         args.command
     ](args)

@@ -32,6 +32,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -260,3 +261,36 @@ def _usage_section(base: str, kohya_file: str | None) -> list[str]:
         ]
     lines += ["", f"`{DIFFUSERS_FILE}` has the LoRA scale (alpha / rank) folded into its weights: load it at scale 1."]
     return lines
+
+
+def commit_final(store: Any, profile: Any, lora_sd: dict[str, torch.Tensor], **final: Any) -> None:
+    """Write final/ (`write_final`) through the run's committed-folder store (runner.checkpoint.store) and
+    commit it, replacing an earlier export. `final`: write_final's keyword arguments."""
+    store.build(
+        "final", lambda local: write_final(profile, store.run, lora_sd, local, **final), {"step": final["steps"]}
+    )
+    store.commit("final", replace=True)
+
+
+def write_final(
+    profile: Any, run: str, lora_sd: dict[str, torch.Tensor], out_dir: Path, *, steps: int,
+    sessions: list[dict], device: str, unet: Any = None, bus: Any = None,
+) -> list[Path]:  # fmt: skip
+    """final/: the diffusers and kohya LoRA files, the model card and, when it can be drawn, the sample grid.
+
+    The grid is best effort: a failure to draw it is a Warning, never a lost run."""
+    from runner import events
+    from runner.sample import draw_samples
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid = out_dir / "samples.png"
+    try:
+        # with the training UNet: its adapter as it is, and the text encoders' LoRA (if any) from lora_sd
+        sampled = lora_sd if unet is None else {k: v for k, v in lora_sd.items() if k.startswith("text_encoder")}
+        draw_samples(profile, sampled or None, grid, device=device, unet=unet, step=steps)
+    except (RuntimeError, OSError, ValueError) as exc:  # sampling must never cost the trained LoRA
+        log.warning("sample grid failed: %s", exc)
+        if bus is not None:
+            bus.emit(events.Warning(f"sample grid not drawn: {exc}", kind="samples"))
+    card = CardInfo(name=run, steps=steps, sessions=tuple(sessions), sample_grid=str(grid) if grid.exists() else "")
+    return export_lora(lora_sd, profile.lora, out_dir, profile_dict=profile.to_dict(), card=card)

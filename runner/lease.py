@@ -16,6 +16,12 @@ its next heartbeat and stops with LeaseHeld, so two writers overlap for at most
 one heartbeat interval, never for the rest of a run. Heartbeat ages use wall
 clocks of different machines; timeout_s (minutes) dwarfs their usual skew.
 
+The heartbeat runs on a small daemon thread (`Heartbeat`) from the moment
+the lease is acquired until it is released, whatever the process is doing
+(downloads, building the latent cache, compiling, training): a long setup never
+lets the lease age into "dead". A heartbeat that finds the lease taken records
+it; the session asks `check()` between steps and stops.
+
 Must not: decide what a session does when it loses the lease (the session
 stops); touch checkpoints.
 """
@@ -24,13 +30,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from runner.clock import Clock, iso
-from runner.errors import LeaseHeld
-from runner.state import read_bytes, write_bytes
+from runner.errors import LeaseHeld, StorageError
 from runner.storage import Storage
+from runner.storage.blobs import read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +75,71 @@ def read_lease(storage: Storage, run: str) -> LeaseRecord | None:
         return None
 
 
+def holder_died_on(holder: str, host: str, is_running: Callable[[int], bool]) -> bool:
+    """Whether `holder` ("platform:host:pidN:session") is a process of `host` that no longer runs.
+
+    Such a lease (left by a crash or a kill on this machine) may be taken at once; one from another
+    machine cannot be judged from here and must age past the timeout, or be taken with --take-over."""
+    parts = holder.split(":")
+    if len(parts) < 3 or parts[1] != host or not parts[2].startswith("pid"):
+        return False
+    pid = parts[2].removeprefix("pid")
+    return pid.isdigit() and int(pid) > 0 and not is_running(int(pid))
+
+
+def pid_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):
+        return True  # someone else's process, or not a pid: not provably gone
+    return True
+
+
+class Heartbeat:
+    """Calls `beat` every `every_s` seconds on a daemon thread until `stop()`.
+
+    `wait(seconds) -> bool` waits for the next beat and returns True once stopped (default: a
+    threading.Event's wait, so stop() ends the wait at once); tests inject their own. A LeaseHeld
+    from `beat` ends the thread and is kept in `lost`; other storage errors are logged and retried
+    at the next beat (a missed beat or two is within the lease's timeout)."""
+
+    def __init__(self, beat: Callable[[], None], every_s: float, *, wait: Callable[[float], bool] | None = None):
+        self.beat, self.every_s = beat, every_s
+        self._stopped = threading.Event()
+        self._wait = wait or self._stopped.wait
+        self.lost: LeaseHeld | None = None
+        self.beats = 0
+        self._thread = threading.Thread(target=self._run, name="relay-lease-heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30.0)
+
+    def _run(self) -> None:
+        while not self._wait(self.every_s) and not self._stopped.is_set():
+            try:
+                self.beat()
+                self.beats += 1
+            except LeaseHeld as exc:
+                self.lost = exc
+                log.error("lease lost: %s", exc)
+                return
+            except StorageError as exc:
+                log.warning("lease heartbeat failed (%s); trying again in %.0f s", exc, self.every_s)
+
+
 class Lease:
-    """The lease of one run for one holder. Not thread-safe: the session calls it from one thread."""
+    """The lease of one run for one holder.
+
+    Acquire and release are called from the session's thread; between them only the heartbeat thread
+    writes the lease (`start_heartbeat`), and release stops that thread before it deletes the lease."""
 
     def __init__(
         self,
@@ -85,18 +157,14 @@ class Lease:
         self.clock = clock
         self.timeout_s = timeout_s  # a heartbeat older than this means the holder is dead
         self.settle_s = settle_s  # wait between writing and reading back
-        self.heartbeat_every_s = timeout_s / 3  # for maybe_heartbeat: two missed beats still keep it
+        self.heartbeat_every_s = timeout_s / 3  # two missed beats still keep it
         self._token: str | None = None
         self._since = ""
-        self._last_beat = float("-inf")
+        self._heartbeat: Heartbeat | None = None
 
     @property
     def key(self) -> str:
         return f"{self.run}/{LEASE_FILE}"
-
-    @property
-    def is_held(self) -> bool:
-        return self._token is not None
 
     def acquire(self, take_over: bool = False) -> LeaseRecord:
         """Take the lease or raise LeaseHeld naming the live holder (also when another contender won)."""
@@ -119,7 +187,6 @@ class Lease:
                 raise LeaseHeld("unknown (lease.json vanished while acquiring)", self._since, 0.0)
             raise LeaseHeld(back.holder, back.since, back.age_s(self.clock.wall()))
         self._token = token
-        self._last_beat = self.clock.monotonic()
         log.info("lease of %s acquired by %s", self.run, self.holder)
         return back
 
@@ -127,17 +194,22 @@ class Lease:
         """Renew the lease; LeaseHeld if another session has taken it (then this one must stop)."""
         self._check_ours()
         self._write(self._token)
-        self._last_beat = self.clock.monotonic()
 
-    def maybe_heartbeat(self) -> bool:
-        """Heartbeat if `heartbeat_every_s` has passed since the last one; True if it did."""
-        if self.clock.monotonic() - self._last_beat < self.heartbeat_every_s:
-            return False
-        self.heartbeat()
-        return True
+    def start_heartbeat(self, wait: Callable[[float], bool] | None = None) -> Heartbeat:
+        """Renew the lease every `heartbeat_every_s` on a daemon thread until `release()`."""
+        self._heartbeat = Heartbeat(self.heartbeat, self.heartbeat_every_s, wait=wait).start()
+        return self._heartbeat
+
+    def check(self) -> None:
+        """Raise the LeaseHeld the heartbeat met, if it met one (another session took the run)."""
+        if self._heartbeat is not None and self._heartbeat.lost is not None:
+            raise self._heartbeat.lost
 
     def release(self) -> None:
-        """Delete the lease if it is still ours; leave another holder's lease alone."""
+        """Stop the heartbeat; delete the lease if it is still ours; leave another holder's lease alone."""
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
         if self._token is None:
             return
         current = read_lease(self.storage, self.run)

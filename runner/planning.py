@@ -18,7 +18,7 @@ from runner.fit import candidate_plans
 from runner.report import read_status
 from runner.state import read_run_info
 
-FIRST_SESSION_NOTE = "unknown until a session has measured the step time on this GPU"
+ESTIMATE_GPUS = ("T4", "H200")  # the GPUs with published step times (runner.budget.STEP_S_PER_1024_EXAMPLE)
 
 
 def print_plan(ctx, *, probe: bool = False, console: Console | None = None) -> int:
@@ -40,13 +40,24 @@ def print_plan(ctx, *, probe: bool = False, console: Console | None = None) -> i
     deadline = budget.session_deadline(env, p, ctx.clock)
     hours_left = None if deadline is None else max(0.0, (deadline - ctx.clock.monotonic()) / 3600)
     console.print(f"this session: {'no time limit' if hours_left is None else f'{hours_left:.2f} h left'}")
-    if rate is None:
-        console.print(f"steps this session: {FIRST_SESSION_NOTE}")
+    if rate is None and not env.gpus:  # no GPU here, nothing measured: what published figures predict
+        for name in ESTIMATE_GPUS:
+            prior = budget.profile_step_prior(p, name, 1)
+            console.print(f"estimate on one {name}: about {prior.step_s:.2f} s/step, {_duration(left * prior.step_s)} "
+                          f"of training for the {left} steps to go ({prior.source})")  # fmt: skip
+        console.print("  (estimates: the first session measures the real step time)")
         return 0
-    step_s = 3600 / rate
+    if rate is None:  # nothing measured yet: the published figure for this GPU class
+        prior = budget.profile_step_prior(p, env.gpus[0].name, len(env.gpus))
+        step_s = prior.step_s
+        console.print(f"step time: about {step_s:.2f} s/step on {env.gpu_summary}, an estimate "
+                      f"({prior.source}); the first session measures the real one")  # fmt: skip
+    else:
+        step_s = 3600 / rate
     if hours_left is not None:
         sim = budget.simulate_session(
-            hours=hours_left, steps_left=left, step_s=step_s, checkpoint_s=2.0, upload_s=30.0,
+            hours=hours_left, steps_left=left, step_s=step_s,
+            checkpoint_s=budget.PRIOR_CHECKPOINT_S, upload_s=budget.PRIOR_UPLOAD_S,
             every_min=p.checkpoint.every_min, max_overhead_pct=p.checkpoint.max_overhead_pct,
             margin_s=p.session.margin_min * 60,
         )  # fmt: skip
@@ -56,6 +67,10 @@ def print_plan(ctx, *, probe: bool = False, console: Console | None = None) -> i
     sessions = "" if not session_h else f" ≈ {math.ceil(total_h / session_h)} sessions of {session_h:g} h"
     console.print(f"still needed: {total_h:.1f} h of training at {step_s:.2f} s/step{sessions}")
     return 0
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
 def _progress(ctx) -> tuple[int, float | None]:
@@ -74,10 +89,11 @@ def probe_plan(ctx):
     if not placement.device.startswith("cuda"):
         t = ctx.profile.train
         return candidate_plans(t.batch_size, t.grad_accum, t.gradient_checkpointing)[0]
-    from runner.session import ensure_cache
+    from runner.checkpoint.store import FolderStore, ensure_latent_cache
     from runner.train.cache import build_cache, cache_fingerprint
     from runner.train.run import TrainingRun
 
-    fp = cache_fingerprint(ctx.profile)
-    cache = ensure_cache(ctx, fp, lambda d: build_cache(ctx.profile, d, bus=ctx.bus, device=placement.device))
+    store = FolderStore(ctx.storage, ctx.run, ctx.workdir)
+    build = lambda d: build_cache(ctx.profile, d, bus=ctx.bus, device=placement.device)  # noqa: E731
+    cache = ensure_latent_cache(store, cache_fingerprint(ctx.profile), build, ctx.bus)
     return TrainingRun(ctx.profile, cache, placement=placement, bus=ctx.bus, gpu_name=ctx.env.gpu_summary).plan

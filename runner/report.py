@@ -32,18 +32,18 @@ from rich.table import Table
 from rich.text import Text
 
 from runner import humanize
-from runner.checkpoint.manager import STATE_FILE, step_dir_name
+from runner.checkpoint.manager import CHECKPOINT_DIR, STATE_FILE, committed_steps, step_dir_name
 from runner.checkpoint.manifest import COMMIT
 from runner.clock import iso
 from runner.env import detect_env
 from runner.errors import UsageError
 from runner.lease import LEASE_FILE, read_lease
 from runner.profile import list_profiles, load_profile
-from runner.state import read_bytes, read_run_info, read_sessions
+from runner.state import read_run_info, read_sessions
+from runner.storage.blobs import read_bytes
 from runner.storage.url import open_storage
 
 log = logging.getLogger(__name__)
-CHECKPOINT_DIR = "checkpoints"
 CLEAN_ENDS = ("completed", "budget", "signal")  # how a session that exits on its own ends
 LEASE_TIMEOUT_S = 300.0  # the lease's timeout when lease.json does not say (runner.lease.Lease's default)
 SESSION_LENGTHS_H = (3.0, 12.0)  # a typical Colab free session (often less than its 12 h cap), a Kaggle one
@@ -119,7 +119,7 @@ def read_status(storage, run: str | None, *, now_wall: float | None = None, host
     if info is None:
         raise UsageError(f"{storage.url}: no run named {run!r} (no {run}/run.json)",
                          hint="check --run and --storage; `relay status --storage URL` lists the runs there")  # fmt: skip
-    committed = _committed_steps(storage, run)
+    committed = committed_steps(storage, run)
     last = committed[-1] if committed else None
     lease = read_lease(storage, run)
     now_wall = time.time() if now_wall is None else now_wall  # the CLI edge: status is read once, now
@@ -167,17 +167,6 @@ def _pid_runs(pid: int) -> bool:
     except (PermissionError, OSError):
         return True  # exists, but another user's
     return True
-
-
-def _committed_steps(storage, run: str) -> list[int]:
-    """Steps of the checkpoint folders that hold a COMMIT.json (other names in checkpoints/ are ignored)."""
-    steps = set()
-    for key in storage.list(f"{run}/{CHECKPOINT_DIR}"):
-        parts = key.split("/")
-        name = parts[-2] if len(parts) >= 2 else ""
-        if parts[-1] == COMMIT and name.startswith("step-") and name[5:].isdigit():
-            steps.add(int(name[5:]))
-    return sorted(steps)
 
 
 def _checkpoint_sessions(storage, run: str, step: int | None) -> list[dict]:

@@ -387,3 +387,37 @@ def ensure_writable(out_path: Path, flag: str = "--out") -> Path:
         raise UsageError(f"{flag} {out_path}: cannot write there ({exc.strerror or exc})",
                          hint="choose a folder that exists and that you can write to") from None  # fmt: skip
     return out_path
+
+
+def draw_samples(
+    profile: Any, lora_sd: dict | None, out_path: Path, *, device: str, unet: Any = None,
+    text_encoders: Any = None, step: int | None = None,
+) -> Path:  # fmt: skip
+    """The base-vs-LoRA grid with the profile's prompts; reuses the training UNet (and text encoders) when given.
+
+    step: the LoRA's optimizer step, named in the grid's header."""
+    import gc
+
+    from runner.train.model import load_parts
+    from runner.train.run import unet_dtype
+
+    dtype = unet_dtype(profile, device)
+    parts = load_parts(
+        profile.model, unet=unet is None, text=text_encoders is None, vae=True, device="cpu", dtype=dtype
+    )
+    if unet is not None:
+        parts.unet = unet
+    if text_encoders is not None:
+        parts.text_encoder, parts.text_encoder_2 = text_encoders.text_encoder, text_encoders.text_encoder_2
+        parts.tokenizer, parts.tokenizer_2 = text_encoders.tokenizer, text_encoders.tokenizer_2
+    cfg = profile.sample
+    try:
+        return sample_grid(
+            parts, lora_sd, cfg.prompts, cfg.seed, cfg.inference_steps, cfg.guidance, profile.train.resolution,
+            out_path, lora_cfg=profile.lora, device=device, cpu_offload=device.startswith("cuda"), step=step,
+        )  # fmt: skip
+    finally:
+        del parts
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()

@@ -1,247 +1,48 @@
 """The only orchestrator: one session of a run, from lease to exit code.
 
-Owns: wiring profile, environment, storage, lease, cache, fit, trainer,
-checkpoints, budget and events together, and mapping how a session ends to an
-exit code (0 target reached, 75 run again, else an error). The parts below it
-know nothing of each other; only this module calls them. What a pure function
-can decide (budget.py, fit.py) is decided there, not here. torch is imported
-only through runner.train, lazily, so `relay status` and the tests of this
-wiring's pure parts start without it.
+Owns: the lifecycle of one session — lease, restore, cache, fit, the step
+loop with its checkpoint and stop decisions, the final checkpoint and final/ —
+and mapping how it ends to an exit code (0 target reached, 75 run again, else
+an error). The parts below it know nothing of each other; only this module
+calls them. What a pure function can decide (budget.py, fit.py) is decided
+there, not here. Commands and the Context live in commands.py, the launcher of
+several ranks in launch.py. torch is imported only through runner.train,
+lazily, so `relay status` and the tests of this wiring start without it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import sys
-import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runner import budget, events
 from runner.checkpoint.manager import CheckpointManager, Restored
-from runner.checkpoint.manifest import COMMIT, commit_folder, fetch_folder, verify_dir, write_manifest
-from runner.clock import Clock, SystemClock, iso
-from runner.env import Env, detect_env
-from runner.errors import (
-    EXIT_OK,
-    EXIT_PREEMPTED,
-    CheckpointCorrupt,
-    Interrupted,
-    ResumeMismatch,
-    StorageError,
+from runner.checkpoint.store import (
+    COMPILE_CACHE_FILE,
+    FolderStore,
+    ensure_latent_cache,
+    fetch_compile_cache,
+    store_compile_cache,
 )
-from runner.lease import Lease, read_lease
-from runner.profile import Profile, diff_fields, fingerprint, fingerprint_fields, load_profile
+from runner.clock import iso
+from runner.errors import EXIT_OK, EXIT_PREEMPTED, Interrupted, StorageError, UsageError
+from runner.lease import Lease, holder_died_on, pid_is_running, read_lease
+from runner.runinfo import ensure_run_info, new_state, resolve_target, sets_target
 from runner.signals import install_stop_handlers
-from runner.state import RunInfo, RunState, append_session, read_run_info, read_sessions, write_run_info
-from runner.storage import Storage
-from runner.storage.url import open_storage
+from runner.state import RunState, append_session, read_run_info, read_sessions
+
+if TYPE_CHECKING:
+    from runner.commands import Context
 
 log = logging.getLogger(__name__)
-HEARTBEAT_EVERY_S = 60.0
-# Priors until the first checkpoint is measured: copying a ~280 MB LoRA + AdamW state to host memory
-# takes well under a second (2 s is cautious); writing it locally and uploading it to Drive, tens of seconds.
-CHECKPOINT_PRIOR_S = 2.0
-UPLOAD_PRIOR_S = 30.0
-
-
-@dataclass(frozen=True)
-class Options:
-    profile: str
-    storage: str
-    run: str | None = None
-    overrides: tuple[str, ...] = ()
-    hours: float | None = None
-    take_over: bool = False
-    force: bool = False
-    release_gpu: bool = False
-    plain: bool = False
-    workdir: str | None = None
-
-    @classmethod
-    def from_args(cls, args) -> Options:
-        return cls(
-            profile=args.profile, storage=args.storage, run=args.run, overrides=tuple(args.overrides),
-            hours=getattr(args, "hours", None), take_over=getattr(args, "take_over", False),
-            force=getattr(args, "force", False), release_gpu=getattr(args, "release_gpu", False),
-            plain=getattr(args, "plain", False), workdir=args.workdir,
-        )  # fmt: skip
-
-    def load_profile(self) -> Profile:
-        overrides = list(self.overrides)
-        if self.hours is not None:
-            overrides.append(f"session.hours={self.hours}")
-        if self.release_gpu:
-            overrides.append("session.release_gpu=true")
-        return load_profile(self.profile, overrides)
-
-
-@dataclass
-class Context:
-    """What a session works with, built once at its start."""
-
-    opts: Options
-    profile: Profile
-    env: Env
-    storage: Storage
-    run: str
-    workdir: Path
-    bus: events.EventBus
-    clock: Clock
-    session_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-
-    @property
-    def holder(self) -> str:
-        return f"{self.env.platform}:{self.env.host}:pid{os.getpid()}:{self.session_id}"
-
-
-def build_context(opts: Options, *, clock: Clock | None = None, env: Env | None = None) -> Context:
-    profile = opts.load_profile()
-    env = env or detect_env(workdir=opts.workdir)
-    storage = open_storage(opts.storage)
-    run = opts.run or profile.name
-    workdir = Path(opts.workdir or env.workdir) / run
-    workdir.mkdir(parents=True, exist_ok=True)
-    return Context(opts, profile, env, storage, run, workdir, events.EventBus(), clock or SystemClock())
-
-
-# ---------------------------------------------------------------- commands
-
-
-def train(args) -> int:
-    opts = Options.from_args(args)
-    ctx = build_context(opts)
-    processes = int(os.environ.get("RELAY_PROCESSES", "0")) or len(ctx.env.gpus)  # one per GPU by default
-    if processes > 1 and "WORLD_SIZE" not in os.environ:
-        return launch_distributed(processes)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return Session(ctx).run()  # other ranks train in lockstep and show nothing
-    from runner.dashboard import Dashboard
-
-    with Dashboard.for_terminal(ctx.clock, plain=opts.plain, profile=ctx.profile) as dash:
-        ctx.bus.subscribe(dash.on_event)
-        _subscribe_tensorboard(ctx)
-        return Session(ctx, dashboard=dash).run()
-
-
-def launch_distributed(gpus: int) -> int:
-    """Run this same command once per GPU (rank 0 leads, the others follow) and return rank 0's exit code.
-
-    Not torchrun: its agent turns any non-zero exit (75 included) into a failure report. Signals that
-    reach this parent (SIGTERM, SIGINT) are passed on to every rank, which stop after the current step."""
-    import signal
-    import socket
-    import subprocess
-
-    with socket.socket() as sock:  # a free port for the process group's rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "runner", *sys.argv[1:]]
-    procs = [subprocess.Popen(cmd, env=rank_env(os.environ, r, gpus, port, os.cpu_count() or 1)) for r in range(gpus)]
-
-    def forward(signum, _frame) -> None:
-        for proc in procs:
-            proc.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        codes = wait_all(procs)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    log.info("ranks exited with %s", codes)
-    return codes[0] if codes[0] != 0 or all(c == 0 for c in codes) else max(codes, key=abs)
-
-
-def rank_env(env: Mapping[str, str], rank: int, world: int, port: int, cpus: int) -> dict[str, str]:
-    """The environment of one rank: the rendezvous, and the CPU cores shared out between the ranks.
-
-    Each torch process otherwise sizes its CPU thread pool to the whole machine; several ranks then
-    oversubscribe the cores (a Kaggle 2×T4 VM has 4), and spinning worker threads delay the ranks
-    unevenly, when every step waits for the slowest one. A value the user set is kept."""
-    threads = env.get("OMP_NUM_THREADS") or str(max(1, cpus // world))
-    return {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
-            "RANK": str(rank), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": threads}  # fmt: skip
-
-
-def wait_all(procs, poll_s: float = 0.5, grace_s: float = 30.0) -> list[int]:
-    """Wait for every rank; when one fails, the others would wait for it forever in a collective, so they
-    are terminated (after a grace period to finish on their own) and then killed."""
-    import subprocess
-    import time
-
-    while any(p.poll() is None for p in procs):
-        if any(p.poll() not in (None, 0) for p in procs):
-            for p in procs:
-                if p.poll() is None:
-                    try:
-                        p.wait(timeout=grace_s)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
-            break
-        time.sleep(poll_s)
-    return [p.wait() for p in procs]
-
-
-def plan(args) -> int:
-    from runner.planning import print_plan
-
-    return print_plan(build_context(Options.from_args(args)), probe=args.probe)
-
-
-def sample(args) -> int:
-    """`relay sample`: the base-vs-LoRA grid from the newest committed checkpoint."""
-    from runner.train.run import Placement, draw_samples, read_lora_file
-
-    ctx = build_context(Options.from_args(args))
-    restored = _newest_checkpoint(ctx)
-    out = Path(args.out) if args.out else ctx.workdir / "samples" / f"step-{restored.step:08d}.png"
-    draw_samples(ctx.profile, read_lora_file(restored.dir), out, device=Placement.detect().device)
-    ctx.storage.put(out, f"{ctx.run}/samples/step-{restored.step:08d}/{out.name}")
-    print(f"sample grid of step {restored.step}: {out} (also in {ctx.storage.url}/{ctx.run}/samples/)")
-    return EXIT_OK
-
-
-def export(args) -> int:
-    """`relay export`: final/ (diffusers and kohya files, model card, samples) from the newest checkpoint."""
-    from runner.train.run import Placement
-
-    ctx = build_context(Options.from_args(args))
-    restored = _newest_checkpoint(ctx)
-    state = restored.state or new_state(ctx)
-    Session(ctx)._write_final_from(restored, state.step, state.sessions, Placement.detect().device)
-    print(f"exported step {restored.step} to {ctx.storage.url}/{ctx.run}/final/")
-    return EXIT_OK
-
-
-def _newest_checkpoint(ctx: Context) -> Restored:
-    from runner.errors import UsageError
-
-    restored = CheckpointManager(ctx.storage, ctx.run, ctx.workdir, keep=1, bus=ctx.bus).latest(
-        ctx.workdir / "restore" / "export"
-    )
-    if restored is None:
-        raise UsageError(f"no committed checkpoint of run {ctx.run!r} in {ctx.storage.url}",
-                         hint="train first: relay train --profile NAME --storage URL")  # fmt: skip
-    return restored
-
-
-def _subscribe_tensorboard(ctx: Context) -> None:
-    from runner.tblog import TensorBoardLogger
-
-    TensorBoardLogger(logs_dir(ctx), run=ctx.run, config=ctx.profile.to_dict()).attach(ctx.bus)
 
 
 def logs_dir(ctx: Context) -> Path:
     """This session's TensorBoard folder; each session writes its own files, uploaded when it ends."""
     return ctx.workdir / "logs" / ctx.session_id
-
-
-# ---------------------------------------------------------------- the session
 
 
 class Session:
@@ -255,7 +56,10 @@ class Session:
         self.ckpts = CheckpointManager(
             ctx.storage, ctx.run, ctx.workdir, keep=ctx.profile.checkpoint.keep, bus=ctx.bus, clock=ctx.clock
         )
-        self.meter = budget.CostMeter(checkpoint_prior_s=CHECKPOINT_PRIOR_S, upload_prior_s=UPLOAD_PRIOR_S)
+        self.store = FolderStore(ctx.storage, ctx.run, ctx.workdir)  # latent cache, compile cache, final/
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        prior = budget.profile_step_prior(ctx.profile, ctx.env.gpu_summary, world)  # until a step is measured
+        self.meter = budget.CostMeter(step_prior_s=prior.step_s)
         self.started_wall = ctx.clock.wall()
         self.step_from = self.step = 0
         self.train_s = self.checkpoint_s = 0.0
@@ -278,9 +82,10 @@ class Session:
         ctx, code = self.ctx, 1
         with install_stop_handlers() as stop:
             try:
+                self._settle_target()
                 if self.is_main:
-                    ensure_run_info(ctx, force=ctx.opts.force)
                     self.lease.acquire(take_over=ctx.opts.take_over or self._holder_died_here())
+                    self.lease.start_heartbeat()  # from now until release, whatever the session is doing
                 try:
                     code = self._train(stop)
                 except Interrupted:
@@ -298,24 +103,29 @@ class Session:
                 ctx.bus.emit(events.SessionEnded(self.step, ctx.profile.train.steps, self.reason, code))
         return code
 
+    def _settle_target(self) -> None:
+        """The run's target is the run's: run.json's, unless `--set train.steps=N` changes it on purpose.
+        Every rank trains (and schedules its learning rate) for the same target."""
+        ctx = self.ctx
+        if self.is_main:
+            stored = ensure_run_info(ctx, force=ctx.opts.force).target
+        else:
+            info = read_run_info(ctx.storage, ctx.run, missing_ok=True)
+            stored = info.target if info else None
+        target = resolve_target(stored, ctx.profile.train.steps, sets_target(ctx.opts.overrides))
+        if target != ctx.profile.train.steps:
+            ctx.profile = replace(ctx.profile, train=replace(ctx.profile.train, steps=target))
+
     def _holder_died_here(self) -> bool:
         """A lease left by a process of this machine that no longer runs (a crash, a kill) is taken at once;
         one from another machine must age past its timeout, or be taken with --take-over."""
         record = read_lease(self.ctx.storage, self.ctx.run)
-        parts = record.holder.split(":") if record else []
-        if len(parts) < 3 or parts[1] != self.ctx.env.host or not parts[2].startswith("pid"):
+        if record is None or not holder_died_on(record.holder, self.ctx.env.host, pid_is_running):
             return False
-        pid = int(parts[2].removeprefix("pid") or 0)
-        try:
-            os.kill(pid, 0)
-            return False  # still running: a real second session on this machine
-        except ProcessLookupError:
-            self.ctx.bus.emit(
-                events.Warning(f"taking over the lease of {record.holder}: that process is gone", kind="lease")
-            )
-            return True
-        except (PermissionError, ValueError):
-            return False
+        self.ctx.bus.emit(
+            events.Warning(f"taking over the lease of {record.holder}: that process is gone", kind="lease")
+        )
+        return True
 
     def _close(self) -> None:
         self.ckpts.close()
@@ -353,19 +163,24 @@ class Session:
         }  # fmt: skip
 
     def _train(self, stop) -> int:
-        from runner.train.run import Placement, TrainingRun, init_distributed
+        from runner.train.run import Placement, TrainingRun, agree, init_distributed
 
         ctx = self.ctx
         placement = Placement.detect()
         init_distributed(placement)
         restored = self.ckpts.latest(ctx.workdir / "restore" / f"rank{placement.rank}")  # ranks share the workdir
         state = restored.state if restored and restored.state else new_state(ctx)
+        state = replace(state, target=ctx.profile.train.steps)  # the run's target, settled at the start
         self.step_from = self.step = state.step
         if state.step >= ctx.profile.train.steps:
             self.reason = "completed"
             if self.is_main:
                 self._finish_from_checkpoint(state, restored, placement.device)
             return EXIT_OK
+        (has_time,) = agree(placement, self._has_time_to_train(state))  # rank 0's answer, on every rank
+        if not has_time:
+            self.reason = "budget"
+            return EXIT_PREEMPTED
         cache_dir = self._cache(placement)
         self._restore_compile_cache(placement)  # before the fit's probe step compiles anything
         tr = TrainingRun(
@@ -395,13 +210,11 @@ class Session:
         from runner.train.run import barrier
 
         fp = cache_fingerprint(self.ctx.profile)
-        local = self.ctx.workdir / "cache" / fp
         if self.is_main:
-            ensure_cache(
-                self.ctx, fp, lambda d: build_cache(self.ctx.profile, d, bus=self.ctx.bus, device=placement.device)
-            )
+            build = lambda d: build_cache(self.ctx.profile, d, bus=self.ctx.bus, device=placement.device)  # noqa: E731
+            ensure_latent_cache(self.store, fp, build, self.ctx.bus)
         barrier(placement)
-        return local
+        return self.store.local(f"cache/{fp}")
 
     def _restore_compile_cache(self, placement) -> None:
         """Load the kernels an earlier session compiled on this GPU model and torch, when stored: the first
@@ -409,21 +222,18 @@ class Session:
         ctx = self.ctx
         if not placement.device.startswith("cuda") or ctx.profile.train.compile == "off":
             return
-        import torch
+        from runner.train.model import load_compile_artifacts
+        from runner.train.run import barrier, compile_cache_key_of
 
-        from runner.train.model import compile_cache_key, load_compile_artifacts
-        from runner.train.run import barrier
-
-        self.compile_key = compile_cache_key(torch.device(placement.device))
-        local = ctx.workdir / "compile-cache" / self.compile_key
+        self.compile_key = compile_cache_key_of(placement)
+        name = f"compile-cache/{self.compile_key}"
         if self.is_main:
-            fetch_compile_cache(ctx, self.compile_key, local)
+            fetch_compile_cache(self.store, self.compile_key, ctx.bus)
         barrier(placement)  # the ranks share the work folder: rank 0 fetched for all
-        blob = (local / COMPILE_CACHE_FILE).read_bytes() if _verified_locally(local) else None
-        if blob is None:
+        if not self.store.is_local(name):
             return
         try:
-            load_compile_artifacts(blob)
+            load_compile_artifacts((self.store.local(name) / COMPILE_CACHE_FILE).read_bytes())
             self.compile_cache_loaded = True
         except Exception as exc:  # a cache from another build of torch must never stop training
             ctx.bus.emit(events.Warning(f"stored compile cache not used ({exc}); compiling", kind="compile"))
@@ -437,7 +247,7 @@ class Session:
         try:
             blob = compile_artifacts()
             if blob:
-                store_compile_cache(self.ctx, self.compile_key, blob)
+                store_compile_cache(self.store, self.compile_key, blob)
         except (RuntimeError, OSError, StorageError) as exc:  # a cache is an optimisation: never cost training
             self.ctx.bus.emit(events.Warning(f"compile cache not stored ({exc})", kind="compile"))
 
@@ -446,17 +256,27 @@ class Session:
 
         ctx = self.ctx
         target = ctx.profile.train.steps
-        last_ckpt_at = last_beat = ctx.clock.monotonic()
-        while state.step < target:
+        last_ckpt_at = ctx.clock.monotonic()
+        while True:
             if stop.stop_now:
                 raise Interrupted("stopped at once (second interrupt); the last committed checkpoint is intact")
+            if self.is_main:
+                self.lease.check()  # another session took the run: stop before writing anything more
             bctx = self._budget(deadline, last_ckpt_at, target - state.step)
             if self.dashboard is not None:
                 self.dashboard.set_budget(budget.time_left_s(bctx), budget.next_checkpoint_in_s(bctx))
-            (stopping,) = agree(tr.placement, stop.requested or budget.should_stop(bctx))
+            action = budget.next_action(bctx, has_new_steps=state.step != (self.checkpointed_step or self.step_from))
+            stopping, due = agree(tr.placement, stop.requested or action is budget.Action.STOP,
+                                  action is budget.Action.CHECKPOINT)  # fmt: skip
             if stopping:
                 self.reason = "signal" if stop.requested else "budget"
+                if self.reason == "budget" and self.step == self.step_from and self.is_main:
+                    self._say_why_no_step(bctx, refuse=False)  # the setup took the time a step needed
                 break
+            if due:
+                last_ckpt_at = ctx.clock.monotonic()  # the interval runs between captures
+                self._checkpoint(tr, state)
+                continue
             result = tr.step(state.step)
             if state.step == self.step_from:
                 self._store_compile_cache(tr)
@@ -467,26 +287,36 @@ class Session:
             ctx.bus.emit(tr.step_event(state.step, result))
             if self.is_main:
                 self.ckpts.check()  # a checkpoint the worker could not write (a full disk) ends the session now
-            due = state.step < target and budget.should_checkpoint(
-                self._budget(deadline, last_ckpt_at, target - state.step)
-            )
-            (due,) = agree(tr.placement, due)
-            if due:
-                last_ckpt_at = ctx.clock.monotonic()  # the interval runs between captures
-                self._checkpoint(tr, state)
             every = ctx.profile.sample.every_steps
             if every and self.is_main and state.step % every == 0 and state.step < target:
                 self._sample(tr, state.step)
-            if self.is_main and ctx.clock.monotonic() - last_beat > HEARTBEAT_EVERY_S:
-                self.lease.heartbeat()
-                last_beat = ctx.clock.monotonic()
         return self._end(tr, state)
+
+    def _has_time_to_train(self, state: RunState) -> bool:
+        """Before any setup: whether one step and its checkpoint fit at the prior costs. A session whose whole
+        length is too short is bad input (exit 2: no rerun can help); one with too little left says why."""
+        deadline = budget.session_deadline(self.ctx.env, self.ctx.profile, self.ctx.clock)
+        bctx = self._budget(deadline, self.ctx.clock.monotonic(), state.target - state.step)
+        return self._say_why_no_step(bctx, refuse=True)
+
+    def _say_why_no_step(self, bctx: budget.BudgetContext, *, refuse: bool) -> bool:
+        """True when a step fits; else a warning says why (`refuse`: UsageError when no session this long can)."""
+        hours = self.ctx.profile.session.hours or self.ctx.env.session_limit_h
+        short = budget.too_short_to_train(bctx, session_s=hours * 3600.0 if hours else None)
+        if short is None:
+            return True
+        if refuse and not short.rerun_helps:
+            raise UsageError(short.message, hint="give the session more time (e.g. --hours 1) or a smaller "
+                                                 "session.margin_min (--set session.margin_min=1)")  # fmt: skip
+        self.ctx.bus.emit(events.Warning(short.message, kind="budget"))
+        return False
 
     def _budget(self, deadline, last_ckpt_at: float, steps_left: int) -> budget.BudgetContext:
         now = self.ctx.clock.monotonic()
         upload_left = 0.0
-        if self.upload_started is not None:
-            upload_left = budget.estimate_upload_left_s(now - self.upload_started, self.meter.upload_s)
+        started = self.upload_started  # read once: the upload worker sets it to None when the upload ends
+        if started is not None:
+            upload_left = budget.estimate_upload_left_s(now - started, self.meter.upload_s)
         return budget.context(
             self.ctx.profile, self.meter, now=now, deadline=deadline, last_checkpoint_at=last_ckpt_at,
             steps_left=steps_left, train_s=self.train_s, checkpoint_s=self.checkpoint_s, upload_left_s=upload_left,
@@ -509,7 +339,7 @@ class Session:
         self.reason = "completed"
         if self.is_main:
             sessions = [*self._prior_sessions(state), self.session_record()]
-            self._write_final(tr.lora_weights(), state.step, sessions, tr.placement.device, unet=tr.unet)
+            self._commit_final(tr.lora_weights(), state.step, sessions, tr.placement.device, unet=tr.unet)
             self._release_gpu()
         return EXIT_OK
 
@@ -529,12 +359,13 @@ class Session:
 
     def _sample(self, tr, step: int) -> None:
         """The base-vs-LoRA grid during training; one module at a time on the GPU, freed after. Best effort."""
-        from runner.train.run import draw_samples
+        from runner.sample import draw_samples
 
         out = self.ctx.workdir / "samples" / f"step-{step:08d}.png"
         tr.trainer.release_graphs()  # their memory pool would crowd the pipeline; the next step captures again
         try:
-            draw_samples(self.ctx.profile, None, out, device=tr.placement.device, unet=tr.unet)
+            draw_samples(self.ctx.profile, None, out, device=tr.placement.device, unet=tr.unet,
+                         text_encoders=tr.encoders, step=step)  # fmt: skip
             self.ctx.storage.put(out, f"{self.ctx.run}/samples/step-{step:08d}/{out.name}")
         except (RuntimeError, OSError, StorageError) as exc:  # a lost preview must never cost training
             self.ctx.bus.emit(events.Warning(f"samples of step {step} not drawn: {exc}", kind="samples"))
@@ -546,25 +377,18 @@ class Session:
 
     def _finish_from_checkpoint(self, state: RunState, restored: Restored, device: str) -> None:
         """The target was reached earlier: make sure final/ exists (a kill may have come before it)."""
-        if self.ctx.storage.exists(f"{self.ctx.run}/final/{COMMIT}"):
+        if self.store.is_committed("final"):
             self.ctx.bus.emit(events.Warning(f"run already complete at step {state.step}; final/ is in storage"))
             return
-        self._write_final_from(restored, state.step, state.sessions, device)
-
-    def _write_final_from(self, restored: Restored, steps: int, sessions: list[dict], device: str) -> None:
         from runner.train.run import read_lora_file
 
-        self._write_final(read_lora_file(restored.dir), steps, sessions, device)
+        self._commit_final(read_lora_file(restored.dir), state.step, state.sessions, device)
 
-    def _write_final(self, lora_sd, steps: int, sessions: list[dict], device: str, unet=None) -> None:
-        from runner.train.run import write_final
+    def _commit_final(self, lora_sd, steps: int, sessions: list[dict], device: str, unet=None) -> None:
+        from runner.export import commit_final
 
-        local = self.ctx.workdir / "final"
-        shutil.rmtree(local, ignore_errors=True)
-        write_final(self.ctx.profile, self.ctx.run, lora_sd, local, steps=steps, sessions=sessions, device=device,
-                    unet=unet, bus=self.ctx.bus)  # fmt: skip
-        write_manifest(local, {"step": steps})
-        commit_folder(self.ctx.storage, local, f"{self.ctx.run}/final")
+        commit_final(self.store, self.ctx.profile, lora_sd, steps=steps, sessions=sessions, device=device, unet=unet,
+                     bus=self.ctx.bus)  # fmt: skip
 
     def _release_gpu(self) -> None:
         if self.ctx.profile.session.release_gpu and self.ctx.env.platform == "colab":
@@ -587,100 +411,3 @@ class Session:
 
 def _last_gpu(state: RunState) -> str | None:
     return state.sessions[-1].get("gpu") if state.sessions else None
-
-
-def new_state(ctx: Context) -> RunState:
-    return RunState(
-        run=ctx.run, step=0, target=ctx.profile.train.steps, profile_fingerprint=fingerprint(ctx.profile),
-        profile_fields=fingerprint_fields(ctx.profile), created=iso(ctx.clock.wall()),
-    )  # fmt: skip
-
-
-def ensure_run_info(ctx: Context, *, force: bool) -> RunInfo:
-    """Write run.json for a new run; for an existing one, refuse settings that change the weights."""
-    info = read_run_info(ctx.storage, ctx.run, missing_ok=True)
-    fields_now = fingerprint_fields(ctx.profile)
-    if info is None:
-        info = RunInfo(
-            run=ctx.run, profile=ctx.profile.to_dict(), fingerprint=fingerprint(ctx.profile),
-            fingerprint_fields=fields_now, target=ctx.profile.train.steps, created=iso(ctx.clock.wall()),
-        )  # fmt: skip
-        write_run_info(ctx.storage, info)
-        return info
-    differing = diff_fields(info.fingerprint_fields, fields_now)
-    differing.pop("train.steps", None)  # a new target continues the same run
-    if differing and not force:
-        raise ResumeMismatch(differing)
-    if differing:
-        ctx.bus.emit(events.Warning(f"--force: resuming with changed settings: {', '.join(sorted(differing))}"))
-    return info
-
-
-# ---------------------------------------------------------------- the latent cache
-
-
-def ensure_cache(ctx: Context, cache_fp: str, build) -> Path:
-    """The cache folder, verified: the local copy, else a download, else built once here and uploaded."""
-    local = ctx.workdir / "cache" / cache_fp
-    prefix = f"{ctx.run}/cache/{cache_fp}"
-    stored_is_bad = False
-    if not _verified_locally(local):
-        try:
-            fetch_folder(ctx.storage, prefix, local)
-            return local
-        except CheckpointCorrupt as exc:
-            stored_is_bad = ctx.storage.exists(f"{prefix}/{COMMIT}")
-            if stored_is_bad:
-                ctx.bus.emit(events.Warning(f"stored latent cache unusable ({exc}); rebuilding it", kind="cache"))
-        shutil.rmtree(local, ignore_errors=True)
-        local.mkdir(parents=True)
-        build(local)
-        write_manifest(local, {"fingerprint": cache_fp})
-    if stored_is_bad:
-        ctx.storage.delete(f"{prefix}/{COMMIT}")  # uncommit the bad copy before replacing its files
-    if stored_is_bad or not ctx.storage.exists(f"{prefix}/{COMMIT}"):
-        commit_folder(ctx.storage, local, prefix)
-    return local
-
-
-# ---------------------------------------------------------------- the compile cache
-
-COMPILE_CACHE_FILE = "artifacts.bin"
-
-
-def fetch_compile_cache(ctx: Context, key: str, local: Path) -> bytes | None:
-    """The stored compile artifacts for `key` (see runner.train.model.compile_cache_key), verified; None
-    when there are none yet or the stored copy is unusable (then a warning says so)."""
-    if _verified_locally(local):
-        return (local / COMPILE_CACHE_FILE).read_bytes()
-    prefix = f"{ctx.run}/compile-cache/{key}"
-    try:
-        if not ctx.storage.exists(f"{prefix}/{COMMIT}"):
-            return None
-        fetch_folder(ctx.storage, prefix, local)
-        return (local / COMPILE_CACHE_FILE).read_bytes()
-    except (CheckpointCorrupt, StorageError, OSError) as exc:
-        shutil.rmtree(local, ignore_errors=True)
-        ctx.bus.emit(events.Warning(f"stored compile cache unusable ({exc}); compiling", kind="compile"))
-        return None
-
-
-def store_compile_cache(ctx: Context, key: str, blob: bytes) -> None:
-    """Commit `blob` as RUN/compile-cache/KEY/ (files first, COMMIT.json last), unless one is there."""
-    prefix = f"{ctx.run}/compile-cache/{key}"
-    if ctx.storage.exists(f"{prefix}/{COMMIT}"):
-        return
-    local = ctx.workdir / "compile-cache" / key
-    shutil.rmtree(local, ignore_errors=True)
-    local.mkdir(parents=True)
-    (local / COMPILE_CACHE_FILE).write_bytes(blob)
-    write_manifest(local, {"compile_cache": key})
-    commit_folder(ctx.storage, local, prefix)
-
-
-def _verified_locally(local: Path) -> bool:
-    try:
-        manifest = json.loads((local / COMMIT).read_text())
-    except (OSError, ValueError):
-        return False
-    return not verify_dir(local, manifest)

@@ -1,8 +1,7 @@
-"""Run state that survives restarts, the session lifecycle, and the run's ledger files.
+"""Run state that survives restarts, and the run's ledger files.
 
 Owns: `RunState` (versioned JSON, stored in each checkpoint's COMMIT.json and
-as state.json), `Phase`, `RunInfo` (RUN/run.json) and sessions.jsonl, plus two
-small helpers that move bytes through a Storage.
+as state.json), `RunInfo` (RUN/run.json) and sessions.jsonl.
 
 Must not: import torch or anything above the storage protocol; hold tensors
 (those live in safetensors files listed by the manifest). Randomness is a
@@ -12,15 +11,13 @@ function of (seed, step, rank), so there is no RNG state here on purpose.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import logging
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from runner.errors import CheckpointCorrupt, RelayError, StorageError
 from runner.storage import Storage
+from runner.storage.blobs import read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -28,21 +25,6 @@ STATE_VERSION = 1
 RUN_INFO_VERSION = 1
 RUN_FILE = "run.json"
 SESSIONS_FILE = "sessions.jsonl"
-
-
-class Phase(enum.Enum):
-    """Where a session is. PREEMPTED means "run me again"; FAILED means "fix something first"."""
-
-    STARTING = "starting"
-    RUNNING = "running"
-    SAVING = "saving"
-    PREEMPTED = "preempted"
-    COMPLETED = "completed"
-    FAILED = "failed"
-
-    @property
-    def is_terminal(self) -> bool:
-        return self in (Phase.PREEMPTED, Phase.COMPLETED, Phase.FAILED)
 
 
 @dataclass(frozen=True)
@@ -119,24 +101,6 @@ class RunInfo:
     created: str  # ISO time
     fingerprint_fields: dict = field(default_factory=dict)  # the settings behind the fingerprint, by name
     version: int = RUN_INFO_VERSION
-
-
-def read_bytes(storage: Storage, key: str) -> bytes | None:
-    """The content at `key`, or None when nothing is there."""
-    if not storage.exists(key):
-        return None
-    with tempfile.TemporaryDirectory(prefix="relay-") as tmp:
-        path = Path(tmp) / "blob"
-        storage.get(key, path)
-        return path.read_bytes()
-
-
-def write_bytes(storage: Storage, key: str, data: bytes) -> None:
-    """Put `data` at `key` (replacing what was there as a whole)."""
-    with tempfile.TemporaryDirectory(prefix="relay-") as tmp:
-        path = Path(tmp) / key.rsplit("/", 1)[-1]
-        path.write_bytes(data)
-        storage.put(path, key)
 
 
 def write_run_info(storage: Storage, info: RunInfo) -> None:

@@ -39,6 +39,7 @@ from runner.storage import Storage
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+CHECKPOINT_DIR = "checkpoints"  # RUN/checkpoints/step-N/
 UPLOAD_ATTEMPTS = 5  # tries of one whole commit on transient storage errors (backends retry each call too)
 RETRY_MAX_WAIT_S = 60.0
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -46,6 +47,29 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def step_of_dir(name: str) -> int | None:
+    """The step of a checkpoint folder name ("step-00000400" → 400); None for any other name."""
+    match = _STEP_DIR.match(name)
+    return int(match.group(1)) if match else None
+
+
+def committed_steps(storage: Storage, run: str) -> list[int]:
+    """Steps whose RUN/checkpoints/step-N/ holds a COMMIT.json, ascending (not verified: `latest` verifies)."""
+    return sorted(s for s, names in step_folders(storage, f"{run}/{CHECKPOINT_DIR}").items() if COMMIT in names)
+
+
+def step_folders(storage: Storage, prefix: str) -> dict[int, set[str]]:
+    """step → file names (relative to the step folder) of the checkpoint folders under `prefix`."""
+    folders: dict[int, set[str]] = {}
+    for key in storage.list(prefix):
+        rest = key[len(prefix) + 1 :] if key.startswith(prefix + "/") else ""
+        head, _, name = rest.partition("/")
+        step = step_of_dir(head)
+        if step is not None and name:
+            folders.setdefault(step, set()).add(name)
+    return folders
 
 
 class Snapshot(Protocol):
@@ -115,7 +139,7 @@ class CheckpointManager:
 
     @property
     def prefix(self) -> str:
-        return f"{self.run}/checkpoints"
+        return f"{self.run}/{CHECKPOINT_DIR}"
 
     def folder(self, step: int) -> str:
         return f"{self.prefix}/{step_dir_name(step)}"
@@ -343,22 +367,15 @@ class CheckpointManager:
         with self._cond:
             pending = {s.step for s in (self._waiting,) if s is not None}
         for folder in staging.iterdir():
-            match = _STEP_DIR.match(folder.name)
-            if match and int(match.group(1)) <= step and int(match.group(1)) not in pending:
+            folder_step = step_of_dir(folder.name)
+            if folder_step is not None and folder_step <= step and folder_step not in pending:
                 shutil.rmtree(folder, ignore_errors=True)
 
     # ---- listing and restore -----------------------------------------------------------------
 
     def _folders(self) -> dict[int, set[str]]:
         """step → file names (relative to the step folder) under RUN/checkpoints/."""
-        folders: dict[int, set[str]] = {}
-        for key in self.storage.list(self.prefix):
-            rest = key[len(self.prefix) + 1 :] if key.startswith(self.prefix + "/") else ""
-            head, _, name = rest.partition("/")
-            match = _STEP_DIR.match(head)
-            if match and name:
-                folders.setdefault(int(match.group(1)), set()).add(name)
-        return folders
+        return step_folders(self.storage, self.prefix)
 
     def committed_steps(self) -> list[int]:
         """Steps whose folder has a COMMIT.json, ascending (not verified: `latest` verifies)."""

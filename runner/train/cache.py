@@ -279,13 +279,3 @@ def _assemble(
         ids=torch.stack([get(i, "ids", "embeds") for i in range(count)]) if has_ids and count else None,
         empty_ids=first[f"{EMPTY}.ids"] if has_ids else None,
     )
-
-
-def ensure_cache(
-    profile: Profile, cache_dir: Path, *, parts: PartsSource = None, bus: EventBus | None = None, device: str = "cpu"
-) -> CachedData:
-    """Open the cache in `cache_dir` when it was built for this profile; otherwise build it first."""
-    index = read_index(cache_dir)
-    if index is None or index.get("fingerprint") != cache_fingerprint(profile):
-        build_cache(profile, cache_dir, parts=parts, bus=bus, device=device)
-    return open_cache(cache_dir)

@@ -532,9 +532,6 @@ class StepOrder:
     def global_batch(self) -> int:
         return self.micro_batch * self.grad_accum * self.world
 
-    def epoch_of(self, step: int) -> int:
-        return step // batches_per_epoch(self.buckets, self.global_batch)
-
     def step_batch(self, step: int) -> list[int]:
         """The global batch of optimizer step `step` (0-based)."""
         per_epoch = batches_per_epoch(self.buckets, self.global_batch)

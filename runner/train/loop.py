@@ -46,6 +46,7 @@ from runner.train.data import StepOrder, batches_per_epoch, derive_seed, generat
 from runner.train.grads import FlatGrads
 from runner.train.graphs import MicroBatchGraphs, checkpoint_without_rng, shape_key
 from runner.train.model import (
+    CompileState,
     TextEncoders,
     attach_lora,
     attach_text_encoder_lora,
@@ -98,11 +99,23 @@ class Batch:
     ids: torch.Tensor | None = None  # [B, 2, 77] caption token ids, when the text encoders train
 
 
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """The precision actually used: fp32 on CPU; on CUDA bf16 only where supported, else fp16."""
+BF16_CAPABILITY = (8, 0)  # Ampere and later run bf16 natively
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes in bf16 itself. Not torch.cuda.is_bf16_supported(): that also counts
+    emulation and says True on a T4 (sm_75), where bf16 runs slower than fp16 (issue 14, item 2)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= BF16_CAPABILITY
+
+
+def resolve_precision(requested: str, device: str | torch.device) -> str:
+    """The precision actually used: fp32 on CPU; on CUDA bf16 only where the GPU has it, else fp16.
+
+    The one place that decides it: the Trainer's autocast and the frozen UNet's dtype both follow it."""
+    device = torch.device(device)
     if device.type != "cuda":
         return "fp32"
-    if requested in ("bf16", "auto") and torch.cuda.is_bf16_supported():
+    if requested in ("bf16", "auto") and has_native_bf16(device):
         return "bf16"
     return "fp32" if requested == "fp32" else "fp16"
 
@@ -174,9 +187,11 @@ class Trainer:
         bus: EventBus | None = None,
         clock: Clock | None = None,
         text_encoders: TextEncoders | None = None,
+        compile_state: CompileState | None = None,
     ) -> None:
         self.profile, self.data, self.unet, self.bus = profile, data, unet, bus
         self.encoders = text_encoders if profile.lora.text_encoder else None
+        self.compile_state = compile_state or CompileState()  # shared with the other trainers of one UNet
         self.clock = clock or SystemClock()
         self.cfg, self.seed = profile.train, profile.train.seed
         self.device, self.rank, self.world = torch.device(device), rank, world
@@ -282,7 +297,7 @@ class Trainer:
         wanted = self.cfg.compile
         if wanted == "off":
             return None
-        ok, why = compile_available(self.device)
+        ok, why = compile_available(self.device, self.compile_state)
         if not ok:
             if wanted != "auto":
                 self._warn(f"train.compile = {wanted}, but {why}; training eagerly", "compile")
@@ -542,7 +557,7 @@ class Trainer:
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         self._warn(f"train.compile = {self.cfg.compile} failed ({reason[:300]}); training eagerly", "compile")
         log.debug("compile failure", exc_info=exc)
-        uncompile(self.unet, reason)
+        uncompile(self.unet, reason, self.compile_state)
         self.compiled, self.graphs = None, None
         self._zero_grad()
 
@@ -662,12 +677,6 @@ class Trainer:
             for module in modules:
                 module.train()
         return sum(losses) / len(losses)
-
-    def peak_memory_gib(self) -> float | None:
-        """Peak CUDA memory allocated so far, in GiB; None on CPU."""
-        if self.device.type != "cuda":
-            return None
-        return torch.cuda.max_memory_allocated(self.device) / 2**30
 
     # --- state -----------------------------------------------------------------------------
 

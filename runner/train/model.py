@@ -630,13 +630,19 @@ COMPILED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 RECOMPILE_LIMIT = 64  # block variants (channel counts, shortcut or not) × aspect buckets
 
 
-_compile_broken = ""  # why torch.compile failed in this process; set once, then every trainer stays eager
+@dataclass
+class CompileState:
+    """Whether torch.compile failed for the trainers that share this object (a TrainingRun's probes and
+    its trainer): once it failed, each later one stays eager instead of failing again."""
+
+    broken: str = ""
+    """Why torch.compile failed; empty while it has not."""
 
 
-def compile_available(device: torch.device) -> tuple[bool, str]:
+def compile_available(device: torch.device, state: CompileState | None = None) -> tuple[bool, str]:
     """Whether torch.compile can run here, and why not when it cannot."""
-    if _compile_broken:
-        return False, f"torch.compile failed earlier in this process ({_compile_broken})"
+    if state is not None and state.broken:
+        return False, f"torch.compile failed earlier in this process ({state.broken})"
     if device.type != "cuda":
         return False, "torch.compile is used on CUDA only (CPU runs stay eager and bit-exact)"
     major, _ = torch.cuda.get_device_capability(device)
@@ -669,10 +675,10 @@ def compile_blocks(unet: UNet2DConditionModel) -> int:
     return count
 
 
-def uncompile(unet: UNet2DConditionModel, reason: str) -> None:
-    """Undo compile_blocks after torch.compile failed, and keep later trainers in this process eager."""
-    global _compile_broken
-    _compile_broken = reason[:200]
+def uncompile(unet: UNet2DConditionModel, reason: str, state: CompileState | None = None) -> None:
+    """Undo compile_blocks after torch.compile failed, and keep the later trainers sharing `state` eager."""
+    if state is not None:
+        state.broken = reason[:200]
     for module in unet.modules():
         if getattr(module, "_compiled_call_impl", None) is not None:
             module._compiled_call_impl = None

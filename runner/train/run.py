@@ -3,9 +3,9 @@
 Owns: turning a validated profile, a local cache folder and an optional
 restored checkpoint into a ready Trainer — picking the device (and the rank in
 a multi-GPU launch), loading only the UNet, probing the memory plan on CUDA,
-restoring trainer state — and the final export files. The session calls it;
-it knows nothing of storage, leases or the budget, and returns files for the
-session to commit.
+restoring trainer state. The session calls it; it knows nothing of storage,
+leases or the budget, and neither exports nor samples (runner.export and
+runner.sample do, called by the session).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from runner.fit import (
 from runner.profile import Profile
 from runner.train.backoff import back_off
 from runner.train.cache import CachedData, open_cache
-from runner.train.loop import LORA_FILE, StepResult, Trainer
-from runner.train.model import TextEncoders, load_lora_state_dict, load_parts, lora_state_dict
+from runner.train.loop import LORA_FILE, StepResult, Trainer, resolve_precision
+from runner.train.model import CompileState, TextEncoders, load_lora_state_dict, load_parts, lora_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,9 @@ class Placement:
 
 
 def unet_dtype(profile: Profile, device: str) -> torch.dtype:
-    """The frozen UNet's dtype: fp32 on CPU; fp16 on CUDA (bf16 where asked for and supported)."""
-    if not device.startswith("cuda") or profile.train.precision == "fp32":
-        return torch.float32
-    if profile.train.precision in ("bf16", "auto") and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
+    """The frozen UNet's dtype: the precision the Trainer resolves (fp32 on CPU; bf16 only on a GPU that has it)."""
+    precision = resolve_precision(profile.train.precision, device)
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
 
 class TrainingRun:
@@ -96,6 +93,7 @@ class TrainingRun:
             if profile.lora.text_encoder
             else None
         )
+        self.compile_state = CompileState()  # a compile failure in a probe keeps the later trainers eager
         self.plan = self._choose_plan(stored_plan, stored_gpu, gpu_name)
         self.trainer = self._make_trainer(self.plan)
 
@@ -149,15 +147,11 @@ class TrainingRun:
             )
 
     def _make_trainer(self, plan: Plan) -> Trainer:
-        if plan.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        elif getattr(self.unet, "is_gradient_checkpointing", False):
-            self.unet.disable_gradient_checkpointing()
-        return Trainer(
+        return Trainer(  # the Trainer turns gradient checkpointing on or off as the plan says
             self.profile, self.data, self.unet, micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
             gradient_checkpointing=plan.gradient_checkpointing, device=self.placement.device,
-            eager_shapes=plan.eager_shapes,
-            rank=self.placement.rank, world=self.placement.world, bus=self.bus, text_encoders=self.encoders,
+            eager_shapes=plan.eager_shapes, text_encoders=self.encoders, compile_state=self.compile_state,
+            rank=self.placement.rank, world=self.placement.world, bus=self.bus,
         )  # fmt: skip
 
     # --- training ------------------------------------------------------------------------
@@ -198,6 +192,13 @@ class TrainingRun:
         return lora_state_dict(self.unet, self.encoders)
 
 
+def compile_cache_key_of(placement: Placement) -> str:
+    """Where this process's compiled kernels can be reused (runner.train.model.compile_cache_key)."""
+    from runner.train.model import compile_cache_key
+
+    return compile_cache_key(torch.device(placement.device))
+
+
 def read_lora_file(directory: Path) -> dict[str, torch.Tensor]:
     """The LoRA tensors of a restored checkpoint folder (safetensors, never pickle)."""
     from safetensors.torch import load_file
@@ -228,63 +229,3 @@ def agree(placement: Placement, *flags: bool) -> tuple[bool, ...]:
     values = torch.tensor([float(f) for f in flags], device=device)
     torch.distributed.broadcast(values, src=0)
     return tuple(bool(v) for v in values.tolist())
-
-
-def close_distributed() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-# --- the end of a run ------------------------------------------------------------------------
-
-
-def write_final(
-    profile: Profile, run: str, lora_sd: dict[str, torch.Tensor], out_dir: Path, *, steps: int,
-    sessions: list[dict], device: str, unet: Any = None, bus: events.EventBus | None = None,
-) -> list[Path]:  # fmt: skip
-    """final/: the diffusers and kohya LoRA files, the model card and, when it can be drawn, the sample grid.
-
-    The grid is best effort: a failure to draw it is a Warning, never a lost run."""
-    from runner.export import CardInfo, export_lora
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    grid = out_dir / "samples.png"
-    try:
-        # with the training UNet: its adapter as it is, and the text encoders' LoRA (if any) from lora_sd
-        sampled = lora_sd if unet is None else {k: v for k, v in lora_sd.items() if k.startswith("text_encoder")}
-        draw_samples(profile, sampled or None, grid, device=device, unet=unet)
-    except (RuntimeError, OSError, ValueError) as exc:  # sampling must never cost the trained LoRA
-        log.warning("sample grid failed: %s", exc)
-        if bus is not None:
-            bus.emit(events.Warning(f"sample grid not drawn: {exc}", kind="samples"))
-    card = CardInfo(name=run, steps=steps, sessions=tuple(sessions), sample_grid=str(grid) if grid.exists() else "")
-    return export_lora(lora_sd, profile.lora, out_dir, profile_dict=profile.to_dict(), card=card)
-
-
-def draw_samples(
-    profile: Profile, lora_sd: dict | None, out_path: Path, *, device: str, unet: Any = None,
-    text_encoders: TextEncoders | None = None,
-) -> Path:  # fmt: skip
-    """The base-vs-LoRA grid with the profile's prompts; reuses the training UNet (and text encoders) when given."""
-    from runner.sample import sample_grid
-
-    dtype = unet_dtype(profile, device)
-    parts = load_parts(
-        profile.model, unet=unet is None, text=text_encoders is None, vae=True, device="cpu", dtype=dtype
-    )
-    if unet is not None:
-        parts.unet = unet
-    if text_encoders is not None:
-        parts.text_encoder, parts.text_encoder_2 = text_encoders.text_encoder, text_encoders.text_encoder_2
-        parts.tokenizer, parts.tokenizer_2 = text_encoders.tokenizer, text_encoders.tokenizer_2
-    cfg = profile.sample
-    try:
-        return sample_grid(
-            parts, lora_sd, cfg.prompts, cfg.seed, cfg.inference_steps, cfg.guidance, profile.train.resolution,
-            out_path, lora_cfg=profile.lora, device=device, cpu_offload=device.startswith("cuda"),
-        )  # fmt: skip
-    finally:
-        del parts
-        gc.collect()
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()

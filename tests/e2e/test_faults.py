@@ -58,7 +58,7 @@ def session_hooks(monkeypatch):
         contexts: list = []
         subscribers: list = []
 
-    import runner.session as session_module
+    import runner.commands as session_module
 
     real_build = session_module.build_context
 
@@ -275,7 +275,7 @@ class EveryNthRequestFails(list):
 
 def test_transient_drive_errors_on_every_operation_are_survived(tmp_path, reference, monkeypatch, capsys, reliability):
     """Against the fake Drive server: every 4th request (reads, lists, uploads, deletes) fails with 429/5xx."""
-    import runner.session as session_module
+    import runner.commands as session_module
     from runner.storage.gdrive import RetryPolicy, open_gdrive
     from tests.fakedrive import ROOT_ID, FakeDrive, make_fake_account
 
@@ -384,7 +384,7 @@ def test_corrupt_latent_cache_is_detected_and_replaced(where, tmp_path, referenc
                        injected=1, survived=True, notes={"stored copy good afterwards": int(stored_ok)})  # fmt: skip
     if where == "in storage":  # the next fresh VM must not have to rebuild it again
         assert stored_ok, (
-            "KNOWN BUG (runner/session.py ensure_cache): the rebuilt cache was not re-committed; the corrupt "
+            "KNOWN BUG (runner/checkpoint/store.py ensure_latent_cache): the rebuilt cache was not re-committed; the corrupt "
             "stored copy stays, so every fresh session rebuilds the cache again"
         )
 

@@ -28,9 +28,11 @@ import pytest
 
 from runner import events
 from runner.clock import FakeClock
+from runner.commands import Options, build_context
 from runner.env import detect_env
 from runner.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, ResumeMismatch
-from runner.session import Options, Session, build_context, ensure_run_info
+from runner.runinfo import ensure_run_info
+from runner.session import Session
 
 RUN = "tiny"
 TARGET = 5

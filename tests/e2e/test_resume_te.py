@@ -10,8 +10,9 @@ import shutil
 import pytest
 import torch
 
+from runner.commands import Options, build_context
 from runner.errors import EXIT_OK, EXIT_PREEMPTED, ResumeMismatch
-from runner.session import Options, build_context, ensure_run_info
+from runner.runinfo import ensure_run_info
 
 from .test_resume import FAST, FINAL_LORA, RUN, assert_same_lora, committed_steps, read_lora, run_session
 

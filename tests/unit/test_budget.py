@@ -180,7 +180,6 @@ def test_dashboard_figures():
     assert budget.time_left_s(replace(ctx, deadline=None)) is None
     assert budget.next_checkpoint_in_s(replace(ctx, upload_left_s=None)) == 430.0  # unknown upload: no wait shown
     assert budget.next_checkpoint_in_s(replace(ctx, upload_left_s=500.0)) == 500.0  # waits for the upload
-    assert budget.checkpoint_overhead_pct(replace(ctx, training_s=1000.0, checkpoint_s=15.0)) == 1.5
     assert budget.training_fraction(950.0, 1000.0) == 0.95
     assert budget.training_fraction(1.0, 0.0) == 0.0
 

@@ -12,7 +12,7 @@ from runner.errors import CheckpointCorrupt
 from runner.events import CacheProgress, EventBus
 from runner.profile import load_profile
 from runner.train import cache as cache_mod
-from runner.train.cache import build_cache, cache_fingerprint, encode_prompts, ensure_cache, open_cache
+from runner.train.cache import build_cache, cache_fingerprint, encode_prompts, open_cache
 from runner.train.model import build_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,16 +75,27 @@ def test_shards_are_split_when_large(tmp_path, tiny_parts, monkeypatch):
 
 
 def test_second_run_with_the_cache_present_loads_no_encoder(tmp_path, tiny_parts):
+    """What a session does (runner.checkpoint.store.ensure_latent_cache): build once, then reuse."""
+    from runner.checkpoint.store import FolderStore, ensure_latent_cache
+    from runner.events import EventBus
+    from runner.storage.local import LocalStorage
+
+    store = FolderStore(LocalStorage(tmp_path / "storage"), "run", tmp_path / "work")
+
+    def ensure(profile, parts):
+        build = lambda d: build_cache(profile, d, parts=parts)  # noqa: E731
+        return open_cache(ensure_latent_cache(store, cache_fingerprint(profile), build, EventBus()))
+
     profile = _profile()
-    first = ensure_cache(profile, tmp_path, parts=tiny_parts)
+    first = ensure(profile, tiny_parts)
 
     def must_not_load():
         raise AssertionError("the cache is present: no VAE or text encoder may be loaded")
 
-    second = ensure_cache(profile, tmp_path, parts=must_not_load)
+    second = ensure(profile, must_not_load)
     assert torch.equal(second.latents[3], first.latents[3])
     with pytest.raises(AssertionError, match="cache is present"):  # another resolution is another cache
-        ensure_cache(_profile("train.resolution=96"), tmp_path, parts=must_not_load)
+        ensure(_profile("train.resolution=96"), must_not_load)
 
 
 def test_fingerprint_covers_what_changes_the_tensors():

@@ -66,9 +66,8 @@ def _pretend_compile(monkeypatch, error):
                 module._compiled_call_impl = broken
         return 1
 
-    monkeypatch.setattr(loop, "compile_available", lambda device: (True, ""))
+    monkeypatch.setattr(loop, "compile_available", lambda device, state=None: (True, ""))
     monkeypatch.setattr(loop, "compile_blocks", compile_blocks)
-    monkeypatch.setattr(model, "_compile_broken", "")
     return broken
 
 
@@ -86,8 +85,8 @@ def test_a_failing_compile_falls_back_to_eager_and_trains_the_same_weights(cache
     assert got == expected
     a, b = lora_state_dict(reference.unet), lora_state_dict(trainer.unet)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert loop.compile_available(torch.device("cuda"))[0]  # (patched) but the model module remembers:
-    assert "no working C compiler" in model.compile_available(torch.device("cuda"))[1]
+    # a later trainer sharing the state (the fit's next probe, the run's trainer) is told at once:
+    assert "no working C compiler" in model.compile_available(torch.device("cuda"), trainer.compile_state)[1]
 
 
 def test_out_of_memory_in_a_compiled_step_is_not_taken_for_a_compile_failure(cached, monkeypatch):
@@ -139,38 +138,36 @@ def test_compiled_blocks_match_eager_on_cpu():
 # --- the compile cache carried between sessions ------------------------------------------------
 
 
-def _ctx(tmp_path, workdir="work"):
-    from types import SimpleNamespace
-
+def _store(tmp_path, workdir="work"):
+    from runner.checkpoint.store import FolderStore
     from runner.storage.local import LocalStorage
 
-    bus = EventBus()
-    return SimpleNamespace(run="run", storage=LocalStorage(tmp_path / "storage"), workdir=tmp_path / workdir, bus=bus)
+    return FolderStore(LocalStorage(tmp_path / "storage"), "run", tmp_path / workdir)
 
 
 def test_a_stored_compile_cache_comes_back_verified_in_another_session(tmp_path):
-    from runner.session import fetch_compile_cache, store_compile_cache
+    from runner.checkpoint.store import fetch_compile_cache, store_compile_cache
 
-    first = _ctx(tmp_path)
-    assert fetch_compile_cache(first, "torch-x-gpu-y", first.workdir / "cc") is None  # nothing stored yet
+    first, bus = _store(tmp_path), EventBus()
+    assert fetch_compile_cache(first, "torch-x-gpu-y", bus) is None  # nothing stored yet
     store_compile_cache(first, "torch-x-gpu-y", b"kernels" * 1000)
     store_compile_cache(first, "torch-x-gpu-y", b"other")  # the first one stays
-    second = _ctx(tmp_path, workdir="elsewhere")
-    seen = _warnings(second.bus)
-    assert fetch_compile_cache(second, "torch-x-gpu-y", second.workdir / "cc") == b"kernels" * 1000
-    assert fetch_compile_cache(second, "torch-other", second.workdir / "cc2") is None
+    second, bus2 = _store(tmp_path, workdir="elsewhere"), EventBus()
+    seen = _warnings(bus2)
+    assert fetch_compile_cache(second, "torch-x-gpu-y", bus2) == b"kernels" * 1000
+    assert fetch_compile_cache(second, "torch-other", bus2) is None
     assert seen == []
 
 
 def test_a_damaged_compile_cache_is_reported_and_not_used(tmp_path):
-    from runner.session import COMPILE_CACHE_FILE, fetch_compile_cache, store_compile_cache
+    from runner.checkpoint.store import COMPILE_CACHE_FILE, fetch_compile_cache, store_compile_cache
 
-    first = _ctx(tmp_path)
+    first = _store(tmp_path)
     store_compile_cache(first, "k", b"kernels" * 1000)
     stored = tmp_path / "storage" / "run" / "compile-cache" / "k" / COMPILE_CACHE_FILE
     stored.write_bytes(b"x" * stored.stat().st_size)  # same size, other content
-    second = _ctx(tmp_path, workdir="elsewhere")
-    seen = _warnings(second.bus)
-    assert fetch_compile_cache(second, "k", second.workdir / "cc") is None
+    second, bus = _store(tmp_path, workdir="elsewhere"), EventBus()
+    seen = _warnings(bus)
+    assert fetch_compile_cache(second, "k", bus) is None
     assert [w.kind for w in seen] == ["compile"] and "unusable" in seen[0].message
-    assert not (second.workdir / "cc").exists()
+    assert not second.local("compile-cache/k").exists()

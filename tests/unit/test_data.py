@@ -172,6 +172,29 @@ def test_step_order_is_a_pure_function_of_the_step_and_shards_ranks():
     assert sorted(sum((split.micro(9, m) for m in range(8)), [])) == sorted(step_batch)
 
 
+def test_every_epoch_is_a_permutation_and_consecutive_epochs_differ():
+    """What the data holds, not just that it repeats: each epoch shows every example exactly once (one
+    bucket, a batch that divides the set), and no two consecutive epochs show them in the same order."""
+    count, batch = 24, 4
+    order = data.StepOrder([0] * count, micro_batch=2, grad_accum=2, world=1, seed=42)
+    per_epoch = data.batches_per_epoch([0] * count, batch)
+    epochs = [sum((order.step_batch(e * per_epoch + i) for i in range(per_epoch)), []) for e in range(6)]
+    for seen in epochs:
+        assert sorted(seen) == list(range(count))
+    for before, after in zip(epochs, epochs[1:], strict=False):
+        assert before != after
+    # with buckets, each epoch still covers every example (a bucket's last batch is filled up by wrapping)
+    buckets = [i % 3 for i in range(20)]
+    order = data.StepOrder(buckets, micro_batch=1, grad_accum=4, world=1, seed=42)
+    per_epoch = data.batches_per_epoch(buckets, 4)
+    firsts = []
+    for epoch in range(4):
+        seen = sum((order.step_batch(epoch * per_epoch + i) for i in range(per_epoch)), [])
+        assert set(seen) == set(range(20))
+        firsts.append(seen)
+    assert all(a != b for a, b in zip(firsts, firsts[1:], strict=False))
+
+
 def test_validation_split_is_seeded_and_disjoint():
     train, val = data.split_validation(20, 4, seed=3)
     assert len(val) == 4 and not set(train) & set(val) and len(train) == 16

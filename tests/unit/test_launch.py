@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runner.session import rank_env
+from runner.launch import rank_env
 
 
 def test_each_rank_gets_its_rank_the_rendezvous_and_a_share_of_the_cores():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import time
 
 import pytest
@@ -57,16 +58,52 @@ def test_take_over_of_fresh_lease_and_old_holder_stops_at_heartbeat(tmp_path):
     assert read_lease(storage, "run").holder == "kaggle:b:2"
 
 
-def test_heartbeat_keeps_the_lease_fresh(tmp_path):
+class Beats:
+    """The heartbeat thread's wait(): each call advances the fake clock by the interval asked for and lets
+    one beat through, `count` times; then it reports "stopped" and sets `done`."""
+
+    def __init__(self, clock: FakeClock, count: int) -> None:
+        self.clock, self.left, self.done, self.waits = clock, count, threading.Event(), []
+
+    def __call__(self, seconds: float) -> bool:
+        self.waits.append(seconds)
+        if self.left == 0:
+            self.done.set()
+            return True
+        self.left -= 1
+        self.clock.advance(seconds)
+        return False
+
+
+def test_the_heartbeat_thread_keeps_the_lease_fresh_whatever_the_session_does(tmp_path):
+    """From acquire to release the lease is renewed by its own thread: a 20-minute setup (downloads, the
+    latent cache, compiling) with no training step never lets another session take the run."""
     storage, clock = LocalStorage(tmp_path), FakeClock()
     lease = _lease(storage, "colab:a:1", clock)
     lease.acquire()
-    for _ in range(4):
-        clock.advance(200)
-        assert lease.maybe_heartbeat()
-    assert not lease.maybe_heartbeat()  # not due yet
+    beats = Beats(clock, 12)  # 12 beats of 100 s: 20 minutes with nothing but the thread renewing it
+    heartbeat = lease.start_heartbeat(wait=beats)
+    assert beats.done.wait(10)
+    assert heartbeat.beats == 12 and set(beats.waits) == {100.0}  # timeout / 3
     with pytest.raises(LeaseHeld):
         _lease(storage, "kaggle:b:2", clock).acquire()
+    lease.release()
+    assert read_lease(storage, "run") is None
+
+
+def test_a_heartbeat_that_finds_the_lease_taken_makes_the_session_stop(tmp_path):
+    storage, clock = LocalStorage(tmp_path), FakeClock()
+    old = _lease(storage, "colab:a:1", clock)
+    old.acquire()
+    _lease(storage, "kaggle:b:2", clock).acquire(take_over=True)
+    beats = Beats(clock, 3)
+    heartbeat = old.start_heartbeat(wait=beats)
+    heartbeat._thread.join(10)
+    assert heartbeat.beats == 0 and heartbeat.lost is not None and heartbeat.lost.holder == "kaggle:b:2"
+    with pytest.raises(LeaseHeld):
+        old.check()
+    old.release()
+    assert read_lease(storage, "run").holder == "kaggle:b:2"
 
 
 def test_release_frees_the_run(tmp_path):

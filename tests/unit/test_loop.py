@@ -96,8 +96,53 @@ def test_a_differently_split_batch_trains_the_same_examples(cached):
     a, b = split_a.step(0), split_b.step(0)
     assert a.loss == pytest.approx(b.loss, rel=1e-5)
     assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-4)
-    for param_a, param_b in zip(split_a.params, split_b.params, strict=True):
-        assert torch.allclose(param_a.grad, param_b.grad, rtol=1e-3, atol=1e-9)
+    # the same gradient up to float summation order: measured against the gradient's own size, so a
+    # harmless change of seed (other values, other magnitudes) cannot make it fail, a real difference can
+    grads_a = torch.cat([p.grad.flatten() for p in split_a.params])
+    grads_b = torch.cat([p.grad.flatten() for p in split_b.params])
+    assert grads_a.norm() > 0
+    assert (grads_a - grads_b).norm() <= 1e-4 * grads_a.norm()
+
+
+def test_per_example_noise_and_timesteps_differ_between_steps_and_agree_across_splits_and_ranks(cached):
+    """Every example of a step draws its own noise and timestep; the next step draws new ones; and the
+    draws of a step are the same whether its batch runs as 2×2, 1×4 or on two ranks of 1×2."""
+    profile = load_profile("tiny")
+
+    def draws(trainer, step, micro_batches):
+        rows = [trainer._batch(step, m) for m in range(micro_batches)]
+        return torch.cat([r.noise for r in rows]), torch.cat([r.timesteps for r in rows])
+
+    two_by_two = _trainer(profile, cached, micro_batch=2, grad_accum=2)
+    one_by_four = _trainer(profile, cached, micro_batch=1, grad_accum=4)
+    noise, timesteps = draws(two_by_two, 0, 2)
+    assert len({tuple(n.flatten()[:8].tolist()) for n in noise}) == 4  # four examples, four noises
+    next_noise, next_timesteps = draws(two_by_two, 1, 2)
+    assert not torch.equal(noise, next_noise) and not torch.equal(timesteps, next_timesteps)
+    other_noise, other_timesteps = draws(one_by_four, 0, 4)
+    assert torch.equal(noise, other_noise) and torch.equal(timesteps, other_timesteps)
+    # two ranks of micro-batch 1 × accumulation 2: global slots interleave micro-batch and rank
+    ranks = [
+        Trainer(
+            profile,
+            cached,
+            build_tiny(TINY_SEED).unet,
+            micro_batch=1,
+            grad_accum=2,
+            gradient_checkpointing=False,
+            device="cpu",
+            rank=rank,
+            world=2,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    slots = {}
+    for rank, trainer in enumerate(ranks):
+        for micro in range(2):
+            slots[trainer.order.slot_offset(micro, rank)] = trainer._batch(0, micro)
+    assert sorted(slots) == [0, 1, 2, 3]
+    assert torch.equal(torch.cat([slots[s].noise for s in range(4)]), noise)
+    assert torch.equal(torch.cat([slots[s].timesteps for s in range(4)]), timesteps)
 
 
 def test_state_files_are_safetensors_and_meta_is_json(cached, tmp_path):
@@ -162,7 +207,19 @@ def test_cpu_falls_back_to_fp32_with_a_warning(cached):
     trainer = _trainer(load_profile("tiny", ['train.precision="fp16"']), cached, bus=bus)
     assert trainer.precision == "fp32" and trainer.scaler is None
     assert any(isinstance(e, Warning) and "fp16" in e.message for e in seen)
-    assert trainer.peak_memory_gib() is None
+
+
+def test_bf16_is_decided_by_the_compute_capability_not_by_emulation(monkeypatch):
+    """torch.cuda.is_bf16_supported() is True on a T4 (it counts emulation); a T4 must train in fp16."""
+    from runner.train import loop
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # T4
+    assert loop.resolve_precision("auto", cuda) == "fp16" and loop.resolve_precision("bf16", cuda) == "fp16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # H100/H200
+    assert loop.resolve_precision("auto", cuda) == "bf16" and loop.resolve_precision("fp16", cuda) == "fp16"
+    assert loop.resolve_precision("fp32", cuda) == "fp32" and loop.resolve_precision("bf16", "cpu") == "fp32"
 
 
 def test_adamw8bit_needs_cuda(cached):

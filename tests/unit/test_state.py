@@ -9,7 +9,6 @@ import pytest
 from runner.errors import CheckpointCorrupt, RelayError, StorageError
 from runner.state import (
     STATE_VERSION,
-    Phase,
     RunInfo,
     RunState,
     append_session,
@@ -63,10 +62,6 @@ def test_malformed_state_is_corrupt_and_named(text):
     with pytest.raises(CheckpointCorrupt) as info:
         RunState.from_json(text, source="store/run/checkpoints/step-00000400")
     assert "step-00000400" in str(info.value)
-
-
-def test_phase_terminal_states():
-    assert {p for p in Phase if p.is_terminal} == {Phase.PREEMPTED, Phase.COMPLETED, Phase.FAILED}
 
 
 def test_run_info_round_trip_and_absent(tmp_path):

@@ -2,7 +2,7 @@
 # Two-GPU figures behind bench/RESULTS.md: images/s on one vs two GPUs (full-size random SDXL, 1024 px,
 # 15 GiB cap, CUDA graphs), a SIGKILL-and-resume of `relay train` on both GPUs, and (beside it) the GPU tests
 # of CUDA graphs.
-# Run on a 2-GPU device machine from the repository root: bash bench/ddp_suite.sh
+# Run on a 2-GPU device machine from the repository root: bash bench/archive-2026-11/ddp_suite.sh
 set -uo pipefail
 OUT="${OUT:-bench/out}"; mkdir -p "$OUT"
 if [[ -d .whl ]]; then

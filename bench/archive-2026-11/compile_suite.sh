@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regional torch.compile against eager on the full-size SDXL LoRA step (issue 8's 1024 px batch-1 target).
-# Run on the device machine from the repository root: bash bench/compile_suite.sh [PART]   (results: $OUT/*.json)
+# Run on the device machine from the repository root: bash bench/archive-2026-11/compile_suite.sh [PART]   (results: $OUT/*.json)
 # PART a: 1024 px batch 1, checkpointing on (eager, blocks compiled) and off (blocks compiled);
 # PART b: 1024 px batch 1, CUDA graphs, checkpointing on and auto, then the GPU tests of graphs;
 # PART c: with MODE (default graphs): 1024 px batch 1 (checkpointing on, and auto), batch 4, 512 px; GPU tests.

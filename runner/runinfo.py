@@ -1,0 +1,64 @@
+"""The run's identity across sessions: run.json's settings check, and the run's target.
+
+Owns: writing run.json for a new run; refusing, for an existing one, settings
+that change the weights (unless --force); the run's target (the stored one wins
+unless `--set train.steps=N` changes it on purpose, which is announced and
+stored); the RunState of a run's first session. Must not: train, or touch
+checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from runner import events
+from runner.clock import iso
+from runner.errors import ResumeMismatch
+from runner.profile import diff_fields, fingerprint, fingerprint_fields
+from runner.state import RunInfo, RunState, read_run_info, write_run_info
+
+if TYPE_CHECKING:
+    from runner.commands import Context
+
+
+def new_state(ctx: Context) -> RunState:
+    return RunState(
+        run=ctx.run, step=0, target=ctx.profile.train.steps, profile_fingerprint=fingerprint(ctx.profile),
+        profile_fields=fingerprint_fields(ctx.profile), created=iso(ctx.clock.wall()),
+    )  # fmt: skip
+
+
+def sets_target(overrides) -> bool:
+    """Whether the user changes the target on purpose (`--set train.steps=N`)."""
+    return any(o.split("=", 1)[0].strip() == "train.steps" for o in overrides)
+
+
+def resolve_target(stored: int | None, asked: int, explicit: bool) -> int:
+    """The run's target: the stored one, unless the user set another on purpose (`explicit`)."""
+    return asked if stored is None or explicit else stored
+
+
+def ensure_run_info(ctx: Context, *, force: bool) -> RunInfo:
+    """Write run.json for a new run; for an existing one, refuse settings that change the weights."""
+    info = read_run_info(ctx.storage, ctx.run, missing_ok=True)
+    fields_now = fingerprint_fields(ctx.profile)
+    if info is None:
+        info = RunInfo(
+            run=ctx.run, profile=ctx.profile.to_dict(), fingerprint=fingerprint(ctx.profile),
+            fingerprint_fields=fields_now, target=ctx.profile.train.steps, created=iso(ctx.clock.wall()),
+        )  # fmt: skip
+        write_run_info(ctx.storage, info)
+        return info
+    differing = diff_fields(info.fingerprint_fields, fields_now)
+    differing.pop("train.steps", None)  # a new target continues the same run (announced below)
+    if differing and not force:
+        raise ResumeMismatch(differing)
+    if differing:
+        ctx.bus.emit(events.Warning(f"--force: resuming with changed settings: {', '.join(sorted(differing))}"))
+    asked = ctx.profile.train.steps
+    if sets_target(ctx.opts.overrides) and asked != info.target:
+        ctx.bus.emit(events.Warning(f"target changed from {info.target} to {asked} steps", kind="target"))
+        info = replace(info, target=asked)
+        write_run_info(ctx.storage, info)
+    return info
