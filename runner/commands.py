@@ -79,7 +79,7 @@ def build_context(opts: Options, *, clock: Clock | None = None, env: Env | None 
     profile = opts.load_profile()
     env = env or detect_env(workdir=opts.workdir)
     storage = open_storage(opts.storage)
-    run = opts.run or profile.name
+    run = opts.run or profile.run_name  # profiles of one job (T4, Kaggle 2×T4) share a run
     workdir = Path(opts.workdir or env.workdir) / run
     workdir.mkdir(parents=True, exist_ok=True)
     return Context(opts, profile, env, storage, run, workdir, events.EventBus(), clock or SystemClock())
