@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,12 +24,13 @@ from runner.checkpoint.manager import CheckpointManager, Restored
 from runner.checkpoint.store import (
     COMPILE_CACHE_FILE,
     FolderStore,
-    ensure_latent_cache,
+    ensure_latent_cache_in_pieces,
     fetch_compile_cache,
     store_compile_cache,
 )
 from runner.clock import iso
 from runner.errors import EXIT_OK, EXIT_PREEMPTED, Interrupted, ResumeMismatch, StorageError
+from runner.handoff import Handoff, launch_id
 from runner.lease import Lease, read_lease
 from runner.profile import diff_fields, fingerprint, fingerprint_fields
 from runner.signals import install_stop_handlers
@@ -43,6 +45,7 @@ HEARTBEAT_EVERY_S = 60.0
 # takes well under a second (2 s is cautious); writing it locally and uploading it to Drive, tens of seconds.
 CHECKPOINT_PRIOR_S = 2.0
 UPLOAD_PRIOR_S = 30.0
+TEST_CACHE_DELAY_ENV = "RELAY_TEST_CACHE_DELAY_S"  # tests only: seconds of delay before each cache piece
 
 
 def logs_dir(ctx: Context) -> Path:
@@ -198,15 +201,45 @@ class Session:
         return self._loop(tr, state, deadline, stop)
 
     def _cache(self, placement) -> Path:
-        from runner.train.cache import build_cache, cache_fingerprint
-        from runner.train.run import barrier
+        """The latent cache, built (in committed pieces) or fetched by rank 0 while the others wait for it
+        in the work folder, not in a collective (runner.handoff says why)."""
+        return Path(self._shared_setup(placement, "latent-cache", lambda: str(self._build_cache(placement))))
 
-        fp = cache_fingerprint(self.ctx.profile)
-        if self.is_main:
-            build = lambda d: build_cache(self.ctx.profile, d, bus=self.ctx.bus, device=placement.device)  # noqa: E731
-            ensure_latent_cache(self.store, fp, build, self.ctx.bus)
-        barrier(placement)
-        return self.store.local(f"cache/{fp}")
+    def _build_cache(self, placement) -> Path:
+        from runner.train.cache import PieceBuilder, cache_fingerprint, merge_pieces, piece_ranges
+
+        profile, bus = self.ctx.profile, self.ctx.bus
+        ranges = piece_ranges(profile)
+        builder = PieceBuilder(profile, total=ranges[-1][1] if ranges else 0, bus=bus, device=placement.device)
+        delay_s = float(os.environ.get(TEST_CACHE_DELAY_ENV) or 0)
+
+        def build_piece(start: int, stop: int, folder: Path) -> None:
+            if delay_s:  # tests only: a cache build longer than the (shortened) collective timeout
+                time.sleep(delay_s)
+            builder(start, stop, folder)
+
+        try:
+            local, built = ensure_latent_cache_in_pieces(
+                self.store, cache_fingerprint(profile), ranges, build_piece, merge_pieces, bus
+            )
+        finally:
+            builder.close()
+        if built:
+            log.info("latent cache: built %d of %d pieces in this session", built, len(ranges))
+        return local
+
+    def _shared_setup(self, placement, what: str, work) -> str:
+        """Rank 0 runs `work` (setup every rank needs) and marks it done in the shared work folder; the other
+        ranks poll for the mark. No rank waits in a collective meanwhile: a collective times out (NCCL: 10
+        minutes) long before a first latent cache is built on a T4."""
+        if placement.world == 1:
+            return work()
+        handoff = Handoff(self.ctx.workdir, launch_id())
+        if not self.is_main:
+            return handoff.wait(what)
+        result = work()
+        handoff.mark(what, result)
+        return result
 
     def _restore_compile_cache(self, placement) -> None:
         """Load the kernels an earlier session compiled on this GPU model and torch, when stored: the first
@@ -217,13 +250,12 @@ class Session:
         import torch
 
         from runner.train.model import compile_cache_key, load_compile_artifacts
-        from runner.train.run import barrier
 
         self.compile_key = compile_cache_key(torch.device(placement.device))
         name = f"compile-cache/{self.compile_key}"
-        if self.is_main:
-            fetch_compile_cache(self.store, self.compile_key, ctx.bus)
-        barrier(placement)  # the ranks share the work folder: rank 0 fetched for all
+        # the ranks share the work folder: rank 0 fetches for all, the others wait for its mark
+        self._shared_setup(placement, "compile-cache", lambda: str(fetch_compile_cache(self.store, self.compile_key,
+                                                                                        ctx.bus) is not None))  # fmt: skip
         if not self.store.is_local(name):
             return
         try:
