@@ -92,6 +92,9 @@ def train(args) -> int:
     ctx = build_context(opts)
     processes = int(os.environ.get("RELAY_PROCESSES", "0")) or len(ctx.env.gpus)  # one per GPU by default
     if processes > 1 and "WORLD_SIZE" not in os.environ:
+        from runner.fit import split_effective_batch
+
+        split_effective_batch(ctx.profile.train.batch_size * ctx.profile.train.grad_accum, processes)  # before any rank
         from runner.launch import launch_distributed
 
         return launch_distributed(processes)

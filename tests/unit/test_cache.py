@@ -109,3 +109,27 @@ def test_shard_files_are_plain_safetensors(tmp_path, tiny_parts):
     embeds = load_file(str(tmp_path / "embeds-00000.safetensors"))
     assert embeds["empty.prompt"].dtype == torch.float16
     assert "0.prompt" in embeds and "0.pooled" in embeds
+
+
+def test_a_cache_built_in_pieces_reads_back_as_the_whole_cache(tmp_path, tiny_parts):
+    profile = _profile()
+    build_cache(profile, tmp_path / "whole", parts=tiny_parts)
+    bus, seen = EventBus(), []
+    bus.subscribe(seen.append)
+    ranges = cache_mod.piece_ranges(profile, per_piece=4)
+    assert ranges == [(0, 4), (4, 6)]
+    builder = cache_mod.PieceBuilder(profile, total=6, bus=bus, parts=tiny_parts)
+    pieces = []
+    for k, (start, stop) in enumerate(ranges):
+        pieces.append(f"piece-{k:05d}")
+        builder(start, stop, tmp_path / "pieces" / pieces[-1])
+    builder.close()
+    cache_mod.merge_pieces(tmp_path / "pieces", pieces)
+    whole, merged = open_cache(tmp_path / "whole"), open_cache(tmp_path / "pieces")
+    assert merged.names == whole.names and merged.buckets == whole.buckets
+    for field in ("latents", "latents_flip"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(merged, field), getattr(whole, field), strict=True))
+    for field in ("time_ids", "time_ids_flip", "prompt_embeds", "pooled", "empty_prompt", "empty_pooled"):
+        assert torch.equal(getattr(merged, field), getattr(whole, field)), field
+    progress = [(e.done, e.total) for e in seen if isinstance(e, CacheProgress)]
+    assert progress == [(i, 6) for i in range(1, 7)]  # counted over the dataset, not the piece
