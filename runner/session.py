@@ -253,9 +253,11 @@ class Session:
 
         self.compile_key = compile_cache_key(torch.device(placement.device))
         name = f"compile-cache/{self.compile_key}"
-        # the ranks share the work folder: rank 0 fetches for all, the others wait for its mark
-        self._shared_setup(placement, "compile-cache", lambda: str(fetch_compile_cache(self.store, self.compile_key,
-                                                                                        ctx.bus) is not None))  # fmt: skip
+
+        def fetch() -> str:  # the ranks share the work folder: rank 0 fetches for all, the others wait for its mark
+            return "stored" if fetch_compile_cache(self.store, self.compile_key, ctx.bus) is not None else "none"
+
+        self._shared_setup(placement, "compile-cache", fetch)
         if not self.store.is_local(name):
             return
         try:
