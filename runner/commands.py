@@ -48,12 +48,14 @@ class Options:
         )  # fmt: skip
 
     def load_profile(self) -> Profile:
-        overrides = list(self.overrides)
+        overrides, flags = list(self.overrides), {}
         if self.hours is not None:
             overrides.append(f"session.hours={self.hours}")
+            flags["session.hours"] = f"--hours {self.hours:g}"  # errors name the flag, not the profile file
         if self.release_gpu:
             overrides.append("session.release_gpu=true")
-        return load_profile(self.profile, overrides)
+            flags["session.release_gpu"] = "--release-gpu"
+        return load_profile(self.profile, overrides, flags=flags)
 
 
 @dataclass
@@ -79,7 +81,7 @@ def build_context(opts: Options, *, clock: Clock | None = None, env: Env | None 
     profile = opts.load_profile()
     env = env or detect_env(workdir=opts.workdir)
     storage = open_storage(opts.storage)
-    run = opts.run or profile.name
+    run = opts.run or profile.run_name  # profiles of one job (T4, Kaggle 2×T4) share a run
     workdir = Path(opts.workdir or env.workdir) / run
     workdir.mkdir(parents=True, exist_ok=True)
     return Context(opts, profile, env, storage, run, workdir, events.EventBus(), clock or SystemClock())
@@ -92,6 +94,9 @@ def train(args) -> int:
     ctx = build_context(opts)
     processes = int(os.environ.get("RELAY_PROCESSES", "0")) or len(ctx.env.gpus)  # one per GPU by default
     if processes > 1 and "WORLD_SIZE" not in os.environ:
+        from runner.fit import split_effective_batch
+
+        split_effective_batch(ctx.profile.train.batch_size * ctx.profile.train.grad_accum, processes)  # before any rank
         from runner.launch import launch_distributed
 
         return launch_distributed(processes)

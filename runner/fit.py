@@ -42,7 +42,7 @@ class Plan:
     micro_batch: int
     """Examples per forward/backward pass on one GPU."""
     grad_accum: int
-    """Micro-batches accumulated per optimizer step on one GPU."""
+    """Micro-batches accumulated per optimizer step on one GPU (per-rank accumulation)."""
     gradient_checkpointing: bool
     """Recompute UNet activations in the backward pass (less memory, ~20-30 % slower)."""
     world_size: int = 1
@@ -52,12 +52,13 @@ class Plan:
 
     @property
     def per_rank_batch(self) -> int:
-        """Examples per optimizer step on one GPU; the fit keeps it equal to the profile's."""
+        """Examples per optimizer step on one GPU: the run's effective batch over the session's GPUs."""
         return self.micro_batch * self.grad_accum
 
     @property
     def effective_batch(self) -> int:
-        """Examples per optimizer step over all GPUs."""
+        """Examples per optimizer step over all GPUs: the run's (train.batch_size × train.grad_accum), whatever
+        the GPU count and micro-batch of the session."""
         return self.per_rank_batch * self.world_size
 
     def describe(self) -> str:
@@ -123,11 +124,17 @@ def _smaller_micro_batch(per_rank: int, micro: int) -> int:
 
 
 def candidate_plans(batch_size: int, grad_accum: int, checkpointing: str = "auto", world_size: int = 1) -> list[Plan]:
-    """The plans to try, fastest first; each keeps micro_batch × grad_accum = batch_size × grad_accum.
+    """The plans to try, fastest first, for this session's `world_size` processes.
 
-    auto: the profile's micro-batch without checkpointing, then with it, then
-    smaller micro-batches (more accumulation) with it, down to 1. on: the same
-    without the first. off: smaller micro-batches, never checkpointing.
+    The run's effective batch is batch_size × grad_accum examples per optimizer step across all processes
+    (profile.TrainConfig); every plan keeps it: world_size × micro_batch × per-rank accumulation. Each
+    process takes effective / world_size examples a step, so the effective batch must divide by the
+    process count (ProfileError otherwise). The first micro-batch is the profile's batch_size (or the
+    largest divisor of the per-process batch below it).
+
+    auto: that micro-batch without checkpointing, then with it, then smaller micro-batches (more
+    accumulation) with it, down to 1. on: the same without the first. off: smaller micro-batches,
+    never checkpointing.
     """
     if checkpointing not in ("auto", "on", "off"):
         raise ProfileError(
@@ -139,13 +146,14 @@ def candidate_plans(batch_size: int, grad_accum: int, checkpointing: str = "auto
             key="train.batch_size",
             hint="use positive counts",
         )
-    per_rank = batch_size * grad_accum
-    micro_batches = [batch_size]
+    per_rank = split_effective_batch(batch_size * grad_accum, world_size)
+    first = batch_size if per_rank % batch_size == 0 else _smaller_micro_batch(per_rank, 2 * min(batch_size, per_rank))
+    micro_batches = [first]
     while micro_batches[-1] > 1:
         micro_batches.append(_smaller_micro_batch(per_rank, micro_batches[-1]))
     plans = []
     if checkpointing == "auto":
-        plans.append(Plan(batch_size, grad_accum, False, world_size))
+        plans.append(Plan(first, per_rank // first, False, world_size))
     for micro in micro_batches:
         plans.append(Plan(micro, per_rank // micro, checkpointing != "off", world_size))
     return plans
@@ -200,6 +208,20 @@ def resume_candidates(candidates: list[Plan], stored: dict | None, *, same_gpu: 
         if candidate.same_split(plan):
             return [plan, *candidates[index + 1 :]]
     return candidates
+
+
+def split_effective_batch(effective: int, world_size: int) -> int:
+    """Examples per process and optimizer step. ProfileError when the processes cannot share it evenly."""
+    if effective % world_size:
+        fits = [n for n in range(1, effective + 1) if effective % n == 0]
+        raise ProfileError(
+            f"the run's effective batch ({effective} = batch_size × grad_accum) cannot be split evenly over "
+            f"{world_size} processes",
+            key="train.grad_accum",
+            hint=f"this run trains on {', '.join(map(str, fits))} GPUs (RELAY_PROCESSES=N picks fewer); the "
+            "effective batch is the run's and cannot change without changing its training",
+        )
+    return effective // world_size
 
 
 def is_oom_error(exc: BaseException | None) -> bool:

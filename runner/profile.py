@@ -117,9 +117,12 @@ class TrainConfig:
     resolution: int = 1024
     """Training resolution in pixels (the bucket area is resolution²)."""
     batch_size: int = 1
-    """Micro-batch; the fit may lower it and raise grad_accum (effective batch unchanged)."""
+    """Micro-batch: examples per forward/backward pass on one GPU; the fit may lower it (more accumulation)."""
     grad_accum: int = 4
-    """Micro-batches per optimizer step."""
+    """Micro-batches per optimizer step on one process. batch_size × grad_accum is the run's effective batch:
+    examples per optimizer step across ALL processes. Each session splits it into processes × micro-batch
+    × per-process accumulation (effective / (processes × micro-batch)), so the same run trains on one GPU
+    or two; the effective batch must divide by the session's process count."""
     lr: float = 1e-4
     """Peak learning rate."""
     lr_scheduler: str = "constant"
@@ -196,7 +199,10 @@ class DashboardConfig:
 @dataclass(frozen=True)
 class Profile:
     name: str = "unnamed"
-    """Profile name; also the default run name."""
+    """Profile name."""
+    run: str = ""
+    """The default run name (--run overrides); empty: the profile's name. Profiles of one job on different
+    platforms or GPU counts share it, so each of them continues the same run."""
     description: str = ""
     """One line for `relay profiles`."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -209,6 +215,11 @@ class Profile:
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     source_path: str = ""
     """Where it was loaded from (not a setting)."""
+
+    @property
+    def run_name(self) -> str:
+        """The run a session of this profile continues unless --run names another."""
+        return self.run or self.name
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain TOML-able data (for run.json and the model card)."""
@@ -227,7 +238,7 @@ SECTIONS: dict[str, type] = {
     "sample": SampleConfig,
     "dashboard": DashboardConfig,
 }
-TOP_KEYS = ("name", "description")
+TOP_KEYS = ("name", "run", "description")
 
 # Sections and keys that change the trained weights. batch_size × grad_accum enter as the
 # effective batch (the fit may split it differently on another GPU without changing the run).

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,13 +24,24 @@ from runner.checkpoint.manager import CheckpointManager, Restored
 from runner.checkpoint.store import (
     COMPILE_CACHE_FILE,
     FolderStore,
-    ensure_latent_cache,
+    ensure_latent_cache_in_pieces,
     fetch_compile_cache,
     store_compile_cache,
 )
 from runner.clock import iso
-from runner.errors import EXIT_OK, EXIT_PREEMPTED, Interrupted, StorageError, UsageError
+from runner.errors import (
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    Interrupted,
+    RelayError,
+    StorageError,
+    UsageError,
+    end_reason_for,
+    exit_code_for,
+)
+from runner.handoff import Handoff, launch_id
 from runner.lease import Lease, holder_died_on, pid_is_running, read_lease
+from runner.report import session_history
 from runner.runinfo import ensure_run_info, new_state, resolve_target, sets_target
 from runner.signals import install_stop_handlers
 from runner.state import RunState, append_session, read_run_info, read_sessions
@@ -38,6 +50,7 @@ if TYPE_CHECKING:
     from runner.commands import Context
 
 log = logging.getLogger(__name__)
+TEST_CACHE_DELAY_ENV = "RELAY_TEST_CACHE_DELAY_S"  # tests only: seconds of delay before each cache piece
 
 
 def logs_dir(ctx: Context) -> Path:
@@ -99,6 +112,9 @@ class Session:
             except Interrupted as exc:
                 self.reason, code = "signal", exc.exit_code
                 ctx.bus.emit(events.Warning(str(exc), kind="signal"))
+            except BaseException as exc:
+                self.reason, code = end_reason_for(exc), exit_code_for(exc)
+                raise
             finally:
                 ctx.bus.emit(events.SessionEnded(self.step, ctx.profile.train.steps, self.reason, code))
         return code
@@ -136,6 +152,7 @@ class Session:
         except StorageError as exc:
             log.warning("could not record the session in sessions.jsonl: %s", exc)
         self._upload_logs()
+        self._loss_curve(self.ctx.workdir / "loss.png")
         self.lease.release()
         flush = getattr(self.ctx.storage, "flush", None)
         if flush is not None:  # the Colab mount: push what it holds before the VM can die
@@ -151,6 +168,15 @@ class Session:
                     self.ctx.storage.put(path, key)
                 except StorageError as exc:
                     log.warning("log file %s not uploaded: %s", path.name, exc)
+
+    def _loss_curve(self, out: Path) -> None:
+        """RUN/loss.png: train and validation loss over every session so far. Best effort."""
+        from runner.losscurve import update_loss_curve
+
+        try:
+            update_loss_curve(self.ctx.storage, self.ctx.run, logs_dir(self.ctx), out)
+        except (OSError, ValueError, StorageError) as exc:
+            self.ctx.bus.emit(events.Warning(f"loss curve not drawn: {exc}", kind="logs"))
 
     def session_record(self) -> dict:
         env, now = self.ctx.env, self.ctx.clock.wall()
@@ -171,6 +197,8 @@ class Session:
         restored = self.ckpts.latest(ctx.workdir / "restore" / f"rank{placement.rank}")  # ranks share the workdir
         state = restored.state if restored and restored.state else new_state(ctx)
         state = replace(state, target=ctx.profile.train.steps)  # the run's target, settled at the start
+        if self.is_main:  # how earlier sessions really ended (a checkpoint records its own as "running")
+            state = replace(state, sessions=session_history(ctx.storage, ctx.run, state.sessions))
         self.step_from = self.step = state.step
         if state.step >= ctx.profile.train.steps:
             self.reason = "completed"
@@ -206,15 +234,45 @@ class Session:
         return self._loop(tr, state, deadline, stop)
 
     def _cache(self, placement) -> Path:
-        from runner.train.cache import build_cache, cache_fingerprint
-        from runner.train.run import barrier
+        """The latent cache, built (in committed pieces) or fetched by rank 0 while the others wait for it
+        in the work folder, not in a collective (runner.handoff says why)."""
+        return Path(self._shared_setup(placement, "latent-cache", lambda: str(self._build_cache(placement))))
 
-        fp = cache_fingerprint(self.ctx.profile)
-        if self.is_main:
-            build = lambda d: build_cache(self.ctx.profile, d, bus=self.ctx.bus, device=placement.device)  # noqa: E731
-            ensure_latent_cache(self.store, fp, build, self.ctx.bus)
-        barrier(placement)
-        return self.store.local(f"cache/{fp}")
+    def _build_cache(self, placement) -> Path:
+        from runner.train.cache import PieceBuilder, cache_fingerprint, merge_pieces, piece_ranges
+
+        profile, bus = self.ctx.profile, self.ctx.bus
+        ranges = piece_ranges(profile)
+        builder = PieceBuilder(profile, total=ranges[-1][1] if ranges else 0, bus=bus, device=placement.device)
+        delay_s = float(os.environ.get(TEST_CACHE_DELAY_ENV) or 0)
+
+        def build_piece(start: int, stop: int, folder: Path) -> None:
+            if delay_s:  # tests only: a cache build longer than the (shortened) collective timeout
+                time.sleep(delay_s)
+            builder(start, stop, folder)
+
+        try:
+            local, built = ensure_latent_cache_in_pieces(
+                self.store, cache_fingerprint(profile), ranges, build_piece, merge_pieces, bus
+            )
+        finally:
+            builder.close()
+        if built:
+            log.info("latent cache: built %d of %d pieces in this session", built, len(ranges))
+        return local
+
+    def _shared_setup(self, placement, what: str, work) -> str:
+        """Rank 0 runs `work` (setup every rank needs) and marks it done in the shared work folder; the other
+        ranks poll for the mark. No rank waits in a collective meanwhile: a collective times out (NCCL: 10
+        minutes) long before a first latent cache is built on a T4."""
+        if placement.world == 1:
+            return work()
+        handoff = Handoff(self.ctx.workdir, launch_id())
+        if not self.is_main:
+            return handoff.wait(what)
+        result = work()
+        handoff.mark(what, result)
+        return result
 
     def _restore_compile_cache(self, placement) -> None:
         """Load the kernels an earlier session compiled on this GPU model and torch, when stored: the first
@@ -223,13 +281,15 @@ class Session:
         if not placement.device.startswith("cuda") or ctx.profile.train.compile == "off":
             return
         from runner.train.model import load_compile_artifacts
-        from runner.train.run import barrier, compile_cache_key_of
+        from runner.train.run import compile_cache_key_of
 
         self.compile_key = compile_cache_key_of(placement)
         name = f"compile-cache/{self.compile_key}"
-        if self.is_main:
-            fetch_compile_cache(self.store, self.compile_key, ctx.bus)
-        barrier(placement)  # the ranks share the work folder: rank 0 fetched for all
+
+        def fetch() -> str:  # the ranks share the work folder: rank 0 fetches for all, the others wait for its mark
+            return "stored" if fetch_compile_cache(self.store, self.compile_key, ctx.bus) is not None else "none"
+
+        self._shared_setup(placement, "compile-cache", fetch)
         if not self.store.is_local(name):
             return
         try:
@@ -281,8 +341,8 @@ class Session:
             if state.step == self.step_from:
                 self._store_compile_cache(tr)
             self.train_s += result.seconds
-            self.meter.add_step(result.seconds)
-            state = replace(state, step=state.step + 1)
+            self.meter.add_step(result.seconds - result.setup_s)  # a new shape's compile/capture is setup
+            state = replace(state, step=state.step + 1, plan=tr.plan.to_dict())  # a back-off is resumed from
             self.step = state.step
             ctx.bus.emit(tr.step_event(state.step, result))
             if self.is_main:
@@ -389,6 +449,13 @@ class Session:
 
         commit_final(self.store, self.ctx.profile, lora_sd, steps=steps, sessions=sessions, device=device, unet=unet,
                      bus=self.ctx.bus)  # fmt: skip
+        from runner.publish import publish_at_completion
+
+        try:
+            publish_at_completion(self.ctx.storage, self.ctx.run, self.ctx.profile.publish)
+        except RelayError as exc:  # final/ is committed; publishing can be retried by hand
+            self.ctx.bus.emit(events.Warning(f"publishing final/ failed: {exc}; run relay publish to retry",
+                                             kind="upload"))  # fmt: skip
 
     def _release_gpu(self) -> None:
         if self.ctx.profile.session.release_gpu and self.ctx.env.platform == "colab":
@@ -397,7 +464,10 @@ class Session:
                 flush()
             from google.colab import runtime  # only on Colab
 
-            runtime.unassign()
+            try:
+                runtime.unassign()  # POSTs the release, then needs the notebook kernel (colabtools runtime.py)
+            except AttributeError:  # a `!` child: the VM is already released; the notebook cell does this itself
+                log.info("runtime.unassign() outside the notebook kernel: use the notebook cell's release_gpu")
 
     def _warn_quota(self, state: RunState) -> None:
         if self.ctx.env.platform != "kaggle":

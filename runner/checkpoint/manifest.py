@@ -54,11 +54,12 @@ def _folder_files(local_dir: Path) -> list[str]:
     return sorted(n for n in names if not _is_ours(n))
 
 
-def write_manifest(local_dir: Path, meta: dict, *, clock: Clock | None = None) -> dict:
-    """Hash every file in `local_dir`, write local_dir/COMMIT.json, and return the manifest."""
+def write_manifest(local_dir: Path, meta: dict, *, clock: Clock | None = None, names: list[str] | None = None) -> dict:
+    """Hash every file in `local_dir` (or only `names`: a folder that holds committed folders of its own),
+    write local_dir/COMMIT.json, and return the manifest."""
     local_dir = Path(local_dir)
     files = {}
-    for name in _folder_files(local_dir):
+    for name in _folder_files(local_dir) if names is None else sorted(names):
         path = local_dir / name
         files[name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     manifest = {

@@ -125,3 +125,80 @@ def store_compile_cache(store: FolderStore, key: str, blob: bytes) -> None:
         return
     store.build(name, lambda d: (d / COMPILE_CACHE_FILE).write_bytes(blob), {"compile_cache": key})
     store.commit(name)
+
+
+# ---------------------------------------------------------------- the latent cache, in pieces
+
+BuildPiece = Callable[[int, int, Path], object]
+"""Encodes records [start, stop) into the (empty) local folder it is given."""
+Merge = Callable[[Path, list[str]], object]
+"""Writes the cache's index.json over its pieces (sub-folder names), in order."""
+
+
+def ensure_latent_cache_in_pieces(
+    store: FolderStore, cache_fp: str, ranges: list[tuple[int, int]], build_piece: BuildPiece, merge: Merge,
+    bus: events.EventBus,
+) -> tuple[Path, int]:  # fmt: skip
+    """RUN/cache/FP built and committed piece by piece, so a session killed while building it loses one
+    piece at most: each piece RUN/cache/FP/piece-NNNNN is a committed folder of its own, reused (local,
+    else downloaded) by the next session; RUN/cache/FP's COMMIT.json, committed last, lists index.json
+    and names every piece. Returns (local folder, pieces built here).
+
+    A cache committed whole by an earlier Relay (no pieces named) is used as it is."""
+    name = f"cache/{cache_fp}"
+    if _cache_complete_locally(store, name):
+        return store.local(name), 0
+    if store.is_committed(name):
+        try:
+            _fetch_top_and_pieces(store, name)
+            return store.local(name), 0
+        except CheckpointCorrupt as exc:
+            bus.emit(events.Warning(f"stored latent cache unusable ({exc}); rebuilding the pieces it lacks",
+                                    kind="cache"))  # fmt: skip
+            store.storage.delete(f"{store.prefix(name)}/{COMMIT}")
+    (store.local(name) / COMMIT).unlink(missing_ok=True)
+    pieces, built = [], 0
+    for k, (start, stop) in enumerate(ranges):
+        piece = f"piece-{k:05d}"
+        pieces.append(piece)
+        meta = {"fingerprint": cache_fp, "records": [start, stop]}
+        if _piece_reusable(store, f"{name}/{piece}", meta):
+            continue
+        store.build(f"{name}/{piece}", lambda d, a=start, b=stop: build_piece(a, b, d), meta)
+        store.commit(f"{name}/{piece}", replace=True)
+        built += 1
+    local = store.local(name)
+    merge(local, pieces)
+    write_manifest(local, {"fingerprint": cache_fp, "pieces": pieces}, names=["index.json"])
+    store.commit(name, replace=True)
+    return local, built
+
+
+def _piece_reusable(store: FolderStore, name: str, meta: dict) -> bool:
+    """A piece committed earlier (here, or in storage by a session that was killed later) for these records."""
+    try:
+        if not store.is_local(name):
+            if not store.is_committed(name):
+                return False
+            store.fetch(name)
+        if json.loads((store.local(name) / COMMIT).read_text()).get("meta") != meta:
+            return False
+        if not store.is_committed(name):
+            store.commit(name)  # built here by a session killed before its upload
+        return True
+    except (CheckpointCorrupt, OSError, ValueError):
+        shutil.rmtree(store.local(name), ignore_errors=True)
+        return False
+
+
+def _cache_complete_locally(store: FolderStore, name: str) -> bool:
+    if not store.is_local(name):
+        return False
+    meta = json.loads((store.local(name) / COMMIT).read_text()).get("meta", {})
+    return all(store.is_local(f"{name}/{piece}") for piece in meta.get("pieces", []))
+
+
+def _fetch_top_and_pieces(store: FolderStore, name: str) -> None:
+    local = store.fetch(name)
+    for piece in json.loads((local / COMMIT).read_text()).get("meta", {}).get("pieces", []):
+        store.fetch(f"{name}/{piece}")

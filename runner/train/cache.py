@@ -161,16 +161,23 @@ def _resolve_parts(profile: Profile, parts: PartsSource, device: str) -> SDXLPar
 
 
 def build_cache(
-    profile: Profile, out_dir: Path, *, parts: PartsSource = None, bus: EventBus | None = None, device: str = "cpu"
-) -> list[str]:
+    profile: Profile, out_dir: Path, *, parts: PartsSource = None, bus: EventBus | None = None, device: str = "cpu",
+    records_range: tuple[int, int] | None = None,
+) -> list[str]:  # fmt: skip
     """Encode the dataset into `out_dir` (shards + index.json) and return the file names written.
 
     `parts` is an SDXLParts, a function returning one, or None (load from profile.model). Encoders are
-    dropped before returning."""
+    dropped before returning. `records_range` (start, stop): only those records, one piece of a cache
+    built in pieces (see merge_pieces); their tensors are keyed from `start` so pieces never collide."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg, resolution = profile.data, profile.train.resolution
-    validate_dataset(cfg, resolution=resolution, bus=bus)  # a bad folder fails here, before the model loads
+    if records_range is None:  # built in pieces, PieceBuilder checks the whole dataset once, before the first
+        validate_dataset(cfg, resolution=resolution, bus=bus)  # a bad folder fails here, before the model loads
     records = load_records(cfg, resolution=resolution)
+    first = 0
+    if records_range is not None:
+        first, stop = records_range
+        records = records[first:stop]
     buckets = make_buckets(resolution) if cfg.buckets else None
     model = _resolve_parts(profile, parts, device)
     latents, embeds = _ShardWriter(out_dir, "latents"), _ShardWriter(out_dir, "embeds")
@@ -184,7 +191,7 @@ def build_cache(
     )
     examples = []
     for record, image in read_images(records, cfg):  # validate_dataset warned about the bad files
-        i = len(examples)
+        i = first + len(examples)
         views = [prepare(record, image, resolution=resolution, buckets=buckets, flip=False)]
         if cfg.flip:
             views.append(prepare(record, image, resolution=resolution, buckets=buckets, flip=True))
@@ -196,6 +203,7 @@ def build_cache(
         examples.append(
             {
                 "name": record.name,
+                "key": i,
                 "bucket": views[0].bucket,
                 "latents": latents.add(tensors),
                 "embeds": embeds.add(
@@ -246,7 +254,8 @@ def open_cache(cache_dir: Path) -> CachedData:
             for name in (entry["latents"], entry["embeds"]):
                 if name not in shards:
                     shards[name] = load_file(str(cache_dir / name))
-        first_embeds = shards.get("embeds-00000.safetensors") or load_file(str(cache_dir / "embeds-00000.safetensors"))
+        empty = index.get("empty", "embeds-00000.safetensors")  # the shard holding the empty caption's embedding
+        first_embeds = shards.get(empty) or load_file(str(cache_dir / empty))
         return _assemble(index, shards, first_embeds)
     except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as exc:
         raise CheckpointCorrupt(f"cache in {cache_dir} is incomplete or damaged: {exc}", path=str(cache_dir)) from exc
@@ -258,7 +267,7 @@ def _assemble(
     examples, flip = index["examples"], index["flip"]
 
     def get(i: int, key: str, kind: str) -> torch.Tensor:
-        return shards[examples[i][kind]][f"{i}.{key}"]
+        return shards[examples[i][kind]][f"{examples[i].get('key', i)}.{key}"]
 
     count = len(examples)
     has_ids = f"{EMPTY}.ids" in first
@@ -279,3 +288,72 @@ def _assemble(
         ids=torch.stack([get(i, "ids", "embeds") for i in range(count)]) if has_ids and count else None,
         empty_ids=first[f"{EMPTY}.ids"] if has_ids else None,
     )
+
+
+# --- a cache built in pieces ------------------------------------------------------------------
+
+PIECE_RECORDS = 64  # records per piece: a killed first session loses at most one piece of encoding
+
+
+def piece_ranges(profile: Profile, per_piece: int = PIECE_RECORDS) -> list[tuple[int, int]]:
+    """(start, stop) record ranges of the pieces the latent cache is built in (loads no image)."""
+    count = len(load_records(profile.data, resolution=profile.train.resolution))
+    return [(start, min(start + per_piece, count)) for start in range(0, count, per_piece)]
+
+
+class PieceBuilder:
+    """`build_cache` of one record range at a time (store.ensure_latent_cache_in_pieces calls it per
+    piece), loading the encoders once, at the first piece it builds; `close()` frees them. Progress
+    events count over the whole dataset, not the piece."""
+
+    def __init__(self, profile: Profile, *, total: int, bus: EventBus | None = None, device: str = "cpu",
+                 parts: PartsSource = None) -> None:  # fmt: skip
+        self.profile, self.total, self.bus, self.device, self.parts = profile, total, bus, device, parts
+        self._loaded: SDXLParts | None = None
+        self._start = 0
+        self._validated = False
+
+    def _encoders(self) -> SDXLParts:
+        if self._loaded is None:
+            self._loaded = _resolve_parts(self.profile, self.parts, self.device)
+        return self._loaded
+
+    def _validate_once(self) -> None:
+        """The whole dataset, checked in seconds before the first piece loads a model (not once per piece)."""
+        if not self._validated:
+            validate_dataset(self.profile.data, resolution=self.profile.train.resolution, bus=self.bus)
+            self._validated = True
+
+    def emit(self, event: Any) -> None:
+        if isinstance(event, CacheProgress):
+            event = CacheProgress(done=self._start + event.done, total=self.total)
+        if self.bus is not None:
+            self.bus.emit(event)
+
+    def __call__(self, start: int, stop: int, folder: Path) -> None:
+        self._validate_once()
+        self._start = start
+        build_cache(self.profile, folder, parts=self._encoders, bus=self, device=self.device,  # type: ignore[arg-type]
+                    records_range=(start, stop))  # fmt: skip
+
+    def close(self) -> None:
+        self._loaded = None
+        _free_memory()
+
+
+def merge_pieces(out_dir: Path, pieces: list[str]) -> None:
+    """Write out_dir/index.json over the pieces (sub-folders of out_dir, each a cache of a record range
+    with its own index.json), in order: open_cache(out_dir) then reads them as one cache."""
+    indexes = [read_index(out_dir / piece) for piece in pieces]
+    if not indexes or any(index is None for index in indexes):
+        raise CheckpointCorrupt(f"a piece of the cache in {out_dir} has no readable index", path=str(out_dir))
+    examples = [
+        {**e, "latents": f"{piece}/{e['latents']}", "embeds": f"{piece}/{e['embeds']}"}
+        for piece, index in zip(pieces, indexes, strict=True)
+        for e in index["examples"]
+    ]
+    first = indexes[0]
+    index = {"format": CACHE_FORMAT, "fingerprint": first["fingerprint"], "flip": first["flip"],
+             "empty": f"{pieces[0]}/{first.get('empty', 'embeds-00000.safetensors')}", "examples": examples}  # fmt: skip
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=1))
+

@@ -10,8 +10,10 @@ only place backward() runs.
 Randomness: each example's flip, caption dropout, timestep and noise come from
 a generator seeded by (seed, step, its slot in the global batch), so they do not
 depend on how the batch is split over micro-batches and ranks; LoRA dropout
-uses the global RNG, reseeded from (seed, step, rank) at the start of every
-step. Nothing random survives a step, so resume needs the step only.
+uses the global RNG, reseeded before every micro-batch from (seed, step, the
+global slot of its first example), so its masks do not depend on the process
+count either while the micro-batch size is the same. Nothing random survives
+a step, so resume needs the step only.
 
 Must not: know about storage, clocks, checkpoint policy or the dashboard; it
 emits Warnings only (the session emits StepDone).
@@ -458,7 +460,6 @@ class Trainer:
         Call it with consecutive steps from where the trainer stands (0 when new, the checkpoint's step after
         load_state): the data, noise and dropout follow the step number, the LR schedule follows the calls."""
         started = self.clock.monotonic()
-        torch.manual_seed(derive_seed(self.seed, step, self.rank, DROPOUT_TAG))  # LoRA dropout
         lr = float(self.lr_scheduler.get_last_lr()[0])
         self._zero_grad()
         setup_before = sum(self.shape_setup_s.values())
@@ -491,6 +492,8 @@ class Trainer:
     def _micro_batches(self, step: int) -> list[torch.Tensor]:
         losses = []
         for micro in range(self.grad_accum):
+            # LoRA dropout: keyed by the global slot, not the rank, so any split of the batch draws the same
+            torch.manual_seed(derive_seed(self.seed, step, self.order.slot_offset(micro, self.rank), DROPOUT_TAG))
             batch = self._take_batch(step, micro)
             reduce = self.world > 1 and micro == self.grad_accum - 1  # ranks exchange once a step
             self._shape = shape_key(batch)

@@ -213,7 +213,16 @@ def init_distributed(placement: Placement) -> None:
     """Join the process group of a torchrun launch (one process per GPU); no-op on one process."""
     if placement.world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if placement.device.startswith("cuda") else "gloo"
-        torch.distributed.init_process_group(backend)
+        torch.distributed.init_process_group(backend, timeout=collective_timeout())
+
+
+def collective_timeout(environ: dict[str, str] | None = None):
+    """How long a collective may wait: RELAY_COLLECTIVE_TIMEOUT_S seconds when set (tests shorten it to
+    show that no rank waits in one for setup work), else torch's default (NCCL's: 10 minutes)."""
+    from datetime import timedelta
+
+    value = (os.environ if environ is None else environ).get("RELAY_COLLECTIVE_TIMEOUT_S")
+    return timedelta(seconds=float(value)) if value else None
 
 
 def barrier(placement: Placement) -> None:

@@ -241,10 +241,6 @@ def test_status_of_an_unknown_run_is_bad_input(tmp_path):
             ["--hours -1", "session.hours"],
             "tiny.toml",
             id="--hours",
-            marks=pytest.mark.xfail(
-                reason="needs Options.load_profile to pass flags={'session.hours': '--hours ...'} (session/commands)",
-                strict=False,
-            ),
         ),  # fmt: skip
         pytest.param(["--set", "train.lr=abc"], ["--set train.lr=abc", "train.lr"], "tiny.toml", id="--set"),
     ],

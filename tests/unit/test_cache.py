@@ -133,3 +133,27 @@ def test_caption_token_ids_are_cached_for_training_the_text_encoders(tmp_path, t
     assert torch.equal(data.ids[0], cache_mod.tokenize(tiny_parts, [caption])[0])
     assert torch.equal(data.empty_ids, cache_mod.tokenize(tiny_parts, [""])[0])
     assert not torch.equal(data.ids[0], data.empty_ids)
+
+
+def test_a_cache_built_in_pieces_reads_back_as_the_whole_cache(tmp_path, tiny_parts):
+    profile = _profile()
+    build_cache(profile, tmp_path / "whole", parts=tiny_parts)
+    bus, seen = EventBus(), []
+    bus.subscribe(seen.append)
+    ranges = cache_mod.piece_ranges(profile, per_piece=4)
+    assert ranges == [(0, 4), (4, 6)]
+    builder = cache_mod.PieceBuilder(profile, total=6, bus=bus, parts=tiny_parts)
+    pieces = []
+    for k, (start, stop) in enumerate(ranges):
+        pieces.append(f"piece-{k:05d}")
+        builder(start, stop, tmp_path / "pieces" / pieces[-1])
+    builder.close()
+    cache_mod.merge_pieces(tmp_path / "pieces", pieces)
+    whole, merged = open_cache(tmp_path / "whole"), open_cache(tmp_path / "pieces")
+    assert merged.names == whole.names and merged.buckets == whole.buckets
+    for field in ("latents", "latents_flip"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(merged, field), getattr(whole, field), strict=True))
+    for field in ("time_ids", "time_ids_flip", "prompt_embeds", "pooled", "empty_prompt", "empty_pooled"):
+        assert torch.equal(getattr(merged, field), getattr(whole, field)), field
+    progress = [(e.done, e.total) for e in seen if isinstance(e, CacheProgress)]
+    assert progress == [(i, 6) for i in range(1, 7)]  # counted over the dataset, not the piece

@@ -22,14 +22,28 @@ def test_on_never_tries_without_checkpointing_and_off_never_turns_it_on():
     assert shapes(candidate_plans(4, 2, "off")) == [(4, 2, False), (2, 4, False), (1, 8, False)]
 
 
-@pytest.mark.parametrize("batch_size,grad_accum", [(1, 4), (3, 1), (6, 2), (5, 3), (8, 1)])
-def test_every_candidate_keeps_the_per_gpu_batch(batch_size, grad_accum):
-    plans = candidate_plans(batch_size, grad_accum, "auto", world_size=2)
-    assert all(p.per_rank_batch == batch_size * grad_accum for p in plans)
-    assert all(p.effective_batch == batch_size * grad_accum * 2 for p in plans)
-    assert plans[-1].micro_batch == 1
+@pytest.mark.parametrize("batch_size,grad_accum", [(1, 4), (3, 2), (6, 2), (5, 4), (8, 1), (4, 1)])
+@pytest.mark.parametrize("world", [1, 2])
+def test_every_candidate_keeps_the_runs_effective_batch_whatever_the_gpu_count(batch_size, grad_accum, world):
+    plans = candidate_plans(batch_size, grad_accum, "auto", world_size=world)
+    assert all(p.effective_batch == batch_size * grad_accum for p in plans)
+    assert all(p.per_rank_batch * world == batch_size * grad_accum and p.world_size == world for p in plans)
+    assert plans[0].micro_batch <= batch_size and plans[-1].micro_batch == 1
     micro = [p.micro_batch for p in plans[1:]]
     assert micro == sorted(micro, reverse=True) and len(set(micro)) == len(micro)  # strictly shrinking
+
+
+def test_the_kaggle_and_t4_splits_of_one_effective_batch():
+    """The Naruto job: effective batch 4 is 1 × 4 on one T4 and 1 × 2 on each of Kaggle's two."""
+    assert shapes(candidate_plans(1, 4, "off", world_size=1)) == [(1, 4, False)]
+    assert shapes(candidate_plans(1, 4, "off", world_size=2)) == [(1, 2, False)]
+    assert shapes(candidate_plans(4, 1, "off", world_size=2)) == [(2, 1, False), (1, 2, False)]
+
+
+def test_an_effective_batch_the_processes_cannot_share_is_refused_with_what_would_work():
+    with pytest.raises(ProfileError, match="effective batch \\(3 = batch_size × grad_accum\\)") as info:
+        candidate_plans(1, 3, "auto", world_size=2)
+    assert "train.grad_accum" in str(info.value) and "1, 3 GPUs" in str(info.value)
 
 
 def test_bad_checkpointing_value_names_the_profile_key():

@@ -36,6 +36,23 @@ def test_reference_profile_matches_the_reference_job():
     assert load_profile("sdxl-naruto-t4-512").train.resolution == 512
 
 
+def test_the_naruto_profiles_of_one_job_are_one_run():
+    """Issue 14, item 4: a session on one T4 and one on Kaggle's 2×T4 continue the same run (same name,
+    same fingerprint, same effective batch); the 512 px profile is another job, so another run."""
+    t4, kaggle, small = (load_profile(n) for n in ("sdxl-naruto-t4", "sdxl-naruto-kaggle-2xt4", "sdxl-naruto-t4-512"))
+    assert t4.run_name == kaggle.run_name == "sdxl-naruto"
+    assert fingerprint_fields(t4) == fingerprint_fields(kaggle) and fingerprint(t4) == fingerprint(kaggle)
+    assert fingerprint_fields(t4)["train.effective_batch"] == 4
+    assert small.run_name == "sdxl-naruto-t4-512" and fingerprint(small) != fingerprint(t4)
+
+
+def test_the_run_name_defaults_to_the_profile_name_and_is_no_weight_setting():
+    tiny = load_profile("tiny")
+    assert tiny.run == "" and tiny.run_name == "tiny"
+    named = load_profile("tiny", ["run=shared"])
+    assert named.run_name == "shared" and fingerprint(named) == fingerprint(tiny)
+
+
 def test_overrides_are_typed():
     p = load_profile("tiny", ["train.lr=2e-4", "lora.rank=8", "data.flip=false", 'lora.targets=["to_q"]'])
     assert p.train.lr == pytest.approx(2e-4) and isinstance(p.train.lr, float)
