@@ -40,7 +40,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 PAGE_SIZE = 100  # tree entries per page (small, so listings exercise the client's pagination)
 COMMITS_PAGE_SIZE = 50
@@ -179,6 +179,7 @@ _RESOLVE = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+/[^/]+)/resolve/([^/]+)/(
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in separate writes; no 40 ms delayed-ACK stalls
     server: HubServer  # type: ignore[assignment]
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet test output
@@ -442,7 +443,7 @@ class Handler(BaseHTTPRequestHandler):
         if start + size < len(items):
             url = urlsplit(self.path)
             query = {k: v[0] for k, v in self.query.items()} | {"cursor": str(start + size)}
-            link = f"{self.server.endpoint}{quote(url.path)}?" + "&".join(f"{k}={v}" for k, v in query.items())
+            link = f"{self.server.endpoint}{url.path}?" + "&".join(f"{k}={v}" for k, v in query.items())
             headers["Link"] = f'<{link}>; rel="next"'
         self._json(200, page, extra=headers)
 
@@ -481,7 +482,7 @@ class HubServer(ThreadingHTTPServer):
         self.state = HubState()
         self.faults = Faults()
         self.endpoint = f"http://127.0.0.1:{self.server_address[1]}"
-        self._thread = threading.Thread(target=self.serve_forever, name="hubserver", daemon=True)
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), name="hubserver", daemon=True)
 
     def __enter__(self) -> HubServer:
         self._thread.start()
