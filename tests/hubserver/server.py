@@ -89,6 +89,7 @@ class Faults:
         self._errors: list[Fault] = []
         self.drop_commits = 0
         self.race_commits = 0
+        self.race_files: dict[str, bytes] = {}
         self.truncate_downloads = 0
 
     def fail(self, status: int, times: int = 1, *, path: str = "", retry_after_s: float | None = None) -> None:
@@ -99,9 +100,11 @@ class Faults:
         with self._lock:
             self.drop_commits += times
 
-    def race_next_commit(self, times: int = 1) -> None:
+    def race_next_commit(self, times: int = 1, files: dict[str, bytes] | None = None) -> None:
+        """Land a foreign commit (writing `files`, default a random race.txt) just before the next commit."""
         with self._lock:
             self.race_commits += times
+            self.race_files = dict(files or {})
 
     def truncate_next_download(self, times: int = 1) -> None:
         with self._lock:
@@ -340,7 +343,7 @@ class Handler(BaseHTTPRequestHandler):
             if rev != "main":
                 raise HubError(404, f"Invalid rev id: {rev}", code="RevisionNotFound")
             if faults.take("race_commits"):
-                files = dict(repo.head.files) | {"race.txt": uuid.uuid4().hex.encode()}
+                files = dict(repo.head.files) | (faults.race_files or {"race.txt": uuid.uuid4().hex.encode()})
                 repo.commits.append(Commit(_oid(), "a concurrent commit", "", "someone-else", time.time(), files))
             parent = header.get("parentCommit")
             if parent and parent != repo.head.id:
