@@ -283,7 +283,8 @@ class CheckpointManager:
             self.bus.emit(events.UploadProgress(staged.step, done, total, done / elapsed))
 
         prefix = self.folder(staged.step)
-        if self.storage.exists(f"{prefix}/{COMMIT}"):
+        atomic = callable(getattr(self.storage, "commit_folder", None))  # files and marker land together
+        if not atomic and self.storage.exists(f"{prefix}/{COMMIT}"):
             # Re-committing a step (e.g. after resuming past a corrupt copy of it): retract the old
             # marker first, so it never vouches for a mix of old and new files.
             self.storage.delete(f"{prefix}/{COMMIT}")
@@ -320,6 +321,11 @@ class CheckpointManager:
 
     def _delete_folder(self, step: int, names: set[str]) -> None:
         prefix = self.folder(step)
+        delete_folder = getattr(self.storage, "delete_folder", None)
+        if callable(delete_folder):  # one atomic commit (the Hub): never half deleted
+            delete_folder(prefix)
+            log.info("deleted checkpoint step %d", step)
+            return
         if COMMIT in names:
             self.storage.delete(f"{prefix}/{COMMIT}")  # first: a half-deleted folder is never "committed"
         for name in sorted(names - {COMMIT}):

@@ -155,3 +155,28 @@ def test_update_if_unchanged_decides_again_when_another_commit_lands_first(hub):
     storage.update_if_unchanged("run/lease.json", lambda current: calls.append(current) or b"2")
     assert calls == [b"1", b"1"]  # the first write hit 412 (the head had moved) and was decided again
     assert hub.state.files("alice/runs")["run/lease.json"] == b"2"
+
+
+def test_checkpoints_are_one_commit_each_and_rotation_one_more(hub, tmp_path):
+    from runner.checkpoint import CheckpointManager
+
+    storage = open_as(hub, hub.state.add_token("alice"))
+    manager = CheckpointManager(storage, "run", tmp_path / "work", keep=2, clock=FakeClock())
+
+    def write(step):
+        def files(folder):
+            (folder / "lora.safetensors").write_bytes(bytes([step]) * 512)
+            return {"note": step}
+
+        return files
+
+    before = len(hub.state.commits("alice/runs"))
+    for step in (10, 20, 30):
+        manager.submit(manager.stage(step, write(step)))
+        assert manager.wait(timeout_s=30)
+    manager.close()
+    titles = [c.title for c in hub.state.commits("alice/runs")[before:]]
+    assert len(titles) == 4, titles  # 3 checkpoints + deleting step 10 (one commit each)
+    assert manager.committed_steps() == [20, 30]
+    restored = manager.latest(tmp_path / "restore")
+    assert restored.step == 30 and (restored.dir / "lora.safetensors").read_bytes() == bytes([30]) * 512
