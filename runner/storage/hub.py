@@ -44,6 +44,9 @@ T = TypeVar("T")
 SCHEME = "hf://"
 ENV_TOKEN = "HF_TOKEN"
 ENV_ENDPOINT = "HF_ENDPOINT"
+"""The Hub to talk to (huggingface_hub's own variable); tests point it at the stand-in on 127.0.0.1."""
+ENV_COMMITS_PER_HOUR = "RELAY_HUB_COMMITS_PER_HOUR"
+"""Test/advanced: the sustained commit rate instead of HubLimits' 100 (a stand-in Hub has no limit)."""
 DEFAULT_ENDPOINT = "https://huggingface.co"
 TOKENS_PAGE = "https://huggingface.co/settings/tokens"
 BRANCH = "main"
@@ -122,6 +125,8 @@ def open_hub(
     from huggingface_hub import HfApi
 
     endpoint = (env.get(ENV_ENDPOINT) or DEFAULT_ENDPOINT).rstrip("/")
+    if limits is None and env.get(ENV_COMMITS_PER_HOUR):
+        limits = HubLimits(commits_per_hour=_positive(env[ENV_COMMITS_PER_HOUR], ENV_COMMITS_PER_HOUR))
     api = HfApi(endpoint=endpoint, token=token, library_name="relay")
     storage = HubStorage(api, repo_id=repo_id, prefix=prefix, url=url, clock=clock, retry=retry, limits=limits)
     storage.ensure_repo()
@@ -543,6 +548,16 @@ def _retry_after_s(err: Any) -> float | None:
     response = getattr(err, "response", None)
     value = (getattr(response, "headers", None) or {}).get("Retry-After", "")
     return float(value) if value.strip().isdigit() else None
+
+
+def _positive(text: str, name: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if value <= 0:
+        raise UsageError(f"{name}={text!r} is not a positive number", hint=f"unset {name} or give e.g. 100")
+    return value
 
 
 def _log_retry(error: BaseException, attempt: int, wait_s: float) -> None:
