@@ -111,26 +111,40 @@ def open_hub(
     clock: Clock | None = None,
     retry: RetryPolicy | None = None,
     limits: HubLimits | None = None,
+    private: bool = True,
 ) -> HubStorage:
-    """Open the repo of `url` with the token in HF_TOKEN, creating a private model repo on first use."""
+    """Open the repo of `url` with the token in HF_TOKEN, creating a model repo (private unless told) on first use."""
     env = os.environ if env is None else env
     repo_id, prefix = parse_hf_url(url)
+    api = _api_for(env, url)
+    if limits is None and env.get(ENV_COMMITS_PER_HOUR):
+        limits = HubLimits(commits_per_hour=_positive(env[ENV_COMMITS_PER_HOUR], ENV_COMMITS_PER_HOUR))
+    storage = HubStorage(api, repo_id=repo_id, prefix=prefix, url=url, clock=clock, retry=retry, limits=limits)
+    storage.ensure_repo(private=private)
+    return storage
+
+
+def token_user(env: Mapping[str, str] | None = None, *, clock: Clock | None = None) -> str:
+    """The account name of the token in HF_TOKEN (one whoami call)."""
+    env = os.environ if env is None else env
+    probe = HubStorage(_api_for(env, "the Hugging Face Hub"), repo_id="", url="the Hugging Face Hub", clock=clock)
+    return str(probe.account().get("name", ""))
+
+
+def _api_for(env: Mapping[str, str], where: str) -> Any:
+    """An HfApi with the token from HF_TOKEN and the endpoint from HF_ENDPOINT (passed explicitly: huggingface_hub
+    reads HF_ENDPOINT once, at import)."""
     token = (env.get(ENV_TOKEN) or "").strip()
     if not token:
         raise HubAccessError(
-            f"{url}: no Hugging Face token: set {ENV_TOKEN}",
+            f"{where}: no Hugging Face token: set {ENV_TOKEN}",
             hint=f"create a token with write access at {TOKENS_PAGE}; on Colab or Kaggle add it as the secret "
             f"{ENV_TOKEN} (the notebook passes it in), elsewhere export {ENV_TOKEN}=…",
         )
     from huggingface_hub import HfApi
 
     endpoint = (env.get(ENV_ENDPOINT) or DEFAULT_ENDPOINT).rstrip("/")
-    if limits is None and env.get(ENV_COMMITS_PER_HOUR):
-        limits = HubLimits(commits_per_hour=_positive(env[ENV_COMMITS_PER_HOUR], ENV_COMMITS_PER_HOUR))
-    api = HfApi(endpoint=endpoint, token=token, library_name="relay")
-    storage = HubStorage(api, repo_id=repo_id, prefix=prefix, url=url, clock=clock, retry=retry, limits=limits)
-    storage.ensure_repo()
-    return storage
+    return HfApi(endpoint=endpoint, token=token, library_name="relay")
 
 
 class HubStorage:
@@ -163,11 +177,11 @@ class HubStorage:
         return f"HubStorage({self.url!r})"
 
     # ---- opening -------------------------------------------------------------------------------
-    def ensure_repo(self) -> None:
-        """Check the token and the repo; create a private model repo if there is none. Exit-2 errors say what to do."""
-        role = self._call("check the token", "", lambda: self._api.whoami())
-        access = (role.get("auth") or {}).get("accessToken") or {}
-        user = role.get("name", "?")
+    def ensure_repo(self, *, private: bool = True) -> None:
+        """Check the token and the repo; create a model repo if there is none. Exit-2 errors say what to do."""
+        account = self.account()
+        access = (account.get("auth") or {}).get("accessToken") or {}
+        user = account.get("name", "?")
         if access.get("role") == "read":
             raise HubAccessError(
                 f"{self.url}: the token of {user} is read-only; Relay commits checkpoints to the repo",
@@ -181,8 +195,12 @@ class HubStorage:
                     f"{self.url}: {self.repo_id} is a {other} repo; Relay stores runs in a model repo",
                     hint="choose another name in --storage hf://USER/REPO (a new private model repo is created)",
                 )
-        self._call("create the repo", "", self._create_repo)
-        log.info("created private model repo %s", self.repo_id)
+        self._call("create the repo", "", lambda: self._create_repo(private))
+        log.info("created %s model repo %s", "private" if private else "public", self.repo_id)
+
+    def account(self) -> dict:
+        """whoami-v2 for the token: name, organisations, the token's role. Rate-limited on the Hub: called once."""
+        return self._call("check the token", "", lambda: self._api.whoami())
 
     def _exists_as(self, repo_type: str) -> bool:
         from huggingface_hub.utils import RepositoryNotFoundError
@@ -196,11 +214,11 @@ class HubStorage:
 
         return self._call("open the repo", "", look)
 
-    def _create_repo(self) -> None:
+    def _create_repo(self, private: bool) -> None:
         from huggingface_hub.utils import HfHubHTTPError
 
         try:
-            self._api.create_repo(self.repo_id, private=True, repo_type="model")
+            self._api.create_repo(self.repo_id, private=private, repo_type="model")
         except HfHubHTTPError as err:
             status = _status(err)
             if status == 409:  # created meanwhile by another session
@@ -246,10 +264,9 @@ class HubStorage:
     def commit_folder(self, local_dir: Path, key_prefix: str, names: list[str]) -> None:
         """Upload local_dir/NAME for every name (COMMIT.json among them) as ONE commit under `key_prefix`."""
         base = key_prefix.strip("/")
-        for name in names:
-            self._path(f"{base}/{name}")
-        files = [(self._join(f"{base}/{name}"), Path(local_dir) / name) for name in names]
-        self._commit(f"commit {base}", base, lambda ops: [ops.Add(path, src) for path, src in files])
+        keys = [f"{base}/{name}" if base else name for name in names]
+        files = [(self._path(key), Path(local_dir) / name) for key, name in zip(keys, names, strict=True)]
+        self._commit(f"commit {base or '/'}", base, lambda ops: [ops.Add(path, src) for path, src in files])
 
     def delete_folder(self, key_prefix: str) -> None:
         """Remove everything under `key_prefix` in one commit; then squash the history when it is due."""
