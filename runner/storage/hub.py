@@ -29,10 +29,11 @@ import os
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from runner.clock import Clock, SystemClock
 from runner.errors import EXIT_USAGE, CredentialsError, RelayError, StorageError, UsageError
@@ -357,9 +358,9 @@ class HubStorage:
         return info.oid
 
     def _find_commit(self, op_id: str) -> str | None:
-        for commit in self._api.list_repo_commits(self.repo_id):
-            if f"[{op_id}]" in commit.title:
-                return commit.commit_id
+        for commit in self._pages(f"{self._api_root()}/commits/{BRANCH}"):
+            if f"[{op_id}]" in commit.get("title", ""):
+                return commit["id"]
         return None
 
     def _take_commit_slot(self) -> None:
@@ -379,11 +380,27 @@ class HubStorage:
     def _list_files(self, path: str) -> set[str]:
         from huggingface_hub.utils import EntryNotFoundError
 
+        url = f"{self._api_root()}/tree/{BRANCH}" + (f"/{quote(path, safe='')}" if path else "")
         try:
-            entries = self._api.list_repo_tree(self.repo_id, path_in_repo=path or None, recursive=True)
-            return {e.path for e in entries if type(e).__name__ == "RepoFile"}
+            return {e["path"] for e in self._pages(url, {"recursive": "true"}) if e.get("type") == "file"}
         except EntryNotFoundError:
             return set()
+
+    def _api_root(self) -> str:
+        return f"{self._api.endpoint}/api/models/{self.repo_id}"
+
+    def _pages(self, url: str, params: dict[str, str] | None = None) -> Iterator[dict]:
+        """The items of a paginated Hub listing (Link: rel="next", as utils/_pagination.py follows it), fetched
+        with plain GETs: huggingface_hub's list_repo_tree/list_repo_commits retry inside (http_backoff), and
+        one operation is retried at one layer only."""
+        from huggingface_hub.utils import get_session, hf_raise_for_status
+
+        next_url: str | None = url
+        while next_url:
+            response = get_session().get(next_url, params=params, headers=self._headers(), timeout=HTTP_TIMEOUT_S)
+            hf_raise_for_status(response)
+            yield from response.json()
+            next_url, params = response.links.get("next", {}).get("url"), None
 
     def _url(self, path: str, revision: str = BRANCH) -> str:
         from huggingface_hub import hf_hub_url

@@ -102,3 +102,34 @@ def test_second_account_finishes_the_run_on_the_hub_exactly(hub, tmp_path, tmp_p
     assert_same_lora(final, reference / RUN / FINAL_LORA)
     authors = {c.author for c in hub.state.commits(REPO_ID)}
     assert {"alice", "bob"} <= authors
+
+
+@pytest.mark.slow
+def test_rate_limits_server_errors_and_lost_commit_answers_during_a_run(
+    hub, reference, tmp_path, monkeypatch, reliability
+):
+    """A whole run while every 4th request to the Hub fails (429 with Retry-After, 500, 503) and the answer of
+    every 3rd commit is lost after the Hub applied it: same LoRA, no commit made twice."""
+    import runner.session as session_module
+    from runner.storage.hub import open_hub
+    from runner.storage.retry import RetryPolicy
+    from tests.e2e.conftest import relay_main
+
+    env = hub_env(hub, hub.state.add_token("alice"))
+    fast = RetryPolicy(attempts=8, initial_s=0.01, max_s=0.05, jitter_s=0.01)
+    monkeypatch.setattr(session_module, "open_storage", lambda url: open_hub(url, env=env, retry=fast))
+    errors = hub.faults.fail_every(4, (429, 500, 503), retry_after_s=0)  # any request: API, uploads, downloads
+    hub.faults.drop_every_commits = 3
+    code = relay_main(train_args(URL, reference.seed_workdir(tmp_path / "work")))
+    assert code == 0
+    assert errors.injected >= 10 and hub.faults.dropped >= 2, (errors.injected, hub.faults.dropped)
+    assert not hub.requests_matching(r"whoami")[1:], "the rate-limited whoami is called once per session"
+    final = tmp_path / "final.safetensors"
+    final.write_bytes(hub.state.files(REPO_ID)[FINAL])
+    assert_same_lora(final, reference.final_lora)
+    titles = [c.title for c in hub.state.commits(REPO_ID)]
+    assert len(titles) == len(set(titles)), "a lost answer was retried into a duplicate commit"
+    test = "test_rate_limits_server_errors_and_lost_commit_answers_during_a_run"
+    reliability.record("Hub 429 (Retry-After) / 500 / 503 on every 4th request", test=test,
+                       injected=errors.injected, survived=True)  # fmt: skip
+    reliability.record("Hub commit applied but its answer lost", test=test, injected=hub.faults.dropped, survived=True)

@@ -81,12 +81,28 @@ class Fault:
     retry_after_s: float | None = None
 
 
+@dataclass
+class Periodic:
+    """Every `every`-th request matching `path` fails, with the statuses in turn."""
+
+    every: int
+    statuses: tuple[int, ...]
+    path: str
+    retry_after_s: float | None = None
+    seen: int = 0
+    injected: int = 0
+
+
 class Faults:
-    """What goes wrong next. Thread-safe; every fault is used up as it fires."""
+    """What goes wrong next. Thread-safe; every one-shot fault is used up as it fires."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._errors: list[Fault] = []
+        self.periodic: list[Periodic] = []
+        self.drop_every_commits = 0  # > 0: the answer of every n-th commit is lost after it was applied
+        self.commits_seen = 0
+        self.dropped = 0
         self.drop_commits = 0
         self.race_commits = 0
         self.race_files: dict[str, bytes] = {}
@@ -95,6 +111,15 @@ class Faults:
     def fail(self, status: int, times: int = 1, *, path: str = "", retry_after_s: float | None = None) -> None:
         with self._lock:
             self._errors.append(Fault(status, times, path, retry_after_s))
+
+    def fail_every(
+        self, every: int, statuses: tuple[int, ...], *, path: str = "", retry_after_s: float | None = None
+    ) -> Periodic:
+        """Every `every`-th request matching `path` fails (statuses in turn); returns the counter."""
+        periodic = Periodic(every, statuses, path, retry_after_s)
+        with self._lock:
+            self.periodic.append(periodic)
+        return periodic
 
     def drop_after_commit(self, times: int = 1) -> None:
         with self._lock:
@@ -112,11 +137,26 @@ class Faults:
 
     def take_error(self, request_line: str) -> Fault | None:
         with self._lock:
+            for rule in self.periodic:
+                if re.search(rule.path, request_line):
+                    rule.seen += 1
+                    if rule.seen % rule.every == 0:
+                        rule.injected += 1
+                        status = rule.statuses[(rule.injected - 1) % len(rule.statuses)]
+                        return Fault(status, 1, rule.path, rule.retry_after_s if status == 429 else None)
             for fault in self._errors:
                 if fault.times > 0 and re.search(fault.path, request_line):
                     fault.times -= 1
                     return fault
         return None
+
+    def take_periodic_drop(self) -> bool:
+        with self._lock:
+            self.commits_seen += 1
+            if self.drop_every_commits and self.commits_seen % self.drop_every_commits == 0:
+                self.dropped += 1
+                return True
+            return False
 
     def take(self, name: str) -> bool:
         with self._lock:
@@ -351,7 +391,7 @@ class Handler(BaseHTTPRequestHandler):
             files = self._apply(dict(repo.head.files), lines)
             commit = Commit(_oid(), header.get("summary", ""), header.get("description", ""), user, time.time(), files)
             repo.commits.append(commit)
-        if faults.take("drop_commits"):
+        if faults.take("drop_commits") or faults.take_periodic_drop():
             self.close_connection = True
             raise ConnectionError("dropped after applying the commit")
         url = f"{self.server.endpoint}/{repo.repo_id}/commit/{commit.id}"
