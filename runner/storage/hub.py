@@ -13,9 +13,8 @@ backend reads the branch's commits and, if its id is there, takes the commit as 
 retries blindly into a duplicate (huggingface_hub's own `_send_commit` warns of exactly that).
 
 Retries: one policy (runner.storage.retry) per operation: 429 (waiting at least the server's
-Retry-After), 5xx and dropped connections. Downloads are plain GETs of the resolve URL rather than
-hf_hub_download, whose resume loop and cache would add a second retry layer and a second copy;
-each download is checked against Content-Length and the ETag (git blob sha1, or sha256 for LFS).
+Retry-After), 5xx and dropped connections. Reads (listings, the commit list, downloads) go
+through runner.storage.hubwire as plain HTTP, since the client's own read calls retry inside.
 
 Must not: print, log or store the token (messages pass through `_redact`); import torch; be
 imported unless an hf:// URL is used (huggingface_hub loads lazily here).
@@ -23,20 +22,19 @@ imported unless an hf:// URL is used (huggingface_hub loads lazily here).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
-from urllib.parse import quote
 
 from runner.clock import Clock, SystemClock
 from runner.errors import EXIT_USAGE, CredentialsError, RelayError, StorageError, UsageError
+from runner.storage.hubwire import HubWire
 from runner.storage.retry import RETRY_AFTER_ATTR, RetryPolicy, call_with_retry
 
 log = logging.getLogger(__name__)
@@ -50,11 +48,8 @@ ENV_COMMITS_PER_HOUR = "RELAY_HUB_COMMITS_PER_HOUR"
 """Test/advanced: the sustained commit rate instead of HubLimits' 100 (a stand-in Hub has no limit)."""
 DEFAULT_ENDPOINT = "https://huggingface.co"
 TOKENS_PAGE = "https://huggingface.co/settings/tokens"
-BRANCH = "main"
 OTHER_REPO_TYPES = ("dataset", "space")
 CAS_TRIES = 8  # compare-and-swap rounds before giving up (each lost round means another commit landed)
-DOWNLOAD_CHUNK_BYTES = 1 << 20
-HTTP_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -163,6 +158,7 @@ class HubStorage:
         limits: HubLimits | None = None,
     ) -> None:
         self._api = api
+        self._wire = HubWire(api, repo_id)
         self.repo_id = repo_id
         self.prefix = prefix.strip("/")
         self.url = url or f"{SCHEME}{repo_id}" + (f"/{self.prefix}" if self.prefix else "")
@@ -247,7 +243,7 @@ class HubStorage:
         clean = prefix.strip("/")
         if clean:
             self._path(clean)
-        found = self._call("list", clean or "/", lambda: self._list_files(self._join(clean)))
+        found = self._call("list", clean or "/", lambda: self._wire.list_files(self._join(clean)))
         strip = len(self.prefix) + 1 if self.prefix else 0
         return sorted(path[strip:] for path in found)
 
@@ -259,7 +255,7 @@ class HubStorage:
 
     def exists(self, key: str) -> bool:
         path = self._path(key)
-        return self._call("check", key, lambda: self._head(path))
+        return self._call("check", key, lambda: self._wire.exists(path))
 
     # ---- beyond the contract: atomic folders and compare-and-swap ------------------------------
     def commit_folder(self, local_dir: Path, key_prefix: str, names: list[str]) -> None:
@@ -329,7 +325,7 @@ class HubStorage:
         def attempt() -> str:
             tries["n"] += 1
             if tries["n"] > 1:
-                landed = self._find_commit(op_id)
+                landed = self._wire.find_commit(f"[{op_id}]")
                 if landed is not None:
                     log.info("%s: commit %s had landed before its answer was lost", self.url, op_id)
                     return landed
@@ -357,12 +353,6 @@ class HubStorage:
             raise
         return info.oid
 
-    def _find_commit(self, op_id: str) -> str | None:
-        for commit in self._pages(f"{self._api_root()}/commits/{BRANCH}"):
-            if f"[{op_id}]" in commit.get("title", ""):
-                return commit["id"]
-        return None
-
     def _take_commit_slot(self) -> None:
         """A token bucket: `commit_burst` commits at once, then one per `commit_spacing_s`."""
         with self._lock:
@@ -377,87 +367,19 @@ class HubStorage:
             self._clock.sleep(wait)
 
     # ---- reads ---------------------------------------------------------------------------------
-    def _list_files(self, path: str) -> set[str]:
-        from huggingface_hub.utils import EntryNotFoundError
-
-        url = f"{self._api_root()}/tree/{BRANCH}" + (f"/{quote(path, safe='')}" if path else "")
-        try:
-            return {e["path"] for e in self._pages(url, {"recursive": "true"}) if e.get("type") == "file"}
-        except EntryNotFoundError:
-            return set()
-
-    def _api_root(self) -> str:
-        return f"{self._api.endpoint}/api/models/{self.repo_id}"
-
-    def _pages(self, url: str, params: dict[str, str] | None = None) -> Iterator[dict]:
-        """The items of a paginated Hub listing (Link: rel="next", as utils/_pagination.py follows it), fetched
-        with plain GETs: huggingface_hub's list_repo_tree/list_repo_commits retry inside (http_backoff), and
-        one operation is retried at one layer only."""
-        from huggingface_hub.utils import get_session, hf_raise_for_status
-
-        next_url: str | None = url
-        while next_url:
-            response = get_session().get(next_url, params=params, headers=self._headers(), timeout=HTTP_TIMEOUT_S)
-            hf_raise_for_status(response)
-            yield from response.json()
-            next_url, params = response.links.get("next", {}).get("url"), None
-
-    def _url(self, path: str, revision: str = BRANCH) -> str:
-        from huggingface_hub import hf_hub_url
-
-        return hf_hub_url(self.repo_id, path, revision=revision, endpoint=self._api.endpoint)
-
-    def _headers(self) -> dict[str, str]:
-        from huggingface_hub.utils import build_hf_headers
-
-        return build_hf_headers(token=self._api.token, library_name="relay")
-
-    def _head(self, path: str) -> bool:
-        from huggingface_hub.utils import get_session, hf_raise_for_status
-
-        response = get_session().head(
-            self._url(path), headers=self._headers(), follow_redirects=True, timeout=HTTP_TIMEOUT_S
-        )
-        if response.status_code == 404:
-            return False
-        hf_raise_for_status(response)
-        return True
-
     def _read_at_head(self, path: str, key: str) -> tuple[str, bytes | None]:
         """(head commit id, content of `path` at that commit or None)."""
         head = self._api.repo_info(self.repo_id, repo_type="model").sha
         scratch = Path(tempfile.gettempdir()) / f"relay-hub-{uuid.uuid4().hex[:12]}"
         try:
-            self._download(path, key, scratch, revision=head)
-            return head, scratch.read_bytes()
-        except StorageError as err:
-            if err.transient:
-                raise
-            return head, None
+            found = self._wire.download(path, scratch, revision=head)
+            return head, scratch.read_bytes() if found else None
         finally:
             scratch.unlink(missing_ok=True)
 
-    def _download(self, path: str, key: str, dest: Path, revision: str = BRANCH) -> None:
-        from huggingface_hub.utils import get_session, hf_raise_for_status
-
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        partial = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
-        try:
-            with get_session().stream(
-                "GET", self._url(path, revision), headers=self._headers(), follow_redirects=True, timeout=HTTP_TIMEOUT_S
-            ) as response:
-                if response.status_code == 404:
-                    raise StorageError(f"{self.url}: no file at key {key!r}", key=key)
-                if response.status_code >= 400:
-                    response.read()
-                    hf_raise_for_status(response)
-                expected = response.headers.get("Content-Length")
-                etag = response.headers.get("X-Linked-Etag") or response.headers.get("ETag") or ""
-                sha1, sha256, size = _write_stream(response.iter_bytes(DOWNLOAD_CHUNK_BYTES), partial)
-            _check_download(key, self.url, size, expected, etag.strip().removeprefix("W/").strip('"'), sha1, sha256)
-            os.replace(partial, dest)
-        finally:
-            partial.unlink(missing_ok=True)
+    def _download(self, path: str, key: str, dest: Path) -> None:
+        if not self._wire.download(path, dest):
+            raise StorageError(f"{self.url}: no file at key {key!r}", key=key)
 
     # ---- keys, errors, retries -----------------------------------------------------------------
     def _join(self, key: str) -> str:
@@ -540,32 +462,6 @@ def _update_operations(path: str, new: bytes | None) -> Callable[[Any], list]:
     if new is None:
         return lambda ops: [ops.Delete(path)]
     return lambda ops: [ops.Add(path, new)]
-
-
-def _write_stream(chunks: Any, partial: Path) -> tuple[str, str, int]:
-    """Write the chunks to `partial`; (git blob sha1, sha256, size). The blob hash needs the size first,
-    so it is computed from the written file."""
-    sha256 = hashlib.sha256()
-    size = 0
-    with open(partial, "wb") as out:
-        for chunk in chunks:
-            out.write(chunk)
-            sha256.update(chunk)
-            size += len(chunk)
-    sha1 = hashlib.sha1(b"blob %d\0" % size)
-    with open(partial, "rb") as f:
-        while chunk := f.read(DOWNLOAD_CHUNK_BYTES):
-            sha1.update(chunk)
-    return sha1.hexdigest(), sha256.hexdigest(), size
-
-
-def _check_download(key: str, url: str, size: int, expected: str | None, etag: str, sha1: str, sha256: str) -> None:
-    if expected is not None and expected.isdigit() and int(expected) != size:
-        raise StorageError(
-            f"download of {key!r} from {url} was cut short ({size} of {expected} bytes)", key=key, transient=True
-        )
-    if (len(etag) == 40 and etag != sha1) or (len(etag) == 64 and etag != sha256):
-        raise StorageError(f"download of {key!r} from {url} arrived altered (hash differs)", key=key, transient=True)
 
 
 def _status(err: Any) -> int:

@@ -104,7 +104,6 @@ def test_second_account_finishes_the_run_on_the_hub_exactly(hub, tmp_path, tmp_p
     assert {"alice", "bob"} <= authors
 
 
-@pytest.mark.slow
 def test_rate_limits_server_errors_and_lost_commit_answers_during_a_run(
     hub, reference, tmp_path, monkeypatch, reliability
 ):
