@@ -333,7 +333,8 @@ class HubStorage:
             return self._create_commit(title, operations, parent, missing_ok)
 
         commit_id = self._call(what, key, attempt)
-        self.commits_since_squash += 1
+        with self._lock:
+            self.commits_since_squash += 1
         return commit_id
 
     def _create_commit(
