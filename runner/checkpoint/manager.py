@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 UPLOAD_ATTEMPTS = 5  # tries of one whole commit on transient errors no backend has retried already
+RETRY_MAX_WAIT_S = 60.0  # longest wait between two tries of a whole commit
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -274,7 +275,10 @@ class CheckpointManager:
         def on_retry(error: BaseException, attempt: int, wait_s: float) -> None:
             self.bus.emit(events.Warning(f"checkpoint upload: {error}; retrying", kind="retry"))
 
-        policy = RetryPolicy(attempts=self.upload_attempts)
+        wait_s = RETRY_MAX_WAIT_S
+        policy = RetryPolicy(
+            attempts=self.upload_attempts, max_s=wait_s, initial_s=min(1.0, wait_s), jitter_s=min(1.0, wait_s)
+        )
         call_with_retry(commit, policy=policy, clock=self.clock, retry_if=should_retry_again, on_retry=on_retry)
 
     def _commit_and_verify(self, staged: Staged, t0: float) -> None:
