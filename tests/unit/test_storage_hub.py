@@ -180,3 +180,14 @@ def test_checkpoints_are_one_commit_each_and_rotation_one_more(hub, tmp_path):
     assert manager.committed_steps() == [20, 30]
     restored = manager.latest(tmp_path / "restore")
     assert restored.step == 30 and (restored.dir / "lora.safetensors").read_bytes() == bytes([30]) * 512
+
+
+def test_the_cli_exits_2_with_what_to_do_for_a_read_only_token(hub, monkeypatch, capsys):
+    from runner.cli import main
+
+    token = hub.state.add_token("alice", role="read")
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    assert main(["status", "--storage", "hf://alice/runs"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "read-only" in err and "settings/tokens" in err and token not in err
