@@ -191,3 +191,14 @@ def test_the_cli_exits_2_with_what_to_do_for_a_read_only_token(hub, monkeypatch,
     assert main(["status", "--storage", "hf://alice/runs"]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "read-only" in err and "settings/tokens" in err and token not in err
+
+
+def test_huggingface_hub_is_imported_only_when_an_hf_url_is_opened():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, runner.storage.url, runner.storage.hub, runner.publish\n"
+        "assert 'huggingface_hub' not in sys.modules, 'imported at module level'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
