@@ -1,6 +1,6 @@
 """The `relay` command: parses flags into calls. No logic lives here.
 
-Commands: train, status, plan, sample, export, bench, doctor, profiles. Flags
+Commands: train, status, plan, sample, export, publish, bench, doctor, profiles. Flags
 become profile overrides (`--set`, `--hours`) or session options; everything
 else happens in commands.py (train, plan, sample, export), report.py (status, doctor) and the
 modules they call. This is the one place that maps errors to exit codes and
@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=os.environ.get("RELAY_STORAGE", DEFAULT_STORAGE))
     p.add_argument("--profile", default=None)
 
+    p = sub.add_parser("publish", help="push a finished run's final/ to a Hugging Face model repo (token: HF_TOKEN)")
+    p.add_argument("--storage", default=os.environ.get("RELAY_STORAGE", DEFAULT_STORAGE), help="run storage URL")
+    p.add_argument("--run", help="run name (default: the only run there)")
+    p.add_argument("--repo", help="USER/NAME of the model repo (default: YOUR_NAME/RUN)")
+    p.add_argument("--public", action="store_true", help="create the repo public (default: private)")
+
     sub.add_parser("profiles", help="list the shipped profiles")
     return parser
 
@@ -151,6 +157,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from runner.report import run_doctor
 
         return run_doctor(args.storage, args.profile)
+    if args.command == "publish":
+        from runner.publish import publish_command
+
+        return publish_command(args)
     if args.command == "bench":
         from runner.bench import run_bench
 

@@ -5,7 +5,10 @@ Owns: acquiring, renewing and releasing the lease, and reading it for
 refuses to start (LeaseHeld) while the holder's heartbeat is fresher than
 `timeout_s`, unless told to take over.
 
-Storage offers no compare-and-swap (Drive, a mounted folder), so the protection
+Where the storage offers compare-and-swap (`update_if_unchanged`: the Hugging Face
+Hub, whose commits can require a parent), acquiring, renewing and releasing are
+swaps, and two sessions can never both hold the lease. Other storage offers no
+compare-and-swap (Drive, a mounted folder), so the protection
 is write, settle, read back: a contender writes its own random token, waits
 `settle_s`, and wins only if the token it reads back is still its own. Two
 sessions that both read "free" and both write see the same last writer after
@@ -59,7 +62,10 @@ class LeaseRecord:
 
 def read_lease(storage: Storage, run: str) -> LeaseRecord | None:
     """The current lease, or None if free (missing or unreadable: a torn lease protects nothing)."""
-    raw = read_bytes(storage, f"{run}/{LEASE_FILE}")
+    return _parse_lease(read_bytes(storage, f"{run}/{LEASE_FILE}"), f"{storage.url}/{run}/{LEASE_FILE}")
+
+
+def _parse_lease(raw: bytes | None, where: str) -> LeaseRecord | None:
     if raw is None:
         return None
     try:
@@ -71,7 +77,7 @@ def read_lease(storage: Storage, run: str) -> LeaseRecord | None:
             heartbeat_wall=float(data["heartbeat_wall"]),
         )
     except (ValueError, KeyError, TypeError):
-        log.warning("%s/%s/%s is unreadable; treating the run as free", storage.url, run, LEASE_FILE)
+        log.warning("%s is unreadable; treating the run as free", where)
         return None
 
 
@@ -168,6 +174,8 @@ class Lease:
 
     def acquire(self, take_over: bool = False) -> LeaseRecord:
         """Take the lease or raise LeaseHeld naming the live holder (also when another contender won)."""
+        if _swaps(self.storage):
+            return self._acquire_by_swap(take_over)
         current = read_lease(self.storage, self.run)
         now = self.clock.wall()
         if current is not None and current.token != self._token:
@@ -192,6 +200,10 @@ class Lease:
 
     def heartbeat(self) -> None:
         """Renew the lease; LeaseHeld if another session has taken it (then this one must stop)."""
+        if _swaps(self.storage):
+            self._swap(self._still_ours)
+            self._last_beat = self.clock.monotonic()
+            return
         self._check_ours()
         self._write(self._token)
 
@@ -212,6 +224,8 @@ class Lease:
             self._heartbeat = None
         if self._token is None:
             return
+        if _swaps(self.storage):
+            return self._release_by_swap()
         current = read_lease(self.storage, self.run)
         if current is not None and current.token == self._token:
             self.storage.delete(self.key)
@@ -232,6 +246,64 @@ class Lease:
             raise LeaseHeld(current.holder, current.since, current.age_s(self.clock.wall()))
 
     def _write(self, token: str) -> None:
+        write_bytes(self.storage, self.key, self._encode(token))
+
+    def _encode(self, token: str) -> bytes:
         record = LeaseRecord(self.holder, token, self._since, self.clock.wall())
         data = {**asdict(record), "heartbeat": iso(record.heartbeat_wall), "timeout_s": self.timeout_s}
-        write_bytes(self.storage, self.key, json.dumps(data, indent=2).encode())
+        return json.dumps(data, indent=2).encode()
+
+    # ---- compare-and-swap, where the storage offers it (the Hub: a commit with parent_commit) ----------
+    # The backend reads lease.json at a revision, asks `decide`, and writes only if nothing was committed
+    # since; otherwise it reads and asks again. Two contenders can never both win, and no settle wait is needed.
+
+    def _swap(self, decide: Callable[[LeaseRecord | None], str | None]) -> None:
+        """Write our record with token decide(current) (None: delete it); decide raises LeaseHeld to refuse."""
+
+        def to_bytes(raw: bytes | None) -> bytes | None:
+            token = decide(_parse_lease(raw, f"{self.storage.url}/{self.key}"))
+            return None if token is None else self._encode(token)
+
+        self.storage.update_if_unchanged(self.key, to_bytes)  # type: ignore[attr-defined]
+
+    def _acquire_by_swap(self, take_over: bool) -> LeaseRecord:
+        token = secrets.token_hex(16)
+
+        def decide(current: LeaseRecord | None) -> str:
+            now = self.clock.wall()
+            if current is not None and current.token != self._token:
+                age = current.age_s(now)
+                if age < self.timeout_s and not take_over:
+                    raise LeaseHeld(current.holder, current.since, age)
+                log.warning("taking the lease of %s from %s (heartbeat %.0f s old)", self.run, current.holder, age)
+            self._since = iso(now)
+            return token
+
+        self._swap(decide)
+        self._token = token
+        self._last_beat = self.clock.monotonic()
+        log.info("lease of %s acquired by %s (compare-and-swap)", self.run, self.holder)
+        return LeaseRecord(self.holder, token, self._since, self.clock.wall())
+
+    def _still_ours(self, current: LeaseRecord | None) -> str:
+        if self._token is None:
+            raise LeaseHeld("nobody (this session never acquired the lease)", "", 0.0)
+        if current is None or current.token != self._token:
+            self._token = None
+            if current is None:
+                raise LeaseHeld("unknown (lease.json was removed by someone else)", self._since, 0.0)
+            raise LeaseHeld(current.holder, current.since, current.age_s(self.clock.wall()))
+        return current.token
+
+    def _release_by_swap(self) -> None:
+        try:
+            self._swap(lambda current: self._still_ours(current) and None)
+            log.info("lease of %s released by %s", self.run, self.holder)
+        except LeaseHeld:
+            log.warning("lease of %s is no longer ours at release; left as is", self.run)
+        self._token = None
+
+
+def _swaps(storage: Storage) -> bool:
+    """Whether `storage` offers compare-and-swap (update_if_unchanged); else write, settle, read back."""
+    return callable(getattr(storage, "update_if_unchanged", None))

@@ -189,6 +189,16 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class PublishConfig:
+    enabled: bool = False
+    """At completion, push final/ (both LoRA files, model card, sample grid) to a Hugging Face model repo."""
+    repo: str = ""
+    """USER/NAME of that repo; empty: YOUR_NAME/RUN (token from HF_TOKEN)."""
+    public: bool = False
+    """Make a newly created repo public (an existing repo keeps its visibility)."""
+
+
+@dataclass(frozen=True)
 class DashboardConfig:
     plain_every_s: float = 30.0
     """Without a terminal, print one plain progress line this often."""
@@ -213,6 +223,7 @@ class Profile:
     session: SessionConfig = field(default_factory=SessionConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
     source_path: str = ""
     """Where it was loaded from (not a setting)."""
 
@@ -237,6 +248,7 @@ SECTIONS: dict[str, type] = {
     "session": SessionConfig,
     "sample": SampleConfig,
     "dashboard": DashboardConfig,
+    "publish": PublishConfig,
 }
 TOP_KEYS = ("name", "run", "description")
 
@@ -333,6 +345,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "sample.guidance": (_non_negative, "0 or more"),
     "dashboard.plain_every_s": (_positive, "a positive number of seconds"),
     "dashboard.refresh_per_s": (_positive, "a positive rate"),
+    "publish.repo": (lambda v: v == "" or v.count("/") == 1 and all(v.split("/")), "empty or USER/NAME"),
 }
 
 

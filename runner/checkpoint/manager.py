@@ -27,21 +27,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import tenacity
-
 from runner import events
 from runner.checkpoint.manifest import COMMIT, commit_folder, fetch_folder, write_manifest
 from runner.clock import Clock, SystemClock
 from runner.errors import CheckpointCorrupt, ProfileError, RelayError, StorageError
 from runner.state import RunState
 from runner.storage import Storage
+from runner.storage.retry import RetryPolicy, call_with_retry, should_retry_again
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 CHECKPOINT_DIR = "checkpoints"  # RUN/checkpoints/step-N/
-UPLOAD_ATTEMPTS = 5  # tries of one whole commit on transient storage errors (backends retry each call too)
-RETRY_MAX_WAIT_S = 60.0
+UPLOAD_ATTEMPTS = 5  # tries of one whole commit on transient errors no backend has retried already
+RETRY_MAX_WAIT_S = 60.0  # longest wait between two tries of a whole commit
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -98,10 +97,6 @@ class Restored:
     dir: Path  # local copy, verified against its COMMIT.json
     meta: dict  # COMMIT.json's meta
     state: RunState | None  # parsed from meta["state"] when the checkpoint carries one
-
-
-def _is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, StorageError) and exc.transient
 
 
 class CheckpointManager:
@@ -284,7 +279,7 @@ class CheckpointManager:
     def _upload(self, staged: Staged, t0: float) -> None:
         """Commit `staged`; its upload time counts from `t0` (the worker's start on it, writing included)."""
         try:
-            self._retrying()(self._commit_and_verify, staged, self.clock.monotonic())
+            self._with_retry(lambda: self._commit_and_verify(staged, self.clock.monotonic()))
         except (StorageError, CheckpointCorrupt, OSError) as exc:
             self.last_error = str(exc)
             log.warning("upload of checkpoint step %d failed: %s (local copy kept in %s)", staged.step, exc, staged.dir)
@@ -297,19 +292,18 @@ class CheckpointManager:
         self._rotate(staged.step)
         self._drop_staged_up_to(staged.step)
 
-    def _retrying(self) -> tenacity.Retrying:
-        def before_sleep(retry_state: tenacity.RetryCallState) -> None:
-            exc = retry_state.outcome.exception() if retry_state.outcome else None
-            self.bus.emit(events.Warning(f"checkpoint upload: {exc}; retrying", kind="retry"))
+    def _with_retry(self, commit: Callable[[], None]) -> None:
+        """Retry a whole commit, but only on errors no backend has retried already: one operation is
+        retried at one layer (runner.storage.retry), so a Drive outage costs 8 tries, not 8 × 5."""
 
-        return tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.upload_attempts),
-            wait=tenacity.wait_random_exponential(multiplier=1.0, max=RETRY_MAX_WAIT_S),
-            retry=tenacity.retry_if_exception(_is_transient),
-            sleep=self.clock.sleep,
-            before_sleep=before_sleep,
-            reraise=True,
+        def on_retry(error: BaseException, attempt: int, wait_s: float) -> None:
+            self.bus.emit(events.Warning(f"checkpoint upload: {error}; retrying", kind="retry"))
+
+        wait_s = RETRY_MAX_WAIT_S
+        policy = RetryPolicy(
+            attempts=self.upload_attempts, max_s=wait_s, initial_s=min(1.0, wait_s), jitter_s=min(1.0, wait_s)
         )
+        call_with_retry(commit, policy=policy, clock=self.clock, retry_if=should_retry_again, on_retry=on_retry)
 
     def _commit_and_verify(self, staged: Staged, t0: float) -> None:
         def progress(done: int, total: int) -> None:
@@ -317,7 +311,8 @@ class CheckpointManager:
             self.bus.emit(events.UploadProgress(staged.step, done, total, done / elapsed))
 
         prefix = self.folder(staged.step)
-        if self.storage.exists(f"{prefix}/{COMMIT}"):
+        atomic = callable(getattr(self.storage, "commit_folder", None))  # files and marker land together
+        if not atomic and self.storage.exists(f"{prefix}/{COMMIT}"):
             # Re-committing a step (e.g. after resuming past a corrupt copy of it): retract the old
             # marker first, so it never vouches for a mix of old and new files.
             self.storage.delete(f"{prefix}/{COMMIT}")
@@ -354,6 +349,11 @@ class CheckpointManager:
 
     def _delete_folder(self, step: int, names: set[str]) -> None:
         prefix = self.folder(step)
+        delete_folder = getattr(self.storage, "delete_folder", None)
+        if callable(delete_folder):  # one atomic commit (the Hub): never half deleted
+            delete_folder(prefix)
+            log.info("deleted checkpoint step %d", step)
+            return
         if COMMIT in names:
             self.storage.delete(f"{prefix}/{COMMIT}")  # first: a half-deleted folder is never "committed"
         for name in sorted(names - {COMMIT}):

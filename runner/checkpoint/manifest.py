@@ -3,7 +3,8 @@
 Owns: writing the manifest of a local folder (every file with its size and
 sha256, plus metadata), checking a folder against one, and the two transfers
 that follow the commit protocol: `commit_folder` uploads every file first and
-COMMIT.json last; `fetch_folder` downloads a committed folder and verifies each
+COMMIT.json last (or all in one atomic commit where the backend offers
+`commit_folder`, as the Hub does); `fetch_folder` downloads a committed folder and verifies each
 file. A folder in storage exists if and only if its COMMIT.json exists and every
 listed file matches it. Used for checkpoints and for the latent cache.
 
@@ -146,6 +147,13 @@ def commit_folder(storage: Storage, local_dir: Path, prefix: str, *, progress: P
             raise CheckpointCorrupt(f"{local_dir / name}: changed after COMMIT.json was written", path=str(local_dir))
     commit_size = (local_dir / COMMIT).stat().st_size
     total = sum(manifest["files"][n]["size"] for n in names) + commit_size
+    batch = getattr(storage, "commit_folder", None)
+    if callable(batch):  # a backend with atomic multi-file commits (the Hub): files and COMMIT.json at once
+        batch(local_dir, prefix, names + [COMMIT])
+        if progress is not None:
+            progress(total, total)
+        log.debug("committed %s (%d files, %d bytes) to %s in one commit", prefix, len(names), total, storage.url)
+        return manifest
     done = 0
     for name in names + [COMMIT]:
         storage.put(local_dir / name, f"{prefix}/{name}")

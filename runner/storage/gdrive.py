@@ -2,7 +2,7 @@
 
 Owns: `DriveStorage` (put/get/list/delete/exists over Drive API v2 through pydrive2's
 GoogleAuth/GoogleDrive/GoogleDriveFile objects), the map from '/'-keys to Drive file ids,
-retries (tenacity, exponential backoff with jitter, injected sleep), and the translation of
+retries (through the shared policy in runner.storage.retry), and the translation of
 Drive's answers into StorageError / CredentialsError.
 
 Drive is not a file system, and this module makes it behave like one for Relay:
@@ -42,8 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import tenacity
-
 from runner.clock import Clock, SystemClock
 from runner.errors import CredentialsError, RelayError, StorageError, UsageError
 from runner.storage.credentials import (
@@ -53,6 +51,7 @@ from runner.storage.credentials import (
     find_credentials,
     load_application_default,
 )
+from runner.storage.retry import RetryPolicy, call_with_retry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,17 +66,6 @@ PAGE_SIZE = 1000  # files.list maxResults (Drive's maximum)
 RATE_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded", "backendError", "internalError"})
 _NET_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED, errno.ENETDOWN, errno.EPIPE})
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How transient Drive errors are retried: waits of initial·2^n s (capped) plus 0..jitter s."""
-
-    attempts: int = 8
-    """Tries per operation, the first included (waits total about 2 minutes)."""
-    initial_s: float = 1.0
-    max_s: float = 60.0
-    jitter_s: float = 1.0
 
 
 @dataclass
@@ -571,17 +559,13 @@ class DriveStorage:
 
     # ---- retries ---------------------------------------------------------------------------
     def _retrying(self, what: str, key: str, operation: Callable[[], T]) -> T:
-        policy = self._retry
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(policy.attempts),
-            wait=tenacity.wait_exponential(multiplier=policy.initial_s, max=policy.max_s)
-            + tenacity.wait_random(0, policy.jitter_s),
-            retry=tenacity.retry_if_exception(lambda e: isinstance(e, StorageError) and e.transient),
-            sleep=self._clock.sleep,
-            before_sleep=lambda state: self._log_retry(what, key, state),
-            reraise=True,
+        """One Drive operation under the shared retry policy (runner.storage.retry)."""
+        return call_with_retry(
+            lambda: self._attempt(what, key, operation),
+            policy=self._retry,
+            clock=self._clock,
+            on_retry=self._log_retry,
         )
-        return retrying(self._attempt, what, key, operation)
 
     def _attempt(self, what: str, key: str, operation: Callable[[], T]) -> T:
         try:
@@ -599,13 +583,7 @@ class DriveStorage:
             if auth.credentials.access_token is None or auth.credentials.access_token_expired:
                 auth.credentials.refresh(self._client.token_http)
 
-    def _log_retry(self, what: str, key: str, state: tenacity.RetryCallState) -> None:
-        error = state.outcome.exception() if state.outcome else None
-        wait = state.next_action.sleep if state.next_action else 0.0
+    def _log_retry(self, error: BaseException, attempt: int, wait_s: float) -> None:
         log.warning(
-            "%s; try %d of %d in %.1f s",
-            getattr(error, "message", error),
-            state.attempt_number + 1,
-            self._retry.attempts,
-            wait,
+            "%s; try %d of %d in %.1f s", getattr(error, "message", error), attempt, self._retry.attempts, wait_s
         )

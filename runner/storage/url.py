@@ -1,8 +1,9 @@
 """Choose a storage backend from the --storage URL.
 
 Owns: `open_storage(url)`, the one place that maps the accepted URL forms to a
-backend. The Drive backends (runner.storage.gdrive, runner.storage.colab) are
-imported only when asked for, so a local run never needs pydrive2 or Colab.
+backend. The Drive backends (runner.storage.gdrive, runner.storage.colab) and the
+Hub backend (runner.storage.hub) are imported only when asked for, so a local run
+never needs pydrive2, Colab or huggingface_hub.
 
 Must not: open connections itself, read credentials, or guess: anything it does
 not recognise is a UsageError that lists the accepted forms.
@@ -25,7 +26,8 @@ ACCEPTED_FORMS = (
     "  file:///path/to/folder           the same, as a URL\n"
     "  gdrive://FOLDER_ID               a Google Drive folder through the Drive API (works across sessions)\n"
     "  gdrive://My Drive/relay          the same, by path\n"
-    "  drive or /content/drive/...      the Colab Drive mount (Colab only)"
+    "  drive or /content/drive/...      the Colab Drive mount (Colab only)\n"
+    "  hf://USER/REPO[/FOLDER]          a private Hugging Face model repo (token in HF_TOKEN; works across sessions)"
 )
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
@@ -61,6 +63,17 @@ def _open_colab(url: str, env: Mapping[str, str] | None) -> Storage:
     return open_colab_drive(url, env=env)
 
 
+def _open_hub(url: str, env: Mapping[str, str] | None) -> Storage:
+    try:
+        from runner.storage.hub import open_hub
+    except ImportError as exc:
+        raise UsageError(
+            f"--storage {url!r}: the Hugging Face Hub backend cannot be loaded ({exc})",
+            hint="install Relay with its dependencies (pip install -e .), or use a local folder",
+        ) from exc
+    return open_hub(url, env=env)
+
+
 def open_storage(url: str, *, env: Mapping[str, str] | None = None) -> Storage:
     """The backend for `url`; `env` (default: the process environment, read by the backend) carries credentials."""
     text = (url or "").strip()
@@ -72,6 +85,8 @@ def open_storage(url: str, *, env: Mapping[str, str] | None = None) -> Storage:
         if not text[len("gdrive://") :].strip("/"):
             raise _usage(url, "gdrive:// needs a folder id or a path")
         return _open_gdrive(text, env)
+    if text.startswith("hf://"):
+        return _open_hub(text, env)
     if text.startswith("file://"):
         path = text[len("file://") :]
         if not path:

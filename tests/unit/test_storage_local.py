@@ -87,9 +87,7 @@ def test_delete_prunes_empty_folders_but_not_root(tmp_path):
     assert storage.exists("run/checkpoints/step-00000002/lora.safetensors")
 
 
-@pytest.mark.parametrize(
-    "url", ["", "  ", "s3://bucket/run", "gdrive:folder", "gdrive://", "hf://user/repo", "file://"]
-)
+@pytest.mark.parametrize("url", ["", "  ", "s3://bucket/run", "gdrive:folder", "gdrive://", "hf:user/repo", "file://"])
 def test_open_storage_refuses_unknown_forms(url):
     with pytest.raises(UsageError) as info:
         open_storage(url)
