@@ -1,6 +1,6 @@
 """The `relay` command: parses flags into calls. No logic lives here.
 
-Commands: train, status, plan, sample, export, bench, doctor, profiles. Flags
+Commands: train, status, plan, sample, export, bench, doctor, profiles, stop --chain. Flags
 become profile overrides (`--set`, `--hours`) or session options; everything
 else happens in session.py (train, plan), report.py (status, doctor) and the
 modules they call. This is the one place that maps errors to exit codes and
@@ -82,7 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None)
 
     sub.add_parser("profiles", help="list the shipped profiles")
+    _stop_chain_args(sub.add_parser("stop", help="stop a run's Kaggle chain (--chain): no next session is pushed"))
     return parser
+
+
+def _stop_chain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chain", action="store_true", required=True, help="stop the run's hands-off Kaggle chain")
+    p.add_argument("--undo", action="store_true", help="with --chain: let the chain continue again")
+    p.add_argument("--storage", default=os.environ.get("RELAY_STORAGE", DEFAULT_STORAGE), help="run storage URL")
+    p.add_argument("--run", help="run name (default: the only run there)")
 
 
 def _run_args(p: argparse.ArgumentParser, *, profile_required: bool) -> None:
@@ -129,6 +137,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from runner.report import run_doctor
 
         return run_doctor(args.storage, args.profile)
+    if args.command == "stop" and args.chain:
+        from runner.chain import stop_chain_cli
+
+        return stop_chain_cli(args)
     if args.command == "bench":
         from runner.bench import run_bench
 
