@@ -12,8 +12,8 @@ passes `KaggleCredentials` in; a credentials file it writes is 0600), use any ac
 the one in those credentials, push anything but the notebook named by the user, or import
 torch. kagglesdk is imported lazily, only when a push or a quota question is due.
 
-Called from the kernel side after the trainer exits: `after_session(exit_code, ...)`, or
-`python -m runner.chain after ...` from a notebook cell (see `main`).
+Called from the kernel side: `begin_session(...)` when the session starts, `after_session(exit_code,
+...)` after the trainer exits; or `python -m runner.chain begin|after ...` from notebook cells (`main`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,14 @@ from runner.errors import EXIT_OK, EXIT_PREEMPTED, CredentialsError, RelayError,
 from runner.kaggle_api import KaggleApi, KaggleApiError, KaggleCredentials, SdkKaggleApi, accelerator_for
 from runner.state import read_bytes
 
-__all__ = ["KaggleCredentials", "SdkKaggleApi", "after_session", "decide", "status"]  # the kernel side's API
+__all__ = [
+    "KaggleCredentials",
+    "SdkKaggleApi",
+    "after_session",
+    "begin_session",
+    "decide",
+    "status",
+]  # the kernel side's API
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +171,35 @@ def claim_successor(storage, run: str, index: int, clock: Clock, settle_s: float
     return f"{folder}/{mine}" if won else None
 
 
+def claimed_link(storage, run: str) -> int:
+    """The highest successor index that has a claim or a push in the store (0: none yet)."""
+    indexes = [0]
+    for key in storage.list(f"{run}/{CHAIN_DIR}"):
+        parts = key.split("/")
+        if len(parts) >= 2 and parts[-2].startswith("successor-") and parts[-2][10:].isdigit():
+            indexes.append(int(parts[-2][10:]))
+    return max(indexes)
+
+
+def begin_session(storage, run: str, state_file: Path, clock: Clock) -> int:
+    """At a session's start: the chain link it continues, noted once per VM in `state_file` (0600).
+
+    The link is the highest successor index claimed so far; at its end the session pushes
+    link + 1, unless a successor above its link exists by then (pushed while it ran: that one
+    is the next session). A restarted kernel on the same VM finds the file and keeps its link,
+    so running the hook twice pushes nothing twice. Also recorded in RUN/chain/started/ for status.
+    """
+    if state_file.is_file():
+        return int(json.loads(state_file.read_text())["link"])
+    link = claimed_link(storage, run)
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps({"run": run, "link": link}))
+    state_file.chmod(0o600)
+    _put_json(storage, f"{run}/{CHAIN_DIR}/started/{link:04d}-{uuid.uuid4().hex[:8]}.json",
+              {"link": link, "started_wall": clock.wall()})  # fmt: skip
+    return link
+
+
 def _record_decision(storage, run: str, clock: Clock, exit_code: int, decision: ChainDecision) -> None:
     now = clock.wall()
     key = f"{run}/{CHAIN_DIR}/decisions/{int(now * 1000):015d}-{uuid.uuid4().hex[:8]}.json"
@@ -176,13 +212,13 @@ def _record_decision(storage, run: str, clock: Clock, exit_code: int, decision: 
 # ---------------------------------------------------------------- after a session
 
 
-def gather_facts(storage, run: str, *, api: KaggleApi | None, clock: Clock, session_start_wall: float,
+def gather_facts(storage, run: str, *, api: KaggleApi | None, clock: Clock, link: int,
                  min_session_h: float = MIN_SESSION_H, quota_h: float = KAGGLE_WEEKLY_GPU_H) -> ChainFacts:  # fmt: skip
-    """Read the store (target, stop flag, queued successor, the run's Kaggle hours) and the API's quota."""
+    """Read the store (target, stop flag, a successor above `link`, the run's Kaggle hours) and the API's quota."""
     from runner.report import read_status  # noqa: PLC0415 - report imports rich; only needed here
 
     status = read_status(storage, run)
-    queued = [p for p in pushed_successors(storage, run) if p.get("pushed_wall", 0) > session_start_wall]
+    queued = [p for p in pushed_successors(storage, run) if p.get("index", 0) > link]
     local_h = kaggle_quota_left_h(status.sessions, clock.wall(), account="", quota_h=quota_h)
     api_h = api.gpu_quota_left_h() if api is not None else None
     return ChainFacts(
@@ -195,32 +231,28 @@ def gather_facts(storage, run: str, *, api: KaggleApi | None, clock: Clock, sess
 
 
 def after_session(
-    exit_code: int, *, storage, run: str, notebook: str, api: KaggleApi, clock: Clock | None = None,
-    session_start_wall: float, gpu_names: Sequence[str] = (), settle_s: float = SETTLE_S,
-    min_session_h: float = MIN_SESSION_H,
+    exit_code: int, *, storage, run: str, notebook: str, api: KaggleApi, link: int, clock: Clock | None = None,
+    gpu_names: Sequence[str] = (), settle_s: float = SETTLE_S, min_session_h: float = MIN_SESSION_H,
 ) -> ChainDecision:  # fmt: skip
     """Decide, and push the next session where the chain continues; the decision is recorded in RUN/chain/.
 
-    `notebook` is the user's own USER/SLUG; `api` carries the user's own credentials;
-    `session_start_wall` is when this session's VM started (Env.session_start_wall).
+    `notebook` is the user's own USER/SLUG; `api` carries the user's own credentials; `link`
+    is what `begin_session` returned when this session started.
     """
     clock = clock or SystemClock()
     if exit_code == EXIT_PREEMPTED:
-        facts = gather_facts(storage, run, api=api, clock=clock, session_start_wall=session_start_wall,
-                             min_session_h=min_session_h)  # fmt: skip
+        facts = gather_facts(storage, run, api=api, clock=clock, link=link, min_session_h=min_session_h)
     else:  # the exit code alone decides (a run that never started has nothing to read)
         facts = ChainFacts(target_reached=False, stop_requested=False, quota_left_h=None)
     decision = decide(exit_code, facts)
     if decision.continues:
-        decision = _push_successor(storage, run, notebook, api, clock, gpu_names, settle_s)
+        decision = _push_successor(storage, run, link + 1, notebook, api, clock, gpu_names, settle_s)
     _record_decision(storage, run, clock, exit_code, decision)
     log.info("chain: %s (%s)", decision.reason, decision.message)
     return decision
 
 
-def _push_successor(storage, run, notebook, api, clock, gpu_names, settle_s) -> ChainDecision:
-    pushed = pushed_successors(storage, run)
-    index = (pushed[-1]["index"] + 1) if pushed else 1
+def _push_successor(storage, run, index, notebook, api, clock, gpu_names, settle_s) -> ChainDecision:
     claim = claim_successor(storage, run, index, clock, settle_s)
     if claim is None:
         return ChainDecision("stop", LOST_RACE, f"another session is pushing successor {index}", index)
@@ -247,7 +279,7 @@ class ChainStatus:
 
     pushed: int  # successors pushed so far
     sessions: int  # sessions the run has recorded
-    next_queued: dict | None  # the newest pushed successor when no session started after it
+    next_queued: dict | None  # the newest pushed successor, while no session has started from it
     stopped: str | None  # why the chain ended (a reason), None while it runs or before it ran
     message: str = ""
     stop_requested: bool = False
@@ -261,8 +293,8 @@ def status(storage, run: str) -> ChainStatus:
 
     pushed = pushed_successors(storage, run)
     sessions = read_sessions(storage, run)
-    last_start = max((s.get("start_wall", 0) for s in sessions), default=0)
-    queued = pushed[-1] if pushed and pushed[-1].get("pushed_wall", 0) > last_start else None
+    started = [int(k.rsplit("/", 1)[-1][:4]) for k in storage.list(f"{run}/{CHAIN_DIR}/started") if k[-1:] != "/"]
+    queued = pushed[-1] if pushed and pushed[-1].get("index", 0) > max(started, default=0) else None
     decisions = sorted(
         (d for d in (_get_json(storage, k) for k in storage.list(f"{run}/{CHAIN_DIR}/decisions")) if d),
         key=lambda d: d.get("at_wall", 0),
@@ -297,13 +329,15 @@ def stop_chain_cli(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m runner.chain", description="the Kaggle chain, from a notebook cell")
     sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("begin", help="at the session's start: note the chain link this session continues")
     a = sub.add_parser("after", help="after the trainer exits: push the next session or say why not")
+    for q in (b, a):
+        q.add_argument("--profile", required=True)
+        q.add_argument("--storage", required=True)
+        q.add_argument("--run", help="run name (default: the profile's name)")
+        q.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+        q.add_argument("--state-file", help="this VM's chain note (default: TMPDIR/relay-chain-RUN.json)")
     a.add_argument("--exit-code", type=int, required=True, help="the trainer's exit code")
-    a.add_argument("--profile", required=True)
-    a.add_argument("--storage", required=True)
-    a.add_argument("--run", help="run name (default: the profile's name)")
-    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    a.add_argument("--session-start", type=float, help="Unix time this session began (default: the VM's boot)")
     a.add_argument("--settle-s", type=float, default=SETTLE_S, help="the successor claim's window")
     a.add_argument("--min-session-h", type=float, default=MIN_SESSION_H)
     a.add_argument("--kaggle-json", help="a 0600 file holding kaggle.json (default: KAGGLE_USERNAME/KAGGLE_KEY)")
@@ -322,25 +356,51 @@ def _credentials(path: str | None, environ: Mapping[str, str]) -> KaggleCredenti
     return KaggleCredentials.from_kaggle_json(file.read_text(), source=path)
 
 
-def _after(args: argparse.Namespace) -> int:
-    from runner.env import detect_env  # noqa: PLC0415
+def _chain_profile(args: argparse.Namespace):
+    """The profile's session settings, or None when the chain is off."""
     from runner.profile import load_profile  # noqa: PLC0415
-    from runner.storage.url import open_storage  # noqa: PLC0415
 
     profile = load_profile(args.profile, args.overrides)
-    cfg = profile.session
-    if cfg.chain != "kaggle":
+    if profile.session.chain != "kaggle":
         print('chain: off (session.chain is not "kaggle")')
-        return 0
-    if not cfg.chain_notebook:
+        return None
+    if not profile.session.chain_notebook:
         raise UsageError("session.chain_notebook is empty", hint='set it to your notebook, e.g. "USER/SLUG"')
+    return profile
+
+
+def _state_file(args: argparse.Namespace, run: str) -> Path:
+    return Path(args.state_file) if args.state_file else Path(tempfile.gettempdir()) / f"relay-chain-{run}.json"
+
+
+def _begin(args: argparse.Namespace) -> int:
+    from runner.storage.url import open_storage  # noqa: PLC0415
+
+    profile = _chain_profile(args)
+    if profile is not None:
+        run = args.run or profile.name
+        link = begin_session(open_storage(args.storage), run, _state_file(args, run), SystemClock())
+        print(f"chain: this session continues link {link}")
+    return 0
+
+
+def _after(args: argparse.Namespace) -> int:
+    from runner.env import detect_env  # noqa: PLC0415
+    from runner.storage.url import open_storage  # noqa: PLC0415
+
+    profile = _chain_profile(args)
+    if profile is None:
+        return 0
+    run, storage, clock = args.run or profile.name, open_storage(args.storage), SystemClock()
+    state = _state_file(args, run)
+    if not state.is_file():
+        log.warning("chain: `begin` did not run at this session's start; a successor pushed meanwhile goes unseen")
+    link = begin_session(storage, run, state, clock)
     env = detect_env(workdir=tempfile.gettempdir())
-    storage = open_storage(args.storage)
     api = SdkKaggleApi(_credentials(args.kaggle_json, os.environ))
     decision = after_session(
-        args.exit_code, storage=storage, run=args.run or profile.name, notebook=cfg.chain_notebook, api=api,
-        session_start_wall=args.session_start if args.session_start is not None else env.session_start_wall,
-        gpu_names=[g.name for g in env.gpus], settle_s=args.settle_s, min_session_h=args.min_session_h,
+        args.exit_code, storage=storage, run=run, notebook=profile.session.chain_notebook, api=api, link=link,
+        clock=clock, gpu_names=[g.name for g in env.gpus], settle_s=args.settle_s, min_session_h=args.min_session_h,
     )  # fmt: skip
     print(f"chain: {decision.reason}: {decision.message}")
     return 0
@@ -357,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             storage = open_storage(args.storage)
             print(json.dumps(status(storage, find_run(storage, args.run)).to_dict(), indent=1))
             return 0
-        return _after(args)
+        return _begin(args) if args.command == "begin" else _after(args)
     except RelayError as exc:
         print(f"relay chain: error: {exc}", file=sys.stderr)
         return exc.exit_code

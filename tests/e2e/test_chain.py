@@ -54,14 +54,16 @@ def notebook_source(storage: Path) -> str:
         "CHAIN_ENV = {**os.environ, 'KAGGLE_USERNAME': secrets.get_secret('KAGGLE_USERNAME'),\n"
         "             'KAGGLE_KEY': secrets.get_secret('KAGGLE_KEY')}\n"
         f"RUN_ARGS = ['--profile', 'tiny', '--storage', {str(storage)!r}, *{sets!r}]\n"
-        "SESSION_START = os.environ['RELAY_TEST_VM_BOOT_WALL']  # the kernel side passes Env.session_start_wall",
+        "begin = subprocess.run([sys.executable, '-m', 'runner.chain', 'begin', *RUN_ARGS], capture_output=True, text=True)\n"
+        "print(begin.stdout, begin.stderr)\n"
+        "assert begin.returncode == 0, begin.stderr",
         "work = tempfile.mkdtemp(prefix='kaggle-temp-')  # a fresh VM: nothing local survives\n"
         f"train = subprocess.run([sys.executable, '-m', 'tests.platforms.kaggle_api.short_session', '{PER_SESSION}',\n"
         "                        '--', 'train', *RUN_ARGS, '--workdir', work, '--plain'], capture_output=True, text=True)\n"
         "print(train.stdout[-2000:], train.stderr[-2000:])\n"
         "print('relay exited with', train.returncode)",
         "after = subprocess.run([sys.executable, '-m', 'runner.chain', 'after', '--exit-code', str(train.returncode),\n"
-        "                        *RUN_ARGS, '--session-start', SESSION_START, '--settle-s', '0.3'],\n"
+        "                        *RUN_ARGS, '--settle-s', '0.3'],\n"
         "                       env=CHAIN_ENV, capture_output=True, text=True)\n"
         "print(after.stdout, after.stderr)\n"
         "assert after.returncode == 0, after.stderr",
@@ -111,12 +113,12 @@ def test_the_chain_carries_the_run_to_its_target(kaggle, tmp_path, reference):
 # ---------------------------------------------------------------- one session's end, by the API
 
 
-def make_run(storage_dir: Path, *, step: int, target: int = 40, kaggle_hours: float = 0.5) -> object:
-    """A run's store at `step` of `target`, its sessions so far on Kaggle (no weights: the chain reads none)."""
+def make_run(storage_dir: Path, *, step: int, target: int = 40, hours: float = 0.5, platform: str = "kaggle"):
+    """A run's store at `step` of `target` after a session of `hours` on `platform` (no weights: the chain reads none)."""
     storage = open_storage(str(storage_dir))
     write_run_info(storage, RunInfo(RUN, {}, "f" * 12, target, "2026-12-01T00:00:00Z"))
     now = SystemClock().wall()
-    append_session(storage, RUN, {"platform": "kaggle", "gpu_count": 1, "start_wall": now - kaggle_hours * 3600,
+    append_session(storage, RUN, {"platform": platform, "gpu_count": 1, "start_wall": now - hours * 3600,
                                   "end_wall": now - 60, "steps": step, "reason": "budget"})  # fmt: skip
     commit = storage_dir / RUN / "checkpoints" / f"step-{step:08d}" / "COMMIT.json"
     commit.parent.mkdir(parents=True)
@@ -124,11 +126,10 @@ def make_run(storage_dir: Path, *, step: int, target: int = 40, kaggle_hours: fl
     return storage
 
 
-def end_session(storage, code: int = 75, *, started_s_ago: float = 600, settle_s: float = 0.2):
-    now = SystemClock().wall()
-    return chain.after_session(code, storage=storage, run=RUN, notebook=NOTEBOOK, api=api(),
-                               session_start_wall=now - started_s_ago, gpu_names=["Tesla T4", "Tesla T4"],
-                               settle_s=settle_s)  # fmt: skip
+def end_session(storage, code: int = 75, *, link: int = 0, settle_s: float = 0.2):
+    """A session that began at chain link `link` (what begin_session returned) ends with `code`."""
+    return chain.after_session(code, storage=storage, run=RUN, notebook=NOTEBOOK, api=api(), link=link,
+                               gpu_names=["Tesla T4", "Tesla T4"], settle_s=settle_s)  # fmt: skip
 
 
 @pytest.fixture
@@ -154,7 +155,7 @@ def test_two_sessions_ending_at_once_push_one_successor(idle_kaggle, tmp_path):
     assert len(idle_kaggle.pushes()) == 1
     assert chain.status(storage, RUN).next_queued["version"] == 2
 
-    successor = end_session(storage, started_s_ago=0.0)  # the successor itself, when its time is up
+    successor = end_session(storage, link=chain.claimed_link(storage, RUN))  # the successor, when its time is up
     assert (successor.reason, successor.successor, successor.version) == (chain.PUSHED, 2, 3)
     assert len(idle_kaggle.pushes()) == 2
     assert_no_secret(tmp_path / "storage")
@@ -186,7 +187,7 @@ def test_the_weekly_quota_stops_the_chain(idle_kaggle, tmp_path):
 
 def test_without_a_quota_api_the_runs_own_hours_count(idle_kaggle, tmp_path):
     idle_kaggle.quota_total_h = None  # the API cannot tell
-    storage = make_run(tmp_path / "storage", step=10, kaggle_hours=29.8)
+    storage = make_run(tmp_path / "storage", step=10, hours=29.8)
     assert end_session(storage).reason == chain.QUOTA
     assert idle_kaggle.pushes() == []
 
@@ -211,3 +212,11 @@ def test_a_refused_push_stops_and_a_later_session_may_retry(idle_kaggle, tmp_pat
     assert failed.reason == chain.PUSH_FAILED and "push refused" in failed.message
     idle_kaggle.save_error = None
     assert end_session(storage).reason == chain.PUSHED  # the failed claim does not block successor 1
+
+
+def test_a_colab_session_hands_over_to_the_users_kaggle_notebook(idle_kaggle, tmp_path):
+    idle_kaggle.quota_total_h = None
+    storage = make_run(tmp_path / "storage", step=10, hours=29.8, platform="colab")  # Colab hours are not Kaggle's
+    decision = end_session(storage, link=chain.begin_session(storage, RUN, tmp_path / "colab-vm.json", SystemClock()))
+    assert (decision.reason, decision.version) == (chain.PUSHED, 2)
+    assert idle_kaggle.pushes()[0]["slug"] == NOTEBOOK

@@ -90,3 +90,24 @@ def test_of_two_claims_written_before_either_looked_again_the_lowest_wins(tmp_pa
 
     monkeypatch.setattr(clock, "sleep", racer_writes_during_my_wait)
     assert claim_successor(storage, "run", 1, clock, settle_s=5) is None
+
+
+def test_a_session_keeps_the_link_it_began_with(tmp_path):
+    storage, clock = open_storage(str(tmp_path / "store")), FakeClock()
+    note = tmp_path / "vm-tmp" / "relay-chain-run.json"
+    assert chain.begin_session(storage, "run", note, clock) == 0
+    assert note.stat().st_mode & 0o777 == 0o600
+    assert claim_successor(storage, "run", 1, clock, settle_s=1) is not None  # this session's successor
+    assert chain.claimed_link(storage, "run") == 1
+    assert chain.begin_session(storage, "run", note, clock) == 0  # a restarted kernel on the same VM
+    assert chain.begin_session(storage, "run", tmp_path / "other-vm.json", clock) == 1  # the successor's VM
+
+
+def test_status_shows_the_queued_successor_until_a_session_starts_from_it(tmp_path):
+    storage, clock = open_storage(str(tmp_path / "store")), FakeClock()
+    chain.begin_session(storage, "run", tmp_path / "vm1.json", clock)
+    chain._put_json(storage, "run/chain/successor-0001/pushed.json", {"index": 1, "version": 5})
+    assert chain.status(storage, "run").next_queued == {"index": 1, "version": 5}
+    chain.begin_session(storage, "run", tmp_path / "vm2.json", clock)
+    state = chain.status(storage, "run")
+    assert (state.pushed, state.next_queued, state.stopped) == (1, None, None)

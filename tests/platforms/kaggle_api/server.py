@@ -172,7 +172,8 @@ class KaggleStandIn:
         secrets = folder / "secrets.json"
         secrets.write_text(json.dumps(self.secrets))
         secrets.chmod(0o600)
-        env = {**self._kaggle_env(secrets), "RELAY_TEST_VM_BOOT_WALL": repr(time.time())}  # a fresh VM per run
+        (folder / "tmp").mkdir(exist_ok=True)  # a fresh VM per run: its own /tmp, booted now
+        env = {**self._kaggle_env(secrets), "TMPDIR": str(folder / "tmp"), "RELAY_TEST_VM_BOOT_WALL": repr(time.time())}
         version.status = "RUNNING"
         started = time.monotonic()
         proc = subprocess.run([sys.executable, str(HERE / "execute.py"), str(folder / "notebook.ipynb"), str(REPO)],
