@@ -20,6 +20,7 @@ import pytest
 from runner import chain
 from runner.chain import KaggleCredentials, SdkKaggleApi
 from runner.clock import SystemClock
+from runner.kaggle_api import KaggleApiError
 from runner.state import RunInfo, append_session, write_run_info
 from runner.storage.url import open_storage
 from tests.e2e.conftest import FAST, RUN, STEPS, assert_same_lora, relay_main, sessions
@@ -220,3 +221,14 @@ def test_a_colab_session_hands_over_to_the_users_kaggle_notebook(idle_kaggle, tm
     decision = end_session(storage, link=chain.begin_session(storage, RUN, tmp_path / "colab-vm.json", SystemClock()))
     assert (decision.reason, decision.version) == (chain.PUSHED, 2)
     assert idle_kaggle.pushes()[0]["slug"] == NOTEBOOK
+
+
+def test_an_api_token_is_sent_as_a_bearer_and_a_wrong_key_is_refused(idle_kaggle):
+    idle_kaggle.secrets["KAGGLE_API_TOKEN"] = "KGAT_stand-in-token"
+    metadata, _ = SdkKaggleApi(KaggleCredentials(USER, token="KGAT_stand-in-token")).get_kernel(NOTEBOOK)
+    assert metadata["ref"] == NOTEBOOK
+    with pytest.raises(KaggleApiError, match="401") as err:
+        SdkKaggleApi(KaggleCredentials(USER, "wrong-key")).get_kernel(NOTEBOOK)
+    assert "wrong-key" not in str(err.value)
+    with pytest.raises(KaggleApiError, match="403"):  # never another account's notebook
+        api().get_kernel("bob/his-notebook")

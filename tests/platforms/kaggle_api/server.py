@@ -67,6 +67,7 @@ class KaggleStandIn:
         self._lock = threading.Lock()
         self._queue: queue.Queue[tuple[Kernel, Version] | None] = queue.Queue()
         self._busy = threading.Event()
+        self._proc: subprocess.Popen | None = None
         self._httpd: ThreadingHTTPServer | None = None
 
     # ------------------------------------------------------------ life cycle
@@ -81,6 +82,8 @@ class KaggleStandIn:
 
     def __exit__(self, *exc) -> None:
         self._queue.put(None)
+        if self._proc is not None and self._proc.poll() is None:  # a test that failed mid-chain
+            self._proc.kill()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -176,12 +179,13 @@ class KaggleStandIn:
         env = {**self._kaggle_env(secrets), "TMPDIR": str(folder / "tmp"), "RELAY_TEST_VM_BOOT_WALL": repr(time.time())}
         version.status = "RUNNING"
         started = time.monotonic()
-        proc = subprocess.run([sys.executable, str(HERE / "execute.py"), str(folder / "notebook.ipynb"), str(REPO)],
-                              env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+        self._proc = subprocess.Popen([sys.executable, str(HERE / "execute.py"), str(folder / "notebook.ipynb"),
+                                       str(REPO)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        output, _ = self._proc.communicate()
         version.seconds = time.monotonic() - started
         self.quota_used_h += version.seconds / 3600
-        version.exit_code, version.log = proc.returncode, proc.stdout + proc.stderr
-        version.status = "COMPLETE" if proc.returncode == 0 else "ERROR"
+        version.exit_code, version.log = self._proc.returncode, output
+        version.status = "COMPLETE" if version.exit_code == 0 else "ERROR"
 
     def _kaggle_env(self, secrets: Path) -> dict[str, str]:
         """What a Kaggle batch run's processes see (docs/platforms.md): Kaggle's variables, no credentials."""
