@@ -66,7 +66,7 @@ class ChainFacts:
     target_reached: bool
     stop_requested: bool
     quota_left_h: float | None  # None: unknown
-    queued_version: int | None = None  # a successor pushed after this session began: it is the next link
+    queued_version: int | None = None  # a successor above this session's link was pushed: it is the next session
     min_session_h: float = MIN_SESSION_H
 
 
