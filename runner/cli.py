@@ -1,6 +1,6 @@
 """The `relay` command: parses flags into calls. No logic lives here.
 
-Commands: train, status, plan, sample, export, publish, bench, doctor, profiles. Flags
+Commands: train, status, plan, sample, export, publish, bench, doctor, profiles, attach, stop [--chain]. Flags
 become profile overrides (`--set`, `--hours`) or session options; everything
 else happens in commands.py (train, plan, sample, export), report.py (status, doctor) and the
 modules they call. This is the one place that maps errors to exit codes and
@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--storage", help="run storage URL (with --run: that run)")
         if name == "attach":
             p.add_argument("--plain", action="store_true", help="plain progress lines instead of the live dashboard")
+        else:
+            _stop_chain_args(p)
 
     p = sub.add_parser("plan", help="dry run: platform, GPU, fit plan, steps this session, sessions still needed")
     _run_args(p, profile_required=True)
@@ -102,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("profiles", help="list the shipped profiles")
     return parser
+
+
+def _stop_chain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chain", action="store_true", help="stop the run's hands-off Kaggle chain (RUN/chain/STOP in "
+                   "the store, from any machine): no next session is pushed")  # fmt: skip
+    p.add_argument("--undo", action="store_true", help="with --chain: let the chain continue again")
 
 
 def _run_args(p: argparse.ArgumentParser, *, profile_required: bool) -> None:
@@ -161,6 +169,11 @@ def dispatch(args: argparse.Namespace) -> int:
         from runner.publish import publish_command
 
         return publish_command(args)
+    if args.command == "stop" and args.chain:
+        from runner.chain import stop_chain_cli
+
+        args.storage = args.storage or os.environ.get("RELAY_STORAGE", DEFAULT_STORAGE)
+        return stop_chain_cli(args)
     if args.command == "bench":
         from runner.bench import run_bench
 

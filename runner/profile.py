@@ -172,6 +172,10 @@ class SessionConfig:
     """Safety margin before the deadline, in minutes, on top of the measured checkpoint cost."""
     release_gpu: bool = False
     """On Colab, end the runtime after the final commit so no GPU quota idles."""
+    chain: str = ""
+    """"kaggle": a session ending with "run me again" pushes the next one on Kaggle (docs/chain.md); "": off."""
+    chain_notebook: str = ""
+    """The Kaggle notebook the chain pushes, "USER/SLUG" (a running notebook cannot name itself)."""
 
 
 @dataclass(frozen=True)
@@ -340,6 +344,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "checkpoint.max_overhead_pct": (lambda v: 0 < v <= 50, "a percentage in (0, 50]"),
     "session.hours": (lambda v: 0 <= v <= 48, "0 (platform default) or hours up to 48"),
     "session.margin_min": (_non_negative, "0 or more minutes"),
+    "session.chain": (lambda v: v in ("", "kaggle"), '"" (off) or "kaggle"'),
+    "session.chain_notebook": (lambda v: v == "" or (v.count("/") == 1 and all(v.split("/"))), '"" or "USER/SLUG"'),
     "sample.every_steps": (_non_negative, "0 (only at the end) or a positive step count"),
     "sample.inference_steps": (_positive, "a positive count"),
     "sample.guidance": (_non_negative, "0 or more"),

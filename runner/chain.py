@@ -1,0 +1,427 @@
+"""The hands-off chain: a session that ends with "run me again" starts the next one on Kaggle.
+
+Owns: the chain's decision (`decide`, pure), the successor claim that lets the run's store
+pick exactly one pusher among racing sessions, the push of the user's own Kaggle notebook
+(GetKernel, then SaveKernel with the same source, GPU and internet on; runner/kaggle_api.py),
+the stop flag (`relay stop --chain` writes RUN/chain/STOP), the chain's records under
+RUN/chain/, and `status()` for `relay status` and the dashboard. The rules and the Kaggle
+facts behind them are written out in docs/chain.md; keep the two in step.
+
+Must not: read secrets itself or print them (the kernel side reads the Kaggle secret and
+passes `KaggleCredentials` in; a credentials file it writes is 0600), use any account but
+the one in those credentials, push anything but the notebook named by the user, or import
+torch. kagglesdk is imported lazily, only when a push or a quota question is due.
+
+Called from the kernel side: `begin_session(...)` when the session starts, `after_session(exit_code,
+...)` after the trainer exits; or `python -m runner.chain begin|after ...` from notebook cells (`main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import tempfile
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner.budget import KAGGLE_WEEKLY_GPU_H, kaggle_quota_left_h
+from runner.clock import Clock, SystemClock, iso
+from runner.errors import EXIT_OK, EXIT_PREEMPTED, CredentialsError, RelayError, UsageError
+from runner.kaggle_api import KaggleApi, KaggleApiError, KaggleCredentials, SdkKaggleApi, accelerator_for
+from runner.state import read_bytes
+
+__all__ = [
+    "KaggleCredentials",
+    "SdkKaggleApi",
+    "after_session",
+    "begin_session",
+    "decide",
+    "status",
+]  # the kernel side's API
+
+log = logging.getLogger(__name__)
+
+CHAIN_DIR = "chain"
+STOP_FILE = "STOP"
+PUSHED_FILE = "pushed.json"
+SETTLE_S = 15.0  # claim window: longer than a claim's write + the store's listing lag (docs/chain.md)
+MIN_SESSION_H = 1.0  # below this much weekly GPU quota a session is not worth starting
+
+# Why a chain ended (or did not push this time). "pushed" is the one that continues it.
+PUSHED, COMPLETED, NEEDS_PERSON, STOP_FLAG, QUOTA, QUEUED, LOST_RACE, PUSH_FAILED = (
+    "pushed", "completed", "needs-person", "stop-flag", "quota", "queued", "lost-race", "push-failed",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ChainFacts:
+    """What the decision needs, read from the store and the Kaggle API by `gather_facts`."""
+
+    target_reached: bool
+    stop_requested: bool
+    quota_left_h: float | None  # None: unknown
+    queued_version: int | None = None  # a successor above this session's link was pushed: it is the next session
+    min_session_h: float = MIN_SESSION_H
+
+
+@dataclass(frozen=True)
+class ChainDecision:
+    """What the chain did (or will do) at the end of a session."""
+
+    action: str  # "push" (continue) or "stop" (this session pushes nothing)
+    reason: str  # one of the reason constants above
+    message: str
+    successor: int | None = None  # the successor's index in RUN/chain/
+    version: int | None = None  # the Kaggle version number the push created
+
+    @property
+    def continues(self) -> bool:
+        return self.action == "push"
+
+
+def decide(exit_code: int, facts: ChainFacts) -> ChainDecision:
+    """Push or stop, from the session's exit code and the facts. Pure."""
+    if exit_code == EXIT_OK or facts.target_reached:
+        return ChainDecision("stop", COMPLETED, "the run reached its target: the chain ends here")
+    if exit_code != EXIT_PREEMPTED:
+        return ChainDecision(
+            "stop", NEEDS_PERSON, f"the session ended with exit {exit_code}: fix what it reported, then start again"
+        )
+    if facts.stop_requested:
+        return ChainDecision("stop", STOP_FLAG, "`relay stop --chain` was given: no next session")
+    if facts.queued_version is not None:
+        return ChainDecision(
+            "stop", QUEUED, f"version {facts.queued_version} was already pushed as the next session", None,
+            facts.queued_version,
+        )  # fmt: skip
+    if facts.quota_left_h is not None and facts.quota_left_h < facts.min_session_h:
+        return ChainDecision(
+            "stop", QUOTA,
+            f"{facts.quota_left_h:.1f} h of this week's Kaggle GPU quota left (< {facts.min_session_h:g} h): "
+            "continue on Colab or after the weekly reset",
+        )  # fmt: skip
+    return ChainDecision("push", PUSHED, "pushing the next session")
+
+
+# ---------------------------------------------------------------- the run's chain records
+
+
+def _put_json(storage, key: str, data: dict) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "record.json"
+        path.write_text(json.dumps(data, sort_keys=True))
+        storage.put(path, key)
+
+
+def _get_json(storage, key: str) -> dict | None:
+    raw = read_bytes(storage, key)
+    try:
+        return json.loads(raw) if raw else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        log.warning("%s is not JSON; ignored", key)
+        return None
+
+
+def _successor_dir(run: str, index: int) -> str:
+    return f"{run}/{CHAIN_DIR}/successor-{index:04d}"
+
+
+def pushed_successors(storage, run: str) -> list[dict]:
+    """The pushed.json records, oldest first (each: index, version, pushed_wall, accelerator)."""
+    keys = [k for k in storage.list(f"{run}/{CHAIN_DIR}") if k.endswith(f"/{PUSHED_FILE}")]
+    records = [r for r in (_get_json(storage, k) for k in keys) if r]
+    return sorted(records, key=lambda r: r.get("index", 0))
+
+
+def request_stop(storage, run: str, clock: Clock, by: str = "") -> None:
+    """`relay stop --chain`: no session of this run pushes a successor from now on."""
+    _put_json(storage, f"{run}/{CHAIN_DIR}/{STOP_FILE}", {"requested_wall": clock.wall(), "by": by})
+
+
+def clear_stop(storage, run: str) -> None:
+    """Let the chain run again (`relay stop --chain --undo`)."""
+    storage.delete(f"{run}/{CHAIN_DIR}/{STOP_FILE}")
+
+
+def claim_successor(storage, run: str, index: int, clock: Clock, settle_s: float = SETTLE_S) -> str | None:
+    """The key of this session's winning claim to push successor `index`; None if it lost. At most one wins.
+
+    The store has no atomic create, so claims are files of unique names and the listing
+    decides: look first (a claim already there: someone came earlier, lose), write a claim,
+    wait `settle_s`, list again; the lowest claim id among those seen wins. Two racers that
+    both found the folder empty both wrote before either listed again, so both see both and
+    agree; a later racer sees the earlier claim at its first look. This holds while
+    `settle_s` exceeds the time from a racer's first look to its claim being listed
+    (docs/chain.md).
+    """
+    folder = _successor_dir(run, index)
+    if storage.list(folder):
+        return None
+    mine = f"claim-{uuid.uuid4().hex}.json"
+    _put_json(storage, f"{folder}/{mine}", {"claimed_wall": clock.wall()})
+    clock.sleep(settle_s)
+    claims = sorted(k.rsplit("/", 1)[-1] for k in storage.list(folder) if "/claim-" in k)
+    won = bool(claims) and claims[0] == mine and not storage.exists(f"{folder}/{PUSHED_FILE}")
+    return f"{folder}/{mine}" if won else None
+
+
+def claimed_link(storage, run: str) -> int:
+    """The highest successor index that has a claim or a push in the store (0: none yet)."""
+    indexes = [0]
+    for key in storage.list(f"{run}/{CHAIN_DIR}"):
+        parts = key.split("/")
+        if len(parts) >= 2 and parts[-2].startswith("successor-") and parts[-2][10:].isdigit():
+            indexes.append(int(parts[-2][10:]))
+    return max(indexes)
+
+
+def begin_session(storage, run: str, state_file: Path, clock: Clock) -> int:
+    """At a session's start: the chain link it continues, noted once per VM in `state_file` (0600).
+
+    The link is the highest successor index claimed so far; at its end the session pushes
+    link + 1, unless a successor above its link exists by then (pushed while it ran: that one
+    is the next session). A restarted kernel on the same VM finds the file and keeps its link,
+    so running the hook twice pushes nothing twice. Also recorded in RUN/chain/started/ for status.
+    """
+    if state_file.is_file():
+        return int(json.loads(state_file.read_text())["link"])
+    link = claimed_link(storage, run)
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps({"run": run, "link": link}))
+    state_file.chmod(0o600)
+    _put_json(storage, f"{run}/{CHAIN_DIR}/started/{link:04d}-{uuid.uuid4().hex[:8]}.json",
+              {"link": link, "started_wall": clock.wall()})  # fmt: skip
+    return link
+
+
+def _record_decision(storage, run: str, clock: Clock, exit_code: int, decision: ChainDecision) -> None:
+    now = clock.wall()
+    key = f"{run}/{CHAIN_DIR}/decisions/{int(now * 1000):015d}-{uuid.uuid4().hex[:8]}.json"
+    try:
+        _put_json(storage, key, {"at_wall": now, "exit_code": exit_code, **dataclasses.asdict(decision)})
+    except RelayError as exc:  # the decision stands; only `relay status` misses it
+        log.warning("chain decision not recorded: %s", exc)
+
+
+# ---------------------------------------------------------------- after a session
+
+
+def gather_facts(storage, run: str, *, api: KaggleApi | None, clock: Clock, link: int,
+                 min_session_h: float = MIN_SESSION_H, quota_h: float = KAGGLE_WEEKLY_GPU_H) -> ChainFacts:  # fmt: skip
+    """Read the store (target, stop flag, a successor above `link`, the run's Kaggle hours) and the API's quota."""
+    from runner.report import read_status  # noqa: PLC0415 - report imports rich; only needed here
+
+    status = read_status(storage, run)
+    queued = [p for p in pushed_successors(storage, run) if p.get("index", 0) > link]
+    local_h = kaggle_quota_left_h(status.sessions, clock.wall(), account="", quota_h=quota_h)
+    api_h = api.gpu_quota_left_h() if api is not None else None
+    return ChainFacts(
+        target_reached=status.complete or status.step >= status.target,
+        stop_requested=storage.exists(f"{run}/{CHAIN_DIR}/{STOP_FILE}"),
+        quota_left_h=min(h for h in (local_h, api_h) if h is not None),
+        queued_version=queued[-1].get("version") if queued else None,
+        min_session_h=min_session_h,
+    )
+
+
+def after_session(
+    exit_code: int, *, storage, run: str, notebook: str, api: KaggleApi, link: int, clock: Clock | None = None,
+    gpu_names: Sequence[str] = (), settle_s: float = SETTLE_S, min_session_h: float = MIN_SESSION_H,
+) -> ChainDecision:  # fmt: skip
+    """Decide, and push the next session where the chain continues; the decision is recorded in RUN/chain/.
+
+    `notebook` is the user's own USER/SLUG; `api` carries the user's own credentials; `link`
+    is what `begin_session` returned when this session started.
+    """
+    clock = clock or SystemClock()
+    if exit_code == EXIT_PREEMPTED:
+        facts = gather_facts(storage, run, api=api, clock=clock, link=link, min_session_h=min_session_h)
+    else:  # the exit code alone decides (a run that never started has nothing to read)
+        facts = ChainFacts(target_reached=False, stop_requested=False, quota_left_h=None)
+    decision = decide(exit_code, facts)
+    if decision.continues:
+        decision = _push_successor(storage, run, link + 1, notebook, api, clock, gpu_names, settle_s)
+    _record_decision(storage, run, clock, exit_code, decision)
+    log.info("chain: %s (%s)", decision.reason, decision.message)
+    return decision
+
+
+def _push_successor(storage, run, index, notebook, api, clock, gpu_names, settle_s) -> ChainDecision:
+    claim = claim_successor(storage, run, index, clock, settle_s)
+    if claim is None:
+        return ChainDecision("stop", LOST_RACE, f"another session is pushing successor {index}", index)
+    try:
+        metadata, source = api.get_kernel(notebook)
+        accelerator = accelerator_for(gpu_names, metadata)
+        version = api.save_kernel(notebook, metadata, source, accelerator)
+    except KaggleApiError as exc:
+        storage.delete(claim)  # a later session may try this successor again
+        return ChainDecision("stop", PUSH_FAILED, f"{exc}: start the next session by hand", index)
+    _put_json(storage, f"{_successor_dir(run, index)}/{PUSHED_FILE}", {
+        "index": index, "version": version, "notebook": notebook, "accelerator": accelerator,
+        "pushed_wall": clock.wall(), "pushed": iso(clock.wall()),
+    })  # fmt: skip
+    return ChainDecision("push", PUSHED, f"pushed {notebook} version {version} as session {index + 1}", index, version)
+
+
+# ---------------------------------------------------------------- status
+
+
+@dataclass(frozen=True)
+class ChainStatus:
+    """The chain as `relay status` and the dashboard show it."""
+
+    pushed: int  # successors pushed so far
+    sessions: int  # sessions the run has recorded
+    next_queued: dict | None  # the newest pushed successor, while no session has started from it
+    stopped: str | None  # why the chain ended (a reason), None while it runs or before it ran
+    message: str = ""
+    stop_requested: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def status(storage, run: str) -> ChainStatus:
+    from runner.state import read_sessions  # noqa: PLC0415
+
+    pushed = pushed_successors(storage, run)
+    sessions = read_sessions(storage, run)
+    started = [int(k.rsplit("/", 1)[-1][:4]) for k in storage.list(f"{run}/{CHAIN_DIR}/started") if k[-1:] != "/"]
+    queued = pushed[-1] if pushed and pushed[-1].get("index", 0) > max(started, default=0) else None
+    decisions = sorted(
+        (d for d in (_get_json(storage, k) for k in storage.list(f"{run}/{CHAIN_DIR}/decisions")) if d),
+        key=lambda d: d.get("at_wall", 0),
+    )
+    last = decisions[-1] if decisions else None
+    ended = last is not None and last.get("action") == "stop" and last.get("reason") not in (QUEUED, LOST_RACE)
+    return ChainStatus(
+        len(pushed), len(sessions), queued, last["reason"] if ended else None, last.get("message", "") if last else "",
+        storage.exists(f"{run}/{CHAIN_DIR}/{STOP_FILE}"),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def stop_chain_cli(args: argparse.Namespace) -> int:
+    """`relay stop --chain [--undo]`: write (or remove) RUN/chain/STOP, from anywhere that reaches the store."""
+    from runner.report import find_run  # noqa: PLC0415
+    from runner.storage.url import open_storage  # noqa: PLC0415
+
+    storage = open_storage(args.storage)
+    run = find_run(storage, args.run)
+    if getattr(args, "undo", False):
+        clear_stop(storage, run)
+        print(f"chain of {run}: may continue (the stop flag is removed)")
+    else:
+        request_stop(storage, run, SystemClock(), by=os.uname().nodename)
+        print(f"chain of {run}: stops at the end of the session now running; it pushes no next session")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m runner.chain", description="the Kaggle chain, from a notebook cell")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("begin", help="at the session's start: note the chain link this session continues")
+    a = sub.add_parser("after", help="after the trainer exits: push the next session or say why not")
+    for q in (b, a):
+        q.add_argument("--profile", required=True)
+        q.add_argument("--storage", required=True)
+        q.add_argument("--run", help="run name (default: the profile's name)")
+        q.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+        q.add_argument("--state-file", help="this VM's chain note (default: TMPDIR/relay-chain-RUN.json)")
+    a.add_argument("--exit-code", type=int, required=True, help="the trainer's exit code")
+    a.add_argument("--settle-s", type=float, default=SETTLE_S, help="the successor claim's window")
+    a.add_argument("--min-session-h", type=float, default=MIN_SESSION_H)
+    a.add_argument("--kaggle-json", help="a 0600 file holding kaggle.json (default: KAGGLE_USERNAME/KAGGLE_KEY)")
+    s = sub.add_parser("status", help="the chain's state as JSON")
+    s.add_argument("--storage", required=True)
+    s.add_argument("--run")
+    return p
+
+
+def _credentials(path: str | None, environ: Mapping[str, str]) -> KaggleCredentials:
+    if not path:
+        return KaggleCredentials.from_env(environ)
+    file = Path(path)
+    if file.stat().st_mode & 0o077:
+        raise CredentialsError(f"{path}: readable by others", hint=f"chmod 600 {path}")
+    return KaggleCredentials.from_kaggle_json(file.read_text(), source=path)
+
+
+def _chain_profile(args: argparse.Namespace):
+    """The profile's session settings, or None when the chain is off."""
+    from runner.profile import load_profile  # noqa: PLC0415
+
+    profile = load_profile(args.profile, args.overrides)
+    if profile.session.chain != "kaggle":
+        print('chain: off (session.chain is not "kaggle")')
+        return None
+    if not profile.session.chain_notebook:
+        raise UsageError("session.chain_notebook is empty", hint='set it to your notebook, e.g. "USER/SLUG"')
+    return profile
+
+
+def _state_file(args: argparse.Namespace, run: str) -> Path:
+    return Path(args.state_file) if args.state_file else Path(tempfile.gettempdir()) / f"relay-chain-{run}.json"
+
+
+def _begin(args: argparse.Namespace) -> int:
+    from runner.storage.url import open_storage  # noqa: PLC0415
+
+    profile = _chain_profile(args)
+    if profile is not None:
+        run = args.run or profile.name
+        link = begin_session(open_storage(args.storage), run, _state_file(args, run), SystemClock())
+        print(f"chain: this session continues link {link}")
+    return 0
+
+
+def _after(args: argparse.Namespace) -> int:
+    from runner.env import detect_env  # noqa: PLC0415
+    from runner.storage.url import open_storage  # noqa: PLC0415
+
+    profile = _chain_profile(args)
+    if profile is None:
+        return 0
+    run, storage, clock = args.run or profile.name, open_storage(args.storage), SystemClock()
+    state = _state_file(args, run)
+    if not state.is_file():
+        log.warning("chain: `begin` did not run at this session's start; a successor pushed meanwhile goes unseen")
+    link = begin_session(storage, run, state, clock)
+    env = detect_env(workdir=tempfile.gettempdir())
+    api = SdkKaggleApi(_credentials(args.kaggle_json, os.environ))
+    decision = after_session(
+        args.exit_code, storage=storage, run=run, notebook=profile.session.chain_notebook, api=api, link=link,
+        clock=clock, gpu_names=[g.name for g in env.gpus], settle_s=args.settle_s, min_session_h=args.min_session_h,
+    )  # fmt: skip
+    print(f"chain: {decision.reason}: {decision.message}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "status":
+            from runner.report import find_run  # noqa: PLC0415
+            from runner.storage.url import open_storage  # noqa: PLC0415
+
+            storage = open_storage(args.storage)
+            print(json.dumps(status(storage, find_run(storage, args.run)).to_dict(), indent=1))
+            return 0
+        return _begin(args) if args.command == "begin" else _after(args)
+    except RelayError as exc:
+        print(f"relay chain: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The Kaggle API as the chain uses it: the user's credentials, and one notebook's pull and push.
+
+Owns: `KaggleCredentials` (never shown: the key is left out of repr and messages), the
+`KaggleApi` protocol the chain calls, and `SdkKaggleApi`, which speaks it through kagglesdk's
+KernelsApiService (GetKernel, SaveKernel, GetAcceleratorQuotaStatistics) the way `kaggle kernels
+pull/push` and `kaggle quota` do; `accelerator_for` picks the successor's machine. The API facts,
+with their sources, are in docs/chain.md.
+
+Must not: decide anything (runner/chain.py does), read secrets or files itself, or import
+kagglesdk at module level (it is an optional extra, imported when a request is due).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from runner.errors import CredentialsError, RelayError, UsageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ACCELERATOR = "NvidiaTeslaT4"  # Kaggle's "GPU T4 x2" (kaggle-cli docs/kernels.md)
+# GPU name fragment → Kaggle accelerator id (kaggle-cli docs/kernels.md, "Accelerators available").
+# A P100 becomes a T4: current Kaggle torch builds have no sm_60 kernels (kaggle-cli #1151).
+ACCELERATORS = (("T4", "NvidiaTeslaT4"), ("L4", "NvidiaL4"), ("A100", "NvidiaTeslaA100"), ("H100", "NvidiaH100"))
+
+
+class KaggleApiError(RelayError):
+    """The Kaggle API refused or failed a request. The message never holds the key."""
+
+
+@dataclass(frozen=True)
+class KaggleCredentials:
+    """The user's own Kaggle API credentials: username + key (kaggle.json), or an API token."""
+
+    username: str
+    key: str = dataclasses.field(default="", repr=False)
+    token: str = dataclasses.field(default="", repr=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> KaggleCredentials:
+        """KAGGLE_USERNAME + KAGGLE_KEY, or KAGGLE_API_TOKEN (with KAGGLE_USERNAME)."""
+        username, key, token = (
+            environ.get(n, "").strip() for n in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN")
+        )
+        if username and (key or token):
+            return cls(username, key, token)
+        raise CredentialsError(
+            "no Kaggle API credentials for the chain (KAGGLE_USERNAME with KAGGLE_KEY or KAGGLE_API_TOKEN)",
+            hint="add them as Kaggle secrets of the notebook (Add-ons → Secrets), or turn the chain off",
+        )
+
+    @classmethod
+    def from_kaggle_json(cls, text: str, source: str = "kaggle.json") -> KaggleCredentials:
+        try:
+            data = json.loads(text)
+            return cls(str(data["username"]), str(data["key"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CredentialsError(
+                f'{source}: not a kaggle.json ({{"username": …, "key": …}})',
+                hint="paste the whole kaggle.json from kaggle.com → Settings → API as the secret's value",
+            ) from None
+
+
+class KaggleApi(Protocol):
+    def get_kernel(self, ref: str) -> tuple[dict, str]:
+        """(metadata as the API names it, source) of notebook USER/SLUG."""
+
+    def save_kernel(self, ref: str, metadata: dict, source: str, accelerator: str) -> int:
+        """Push a new version (which starts a run); its version number."""
+
+    def gpu_quota_left_h(self) -> float | None:
+        """Weekly GPU hours left, where the API tells; None where it does not."""
+
+
+class SdkKaggleApi:
+    """KaggleApi over kagglesdk's KernelsApiService (the client `kaggle kernels push/pull` uses).
+
+    kagglesdk picks its endpoint from KAGGLE_API_ENVIRONMENT (unset: api.kaggle.com; TEST:
+    http://localhost:7777, which the tests' stand-in serves)."""
+
+    def __init__(self, credentials: KaggleCredentials) -> None:
+        try:
+            from kagglesdk import KaggleClient
+        except ImportError:
+            raise UsageError(
+                "the Kaggle chain needs kagglesdk",
+                hint="pip install 'relay-runner[kaggle]' (or: pip install kagglesdk)",
+            ) from None
+        creds = credentials
+        self._client = KaggleClient(username=creds.username, password=creds.key or None, api_token=creds.token or None)
+
+    def _call(self, what: str, fn, request):
+        try:
+            return fn(request)
+        except Exception as exc:  # requests' HTTPError and connection errors; the message names no secret
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            raise KaggleApiError(f"Kaggle API {what} failed ({status or type(exc).__name__}): {exc}") from None
+
+    def get_kernel(self, ref: str) -> tuple[dict, str]:
+        from kagglesdk.kernels.types.kernels_api_service import ApiGetKernelRequest
+
+        user, slug = ref.split("/")
+        req = ApiGetKernelRequest()
+        req.user_name, req.kernel_slug = user, slug
+        resp = self._call("GetKernel", self._client.kernels.kernels_api_client.get_kernel, req)
+        meta = type(resp.metadata).to_dict(resp.metadata) if resp.metadata else {}
+        return meta, (resp.blob.source if resp.blob else "") or ""
+
+    def save_kernel(self, ref: str, metadata: dict, source: str, accelerator: str) -> int:
+        from kagglesdk.kernels.types.kernels_api_service import ApiSaveKernelRequest
+
+        req = ApiSaveKernelRequest()
+        req.slug, req.text = ref, source
+        req.language, req.kernel_type = metadata.get("language") or "python", metadata.get("kernelType") or "notebook"
+        req.is_private = metadata.get("isPrivate", True)
+        req.enable_gpu, req.enable_internet, req.machine_shape = True, True, accelerator
+        req.dataset_data_sources = list(metadata.get("datasetDataSources") or [])
+        req.kernel_data_sources = list(metadata.get("kernelDataSources") or [])
+        req.competition_data_sources = list(metadata.get("competitionDataSources") or [])
+        req.model_data_sources = list(metadata.get("modelDataSources") or [])
+        if metadata.get("dockerImage"):
+            req.docker_image = metadata["dockerImage"]
+        resp = self._call("SaveKernel", self._client.kernels.kernels_api_client.save_kernel, req)
+        if resp.error:
+            raise KaggleApiError(f"Kaggle refused the push of {ref}: {resp.error}")
+        return int(resp.version_number or 0)
+
+    def gpu_quota_left_h(self) -> float | None:
+        from kagglesdk.kernels.types.kernels_api_service import ApiGetAcceleratorQuotaStatisticsRequest
+
+        client = self._client.kernels.kernels_api_client
+        try:
+            resp = self._call("GetAcceleratorQuotaStatistics", client.get_accelerator_quota_statistics,
+                              ApiGetAcceleratorQuotaStatisticsRequest())  # fmt: skip
+        except KaggleApiError as exc:  # older servers: fall back to the run's own session records
+            log.info("Kaggle quota not available: %s", exc)
+            return None
+        quota = resp.gpu_quota
+        if quota is None or quota.total_time_allowed is None:
+            return None
+        used = sum(((t.total_seconds() if t else 0.0) for t in (quota.time_used, quota.time_reserved)), 0.0)
+        return max(0.0, (quota.total_time_allowed.total_seconds() - used) / 3600.0)
+
+
+def accelerator_for(gpu_names: Sequence[str], metadata: dict) -> str:
+    """The machine the successor asks for: the notebook's own setting, else what this session ran on."""
+    if metadata.get("machineShape"):
+        return str(metadata["machineShape"])
+    for name in gpu_names:
+        for fragment, accelerator in ACCELERATORS:
+            if fragment in name:
+                return accelerator
+    return DEFAULT_ACCELERATOR
