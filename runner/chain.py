@@ -288,6 +288,11 @@ class ChainStatus:
         return dataclasses.asdict(self)
 
 
+def status_if_any(storage, run: str) -> dict | None:
+    """The chain's status as a dict for `relay status`, or None for a run that never chained."""
+    return status(storage, run).to_dict() if storage.list(f"{run}/{CHAIN_DIR}") else None
+
+
 def status(storage, run: str) -> ChainStatus:
     from runner.state import read_sessions  # noqa: PLC0415
 
@@ -312,7 +317,7 @@ def status(storage, run: str) -> ChainStatus:
 
 def stop_chain_cli(args: argparse.Namespace) -> int:
     """`relay stop --chain [--undo]`: write (or remove) RUN/chain/STOP, from anywhere that reaches the store."""
-    from runner.report import find_run  # noqa: PLC0415
+    from runner.state import find_run  # noqa: PLC0415
     from runner.storage.url import open_storage  # noqa: PLC0415
 
     storage = open_storage(args.storage)
@@ -378,7 +383,7 @@ def _begin(args: argparse.Namespace) -> int:
 
     profile = _chain_profile(args)
     if profile is not None:
-        run = args.run or profile.name
+        run = args.run or profile.run_name
         link = begin_session(open_storage(args.storage), run, _state_file(args, run), SystemClock())
         print(f"chain: this session continues link {link}")
     return 0
@@ -391,7 +396,7 @@ def _after(args: argparse.Namespace) -> int:
     profile = _chain_profile(args)
     if profile is None:
         return 0
-    run, storage, clock = args.run or profile.name, open_storage(args.storage), SystemClock()
+    run, storage, clock = args.run or profile.run_name, open_storage(args.storage), SystemClock()
     state = _state_file(args, run)
     if not state.is_file():
         log.warning("chain: `begin` did not run at this session's start; a successor pushed meanwhile goes unseen")
@@ -411,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "status":
-            from runner.report import find_run  # noqa: PLC0415
+            from runner.state import find_run  # noqa: PLC0415
             from runner.storage.url import open_storage  # noqa: PLC0415
 
             storage = open_storage(args.storage)

@@ -39,6 +39,7 @@ from runner import events as ev
 from runner.errors import EXIT_OK, EXIT_PREEMPTED, RelayError
 
 SECRET_NAMES = ("RELAY_GDRIVE_CREDENTIALS", "HF_TOKEN")
+CHAIN_SECRET_NAMES = ("KAGGLE_USERNAME", "KAGGLE_KEY")  # the user's own Kaggle API key, for the chain only
 ADC = "application-default"
 """RELAY_GDRIVE_CREDENTIALS value that tells the trainer to use Google's application-default credentials
 (what Colab's sign-in installs; runner/storage/credentials.py)."""
@@ -181,6 +182,7 @@ def run(
         print(f"relay: run {name!r} is complete")
         return _finish(Outcome(name, url, EXIT_OK, str(rundir.root)), child, workdir, release_gpu, storage)
     else:
+        _chain(platform, child, ["begin", *train_args(profile, storage, run=run, overrides=overrides)])
         rundir = daemon.start(argv, child)
         print(f"relay: training {name!r} in the background; interrupting this cell leaves it running ({rundir.root})")
     if follow is False:
@@ -189,8 +191,30 @@ def run(
     if code is None:
         print("relay: stopped following; the run goes on. Run this cell again to follow it.")
         return Outcome(name, url, None, str(rundir.root))
+    # the trainer's last exit (the supervisor's restarts are behind it): the chain pushes the next session or stops
+    _chain(
+        platform,
+        child,
+        ["after", "--exit-code", str(code), *train_args(profile, storage, run=run, overrides=overrides)],
+    )
     return _finish(Outcome(name, url, code, str(rundir.root), rundir.read_state().get("message", "")),
                    child, workdir, release_gpu, storage)  # fmt: skip
+
+
+def _chain(platform: str, child: Mapping[str, str], args: list[str]) -> None:
+    """`python -m runner.chain begin|after …` (docs/chain.md): off unless the profile sets session.chain.
+    The Kaggle API key is read here, in the kernel, and given to that process alone (never the trainer)."""
+    env = dict(child)
+    for name in CHAIN_SECRET_NAMES:
+        if not env.get(name):
+            value = read_secret(platform, name)
+            if value:
+                env[name] = value
+    proc = subprocess.run([sys.executable, "-m", "runner.chain", *args], capture_output=True, text=True, env=env,
+                          timeout=900)  # fmt: skip
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.strip() and not line.startswith("chain: off"):
+            print(f"relay: {line}")
 
 
 def _follow(rundir: daemon.RunDir, *, headless: bool) -> int | None:

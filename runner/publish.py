@@ -85,7 +85,7 @@ def publish_at_completion(
 
 def publish_command(args: argparse.Namespace) -> int:
     """`relay publish --storage URL [--run NAME] [--repo USER/NAME] [--public]`."""
-    from runner.report import find_run
+    from runner.state import find_run
     from runner.storage.url import open_storage
 
     storage = open_storage(args.storage)

@@ -39,7 +39,7 @@ from runner.env import detect_env
 from runner.errors import UsageError
 from runner.lease import LEASE_FILE, read_lease
 from runner.profile import list_profiles, load_profile
-from runner.state import read_run_info, read_sessions
+from runner.state import find_run, read_run_info, read_sessions
 from runner.storage.blobs import read_bytes
 from runner.storage.url import open_storage
 
@@ -75,6 +75,7 @@ class RunStatus:
     heartbeat: str | None = None  # ISO time of the holder's last heartbeat
     heartbeat_age_s: float | None = None  # seconds since that heartbeat, when status was read
     holder_alive: bool = False  # the holder's heartbeat is younger than the lease timeout (and its process runs)
+    chain: dict | None = None  # the hands-off Kaggle chain (runner.chain.ChainStatus), when the run has one
 
     @property
     def hours_left(self) -> float | None:
@@ -93,19 +94,6 @@ class RunStatus:
             **dataclasses.asdict(self), "hours_left": self.hours_left,
             "sessions_left": {f"{h:g}h": self.sessions_left(h) for h in SESSION_LENGTHS_H},
         }  # fmt: skip
-
-
-def find_run(storage, run: str | None) -> str:
-    if run:
-        return run
-    runs = sorted({key.split("/")[0] for key in storage.list("") if key.endswith("/run.json")})
-    if len(runs) == 1:
-        return runs[0]
-    if not runs:
-        raise UsageError(
-            f"no run found in {storage.url}", hint="start one with: relay train --profile NAME --storage URL"
-        )
-    raise UsageError(f"several runs in {storage.url}: {', '.join(runs)}", hint="choose one with --run NAME")
 
 
 def read_status(storage, run: str | None, *, now_wall: float | None = None, host: str | None = None,
@@ -210,13 +198,18 @@ def session_history(storage, run: str, in_checkpoint: list[dict]) -> list[dict]:
     return settle_sessions(in_checkpoint, read_sessions(storage, run))
 
 
-def print_status(storage_url: str, run: str | None, *, as_json: bool = False, console: Console | None = None) -> int:
+def print_status(storage_url: str, run: str | None, *, as_json: bool = False, console: Console | None = None,
+                 chain_of=None) -> int:  # fmt: skip
+    """`relay status`. chain_of(storage, run): the run's Kaggle chain as a dict, or None (runner.chain)."""
     console = console or Console()
     missing = _missing_local_folder(storage_url)
     if missing is not None:  # opening a local storage creates its folder; a status must not
         raise UsageError(f"--storage {storage_url}: no such folder ({missing})",
                          hint="check the path; runs are in the folder given to relay train --storage")  # fmt: skip
-    status = read_status(open_storage(storage_url), run)
+    storage = open_storage(storage_url)
+    status = read_status(storage, run)
+    if chain_of is not None:
+        status = dataclasses.replace(status, chain=chain_of(storage, status.run))
     if as_json:
         console.print_json(json.dumps(status.to_dict()))
         return 0
@@ -232,8 +225,22 @@ def print_status(storage_url: str, run: str | None, *, as_json: bool = False, co
         state = "training now" if status.holder_alive else "that session is gone; the next relay train takes over"
         console.print(Text(f"lease held by {status.holder} (last heartbeat {ago} ago, {status.heartbeat}): {state}"))
     console.print(Text(_still_needed(status)))
+    if status.chain:
+        console.print(Text(_chain_line(status.chain)))
     _print_sessions(console, status.sessions)
     return 0
+
+
+def _chain_line(chain: dict) -> str:
+    """The Kaggle chain in a sentence: sessions so far, the next one queued, or why it stopped."""
+    line = f"Kaggle chain: {chain['pushed']} session(s) pushed"
+    if chain.get("next_queued"):
+        line += f"; the next one is queued (version {chain['next_queued'].get('version', '?')})"
+    if chain.get("stopped"):
+        line += f"; stopped: {chain['stopped']}" + (f" ({chain['message']})" if chain.get("message") else "")
+    elif chain.get("stop_requested"):
+        line += "; relay stop --chain asked it to stop after the session now running"
+    return line
 
 
 def _still_needed(status: RunStatus) -> str:

@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from runner.errors import CheckpointCorrupt, RelayError, StorageError
+from runner.errors import CheckpointCorrupt, RelayError, StorageError, UsageError
 from runner.storage import Storage
 from runner.storage.blobs import read_bytes, write_bytes
 
@@ -160,3 +160,17 @@ def append_session(storage: Storage, run: str, record: dict) -> None:
     if old and not old.endswith(b"\n"):
         old += b"\n"
     write_bytes(storage, key, old + json.dumps(record, sort_keys=True).encode() + b"\n")
+
+
+def find_run(storage, run: str | None) -> str:
+    """`run`, or the only run in `storage` (a UsageError, exit 2, names the runs when there are several)."""
+    if run:
+        return run
+    runs = sorted({key.split("/")[0] for key in storage.list("") if key.endswith("/run.json")})
+    if len(runs) == 1:
+        return runs[0]
+    if not runs:
+        raise UsageError(
+            f"no run found in {storage.url}", hint="start one with: relay train --profile NAME --storage URL"
+        )
+    raise UsageError(f"several runs in {storage.url}: {', '.join(runs)}", hint="choose one with --run NAME")
