@@ -356,4 +356,3 @@ def merge_pieces(out_dir: Path, pieces: list[str]) -> None:
     index = {"format": CACHE_FORMAT, "fingerprint": first["fingerprint"], "flip": first["flip"],
              "empty": f"{pieces[0]}/{first.get('empty', 'embeds-00000.safetensors')}", "examples": examples}  # fmt: skip
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=1))
-
