@@ -60,12 +60,14 @@ class FakeTrainingRun:
         self.during_step = during_step
         self.placement = FakePlacement()
         self.trainer = type("T", (), {"compiled": None})()
+        self.plan = type("P", (), {"to_dict": lambda _: {"micro_batch": 1, "grad_accum": 1}})()  # the fit's plan
 
     def step(self, step: int):
         self.clock.advance(self.step_s)
         self.during_step()
         self.steps.append(step)
-        return type("R", (), {"seconds": self.step_s, "loss": 0.1, "lr": 1e-4, "grad_norm": 1.0, "skipped": False})()
+        fields = {"seconds": self.step_s, "setup_s": 0.0, "loss": 0.1, "lr": 1e-4, "grad_norm": 1.0, "skipped": False}
+        return type("R", (), fields)()
 
     def step_event(self, step_done: int, result) -> events.StepDone:
         return events.StepDone(step=step_done, target=0, loss=0.1, lr=1e-4, step_s=result.seconds)
