@@ -67,8 +67,14 @@ class ColabMounter:
             )
         try:
             drive.mount(mount_point, force_remount=True)  # force: a dropped mount still looks mounted
-        except (RuntimeError, ValueError, OSError, TimeoutError) as exc:
-            # Mounting asks the notebook front-end for consent, which a `!relay …` child process may not reach.
+        except NotImplementedError:  # no /var/colab/hostname: Kaggle's image has google.colab but no mount (drive.py)
+            raise UsageError(
+                f"Google Drive is not mounted at {mount_point}, and this platform cannot mount it (not Colab)",
+                hint=_ADVICE,
+            ) from None
+        except (AttributeError, RuntimeError, ValueError, OSError, TimeoutError) as exc:
+            # Mounting asks the notebook front-end for consent through the kernel: from a `!relay …` child process
+            # get_ipython() is None and colabtools raises AttributeError (google/colab/_message.py).
             raise UsageError(
                 f"could not mount Google Drive at {mount_point} ({type(exc).__name__}: {exc})",
                 hint=f"mount it in a notebook cell first: from google.colab import drive; drive.mount('{mount_point}') "

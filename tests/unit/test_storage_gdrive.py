@@ -296,6 +296,28 @@ def test_colab_mount_that_cannot_reach_the_notebook_says_what_to_do(tmp_path, mo
     assert "drive.mount(" in info.value.hint and "gdrive://" in info.value.hint
 
 
+@pytest.mark.parametrize(
+    ("raised", "says"),
+    [
+        (AttributeError("'NoneType' object has no attribute 'kernel'"), "drive.mount("),  # a `!` child on Colab
+        (NotImplementedError("Mounting drive is unsupported in this environment"), "not Colab"),  # Kaggle's image
+    ],
+)
+def test_colab_mount_failures_of_the_real_module_are_bad_input_not_crashes(tmp_path, monkeypatch, raised, says):
+    """colabtools' drive.mount raises AttributeError outside the notebook kernel (_message.py) and
+    NotImplementedError without /var/colab/hostname (drive.py): both are a clear exit 2."""
+    drive = type(sys)("google.colab.drive")
+
+    def mount(point, force_remount):
+        raise raised
+
+    drive.mount = mount
+    fake_colab(monkeypatch, drive)
+    with pytest.raises(UsageError) as info:
+        open_colab_drive("drive", mount_point=tmp_path)
+    assert info.value.exit_code == 2 and says in str(info.value) + info.value.hint and "gdrive://" in info.value.hint
+
+
 def test_drive_url_off_colab_explains_itself(tmp_path):
     with pytest.raises(UsageError, match="only on Colab"):
         open_colab_drive("drive", mount_point=tmp_path)
