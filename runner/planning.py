@@ -9,11 +9,9 @@ sessions and hours the run still needs. Trains nothing and commits nothing.
 
 from __future__ import annotations
 
-import math
-
 from rich.console import Console
 
-from runner import budget
+from runner import budget, humanize
 from runner.fit import candidate_plans
 from runner.report import read_status
 from runner.state import read_run_info
@@ -25,6 +23,11 @@ def print_plan(ctx, *, probe: bool = False, console: Console | None = None) -> i
     console = console or Console()
     p, env = ctx.profile, ctx.env
     console.print(f"[bold]{ctx.run}[/] ({p.name}): {p.description}")
+    if p.lora.text_encoder:
+        console.print(f"trains: UNet LoRA at lr {p.train.lr:g}; both text encoders' LoRA at lr {p.lora.text_encoder_lr:g} "
+                      "(text embeddings computed each step, not cached)")  # fmt: skip
+    else:
+        console.print(f"trains: UNet LoRA at lr {p.train.lr:g}; text encoders frozen (embeddings cached)")
     console.print(f"platform: {env.platform} ({env.tier}); GPU: {env.gpu_summary}; "
                   f"RAM {env.ram_gib:.1f} GiB; disk {env.disk_free_gib:.1f} GiB free")  # fmt: skip
     t = p.train
@@ -39,11 +42,11 @@ def print_plan(ctx, *, probe: bool = False, console: Console | None = None) -> i
     console.print(f"progress: step {step} / {t.steps}; {left} steps to go")
     deadline = budget.session_deadline(env, p, ctx.clock)
     hours_left = None if deadline is None else max(0.0, (deadline - ctx.clock.monotonic()) / 3600)
-    console.print(f"this session: {'no time limit' if hours_left is None else f'{hours_left:.2f} h left'}")
+    console.print(f"this session: {'no time limit' if hours_left is None else humanize.hours(hours_left) + ' left'}")
     if rate is None and not env.gpus:  # no GPU here, nothing measured: what published figures predict
         for name in ESTIMATE_GPUS:
             prior = budget.profile_step_prior(p, name, 1)
-            console.print(f"estimate on one {name}: about {prior.step_s:.2f} s/step, {_duration(left * prior.step_s)} "
+            console.print(f"estimate on one {name}: about {prior.step_s:.2f} s/step, {humanize.duration(left * prior.step_s)} "
                           f"of training for the {left} steps to go ({prior.source})")  # fmt: skip
         console.print("  (estimates: the first session measures the real step time)")
         return 0
@@ -64,13 +67,11 @@ def print_plan(ctx, *, probe: bool = False, console: Console | None = None) -> i
         console.print(f"steps this session: about {sim.steps} ({sim.training_fraction:.0%} of the session training)")
     session_h = p.session.hours or env.session_limit_h
     total_h = left * step_s / 3600
-    sessions = "" if not session_h else f" ≈ {math.ceil(total_h / session_h)} sessions of {session_h:g} h"
-    console.print(f"still needed: {total_h:.1f} h of training at {step_s:.2f} s/step{sessions}")
+    sessions = (
+        "" if not session_h else ", " + humanize.sessions_needed({session_h: humanize.sessions_for(total_h, session_h)})
+    )
+    console.print(f"still needed: {humanize.hours(total_h)} of training at {step_s:.2f} s/step{sessions}")
     return 0
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
 def _progress(ctx) -> tuple[int, float | None]:

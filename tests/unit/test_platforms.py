@@ -4,6 +4,7 @@ Kaggle weekly-quota record, the GPU capability check and Kaggle's secrets servic
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -77,7 +78,9 @@ def test_relay_plan_in_a_kaggle_child_process_counts_kaggle_limits(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "platform: kaggle (kaggle)" in done.stdout and "2× Tesla T4" in done.stdout
-    hours_left = float(done.stdout.split("this session: ")[1].split(" h left")[0])
+    said = done.stdout.split("this session: ")[1].split(" left")[0]  # "11 h 02 min", "45 min", "12 h"
+    hours, minutes = re.fullmatch(r"(?:(\d+) h)? ?(?:(\d+) min)?(?: ?\d+ s)?", said).groups()
+    hours_left = int(hours or 0) + int(minutes or 0) / 60
     expected = 12.0 - float(open("/proc/uptime").read().split()[0]) / 3600  # Kaggle's 12 h from the VM's boot
     if expected > 0.1:
         assert abs(hours_left - expected) < 0.05, (hours_left, expected)  # not Colab's 11.5 h
