@@ -38,6 +38,7 @@ import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from runner.clock import Clock, iso
 from runner.errors import LeaseHeld, StorageError
@@ -94,13 +95,19 @@ def holder_died_on(holder: str, host: str, is_running: Callable[[int], bool]) ->
 
 
 def pid_is_running(pid: int) -> bool:
+    """Whether process `pid` of this machine still runs. A zombie (killed, not yet reaped by its parent) answers
+    kill(pid, 0) but runs no more: it is gone (proc(5): state "Z" in /proc/PID/stat)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (PermissionError, ValueError, OverflowError):
         return True  # someone else's process, or not a pid: not provably gone
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs (not Linux): kill(pid, 0) is all we know
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]  # the name in parentheses may hold spaces
 
 
 class Heartbeat:

@@ -19,7 +19,6 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
 import socket
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from runner.checkpoint.manifest import COMMIT
 from runner.clock import iso
 from runner.env import detect_env
 from runner.errors import UsageError
-from runner.lease import LEASE_FILE, read_lease
+from runner.lease import LEASE_FILE, pid_is_running, read_lease
 from runner.profile import list_profiles, load_profile
 from runner.state import find_run, read_run_info, read_sessions
 from runner.storage.blobs import read_bytes
@@ -113,7 +112,7 @@ def read_status(storage, run: str | None, *, now_wall: float | None = None, host
     now_wall = time.time() if now_wall is None else now_wall  # the CLI edge: status is read once, now
     age = lease.age_s(now_wall) if lease else None
     alive = lease is not None and age < _lease_timeout_s(storage, run) and _process_may_run(
-        lease.holder, host or socket.gethostname(), pid_alive or _pid_runs
+        lease.holder, host or socket.gethostname(), pid_alive or pid_is_running
     )  # fmt: skip
     live_id = lease.holder.rsplit(":", 1)[-1] if alive else None
     sessions = settle_sessions(_checkpoint_sessions(storage, run, last), read_sessions(storage, run), live_id=live_id)
@@ -145,16 +144,6 @@ def _process_may_run(holder: str, host: str, pid_alive) -> bool:
         return pid_alive(int(parts[2].removeprefix("pid")))
     except ValueError:
         return True
-
-
-def _pid_runs(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists, but another user's
-    return True
 
 
 def _checkpoint_sessions(storage, run: str, step: int | None) -> list[dict]:

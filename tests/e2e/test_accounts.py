@@ -51,6 +51,7 @@ def stored_file(server: FakeDrive, folder_id: str, key: str, dest: Path) -> Path
 
 
 @pytest.mark.slow
+@pytest.mark.exact_resume
 def test_second_account_finishes_the_run_exactly(drive, tmp_path, tmp_path_factory, monkeypatch):
     reference = reference_storage(tmp_path_factory)
     shared = drive.add_folder("root", "relay-shared")
@@ -74,6 +75,7 @@ def test_second_account_finishes_the_run_exactly(drive, tmp_path, tmp_path_facto
 
 
 @pytest.mark.slow
+@pytest.mark.exact_resume
 def test_a_cut_off_upload_and_a_duplicate_folder_title_do_not_break_resume(drive, tmp_path, monkeypatch):
     """Alice's session dies while uploading step 3: a step-00000003 folder without COMMIT.json stays behind.
     Bob must ignore it, and committing his own step 3 creates a second folder of that title (Drive allows it)."""

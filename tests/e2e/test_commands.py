@@ -50,6 +50,7 @@ def test_export_and_sample_from_the_newest_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.exact_resume
 def test_samples_during_training_leave_the_trained_weights_unchanged(tmp_path):
     def lora(name: str, *extra: str) -> dict:
         args = [

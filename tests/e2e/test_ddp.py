@@ -41,6 +41,7 @@ def committed(storage: Path) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.exact_resume
 def test_two_processes_killed_and_resumed_match_an_uninterrupted_run(tmp_path):
     ref = relay(tmp_path / "ref", tmp_path / "wref")
     out, _ = ref.communicate(timeout=600)

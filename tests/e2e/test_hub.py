@@ -85,6 +85,7 @@ def test_sigkill_then_resume_on_the_hub_gives_the_uninterrupted_lora(hub, refere
 
 
 @pytest.mark.slow
+@pytest.mark.exact_resume
 def test_second_account_finishes_the_run_on_the_hub_exactly(hub, tmp_path, tmp_path_factory, monkeypatch):
     from tests.e2e.test_resume import FINAL_LORA, reference_storage, run_session
 

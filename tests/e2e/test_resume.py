@@ -169,6 +169,7 @@ def test_sigterm_then_resume_gives_the_uninterrupted_lora(reference, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.exact_resume
 def test_session_budget_spent_then_resume_gives_the_uninterrupted_lora(reference, tmp_path):
     """A half-hour session where each step takes ten minutes (on a FakeClock): the budget stops it mid-run."""
     storage, work = tmp_path / "storage", tmp_path / "work"
@@ -211,6 +212,7 @@ def test_fingerprint_is_checked_before_training(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.exact_resume
 def test_changed_fingerprint_is_refused_naming_the_fields(stopped, tmp_path):
     with pytest.raises(ResumeMismatch) as refused:
         run_session(stopped, tmp_path / "work", "lora.rank=8", "train.lr=0.0005")
@@ -220,6 +222,7 @@ def test_changed_fingerprint_is_refused_naming_the_fields(stopped, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.exact_resume
 def test_changed_fingerprint_on_the_command_line_exits_2(stopped, tmp_path, capsys):
     from runner.cli import main
 
@@ -233,6 +236,7 @@ def test_changed_fingerprint_on_the_command_line_exits_2(stopped, tmp_path, caps
 
 
 @pytest.mark.slow
+@pytest.mark.exact_resume
 def test_force_continues_with_changed_settings_and_says_so(stopped, tmp_path):
     result = run_session(stopped, tmp_path / "work", "train.lr=0.0005", force=True, stop_after=3)
     assert result.code == EXIT_PREEMPTED
@@ -242,6 +246,7 @@ def test_force_continues_with_changed_settings_and_says_so(stopped, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.exact_resume
 def test_settings_that_do_not_change_the_weights_are_allowed(reference, tmp_path):
     storage = tmp_path / "storage"
     shutil.copytree(reference, storage)
@@ -258,6 +263,7 @@ def test_settings_that_do_not_change_the_weights_are_allowed(reference, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.exact_resume
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(reference, stopped, tmp_path):
     work = tmp_path / "work"
     assert run_session(stopped, work, stop_after=3).code == EXIT_PREEMPTED
@@ -275,6 +281,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(reference, sto
 
 
 @pytest.mark.slow
+@pytest.mark.exact_resume
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(stopped, tmp_path):
     work = tmp_path / "work"
     assert run_session(stopped, work, stop_after=3).code == EXIT_PREEMPTED
@@ -291,6 +298,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(stopped, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.exact_resume
 def test_fresh_workdir_downloads_the_cache_and_resumes_exactly(reference, stopped, tmp_path, monkeypatch):
     import runner.train.cache
 
@@ -327,6 +335,7 @@ class SlowUploads:
 
 
 @pytest.mark.slow
+@pytest.mark.exact_resume
 def test_stop_right_after_a_periodic_checkpoint_exits_75(tmp_path, monkeypatch):
     import runner.budget
 

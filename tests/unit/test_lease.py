@@ -147,3 +147,26 @@ def test_two_processes_racing_exactly_one_wins(tmp_path):
     loser = next(h for h in outcomes if h != winners[0])
     assert outcomes[loser] == f"lost to {winners[0]}"
     assert read_lease(LocalStorage(tmp_path), "run").holder == winners[0]
+
+
+def test_a_killed_process_not_yet_reaped_counts_as_gone():
+    """A SIGKILLed session whose parent has not reaped it yet is a zombie: kill(pid, 0) still answers, but its
+    lease must be taken over at once (the two-process kill test was refused on that)."""
+    import signal
+    import subprocess
+    import time
+
+    from runner.lease import pid_is_running
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert pid_is_running(child.pid)
+        child.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pid_is_running(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not pid_is_running(child.pid), "a zombie was taken for a running process"
+        assert child.poll() is not None  # it was still unreaped while we checked: reaped only now
+    finally:
+        child.kill()
+        child.wait()
