@@ -11,6 +11,7 @@ not recognise is a UsageError that lists the accepted forms.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from collections.abc import Mapping
@@ -41,37 +42,23 @@ def _is_colab_mount(path: str) -> bool:
     return absolute == COLAB_DRIVE_ROOT or COLAB_DRIVE_ROOT in absolute.parents
 
 
-def _open_gdrive(url: str, env: Mapping[str, str] | None) -> Storage:
+_API_HINT = "install Relay with its dependencies (pip install -e .), or use a local folder"
+BACKENDS = {  # backend → (module, opener, what it is, what to do when it cannot be imported)
+    "gdrive": ("runner.storage.gdrive", "open_gdrive", "the Google Drive API backend", _API_HINT),
+    "colab": ("runner.storage.colab", "open_colab_drive", "the Colab Drive mount backend",
+              "use gdrive://FOLDER_ID (the Drive API) or a local folder"),
+    "hub": ("runner.storage.hub", "open_hub", "the Hugging Face Hub backend", _API_HINT),
+}  # fmt: skip
+
+
+def _open_backend(backend: str, url: str, env: Mapping[str, str] | None) -> Storage:
+    """Import a backend only when its URL is used (pydrive2, huggingface_hub), with a clear error if it can't be."""
+    module_name, opener, what, hint = BACKENDS[backend]
     try:
-        from runner.storage.gdrive import open_gdrive
+        module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UsageError(
-            f"--storage {url!r}: the Google Drive API backend cannot be loaded ({exc})",
-            hint="install Relay with its dependencies (pip install -e .), or use a local folder",
-        ) from exc
-    return open_gdrive(url, env=env)
-
-
-def _open_colab(url: str, env: Mapping[str, str] | None) -> Storage:
-    try:
-        from runner.storage.colab import open_colab_drive
-    except ImportError as exc:
-        raise UsageError(
-            f"--storage {url!r}: the Colab Drive mount backend cannot be loaded ({exc})",
-            hint="use gdrive://FOLDER_ID (the Drive API) or a local folder",
-        ) from exc
-    return open_colab_drive(url, env=env)
-
-
-def _open_hub(url: str, env: Mapping[str, str] | None) -> Storage:
-    try:
-        from runner.storage.hub import open_hub
-    except ImportError as exc:
-        raise UsageError(
-            f"--storage {url!r}: the Hugging Face Hub backend cannot be loaded ({exc})",
-            hint="install Relay with its dependencies (pip install -e .), or use a local folder",
-        ) from exc
-    return open_hub(url, env=env)
+        raise UsageError(f"--storage {url!r}: {what} cannot be loaded ({exc})", hint=hint) from exc
+    return getattr(module, opener)(url, env=env)
 
 
 def open_storage(url: str, *, env: Mapping[str, str] | None = None) -> Storage:
@@ -80,13 +67,13 @@ def open_storage(url: str, *, env: Mapping[str, str] | None = None) -> Storage:
     if not text:
         raise _usage(url, "empty storage location")
     if text == "drive":
-        return _open_colab(text, env)
+        return _open_backend("colab", text, env)
     if text.startswith("gdrive://"):
         if not text[len("gdrive://") :].strip("/"):
             raise _usage(url, "gdrive:// needs a folder id or a path")
-        return _open_gdrive(text, env)
+        return _open_backend("gdrive", text, env)
     if text.startswith("hf://"):
-        return _open_hub(text, env)
+        return _open_backend("hub", text, env)
     if text.startswith("file://"):
         path = text[len("file://") :]
         if not path:
@@ -99,5 +86,5 @@ def open_storage(url: str, *, env: Mapping[str, str] | None = None) -> Storage:
 
 def _open_path(path: str, env: Mapping[str, str] | None) -> Storage:
     if _is_colab_mount(path):
-        return _open_colab(path, env)
+        return _open_backend("colab", path, env)
     return LocalStorage(Path(path))

@@ -15,18 +15,11 @@ from runner import events
 from runner.commands import Options, build_context
 from runner.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE
 from runner.session import Session
+from tests.e2e.test_resume import FAST
 
 ROOT = Path(__file__).resolve().parents[2]
-# Cheap and result-neutral: few images, one example per step, a one-step one-prompt grid, no periodic checkpoints.
-CHEAP = (
-    "data.generated_count=4",
-    "data.validation_count=1",
-    "train.batch_size=1",
-    "train.grad_accum=1",
-    "sample.inference_steps=1",
-    'sample.prompts=["a red circle, Naruto style"]',
-    "checkpoint.every_min=30",
-)
+# test_resume's cheap, result-neutral settings, without its target (these tests set their own)
+CHEAP = tuple(item for item in FAST if not item.startswith("train.steps="))
 
 
 def profile_with_steps(tmp_path: Path, steps: int) -> str:
