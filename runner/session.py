@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 TEST_CACHE_DELAY_ENV = "RELAY_TEST_CACHE_DELAY_S"  # tests only: seconds of delay before each cache piece
+# tests only: seconds added to each step, so the fault tests' kills land inside a run whatever the machine's speed
+TEST_STEP_DELAY_ENV = "RELAY_TEST_STEP_DELAY_S"
 
 
 def logs_dir(ctx: Context) -> Path:
@@ -81,6 +83,7 @@ class Session:
         self.upload_started: float | None = None
         self.checkpointed_step: int | None = None  # the newest step staged in this session
         self.reason = "running"  # until the session knows how it ends
+        self.test_step_delay_s = float(os.environ.get(TEST_STEP_DELAY_ENV) or 0)  # tests only (see above)
         ctx.bus.subscribe(self._on_event)
 
     def _on_event(self, event: events.Event) -> None:
@@ -338,10 +341,11 @@ class Session:
                 self._checkpoint(tr, state)
                 continue
             result = tr.step(state.step)
+            step_s = result.seconds + self._test_step_delay()
             if state.step == self.step_from:
                 self._store_compile_cache(tr)
-            self.train_s += result.seconds
-            self.meter.add_step(result.seconds - result.setup_s)  # a new shape's compile/capture is setup
+            self.train_s += step_s
+            self.meter.add_step(step_s - result.setup_s)  # a new shape's compile/capture is setup
             state = replace(state, step=state.step + 1, plan=tr.plan.to_dict())  # a back-off is resumed from
             self.step = state.step
             ctx.bus.emit(tr.step_event(state.step, result))
@@ -351,6 +355,12 @@ class Session:
             if every and self.is_main and state.step % every == 0 and state.step < target:
                 self._sample(tr, state.step)
         return self._end(tr, state)
+
+    def _test_step_delay(self) -> float:
+        """Tests only (RELAY_TEST_STEP_DELAY_S): a slower step, counted as training time like a real one."""
+        if self.test_step_delay_s:
+            self.ctx.clock.sleep(self.test_step_delay_s)
+        return self.test_step_delay_s
 
     def _has_time_to_train(self, state: RunState) -> bool:
         """Before any setup: whether one step and its checkpoint fit at the prior costs. A session whose whole

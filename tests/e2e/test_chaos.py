@@ -29,6 +29,7 @@ from tests.e2e.conftest import (
     Reference,
     assert_same_lora,
     broken_commits,
+    relay_env,
     send,
     sessions,
     start_relay,
@@ -41,7 +42,13 @@ from tests.e2e.conftest import (
 STARTED = re.compile(r"relay \| step (\d+)/(\d+)")
 TRIGGER_TIMEOUT_S = 180.0
 LONG_STEPS = 1500  # enough that 30+ kills land before the target is reached, even at 0.08 s a step
-SIGNAL_STEPS = 120  # at ~75 steps/s on an idle machine, 0.3 s into a session is ~22 steps: room for three
+SIGNAL_STEPS = 24
+# A tiny step takes ~15 ms on an idle machine: a whole run would end between two polls. A quarter of a second
+# per step (added after the step, changing no weight) gives the kills and signals a run to land in.
+SLOW_STEPS = relay_env({"RELAY_TEST_STEP_DELAY_S": "0.25"})
+# The kill test needs periodic checkpoints inside each session: the first comes once the prior checkpoint
+# cost allows it (2 s at the tiny profile's 50 % overhead: 4 s of training), the next after every step.
+KILL_STEPS, KILL_STEP_ENV = 16, relay_env({"RELAY_TEST_STEP_DELAY_S": "1.0"})
 
 
 def started_step(log: Path, target: int) -> int | None:
@@ -64,6 +71,7 @@ class Chaos:
     root: Path
     steps: int
     rng: random.Random
+    env: dict | None = None  # the sessions' environment (None: relay_env())
     phases: Counter = field(default_factory=Counter)
     kills: int = 0
     lost_steps: int = 0
@@ -140,7 +148,7 @@ class Chaos:
             log = self.root / f"session-{number}.log"
             # A SIGKILLed session leaves its lease behind (fresh for 300 s): the next one takes it over.
             flags = ("--take-over",) if number > 1 else ()
-            proc = start_relay(train_args(self.storage, workdir, steps=self.steps, flags=flags), log)
+            proc = start_relay(train_args(self.storage, workdir, steps=self.steps, flags=flags), log, env=self.env)
             self.sessions_run += 1
             if self.kills < len(triggers):
                 self.wait_trigger(triggers[self.kills], proc, workdir, log, start)
@@ -188,9 +196,10 @@ def _finish(chaos: Chaos, ref: Reference, reliability, test: str) -> None:
                        lost_steps=chaos.lost_steps, notes=dict(chaos.phases))  # fmt: skip
 
 
-def test_sigkill_resume_is_exact_short(tmp_path, reference, reliability):
+def test_sigkill_resume_is_exact_short(tmp_path, reference_factory, reliability):
     """CI form: a kill while staging, one before COMMIT.json, one right after a commit."""
-    chaos = Chaos(tmp_path, reference.steps, random.Random(4))
+    reference = reference_factory(KILL_STEPS)
+    chaos = Chaos(tmp_path, reference.steps, random.Random(4), env=KILL_STEP_ENV)
     chaos.run(["staging", "upload", "commit"])
     assert chaos.kills == 3, f"only {chaos.kills} kills landed: the run ended first (phases {dict(chaos.phases)})"
     _finish(chaos, reference, reliability, "test_sigkill_resume_is_exact_short")
@@ -218,7 +227,7 @@ def _graceful(tmp_path: Path, number: int, workdir: Path, steps: int, sig: signa
     storage = tmp_path / "storage"
     start = newest(storage / RUN)
     log = tmp_path / f"session-{number}.log"
-    proc = start_relay(train_args(storage, workdir, steps=steps), log)
+    proc = start_relay(train_args(storage, workdir, steps=steps), log, env=SLOW_STEPS)
     # Training has begun (SessionStarted is printed at once); the budget may space checkpoints
     # widely, so a commit is no signal to wait for. Stop it a moment into its steps.
     assert wait_for(lambda: proc.poll() is not None or started_step(log, steps) is not None, 240, poll_s=0.02)
