@@ -120,7 +120,14 @@ class Session:
                 raise
             finally:
                 ctx.bus.emit(events.SessionEnded(self.step, ctx.profile.train.steps, self.reason, code))
+                self._leave_process_group()
         return code
+
+    def _leave_process_group(self) -> None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process never imports torch.distributed here
+            from runner.train.run import close_distributed
+
+            close_distributed()
 
     def _settle_target(self) -> None:
         """The run's target is the run's: run.json's, unless `--set train.steps=N` changes it on purpose.

@@ -216,6 +216,13 @@ def init_distributed(placement: Placement) -> None:
         torch.distributed.init_process_group(backend, timeout=collective_timeout())
 
 
+def close_distributed() -> None:
+    """Leave the process group before the process exits: a gloo or NCCL group left to the interpreter's exit
+    can abort the process ("terminate called without an active exception", exit 250) after a clean end."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def collective_timeout(environ: dict[str, str] | None = None):
     """How long a collective may wait: RELAY_COLLECTIVE_TIMEOUT_S seconds when set (tests shorten it to
     show that no rank waits in one for setup work), else torch's default (NCCL's: 10 minutes)."""
