@@ -49,6 +49,7 @@ SLOW_STEPS = relay_env({"RELAY_TEST_STEP_DELAY_S": "0.25"})
 # The kill test needs periodic checkpoints inside each session: the first comes once the prior checkpoint
 # cost allows it (2 s at the tiny profile's 50 % overhead: 4 s of training), the next after every step.
 KILL_STEPS, KILL_STEP_ENV = 16, relay_env({"RELAY_TEST_STEP_DELAY_S": "1.0"})
+LONG_STEP_ENV = relay_env({"RELAY_TEST_STEP_DELAY_S": "0.05"})  # the long run: 1,500 steps last over a minute
 
 
 def started_step(log: Path, target: int) -> int | None:
@@ -213,7 +214,7 @@ def test_sigkill_resume_is_exact_long(tmp_path, reference_factory, reliability):
     triggers = ["cache", "delay"] + [
         rng.choice(["delay", "staging", "upload", "commit", "step", "step"]) for _ in range(28)
     ] + ["final", "final"]  # fmt: skip
-    chaos = Chaos(tmp_path, ref.steps, rng)
+    chaos = Chaos(tmp_path, ref.steps, rng, env=LONG_STEP_ENV)
     chaos.run(triggers, max_sessions=120)
     assert chaos.kills >= 30, f"only {chaos.kills} kills landed before the run ended ({dict(chaos.phases)})"
     _finish(chaos, ref, reliability, "test_sigkill_resume_is_exact_long")
