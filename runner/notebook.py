@@ -95,19 +95,23 @@ def read_secret(platform: str, name: str) -> str | None:
 def trainer_env(platform: str, storage: str, env: Mapping[str, str], *, sign_in: Callable[[], None]) -> dict[str, str]:
     """The trainer's environment: `env` plus the secrets it needs (never printed)."""
     child = dict(env)
-    for name in SECRET_NAMES:
-        if name == "RELAY_GDRIVE_CREDENTIALS" and not storage.startswith("gdrive://"):
-            continue
-        if not child.get(name):
-            value = read_secret(platform, name)
-            if value:
-                child[name] = value
+    wanted = [n for n in SECRET_NAMES if n != "RELAY_GDRIVE_CREDENTIALS" or storage.startswith("gdrive://")]
+    _add_secrets(platform, child, wanted)
     needs_drive = storage.startswith("gdrive://") and not child.get("RELAY_GDRIVE_CREDENTIALS")
     if needs_drive and not child.get("GOOGLE_APPLICATION_CREDENTIALS") and platform == "colab":
         sign_in()  # one consent click; installs application-default credentials with Drive access
         child.update({k: v for k, v in os.environ.items() if k in ("GOOGLE_APPLICATION_CREDENTIALS",)})
         child["RELAY_GDRIVE_CREDENTIALS"] = ADC
     return child
+
+
+def _add_secrets(platform: str, env: dict[str, str], names: Sequence[str]) -> None:
+    """Fill `env` with the notebook secrets `names` it lacks (read in the kernel; never printed)."""
+    for name in names:
+        if not env.get(name):
+            value = read_secret(platform, name)
+            if value:
+                env[name] = value
 
 
 def colab_sign_in() -> None:
@@ -182,7 +186,8 @@ def run(
         print(f"relay: run {name!r} is complete")
         return _finish(Outcome(name, url, EXIT_OK, str(rundir.root)), child, workdir, release_gpu, storage)
     else:
-        _chain(platform, child, ["begin", *train_args(profile, storage, run=run, overrides=overrides)])
+        if _chain_on(profile, overrides):
+            _chain(platform, child, ["begin", *train_args(profile, storage, run=run, overrides=overrides)])
         rundir = daemon.start(argv, child)
         print(f"relay: training {name!r} in the background; interrupting this cell leaves it running ({rundir.root})")
     if follow is False:
@@ -192,28 +197,33 @@ def run(
         print("relay: stopped following; the run goes on. Run this cell again to follow it.")
         return Outcome(name, url, None, str(rundir.root))
     # the trainer's last exit (the supervisor's restarts are behind it): the chain pushes the next session or stops
-    _chain(
-        platform,
-        child,
-        ["after", "--exit-code", str(code), *train_args(profile, storage, run=run, overrides=overrides)],
-    )
+    if _chain_on(profile, overrides):
+        after = ["after", "--exit-code", str(code), *train_args(profile, storage, run=run, overrides=overrides)]
+        _chain(platform, child, after)
     return _finish(Outcome(name, url, code, str(rundir.root), rundir.read_state().get("message", "")),
                    child, workdir, release_gpu, storage)  # fmt: skip
 
 
+def _chain_on(profile: str, overrides: Sequence[str]) -> bool:
+    """Whether the profile turns the Kaggle chain on (session.chain); read here so a run without a chain
+    starts no chain process and reads no Kaggle key. A bad profile is the trainer's to report."""
+    from runner.profile import load_profile
+
+    try:
+        return load_profile(profile, list(overrides)).session.chain == "kaggle"
+    except RelayError:
+        return False
+
+
 def _chain(platform: str, child: Mapping[str, str], args: list[str]) -> None:
-    """`python -m runner.chain begin|after …` (docs/chain.md): off unless the profile sets session.chain.
+    """`python -m runner.chain begin|after …` (docs/chain.md), for a profile with session.chain = "kaggle".
     The Kaggle API key is read here, in the kernel, and given to that process alone (never the trainer)."""
     env = dict(child)
-    for name in CHAIN_SECRET_NAMES:
-        if not env.get(name):
-            value = read_secret(platform, name)
-            if value:
-                env[name] = value
+    _add_secrets(platform, env, CHAIN_SECRET_NAMES)
     proc = subprocess.run([sys.executable, "-m", "runner.chain", *args], capture_output=True, text=True, env=env,
                           timeout=900)  # fmt: skip
     for line in (proc.stdout + proc.stderr).splitlines():
-        if line.strip() and not line.startswith("chain: off"):
+        if line.strip():
             print(f"relay: {line}")
 
 
