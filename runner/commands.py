@@ -108,7 +108,7 @@ def train(args) -> int:
     with Dashboard.for_terminal(ctx.clock, plain=opts.plain, profile=ctx.profile) as dash:
         ctx.bus.subscribe(dash.on_event)
         TensorBoardLogger(logs_dir(ctx), run=ctx.run, config=ctx.profile.to_dict()).attach(ctx.bus)
-        return Session(ctx, dashboard=dash).run()
+        return Session(ctx).run()
 
 
 def plan(args) -> int:

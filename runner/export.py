@@ -27,6 +27,7 @@ Must not: train, read storage or upload (the session uploads out_dir).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from runner.errors import ModelError
 from runner.profile import LoraConfig
@@ -85,13 +86,13 @@ def export_lora(
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "relay.rank": str(lora_cfg.rank), "relay.alpha": str(lora_cfg.alpha)}
     written = [out_dir / DIFFUSERS_FILE]
-    save_file(_to_diffusers(lora_sd, lora_cfg, save_dtype), str(written[0]), metadata=meta)
+    save_stable(_to_diffusers(lora_sd, lora_cfg, save_dtype), written[0], metadata=meta)
     kohya_name = safe_name(card.name) + KOHYA_SUFFIX
     if lora_cfg.dora:
         log.warning("DoRA LoRA: no kohya file written (kohya's DoRA layout differs); use %s", DIFFUSERS_FILE)
     else:
         written.append(out_dir / kohya_name)
-        save_file(_to_kohya(lora_sd, lora_cfg, save_dtype), str(written[-1]), metadata=meta)
+        save_stable(_to_kohya(lora_sd, lora_cfg, save_dtype), written[-1], metadata=meta)
     grid = _copy_grid(card.sample_grid, out_dir)
     if grid is not None:
         written.append(grid)
@@ -100,6 +101,23 @@ def export_lora(
     written[-1].write_text(model_card(profile_dict, card, kohya_file=kohya, has_grid=grid is not None))
     log.info("exported LoRA (%d tensors) to %s", len(lora_sd), out_dir)
     return written
+
+
+def save_stable(tensors: dict[str, torch.Tensor], path: Path, *, metadata: dict[str, str]) -> None:
+    """Write a safetensors file whose bytes depend only on the tensors and the metadata.
+
+    safetensors keeps the metadata in a hash map whose order changes from one save to the next, so two
+    runs with identical tensors wrote files that differed in their header; users compare files by hash.
+    The header is re-written with the metadata's keys sorted: same length, same tensors, same offsets.
+    """
+    data = save(tensors, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:  # cannot happen for a re-ordering; refuse rather than write a broken file
+        raise ModelError(f"safetensors header grew while sorting its metadata ({len(text)} > {size} bytes)")
+    Path(path).write_bytes(data[:8] + text.ljust(size, b" ") + data[8 + size :])
 
 
 def safe_name(name: str) -> str:

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from runner.commands import Context
 
 log = logging.getLogger(__name__)
+BUDGET_EVENT_EVERY_S = 5.0  # how often the views hear the budget: a countdown in minutes needs no more
 TEST_CACHE_DELAY_ENV = "RELAY_TEST_CACHE_DELAY_S"  # tests only: seconds of delay before each cache piece
 # tests only: seconds added to each step, so the fault tests' kills land inside a run whatever the machine's speed
 TEST_STEP_DELAY_ENV = "RELAY_TEST_STEP_DELAY_S"
@@ -63,9 +64,9 @@ def logs_dir(ctx: Context) -> Path:
 class Session:
     """One session of a run. `run()` returns the process exit code."""
 
-    def __init__(self, ctx: Context, *, dashboard=None) -> None:
+    def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.dashboard = dashboard
+        self._budget_sent_at: float | None = None  # monotonic time of the last BudgetUpdated
         self.is_main = int(os.environ.get("RANK", "0")) == 0
         self.lease = Lease(ctx.storage, ctx.run, ctx.holder, clock=ctx.clock)
         self.ckpts = CheckpointManager(
@@ -333,8 +334,7 @@ class Session:
             if self.is_main:
                 self.lease.check()  # another session took the run: stop before writing anything more
             bctx = self._budget(deadline, last_ckpt_at, target - state.step)
-            if self.dashboard is not None:
-                self.dashboard.set_budget(budget.time_left_s(bctx), budget.next_checkpoint_in_s(bctx))
+            self._send_budget(bctx)
             action = budget.next_action(bctx, has_new_steps=state.step != (self.checkpointed_step or self.step_from))
             stopping, due = agree(tr.placement, stop.requested or action is budget.Action.STOP,
                                   action is budget.Action.CHECKPOINT)  # fmt: skip
@@ -387,6 +387,14 @@ class Session:
                                                  "session.margin_min (--set session.margin_min=1)")  # fmt: skip
         self.ctx.bus.emit(events.Warning(short.message, kind="budget"))
         return False
+
+    def _send_budget(self, bctx: budget.BudgetContext) -> None:
+        """Tell every view the budget (time left, next checkpoint), at most every BUDGET_EVENT_EVERY_S."""
+        now = self.ctx.clock.monotonic()
+        if self._budget_sent_at is not None and now - self._budget_sent_at < BUDGET_EVENT_EVERY_S:
+            return
+        self._budget_sent_at = now
+        self.ctx.bus.emit(events.BudgetUpdated(budget.time_left_s(bctx), budget.next_checkpoint_in_s(bctx)))
 
     def _budget(self, deadline, last_ckpt_at: float, steps_left: int) -> budget.BudgetContext:
         now = self.ctx.clock.monotonic()

@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from runner.errors import ModelError
-from runner.export import CardInfo, export_lora
+from runner.export import CardInfo, export_lora, save_stable
 from runner.profile import LoraConfig, load_profile
 from runner.sample import build_pipeline
 from runner.train.cache import tokenize
@@ -71,6 +72,22 @@ def test_export_writes_the_promised_files(trained):
     names = sorted(p.name for p in files)
     assert names == ["README.md", "pytorch_lora_weights.safetensors", "samples.png", "tiny-run.kohya.safetensors"]
     assert all(p.parent == out_dir and p.is_file() for p in files)
+
+
+def test_equal_tensors_give_byte_identical_files(trained, tmp_path):
+    """Users compare exported files by hash: the header must not depend on a hash map's order."""
+    _, out_dir, _ = trained
+    sd = load_file(str(out_dir / "pytorch_lora_weights.safetensors"))
+    metadata = {f"key{i}": str(i) for i in range(12)}  # many keys: a random order shows up at once
+    written = []
+    for i in range(4):
+        path = tmp_path / f"copy{i}.safetensors"
+        save_stable(sd, path, metadata=dict(reversed(metadata.items())) if i % 2 else metadata)
+        written.append(path.read_bytes())
+    assert all(data == written[0] for data in written)
+    with safe_open(str(tmp_path / "copy1.safetensors"), "pt") as f:
+        assert f.metadata() == metadata
+        assert all(torch.equal(f.get_tensor(k), sd[k]) for k in sd)
 
 
 def test_diffusers_file_loads_and_reproduces_the_trained_model(trained):
