@@ -37,12 +37,17 @@ from pathlib import Path
 from runner import daemon
 from runner import events as ev
 from runner.errors import EXIT_OK, EXIT_PREEMPTED, RelayError
+from runner.storage.url import VM_STORAGE_OPT_IN, check_vm_storage, is_vm_local
 
 SECRET_NAMES = ("RELAY_GDRIVE_CREDENTIALS", "HF_TOKEN")
 CHAIN_SECRET_NAMES = ("KAGGLE_USERNAME", "KAGGLE_KEY")  # the user's own Kaggle API key, for the chain only
 ADC = "application-default"
 """RELAY_GDRIVE_CREDENTIALS value that tells the trainer to use Google's application-default credentials
 (what Colab's sign-in installs; runner/storage/credentials.py)."""
+KAGGLE_RELEASE_NOTE = (
+    "relay: release_gpu=True is ignored on Kaggle: a notebook cannot end its own Kaggle session; a "
+    "'Save & Run All' version stops when its last cell ends, an interactive session when you stop it"
+)
 MOUNT_POINT = "/content/drive"  # colabtools' documented mount point; runner.storage.colab uses the same
 REDRAW_EVERY_S = 1.0
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -164,16 +169,26 @@ def train_args(
 def run(
     profile: str, storage: str, *, run: str | None = None, overrides: Sequence[str] = (), hours: float | None = None,
     release_gpu: bool = False, workdir: str | None = None, extra: Sequence[str] = (), follow: bool | None = None,
+    storage_on_vm: bool = False,
 ) -> Outcome:  # fmt: skip
     """Start, resume or follow the run; see the module docstring.
 
     profile, storage, run, overrides (`section.key=value` items), hours, workdir: as `relay train`.
-    release_gpu: on Colab, end the runtime once the run is complete and its final commit verified.
+    release_gpu: on Colab, end the runtime once this cell has finished the run and its final commit is
+    verified (never when the storage is on the VM, never on a re-run of a finished run).
+    storage_on_vm: on Colab or Kaggle, allow storage on the VM's own disk, which is deleted with the VM.
     follow: None follows until the end (headless) or until the cell is interrupted (interactive);
     False returns once the trainer is started."""
     env = dict(os.environ)
     platform = platform_of(env)
     headless = is_headless(env)
+    if storage_on_vm:
+        env[VM_STORAGE_OPT_IN] = "1"
+    vm_warning = check_vm_storage(storage, platform, env)  # a typo'd remote form must not become a VM folder
+    if vm_warning:
+        print(f"relay: warning: {vm_warning}")
+    if release_gpu and platform == "kaggle":
+        print(KAGGLE_RELEASE_NOTE)
     if uses_mount(storage) and platform == "colab":
         mount_drive()
     child = trainer_env(platform, storage, env, sign_in=colab_sign_in)
@@ -184,7 +199,9 @@ def run(
         print(f"relay: run {name!r} is training on this VM; following it ({rundir.root})")
     elif is_complete(name, url, child):
         print(f"relay: run {name!r} is complete")
-        return _finish(Outcome(name, url, EXIT_OK, str(rundir.root)), child, workdir, release_gpu, storage)
+        if release_gpu and platform == "colab":  # the user came back to look at it: keep the runtime
+            print("relay: keeping the runtime (release_gpu ends it only when this cell finishes the run)")
+        return _finish(Outcome(name, url, EXIT_OK, str(rundir.root)), child, workdir, False, storage)
     else:
         if _chain_on(profile, overrides):
             _chain(platform, child, ["begin", *train_args(profile, storage, run=run, overrides=overrides)])
@@ -251,6 +268,10 @@ def _finish(outcome: Outcome, env: Mapping[str, str], workdir: str | None, relea
     if code == EXIT_OK:
         show_result(outcome.run, outcome.storage, workdir)
         if release_gpu and platform_of(env) == "colab":
+            if is_vm_local(storage):
+                print("relay: keeping the runtime: the run's storage is on this VM's disk and would go with it; "
+                      "download final/ first")  # fmt: skip
+                return outcome
             if not is_complete(outcome.run, outcome.storage, env):
                 print("relay: final/ is not committed in storage; keeping the runtime")
                 return outcome

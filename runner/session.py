@@ -45,6 +45,7 @@ from runner.report import session_history
 from runner.runinfo import ensure_run_info, new_state, resolve_target, sets_target
 from runner.signals import install_stop_handlers
 from runner.state import RunState, append_session, read_run_info, read_sessions
+from runner.storage.url import is_vm_local
 
 if TYPE_CHECKING:
     from runner.commands import Context
@@ -476,6 +477,10 @@ class Session:
 
     def _release_gpu(self) -> None:
         if self.ctx.profile.session.release_gpu and self.ctx.env.platform == "colab":
+            if is_vm_local(self.ctx.opts.storage):  # the only copy of final/ would go with the VM
+                self.ctx.bus.emit(events.Warning("release_gpu ignored: the run's storage is on this VM's disk; "
+                                                 "download final/ first", kind="storage"))  # fmt: skip
+                return
             flush = getattr(self.ctx.storage, "flush", None)
             if flush is not None:
                 flush()

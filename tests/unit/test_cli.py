@@ -79,3 +79,12 @@ def test_bitsandbytes_cpu_advice_is_silenced_by_the_command_line(capsys):
     assert logging.getLogger("bitsandbytes.backends.cpu").getEffectiveLevel() == logging.ERROR
     logging.getLogger("bitsandbytes.backends.cpu").warning("Please make sure you already `pip install kernels`")
     assert "kernels" not in capsys.readouterr().err
+
+
+def test_train_on_colab_refuses_a_folder_on_the_vm_and_makes_none(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab_20261120-060000_RC00")
+    monkeypatch.delenv("RELAY_STORAGE_ON_VM", raising=False)
+    storage = tmp_path / "content" / "relay"  # e.g. "/content/relay", or a "gdrive//…" typo made relative
+    code = main(["train", "--profile", "tiny", "--storage", str(storage), "--workdir", str(tmp_path / "w")])
+    assert code == 2 and "deleted with the VM" in capsys.readouterr().err
+    assert not storage.exists()
