@@ -189,8 +189,8 @@ def run(
         print(f"relay: warning: {vm_warning}")
     if release_gpu and platform == "kaggle":
         print(KAGGLE_RELEASE_NOTE)
-    if uses_mount(storage) and platform == "colab":
-        mount_drive()
+    if platform == "colab" and (uses_mount(storage) or uses_mount(_data_source(profile, overrides))):
+        mount_drive()  # for the run's storage, or for your images in a Drive folder (data.source)
     child = trainer_env(platform, storage, env, sign_in=colab_sign_in)
     argv = train_args(profile, storage, run=run, overrides=overrides, hours=hours, workdir=workdir, extra=extra)
     name, url = daemon.identify(argv, child)
@@ -230,6 +230,16 @@ def _chain_on(profile: str, overrides: Sequence[str]) -> bool:
         return load_profile(profile, list(overrides)).session.chain == "kaggle"
     except RelayError:
         return False
+
+
+def _data_source(profile: str, overrides: Sequence[str]) -> str:
+    """The profile's data.source ("" for a bad profile: the trainer reports that)."""
+    from runner.profile import load_profile
+
+    try:
+        return load_profile(profile, list(overrides)).data.source
+    except RelayError:
+        return ""
 
 
 def _chain(platform: str, child: Mapping[str, str], args: list[str]) -> None:

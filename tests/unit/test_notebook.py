@@ -126,3 +126,13 @@ def test_release_gpu_on_kaggle_says_why_it_is_ignored(colab_runtime, monkeypatch
     monkeypatch.setattr(notebook.os, "environ", {**KAGGLE, "RELAY_HOME": str(tmp_path / "home")})
     notebook.run(profile="tiny", storage="hf://me/runs", release_gpu=True)
     assert "release_gpu=True is ignored on Kaggle" in capsys.readouterr().out and colab_runtime == []
+
+
+def test_images_in_a_drive_folder_get_the_drive_mounted_on_colab(colab_runtime, monkeypatch, tmp_path):
+    mounted = []
+    monkeypatch.setattr(notebook, "mount_drive", lambda: mounted.append(1))
+    monkeypatch.setattr(notebook.os, "environ", {**COLAB, "RELAY_HOME": str(tmp_path / "home")})
+    notebook.run(profile="tiny", storage="hf://me/runs", overrides=["data.source=/content/drive/MyDrive/pics"])
+    assert mounted == [1]
+    notebook.run(profile="tiny", storage="hf://me/runs")
+    assert mounted == [1]  # generated images: no Drive
