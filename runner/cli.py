@@ -133,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # bitsandbytes' CPU backend asks for `pip install kernels` whenever peft or diffusers import it; Relay never
     # runs bitsandbytes on a CPU (adamw8bit needs CUDA), so its CPU backend's advice is noise on every run.
     logging.getLogger("bitsandbytes.backends.cpu").setLevel(logging.ERROR)
+    # google.auth warns "No project ID could be determined" for Colab's sign-in credentials; the Drive API
+    # needs no project, and the warning reads as the cause of any Drive failure that follows.
+    logging.getLogger("google.auth._default").setLevel(logging.ERROR)
     try:
         return dispatch(args)
     except RelayError as exc:
