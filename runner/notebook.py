@@ -93,8 +93,14 @@ def read_secret(platform: str, name: str) -> str | None:
     """A notebook secret, read in the kernel; None when it does not exist or this notebook may not read it."""
     from runner.storage.credentials import colab_secret, kaggle_secret
 
-    lookup = {"colab": colab_secret, "kaggle": kaggle_secret}.get(platform)
-    return lookup(name) if lookup else None
+    if platform == "colab":
+        return colab_secret(name, on_denied=_say_denied)
+    return kaggle_secret(name) if platform == "kaggle" else None
+
+
+def _say_denied(name: str) -> None:
+    print(f"relay: the Colab secret {name} was not used: this notebook was denied access to it "
+          "(grant it in the 🔑 Secrets panel, then run the cell again)")  # fmt: skip
 
 
 def trainer_env(platform: str, storage: str, env: Mapping[str, str], *, sign_in: Callable[[], None]) -> dict[str, str]:

@@ -136,3 +136,20 @@ def test_images_in_a_drive_folder_get_the_drive_mounted_on_colab(colab_runtime, 
     assert mounted == [1]
     notebook.run(profile="tiny", storage="hf://me/runs")
     assert mounted == [1]  # generated images: no Drive
+
+
+def test_a_secret_the_user_denied_is_said_to_be_unused(monkeypatch, capsys):
+    class NotebookAccessError(Exception):  # colabtools google/colab/userdata.py: exists, access not granted
+        pass
+
+    def get(key):
+        raise NotebookAccessError(f"Notebook does not have access to secret {key}")
+
+    google, colab, userdata = (type(sys)(n) for n in ("google", "google.colab", "google.colab.userdata"))
+    userdata.get, userdata.NotebookAccessError = get, NotebookAccessError
+    google.colab, colab.userdata = colab, userdata
+    for name, module in (("google", google), ("google.colab", colab), ("google.colab.userdata", userdata)):
+        monkeypatch.setitem(sys.modules, name, module)
+    env = notebook.trainer_env("colab", "hf://me/runs", {}, sign_in=pytest.fail)
+    assert "HF_TOKEN" not in env
+    assert "secret HF_TOKEN was not used: this notebook was denied access" in capsys.readouterr().out
