@@ -428,6 +428,8 @@ class Dashboard:
     def on_event(self, event: ev.Event) -> None:
         now = self.clock.monotonic()
         self.snapshot = apply(self.snapshot, event, now)
+        if isinstance(event, ev.Notice):
+            self._print(f"relay | {event.message}")
         if self.live:
             return  # the Live thread redraws at its own rate; nothing to do on the training thread
         if isinstance(event, ev.Warning):

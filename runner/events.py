@@ -118,6 +118,13 @@ class Warning(Event):  # noqa: A001 - the event's name in the design
 
 
 @dataclass(frozen=True)
+class Notice(Event):
+    """Something to know that is not a problem (a run found already complete); shown, never as a warning."""
+
+    message: str
+
+
+@dataclass(frozen=True)
 class SessionEnded(Event):
     step: int
     target: int

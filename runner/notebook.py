@@ -371,6 +371,8 @@ class CellView:
         self.snapshot = apply(self.snapshot, event, self.clock.monotonic())
         if isinstance(event, ev.Warning):
             print(f"relay | warning ({event.kind}): {event.message}")
+        elif isinstance(event, ev.Notice):
+            print(f"relay | {event.message}")
 
     def tick(self) -> None:
         if time.monotonic() - self.drawn_at >= REDRAW_EVERY_S:

@@ -180,14 +180,15 @@ class Session:
                 except StorageError as exc:
                     log.warning("log file %s not uploaded: %s", path.name, exc)
 
-    def _loss_curve(self, out: Path) -> None:
+    def _loss_curve(self, out: Path) -> Path | None:
         """RUN/loss.png: train and validation loss over every session so far. Best effort."""
         from runner.losscurve import update_loss_curve
 
         try:
-            update_loss_curve(self.ctx.storage, self.ctx.run, logs_dir(self.ctx), out)
+            return update_loss_curve(self.ctx.storage, self.ctx.run, logs_dir(self.ctx), out)
         except (OSError, ValueError, StorageError) as exc:
             self.ctx.bus.emit(events.Warning(f"loss curve not drawn: {exc}", kind="logs"))
+            return None
 
     def session_record(self) -> dict:
         env, now = self.ctx.env, self.ctx.clock.wall()
@@ -456,7 +457,7 @@ class Session:
     def _finish_from_checkpoint(self, state: RunState, restored: Restored, device: str) -> None:
         """The target was reached earlier: make sure final/ exists (a kill may have come before it)."""
         if self.store.is_committed("final"):
-            self.ctx.bus.emit(events.Warning(f"run already complete at step {state.step}; final/ is in storage"))
+            self.ctx.bus.emit(events.Notice(f"run already complete at step {state.step}; final/ is in storage"))
             return
         from runner.train.run import read_lora_file
 
@@ -465,8 +466,9 @@ class Session:
     def _commit_final(self, lora_sd, steps: int, sessions: list[dict], device: str, unet=None) -> None:
         from runner.export import commit_final
 
+        curve = self._loss_curve(self.ctx.workdir / "loss.png")  # final/ carries it too
         commit_final(self.store, self.ctx.profile, lora_sd, steps=steps, sessions=sessions, device=device, unet=unet,
-                     bus=self.ctx.bus)  # fmt: skip
+                     bus=self.ctx.bus, loss_curve=curve)  # fmt: skip
         from runner.publish import publish_at_completion
 
         try:

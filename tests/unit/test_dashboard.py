@@ -282,3 +282,11 @@ def test_for_terminal_takes_the_profile_settings_and_honours_plain():
     assert dash.snapshot.session_length_s == 3 * HOUR
     assert Dashboard.for_terminal(FakeClock(), console=make_console(), env={}).live is True
     assert "starting…" in text_of(render(Snapshot(), now=0.0))
+
+
+def test_a_notice_is_printed_but_not_as_a_warning():
+    out = io.StringIO()
+    dash = Dashboard(Console(file=out, width=120, force_terminal=False), FakeClock(), live=False)
+    dash.on_event(ev.Notice("run already complete at step 40; final/ is in storage"))
+    assert "relay | run already complete at step 40" in out.getvalue()
+    assert "warning" not in out.getvalue() and not dash.snapshot.warnings
