@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from runner import __version__
 from runner.errors import RelayError, exit_code_for
+from runner.secretfile import take_over
 
 DEFAULT_STORAGE = "./relay-runs"
 log = logging.getLogger("runner")
@@ -122,6 +123,7 @@ def _run_args(p: argparse.ArgumentParser, *, profile_required: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    take_over(os.environ)  # secrets handed over by a notebook cell or supervisor (runner.secretfile)
     args = build_parser().parse_args(argv)
     args.argv = argv
     logging.basicConfig(

@@ -138,8 +138,9 @@ def test_the_cell_uses_kernel_services_survives_an_interrupt_and_a_kernel_restar
     assert error == "" and "stopped following; the run goes on" in out, out
     trainer_pid = rundir.read_state()["trainer_pid"]
     assert daemon._pid_alive(trainer_pid), "interrupting the cell stopped the trainer"
-    environ = Path(f"/proc/{trainer_pid}/environ").read_bytes().split(b"\0")
-    assert f"HF_TOKEN={HF_SECRET}".encode() in environ, "the Colab secret did not reach the trainer"
+    for pid in (trainer_pid, rundir.read_state()["supervisor_pid"]):  # `ps e` shows neither the secret
+        assert HF_SECRET.encode() not in Path(f"/proc/{pid}/environ").read_bytes(), f"secret in pid {pid}'s environ"
+    assert not list(rundir.root.glob(".relay-secrets-*")), "the trainer did not take its secrets over"
     kernel.restart()  # Runtime → Restart session: jupyter_client signals the kernel's whole process group
     assert daemon._pid_alive(trainer_pid), "a kernel restart stopped the trainer"
 
