@@ -385,8 +385,9 @@ class CellView:
 
         console = Console(file=io.StringIO(), record=True, width=self.width, force_terminal=True, force_jupyter=False)
         console.print(render(self.snapshot, self.clock.monotonic()))
+        text = console.export_text(clear=False)  # before export_html, which clears what was recorded
         html = console.export_html(inline_styles=True, code_format="<pre style='line-height:1.2'>{code}</pre>")
-        self.handle.update({"text/plain": console.export_text(), "text/html": html}, raw=True)
+        self.handle.update({"text/plain": text, "text/html": html}, raw=True)
         self.drawn_at = time.monotonic()
 
     def close(self) -> None:

@@ -96,3 +96,21 @@ def test_train_on_colab_refuses_a_folder_on_the_vm_and_makes_none(tmp_path, monk
     code = main(["train", "--profile", "tiny", "--storage", str(storage), "--workdir", str(tmp_path / "w")])
     assert code == 2 and "deleted with the VM" in capsys.readouterr().err
     assert not storage.exists()
+
+
+def test_set_with_a_space_instead_of_equals_says_how_to_write_it(capsys):
+    assert main(["train", "--profile", "tiny", "--set", "train.steps", "3"]) == 2
+    assert "--set train.steps=3" in capsys.readouterr().err
+    assert main(["plan", "--profile", "tiny", "--set", "train.steps", "--hours", "1"]) == 2
+    assert "--set train.steps=VALUE" in capsys.readouterr().err
+
+
+def test_the_bitsandbytes_cast_warning_is_filtered_for_the_whole_process():
+    import warnings
+
+    assert main(["profiles"]) == 0
+    with warnings.catch_warnings(record=True) as seen:  # catch_warnings is what reset the show-once registry
+        for _ in range(3):
+            warnings.warn("MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization",
+                          UserWarning, stacklevel=1)  # fmt: skip
+    assert seen == []

@@ -153,3 +153,14 @@ def test_a_secret_the_user_denied_is_said_to_be_unused(monkeypatch, capsys):
     env = notebook.trainer_env("colab", "hf://me/runs", {}, sign_in=pytest.fail)
     assert "HF_TOKEN" not in env
     assert "secret HF_TOKEN was not used: this notebook was denied access" in capsys.readouterr().out
+
+
+def test_the_cells_dashboard_has_a_plain_text_version(capsys):
+    from runner import events as ev
+
+    view = notebook.CellView()
+    shown = []
+    view.handle = type("Handle", (), {"update": lambda self, data, raw: shown.append(data)})()
+    view.on_event(ev.SessionStarted(run="tiny", platform="colab", gpu="T4", step=0, target=40, deadline_s=None))
+    view.draw()
+    assert "tiny" in shown[-1]["text/plain"] and "<pre" in shown[-1]["text/html"]  # plain text: not empty
