@@ -332,7 +332,8 @@ def show_result(run: str, storage: str, workdir: str | None) -> None:
     roots = [Path(storage) / run / "final"] if local else []
     if workdir:
         roots.append(Path(workdir) / run)
-    images = sorted({p for root in roots if root.is_dir() for p in root.rglob("*.png") if "final" in p.parts})
+    found = [p for root in roots if root.is_dir() for p in sorted(root.rglob("*.png")) if "final" in p.parts]
+    images = list({p.name: p for p in reversed(found)}.values())[::-1]  # one of each: staging keeps copies too
     try:
         from IPython.display import Image, display
     except ImportError:

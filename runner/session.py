@@ -32,6 +32,7 @@ from runner.clock import iso
 from runner.errors import (
     EXIT_OK,
     EXIT_PREEMPTED,
+    EXIT_USAGE,
     Interrupted,
     RelayError,
     StorageError,
@@ -97,6 +98,7 @@ class Session:
 
     def run(self) -> int:
         ctx, code = self.ctx, 1
+        is_new = self.is_main and read_run_info(ctx.storage, ctx.run, missing_ok=True) is None
         with install_stop_handlers() as stop:
             try:
                 self._settle_target()
@@ -120,9 +122,20 @@ class Session:
                 self.reason, code = end_reason_for(exc), exit_code_for(exc)
                 raise
             finally:
+                if is_new and code == EXIT_USAGE:
+                    self._forget_refused_run()
                 ctx.bus.emit(events.SessionEnded(self.step, ctx.profile.train.steps, self.reason, code))
                 self._leave_process_group()
         return code
+
+    def _forget_refused_run(self) -> None:
+        """A new run refused as bad input (its dataset, its plan) trained nothing: remove what this session
+        wrote for it (run.json, sessions.jsonl, logs), so a typo leaves no run behind. Best effort."""
+        try:
+            for key in self.ctx.storage.list(self.ctx.run):
+                self.ctx.storage.delete(key)
+        except StorageError as exc:
+            log.warning("could not remove the refused run's files: %s", exc)
 
     def _leave_process_group(self) -> None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process never imports torch.distributed here
@@ -185,7 +198,8 @@ class Session:
         from runner.losscurve import update_loss_curve
 
         try:
-            return update_loss_curve(self.ctx.storage, self.ctx.run, logs_dir(self.ctx), out)
+            # RUN/logs/ holds one folder per session: this session's is there already, the others are fetched
+            return update_loss_curve(self.ctx.storage, self.ctx.run, logs_dir(self.ctx).parent, out)
         except (OSError, ValueError, StorageError) as exc:
             self.ctx.bus.emit(events.Warning(f"loss curve not drawn: {exc}", kind="logs"))
             return None

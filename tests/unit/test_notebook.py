@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -164,3 +165,17 @@ def test_the_cells_dashboard_has_a_plain_text_version(capsys):
     view.on_event(ev.SessionStarted(run="tiny", platform="colab", gpu="T4", step=0, target=40, deadline_s=None))
     view.draw()
     assert "tiny" in shown[-1]["text/plain"] and "<pre" in shown[-1]["text/html"]  # plain text: not empty
+
+
+def test_the_result_shows_each_image_once(tmp_path, monkeypatch, capsys):
+    import IPython.display
+
+    for copy in ("staging/final", "final", "store/final"):  # the workdir keeps the final folder more than once
+        (tmp_path / "work" / "tiny" / copy).mkdir(parents=True)
+        for name in ("samples.png", "loss.png"):
+            (tmp_path / "work" / "tiny" / copy / name).write_bytes(b"png")
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(obj))
+    monkeypatch.setattr(IPython.display, "Image", lambda filename: Path(filename).name)
+    notebook.show_result("tiny", "hf://me/runs", str(tmp_path / "work"))
+    assert sorted(shown) == ["loss.png", "samples.png"]
