@@ -119,6 +119,7 @@ def is_vm_local(url: str) -> bool:
 def check_vm_storage(url: str, platform: str, environ: Mapping[str, str]) -> str | None:
     """On Colab or Kaggle, a folder on the VM's own disk dies with the VM: refused (UsageError) unless
     RELAY_STORAGE_ON_VM=1, then a warning to show (returned). None anywhere else or for remote storage."""
+    _refuse_typos(url, (url or "").strip())  # a typo'd remote form is named as such, not as a VM folder
     where = _VM_PLATFORMS.get(platform)
     if where is None or not is_vm_local(url):
         return None

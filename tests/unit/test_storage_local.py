@@ -150,3 +150,5 @@ def test_a_folder_on_a_notebook_vm_needs_an_opt_in_and_gets_a_warning():
     for remote in ("gdrive://My Drive/relay", "hf://me/runs", "drive", "/content/drive/MyDrive/relay"):
         assert check_vm_storage(remote, "colab", {}) is None
     assert check_vm_storage("./relay-runs", "local", {}) is None  # a machine of one's own keeps its disk
+    with pytest.raises(UsageError, match="mistyped 'gdrive://x'"):
+        check_vm_storage("gdrive//x", "colab", {VM_STORAGE_OPT_IN: "1"})
