@@ -333,7 +333,8 @@ def show_result(run: str, storage: str, workdir: str | None) -> None:
     if workdir:
         roots.append(Path(workdir) / run)
     found = [p for root in roots if root.is_dir() for p in sorted(root.rglob("*.png")) if "final" in p.parts]
-    images = list({p.name: p for p in reversed(found)}.values())[::-1]  # one of each: staging keeps copies too
+    images = [p for i, p in enumerate(found) if p.name not in {q.name for q in found[:i]}]  # storage's final/
+    # and the workdir's build of it hold the same files: show each image once
     try:
         from IPython.display import Image, display
     except ImportError:
