@@ -86,7 +86,8 @@ fetch_source
 case "$MODE" in
   install)
     install_relay ""
-    say "done. Next: python -m runner train --profile tiny     (or: relay profiles)"
+    # the hint is for a terminal; in a notebook cell (output not a terminal) the cell's next line trains
+    if [[ -t 1 ]]; then say "done. Next: python -m runner train --profile tiny     (or: relay profiles)"; else say "done"; fi
     ;;
   test)
     install_relay "test"

@@ -10,6 +10,7 @@ session (session.py) or decide anything a pure function can (budget, fit).
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -22,7 +23,9 @@ from runner.env import Env, detect_env
 from runner.errors import EXIT_OK, UsageError
 from runner.profile import Profile, load_profile
 from runner.storage import Storage
-from runner.storage.url import open_storage
+from runner.storage.url import check_vm_storage, open_storage
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,11 @@ def train(args) -> int:
     from runner.session import Session, logs_dir
 
     opts = Options.from_args(args)
-    ctx = build_context(opts)
+    env = detect_env(workdir=opts.workdir)
+    vm_warning = check_vm_storage(opts.storage, env.platform, os.environ)  # refused before a folder is made
+    if vm_warning:
+        log.warning(vm_warning)
+    ctx = build_context(opts, env=env)
     processes = int(os.environ.get("RELAY_PROCESSES", "0")) or len(ctx.env.gpus)  # one per GPU by default
     if processes > 1 and "WORLD_SIZE" not in os.environ:
         from runner.fit import split_effective_batch

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from runner import events as ev
 from runner.errors import EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, UsageError
+from runner.secretfile import hand_over, take_over
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +233,8 @@ def start(train_argv: Sequence[str], env: Mapping[str, str]) -> RunDir:
     with open(rundir.supervisor_log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "runner.daemon", str(rundir.root), *argv],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=dict(env),
-            start_new_session=True, close_fds=True,
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=hand_over(env, str(rundir.root)),
+            start_new_session=True, close_fds=True,  # secrets through a 0600 file, not its /proc/PID/environ
         )  # fmt: skip
     rundir.write_state(supervisor_pid=proc.pid)
     return rundir
@@ -296,7 +297,8 @@ class Supervisor:
             self.trainer.send_signal(signal.SIGTERM)
 
     def _run_trainer(self) -> int:
-        env = {**self.env, ev.ENV_EVENTS_LOG: str(self.rundir.events), "PYTHONUNBUFFERED": "1"}
+        env = hand_over({**self.env, ev.ENV_EVENTS_LOG: str(self.rundir.events), "PYTHONUNBUFFERED": "1"},
+                        str(self.rundir.root))  # fmt: skip
         with open(self.rundir.trainer_log, "ab") as out:
             self.trainer = subprocess.Popen([sys.executable, "-m", "runner", "train", *self.argv], stdin=subprocess.DEVNULL,
                                             stdout=out, stderr=subprocess.STDOUT, env=env)  # fmt: skip
@@ -333,6 +335,7 @@ def policy_from_env(env: Mapping[str, str]) -> Policy:
 def supervise_main(argv: Sequence[str]) -> int:
     """`python -m runner.daemon RUN_DIR TRAIN_ARGS…`: the detached supervisor's entry point."""
     rundir, train_argv = RunDir(Path(argv[0])), list(argv[1:])
+    take_over(os.environ)  # the secrets daemon.start handed over, in this process only
     sup = Supervisor(rundir, train_argv, dict(os.environ), policy_from_env(os.environ))
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, sup.on_signal)

@@ -401,6 +401,7 @@ class Dashboard:
     _live: Live | None = field(default=None, repr=False)
     _last_plain: float | None = field(default=None, repr=False)
     _printed: Snapshot | None = field(default=None, repr=False)
+    _ended_shown: str = field(default="", repr=False)  # the "ended: …" already printed: a plain run says it once
     _capture: _OutputCapture | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -431,6 +432,8 @@ class Dashboard:
     def on_event(self, event: ev.Event) -> None:
         now = self.clock.monotonic()
         self.snapshot = apply(self.snapshot, event, now)
+        if isinstance(event, ev.Notice):
+            self._print(f"relay | {event.message}")
         if self.live:
             return  # the Live thread redraws at its own rate; nothing to do on the training thread
         if isinstance(event, ev.Warning):
@@ -480,6 +483,9 @@ class Dashboard:
     def _print_status(self, now: float) -> None:
         self._last_plain = now
         self._printed = self.snapshot
+        if self.snapshot.ended and self.snapshot.ended == self._ended_shown:
+            return  # events after the end (the supervisor's exit record) change nothing a user reads
+        self._ended_shown = self.snapshot.ended
         self._print(plain_line(self.snapshot, now))
 
     def _print(self, line: str) -> None:

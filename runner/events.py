@@ -127,6 +127,13 @@ class BudgetUpdated(Event):
 
 
 @dataclass(frozen=True)
+class Notice(Event):
+    """Something to know that is not a problem (a run found already complete); shown, never as a warning."""
+
+    message: str
+
+
+@dataclass(frozen=True)
 class SessionEnded(Event):
     step: int
     target: int

@@ -32,6 +32,7 @@ from runner.clock import iso
 from runner.errors import (
     EXIT_OK,
     EXIT_PREEMPTED,
+    EXIT_USAGE,
     Interrupted,
     RelayError,
     StorageError,
@@ -45,6 +46,7 @@ from runner.report import session_history
 from runner.runinfo import ensure_run_info, new_state, resolve_target, sets_target
 from runner.signals import install_stop_handlers
 from runner.state import RunState, append_session, read_run_info, read_sessions
+from runner.storage.url import is_vm_local
 
 if TYPE_CHECKING:
     from runner.commands import Context
@@ -97,6 +99,7 @@ class Session:
 
     def run(self) -> int:
         ctx, code = self.ctx, 1
+        is_new = self.is_main and read_run_info(ctx.storage, ctx.run, missing_ok=True) is None
         with install_stop_handlers() as stop:
             try:
                 self._settle_target()
@@ -120,9 +123,20 @@ class Session:
                 self.reason, code = end_reason_for(exc), exit_code_for(exc)
                 raise
             finally:
+                if is_new and code == EXIT_USAGE:
+                    self._forget_refused_run()
                 ctx.bus.emit(events.SessionEnded(self.step, ctx.profile.train.steps, self.reason, code))
                 self._leave_process_group()
         return code
+
+    def _forget_refused_run(self) -> None:
+        """A new run refused as bad input (its dataset, its plan) trained nothing: remove what this session
+        wrote for it (run.json, sessions.jsonl, logs), so a typo leaves no run behind. Best effort."""
+        try:
+            for key in self.ctx.storage.list(self.ctx.run):
+                self.ctx.storage.delete(key)
+        except StorageError as exc:
+            log.warning("could not remove the refused run's files: %s", exc)
 
     def _leave_process_group(self) -> None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process never imports torch.distributed here
@@ -180,14 +194,16 @@ class Session:
                 except StorageError as exc:
                     log.warning("log file %s not uploaded: %s", path.name, exc)
 
-    def _loss_curve(self, out: Path) -> None:
+    def _loss_curve(self, out: Path) -> Path | None:
         """RUN/loss.png: train and validation loss over every session so far. Best effort."""
         from runner.losscurve import update_loss_curve
 
         try:
-            update_loss_curve(self.ctx.storage, self.ctx.run, logs_dir(self.ctx), out)
+            # RUN/logs/ holds one folder per session: this session's is there already, the others are fetched
+            return update_loss_curve(self.ctx.storage, self.ctx.run, logs_dir(self.ctx).parent, out)
         except (OSError, ValueError, StorageError) as exc:
             self.ctx.bus.emit(events.Warning(f"loss curve not drawn: {exc}", kind="logs"))
+            return None
 
     def session_record(self) -> dict:
         env, now = self.ctx.env, self.ctx.clock.wall()
@@ -463,7 +479,7 @@ class Session:
     def _finish_from_checkpoint(self, state: RunState, restored: Restored, device: str) -> None:
         """The target was reached earlier: make sure final/ exists (a kill may have come before it)."""
         if self.store.is_committed("final"):
-            self.ctx.bus.emit(events.Warning(f"run already complete at step {state.step}; final/ is in storage"))
+            self.ctx.bus.emit(events.Notice(f"run already complete at step {state.step}; final/ is in storage"))
             return
         from runner.train.run import read_lora_file
 
@@ -472,8 +488,9 @@ class Session:
     def _commit_final(self, lora_sd, steps: int, sessions: list[dict], device: str, unet=None) -> None:
         from runner.export import commit_final
 
+        curve = self._loss_curve(self.ctx.workdir / "loss.png")  # final/ carries it too
         commit_final(self.store, self.ctx.profile, lora_sd, steps=steps, sessions=sessions, device=device, unet=unet,
-                     bus=self.ctx.bus)  # fmt: skip
+                     bus=self.ctx.bus, loss_curve=curve)  # fmt: skip
         from runner.publish import publish_at_completion
 
         try:
@@ -484,6 +501,10 @@ class Session:
 
     def _release_gpu(self) -> None:
         if self.ctx.profile.session.release_gpu and self.ctx.env.platform == "colab":
+            if is_vm_local(self.ctx.opts.storage):  # the only copy of final/ would go with the VM
+                self.ctx.bus.emit(events.Warning("release_gpu ignored: the run's storage is on this VM's disk; "
+                                                 "download final/ first", kind="storage"))  # fmt: skip
+                return
             flush = getattr(self.ctx.storage, "flush", None)
             if flush is not None:
                 flush()

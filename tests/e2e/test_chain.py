@@ -37,6 +37,7 @@ CHAIN_SETS = ("session.chain=kaggle", f"session.chain_notebook={NOTEBOOK}")
 def kaggle(tmp_path, monkeypatch):
     monkeypatch.setenv("KAGGLE_API_ENVIRONMENT", "TEST")  # kagglesdk → http://localhost:7777
     monkeypatch.delenv("KAGGLE_API_TOKEN", raising=False)
+    monkeypatch.setenv("RELAY_STORAGE_ON_VM", "1")  # a local folder stands in for a store that outlives the VMs
     with KaggleStandIn(tmp_path / "kaggle", username=USER, key=KEY) as server:
         yield server
 

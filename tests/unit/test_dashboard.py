@@ -298,3 +298,24 @@ def test_for_terminal_takes_the_profile_settings_and_honours_plain():
     assert dash.snapshot.session_length_s == 3 * HOUR
     assert Dashboard.for_terminal(FakeClock(), console=make_console(), env={}).live is True
     assert "starting…" in text_of(render(Snapshot(), now=0.0))
+
+
+def test_a_notice_is_printed_but_not_as_a_warning():
+    out = io.StringIO()
+    dash = Dashboard(Console(file=out, width=120, force_terminal=False), FakeClock(), live=False)
+    dash.on_event(ev.Notice("run already complete at step 40; final/ is in storage"))
+    assert "relay | run already complete at step 40" in out.getvalue()
+    assert "warning" not in out.getvalue() and not dash.snapshot.warnings
+
+
+def test_a_plain_run_prints_its_ended_line_once():
+    out, clock = io.StringIO(), FakeClock()
+    dash = Dashboard(Console(file=out, width=200, force_terminal=False), clock, live=False, plain_every_s=1)
+    dash.on_event(ev.SessionStarted(run="tiny", platform="local", gpu="cpu", step=0, target=4, deadline_s=None))
+    clock.advance(5)
+    dash.on_event(ev.SessionEnded(step=4, target=4, reason="completed", exit_code=0))  # printed: its time is due
+    dash.set_budget(60.0, None)  # the session's last numbers, after the end
+    clock.advance(5)
+    dash.on_event(ev.TrainerExited(0, 0, "done"))  # a headless notebook cell replays the supervisor's record too
+    dash.stop()
+    assert out.getvalue().count("ended: completed (exit 0)") == 1, out.getvalue()
