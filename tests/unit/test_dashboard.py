@@ -314,7 +314,7 @@ def test_a_plain_run_prints_its_ended_line_once():
     dash.on_event(ev.SessionStarted(run="tiny", platform="local", gpu="cpu", step=0, target=4, deadline_s=None))
     clock.advance(5)
     dash.on_event(ev.SessionEnded(step=4, target=4, reason="completed", exit_code=0))  # printed: its time is due
-    dash.set_budget(60.0, None)  # the session's last numbers, after the end
+    dash.on_event(ev.BudgetUpdated(60.0, None))  # the session's last numbers, after the end
     clock.advance(5)
     dash.on_event(ev.TrainerExited(0, 0, "done"))  # a headless notebook cell replays the supervisor's record too
     dash.stop()
