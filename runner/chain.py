@@ -34,6 +34,7 @@ from runner.budget import KAGGLE_WEEKLY_GPU_H, kaggle_quota_left_h
 from runner.clock import Clock, SystemClock, iso
 from runner.errors import EXIT_OK, EXIT_PREEMPTED, CredentialsError, RelayError, UsageError
 from runner.kaggle_api import KaggleApi, KaggleApiError, KaggleCredentials, SdkKaggleApi, accelerator_for
+from runner.runinfo import identify_run, run_identity
 from runner.state import read_bytes
 
 __all__ = [
@@ -321,7 +322,8 @@ def stop_chain_cli(args: argparse.Namespace) -> int:
     from runner.storage.url import open_storage  # noqa: PLC0415
 
     storage = open_storage(args.storage)
-    run = find_run(storage, args.run)
+    named = args.run or (identify_run(args.profile) if getattr(args, "profile", None) else None)
+    run = find_run(storage, named)
     if getattr(args, "undo", False):
         clear_stop(storage, run)
         print(f"chain of {run}: may continue (the stop flag is removed)")
@@ -383,7 +385,7 @@ def _begin(args: argparse.Namespace) -> int:
 
     profile = _chain_profile(args)
     if profile is not None:
-        run = args.run or profile.run_name
+        run = run_identity(profile, args.run)
         link = begin_session(open_storage(args.storage), run, _state_file(args, run), SystemClock())
         print(f"chain: this session continues link {link}")
     return 0
@@ -396,7 +398,7 @@ def _after(args: argparse.Namespace) -> int:
     profile = _chain_profile(args)
     if profile is None:
         return 0
-    run, storage, clock = args.run or profile.run_name, open_storage(args.storage), SystemClock()
+    run, storage, clock = run_identity(profile, args.run), open_storage(args.storage), SystemClock()
     state = _state_file(args, run)
     if not state.is_file():
         log.warning("chain: `begin` did not run at this session's start; a successor pushed meanwhile goes unseen")

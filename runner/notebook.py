@@ -283,9 +283,14 @@ def status(storage: str, run: str | None = None) -> None:
     print(proc.stdout + proc.stderr, end="")
 
 
-def stop(storage: str, run: str) -> bool:
-    """Ask this VM's trainer of the run to checkpoint and stop (exit 75)."""
-    return daemon.stop(daemon.run_dir_for(run, storage, os.environ))
+def stop(storage: str, run: str | None = None, *, profile: str | None = None) -> bool:
+    """Ask this VM's trainer of the run to checkpoint and stop (exit 75). The run is `run`, or the one
+    `profile` trains (its run key, else its name: runner.runinfo.run_identity)."""
+    from runner.runinfo import identify_run
+
+    if not run and not profile:
+        raise ValueError("name the run (run=…) or the profile that trains it (profile=…)")
+    return daemon.stop(daemon.run_dir_for(run or identify_run(profile or ""), storage, os.environ))
 
 
 def show_result(run: str, storage: str, workdir: str | None) -> None:
