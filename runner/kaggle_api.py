@@ -23,6 +23,8 @@ from runner.errors import CredentialsError, RelayError, UsageError
 
 log = logging.getLogger(__name__)
 
+USER_AGENT = "relay-chain kagglesdk"
+"""kagglesdk's KaggleClient sends an empty User-Agent unless given one (kaggle_client.py `user_agent=''`)."""
 DEFAULT_ACCELERATOR = "NvidiaTeslaT4"  # Kaggle's "GPU T4 x2" (kaggle-cli docs/kernels.md)
 # GPU name fragment → Kaggle accelerator id (kaggle-cli docs/kernels.md, "Accelerators available").
 # A P100 becomes a T4: current Kaggle torch builds have no sm_60 kernels (kaggle-cli #1151).
@@ -43,16 +45,23 @@ class KaggleCredentials:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> KaggleCredentials:
-        """KAGGLE_USERNAME + KAGGLE_KEY, or KAGGLE_API_TOKEN (with KAGGLE_USERNAME)."""
+        """KAGGLE_API_TOKEN (the token kaggle.com → Settings → API → "Generate New Token" issues), else
+        KAGGLE_USERNAME + KAGGLE_KEY (a legacy kaggle.json key). Never the notebook's own session token
+        (the file named by KAGGLE_API_V1_TOKEN): see `SdkKaggleApi`."""
         username, key, token = (
             environ.get(n, "").strip() for n in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN")
         )
-        if username and (key or token):
-            return cls(username, key, token)
+        if token or (username and key):
+            return cls(username, "" if token else key, token)
         raise CredentialsError(
-            "no Kaggle API credentials for the chain (KAGGLE_USERNAME with KAGGLE_KEY or KAGGLE_API_TOKEN)",
+            "no Kaggle API credentials for the chain (KAGGLE_API_TOKEN, or KAGGLE_USERNAME with KAGGLE_KEY)",
             hint="add them as Kaggle secrets of the notebook (Add-ons → Secrets), or turn the chain off",
         )
+
+    @property
+    def kind(self) -> str:
+        """Which credential the chain sends (for messages; never the value)."""
+        return "your API token (KAGGLE_API_TOKEN)" if self.token else f"the API key of {self.username} (KAGGLE_KEY)"
 
     @classmethod
     def from_kaggle_json(cls, text: str, source: str = "kaggle.json") -> KaggleCredentials:
@@ -64,6 +73,22 @@ class KaggleCredentials:
                 f'{source}: not a kaggle.json ({{"username": …, "key": …}})',
                 hint="paste the whole kaggle.json from kaggle.com → Settings → API as the secret's value",
             ) from None
+
+
+def _send_only(client, credentials: KaggleCredentials) -> None:
+    """Make kagglesdk send `credentials` and nothing else.
+
+    kagglesdk (kaggle_http_client.py `_try_fill_auth`) uses an api_token argument as given; without one
+    it looks for a token first (kaggle_env.py `get_access_token_from_env`): inside a Kaggle notebook
+    (KAGGLE_KERNEL_RUN_TYPE and KAGGLE_DATA_PROXY_URL set) the notebook's session token in the file named
+    by KAGGLE_API_V1_TOKEN, then KAGGLE_API_TOKEN, then ~/.kaggle/access_token, and only then username
+    and key. So a user's legacy key would never be sent from a notebook. The session is set up now,
+    and its auth replaced by the user's own credential."""
+    if credentials.token:
+        return  # an api_token argument is used as given
+    http = client._http_client
+    http._init_session()
+    http._session.auth = (credentials.username, credentials.key)
 
 
 class KaggleApi(Protocol):
@@ -91,8 +116,9 @@ class SdkKaggleApi:
                 "the Kaggle chain needs kagglesdk",
                 hint="pip install 'relay-runner[kaggle]' (or: pip install kagglesdk)",
             ) from None
-        creds = credentials
-        self._client = KaggleClient(username=creds.username, password=creds.key or None, api_token=creds.token or None)
+        self._client = KaggleClient(username=credentials.username or None, password=credentials.key or None,
+                                    api_token=credentials.token or None, user_agent=USER_AGENT)  # fmt: skip
+        _send_only(self._client, credentials)
 
     def _call(self, what: str, fn, request):
         try:

@@ -39,7 +39,8 @@ from runner import events as ev
 from runner.errors import EXIT_OK, EXIT_PREEMPTED, RelayError
 
 SECRET_NAMES = ("RELAY_GDRIVE_CREDENTIALS", "HF_TOKEN")
-CHAIN_SECRET_NAMES = ("KAGGLE_USERNAME", "KAGGLE_KEY")  # the user's own Kaggle API key, for the chain only
+# The user's own Kaggle credential, for the chain only: the API token ("Generate New Token"), or a legacy key
+CHAIN_SECRET_NAMES = ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY")
 ADC = "application-default"
 """RELAY_GDRIVE_CREDENTIALS value that tells the trainer to use Google's application-default credentials
 (what Colab's sign-in installs; runner/storage/credentials.py)."""

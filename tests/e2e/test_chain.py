@@ -232,3 +232,50 @@ def test_an_api_token_is_sent_as_a_bearer_and_a_wrong_key_is_refused(idle_kaggle
     assert "wrong-key" not in str(err.value)
     with pytest.raises(KaggleApiError, match="403"):  # never another account's notebook
         api().get_kernel("bob/his-notebook")
+
+
+@pytest.mark.parametrize("given", ["key", "token"])
+def test_inside_a_notebook_the_chain_sends_the_users_credential_not_the_session_token(idle_kaggle, tmp_path,
+                                                                                      monkeypatch, given):  # fmt: skip
+    """In a Kaggle notebook kagglesdk prefers the session token in the file KAGGLE_API_V1_TOKEN names
+    (kagglesdk kaggle_env.py get_access_token_from_env, when KAGGLE_KERNEL_RUN_TYPE and KAGGLE_DATA_PROXY_URL
+    are set); the stand-in refuses it for SaveKernel. Every chain call must send the user's own credential."""
+    from tests.platforms.kaggle_api.server import SESSION_TOKEN
+
+    token_file = tmp_path / "api-v1-token"
+    token_file.write_text(SESSION_TOKEN)
+    for name, value in {"KAGGLE_KERNEL_RUN_TYPE": "Batch", "KAGGLE_DATA_PROXY_URL": "https://dp.kaggle.net",
+                        "KAGGLE_API_V1_TOKEN": str(token_file)}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    idle_kaggle.secrets["KAGGLE_API_TOKEN"] = "KGAT_stand-in-token"
+    env = (
+        {"KAGGLE_USERNAME": USER, "KAGGLE_KEY": KEY} if given == "key" else {"KAGGLE_API_TOKEN": "KGAT_stand-in-token"}
+    )
+    client = SdkKaggleApi(KaggleCredentials.from_env(env))
+    metadata, source = client.get_kernel(NOTEBOOK)
+    assert client.save_kernel(NOTEBOOK, metadata, source, "NvidiaTeslaT4") == 2
+    assert client.gpu_quota_left_h() == 30.0
+    assert {how for _, how in idle_kaggle.auth_used} == {given}, idle_kaggle.auth_used
+
+    from kagglesdk import KaggleClient  # what kagglesdk alone would send from the notebook: refused for a push
+    from kagglesdk.kernels.types.kernels_api_service import ApiSaveKernelRequest
+
+    bare = KaggleClient(username=USER, password=KEY, user_agent="t")
+    req = ApiSaveKernelRequest()
+    req.slug, req.text = NOTEBOOK, source
+    with pytest.raises(Exception, match="session token may not save"):
+        bare.kernels.kernels_api_client.save_kernel(req)
+    assert idle_kaggle.auth_used[-1] == ("SaveKernel", "session")
+
+
+def test_an_empty_user_agent_is_refused(idle_kaggle):
+    """kagglesdk's KaggleClient sends an empty User-Agent unless given one (kaggle_client.py user_agent='');
+    the stand-in refuses it, so the chain must name itself."""
+    from kagglesdk import KaggleClient
+    from kagglesdk.kernels.types.kernels_api_service import ApiGetKernelRequest
+
+    req = ApiGetKernelRequest()
+    req.user_name, req.kernel_slug = NOTEBOOK.split("/")
+    with pytest.raises(Exception, match="User-Agent"):
+        KaggleClient(username=USER, password=KEY).kernels.kernels_api_client.get_kernel(req)
+    assert api().get_kernel(NOTEBOOK)[0]["ref"] == NOTEBOOK
