@@ -55,9 +55,13 @@ SETTLE_S = 15.0  # claim window: longer than a claim's write + the store's listi
 MIN_SESSION_H = 1.0  # below this much weekly GPU quota a session is not worth starting
 
 # Why a chain ended (or did not push this time). "pushed" is the one that continues it.
-PUSHED, COMPLETED, NEEDS_PERSON, STOP_FLAG, QUOTA, QUEUED, LOST_RACE, PUSH_FAILED = (
-    "pushed", "completed", "needs-person", "stop-flag", "quota", "queued", "lost-race", "push-failed",
+PUSHED, COMPLETED, NEEDS_PERSON, STOP_FLAG, QUOTA, QUEUED, LOST_RACE, PUSH_FAILED, SESSION_CAP = (
+    "pushed", "completed", "needs-person", "stop-flag", "quota", "queued", "lost-race", "push-failed", "session-cap",
 )  # fmt: skip
+SESSION_CAP_ERROR = "Maximum batch GPU session count reached"
+"""Kaggle's answer to a push while the account already runs its most GPU versions at once (the cap is not
+documented; users quote this message, e.g. Kaggle/kaggle-api issues). This session is one of them until it ends."""
+CAP_RETRY_WAITS_S = (60.0, 120.0, 240.0)  # bounded: about 7 min, well inside the margin a session keeps
 
 
 @dataclass(frozen=True)
@@ -260,15 +264,35 @@ def _push_successor(storage, run, index, notebook, api, clock, gpu_names, settle
     try:
         metadata, source = api.get_kernel(notebook)
         accelerator = accelerator_for(gpu_names, metadata)
-        version = api.save_kernel(notebook, metadata, source, accelerator)
+        version = _save_waiting_for_a_slot(api, notebook, metadata, source, accelerator, clock.sleep)
     except KaggleApiError as exc:
         storage.delete(claim)  # a later session may try this successor again
+        if SESSION_CAP_ERROR.lower() in str(exc).lower():
+            waited = sum(CAP_RETRY_WAITS_S) / 60
+            return ChainDecision("stop", SESSION_CAP, (
+                f"Kaggle refused the push {len(CAP_RETRY_WAITS_S) + 1} times in {waited:.0f} min: "
+                f"{SESSION_CAP_ERROR} (your other GPU versions are running); start the next session by hand "
+                "once one of them ends"), index)  # fmt: skip
         return ChainDecision("stop", PUSH_FAILED, f"{exc}: start the next session by hand", index)
     _put_json(storage, f"{_successor_dir(run, index)}/{PUSHED_FILE}", {
         "index": index, "version": version, "notebook": notebook, "accelerator": accelerator,
         "pushed_wall": clock.wall(), "pushed": iso(clock.wall()),
     })  # fmt: skip
     return ChainDecision("push", PUSHED, f"pushed {notebook} version {version} as session {index + 1}", index, version)
+
+
+def _save_waiting_for_a_slot(api, notebook, metadata, source, accelerator, sleep) -> int:
+    """SaveKernel; while Kaggle answers that the account's GPU sessions are all taken, wait and try again,
+    a bounded number of times (CAP_RETRY_WAITS_S), then let the refusal through."""
+    for wait_s in (*CAP_RETRY_WAITS_S, None):
+        try:
+            return api.save_kernel(notebook, metadata, source, accelerator)
+        except KaggleApiError as exc:
+            if wait_s is None or SESSION_CAP_ERROR.lower() not in str(exc).lower():
+                raise
+            log.warning("chain: %s; trying again in %.0f s", SESSION_CAP_ERROR, wait_s)
+            sleep(wait_s)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 # ---------------------------------------------------------------- status

@@ -140,8 +140,10 @@ class SdkKaggleApi:
     def save_kernel(self, ref: str, metadata: dict, source: str, accelerator: str) -> int:
         from kagglesdk.kernels.types.kernels_api_service import ApiSaveKernelRequest
 
-        req = ApiSaveKernelRequest()
-        req.slug, req.text = ref, source
+        req = ApiSaveKernelRequest()  # built as kaggle-cli's kernels_push builds it
+        req.slug, req.text = ref, notebook_text(source)
+        if metadata.get("title"):
+            req.new_title = str(metadata["title"])
         req.language, req.kernel_type = metadata.get("language") or "python", metadata.get("kernelType") or "notebook"
         req.is_private = metadata.get("isPrivate", True)
         req.enable_gpu, req.enable_internet, req.machine_shape = True, True, accelerator
@@ -174,11 +176,28 @@ class SdkKaggleApi:
 
 
 def accelerator_for(gpu_names: Sequence[str], metadata: dict) -> str:
-    """The machine the successor asks for: the notebook's own setting, else what this session ran on."""
-    if metadata.get("machineShape"):
-        return str(metadata["machineShape"])
+    """The machine the successor asks for: the GPUs this session has (T4 ×2 → NvidiaTeslaT4), whatever
+    GetKernel says of the notebook's last saved version, which may be stale (a P100 chosen once, say).
+    The notebook's machineShape counts only where this session saw no GPU, and a P100 never: current
+    Kaggle torch builds have no sm_60 kernels (kaggle-cli #1151)."""
     for name in gpu_names:
         for fragment, accelerator in ACCELERATORS:
             if fragment in name:
                 return accelerator
-    return DEFAULT_ACCELERATOR
+    shape = str(metadata.get("machineShape") or "")
+    return shape if shape and "P100" not in shape else DEFAULT_ACCELERATOR
+
+
+def notebook_text(source: str) -> str:
+    """The notebook as `kaggle kernels push` sends it (kaggle-cli kaggle_api_extended.py kernels_push): every
+    code cell's outputs cleared, and each cell's source one string, since the server expects just one."""
+    try:
+        nb = json.loads(source)
+    except ValueError:
+        return source  # a script, not a notebook
+    for cell in nb.get("cells", []) if isinstance(nb, dict) else []:
+        if cell.get("cell_type") == "code" and "outputs" in cell:
+            cell["outputs"] = []
+        if isinstance(cell.get("source"), list):
+            cell["source"] = "".join(cell["source"])
+    return json.dumps(nb)

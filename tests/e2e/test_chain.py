@@ -279,3 +279,53 @@ def test_an_empty_user_agent_is_refused(idle_kaggle):
     with pytest.raises(Exception, match="User-Agent"):
         KaggleClient(username=USER, password=KEY).kernels.kernels_api_client.get_kernel(req)
     assert api().get_kernel(NOTEBOOK)[0]["ref"] == NOTEBOOK
+
+
+class NoWait(SystemClock):
+    """The real clock, but waits are recorded instead of slept."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+
+def test_the_successor_asks_for_this_sessions_gpus_not_a_stale_shape_and_is_pushed_as_the_cli_would(idle_kaggle,
+                                                                                                     tmp_path):  # fmt: skip
+    """GetKernel may carry the machine of an old version (a P100 once chosen); the push asks for what this
+    session ran on (T4 ×2 → NvidiaTeslaT4), with the title, outputs cleared and one-string cell sources
+    (kaggle-cli kernels_push)."""
+    saved = {"cells": [{"cell_type": "code", "metadata": {}, "execution_count": 3, "source": ["a = 1\n", "print(a)"],
+                        "outputs": [{"output_type": "stream", "name": "stdout", "text": ["1\n"]}]}],
+             "metadata": {}, "nbformat": 4, "nbformat_minor": 5}  # fmt: skip
+    idle_kaggle.add_kernel(NOTEBOOK, json.dumps(saved), machineShape="NvidiaTeslaP100", title="Relay chain")
+    storage = make_run(tmp_path / "storage", step=10)
+    assert end_session(storage).reason == chain.PUSHED
+    push = idle_kaggle.pushes()[-1]
+    assert push["machineShape"] == "NvidiaTeslaT4" and push["newTitle"] == "Relay chain"
+    cell = json.loads(push["text"])["cells"][0]
+    assert cell["source"] == "a = 1\nprint(a)" and cell["outputs"] == []
+
+
+def test_a_full_session_cap_is_waited_out_a_bounded_time_then_stops_with_a_reason_status_shows(idle_kaggle, tmp_path,
+                                                                                              capsys):  # fmt: skip
+    storage = make_run(tmp_path / "storage", step=10)
+    idle_kaggle.busy_pushes = 2
+    clock = NoWait()
+    decision = chain.after_session(75, storage=storage, run=RUN, notebook=NOTEBOOK, api=api(), link=0, clock=clock,
+                                   gpu_names=["Tesla T4", "Tesla T4"], settle_s=0.2)  # fmt: skip
+    assert decision.reason == chain.PUSHED and clock.waits[-2:] == list(chain.CAP_RETRY_WAITS_S[:2])
+
+    idle_kaggle.busy_pushes = 100
+    clock = NoWait()
+    link = chain.claimed_link(storage, RUN)
+    decision = chain.after_session(75, storage=storage, run=RUN, notebook=NOTEBOOK, api=api(), link=link, clock=clock,
+                                   gpu_names=["Tesla T4", "Tesla T4"], settle_s=0.2)  # fmt: skip
+    assert decision.reason == chain.SESSION_CAP and "Maximum batch GPU session count reached" in decision.message
+    assert [w for w in clock.waits if w >= 60] == list(chain.CAP_RETRY_WAITS_S)  # bounded
+    assert chain.status(storage, RUN).stopped == chain.SESSION_CAP
+    capsys.readouterr()
+    assert relay_main(["status", "--storage", str(tmp_path / "storage")]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "stopped: session-cap (Kaggle refused the push 4 times" in said, said

@@ -59,7 +59,9 @@ def test_the_successor_asks_for_the_gpu_this_session_had():
     assert accelerator_for(["Tesla T4", "Tesla T4"], {}) == "NvidiaTeslaT4"
     assert accelerator_for(["NVIDIA L4"], {}) == "NvidiaL4"
     assert accelerator_for(["Tesla P100-PCIE-16GB"], {}) == "NvidiaTeslaT4"  # no sm_60 kernels in Kaggle's torch
-    assert accelerator_for(["Tesla T4"], {"machineShape": "NvidiaTeslaT4Highmem"}) == "NvidiaTeslaT4Highmem"
+    assert accelerator_for(["Tesla T4", "Tesla T4"], {"machineShape": "NvidiaTeslaP100"}) == "NvidiaTeslaT4"
+    assert accelerator_for([], {"machineShape": "NvidiaL4"}) == "NvidiaL4"  # no GPU seen: the notebook's own
+    assert accelerator_for([], {"machineShape": "NvidiaTeslaP100"}) == "NvidiaTeslaT4"  # never a P100
 
 
 def test_chain_settings_are_checked_and_change_no_weights():

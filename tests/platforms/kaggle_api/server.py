@@ -5,6 +5,8 @@ Knobs (attributes, set before or during a test):
 - `quota_total_h`, `quota_used_h`: what GetAcceleratorQuotaStatistics reports; runs add their wall
   time to `quota_used_h` as Kaggle's accounting would; `quota_total_h = None` answers 404 (no quota API).
 - `save_error`: a message SaveKernel answers in its `error` field (Kaggle refuses the push).
+- `busy_pushes`: how many pushes in a row are refused with "Maximum batch GPU session count reached."
+  (the account runs its most GPU versions at once; the count is not documented).
 - `max_runs`: a bound on executed runs, so a chain that never stops fails the test instead of looping.
 - `run_env`: more environment for the runs (the notebook's settings).
 
@@ -65,6 +67,7 @@ class KaggleStandIn:
         self.quota_total_h: float | None = 30.0
         self.quota_used_h = 0.0
         self.save_error: str | None = None
+        self.busy_pushes = 0
         self.max_runs = 10
         self.run_env: dict[str, str] = {}
         self.runs = 0
@@ -148,6 +151,12 @@ class KaggleStandIn:
     def _save(self, kernel: Kernel, body: dict) -> dict:
         if self.save_error:
             return {"error": self.save_error}
+        if self.busy_pushes > 0:
+            self.busy_pushes -= 1
+            return {"error": "Maximum batch GPU session count reached."}
+        problem = _not_as_the_cli_sends_it(body.get("text") or "")
+        if problem:
+            return {"error": problem}
         with self._lock:  # `kaggle kernels push` always makes a new version, and that version runs
             version = Version(len(kernel.versions) + 1, body.get("text") or "", body)
             kernel.versions.append(version)
@@ -212,6 +221,21 @@ class KaggleStandIn:
             **self.run_env,
         })  # fmt: skip
         return env
+
+
+def _not_as_the_cli_sends_it(text: str) -> str:
+    """What `kaggle kernels push` would never send (kaggle-cli kaggle_api_extended.py kernels_push: outputs
+    cleared, each cell's source one string "as the server expects"); "" when the notebook is fine."""
+    try:
+        nb = json.loads(text)
+    except ValueError:
+        return ""  # a script
+    for cell in nb.get("cells", []):
+        if isinstance(cell.get("source"), list):
+            return "a cell's source must be one string"
+        if cell.get("outputs"):
+            return "a pushed notebook carries no outputs"
+    return ""
 
 
 class _Handler(BaseHTTPRequestHandler):
