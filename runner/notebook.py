@@ -89,8 +89,55 @@ def read_secret(platform: str, name: str) -> str | None:
     """A notebook secret, read in the kernel; None when it does not exist or this notebook may not read it."""
     from runner.storage.credentials import colab_secret, kaggle_secret
 
-    lookup = {"colab": colab_secret, "kaggle": kaggle_secret}.get(platform)
+    lookup = {"colab": _asking_twice(colab_secret), "kaggle": kaggle_secret}.get(platform)
     return lookup(name) if lookup else None
+
+
+def _asking_twice(lookup: Callable[[str], str | None]) -> Callable[[str], str | None]:
+    """Colab's `userdata.get` waits 10 s for the frontend, then raises TimeoutException; a frontend error is a
+    MessageError (colabtools google/colab/userdata.py, _message.py). Such a secret is asked for once more,
+    saying so, and a second failure is said too (the run goes on without it). Any other answer is read by
+    `lookup` (credentials.colab_secret) as usual, from the same one request."""
+
+    def ask(name: str) -> str | None:
+        try:
+            from google.colab import userdata  # type: ignore[import-not-found]
+        except ImportError:
+            return None
+        for attempt in (1, 2):
+            try:
+                answer: object = userdata.get(name)
+            except Exception as exc:  # noqa: BLE001 - classified below, or by `lookup`
+                if type(exc).__name__ not in ("TimeoutException", "MessageError"):
+                    answer = exc
+                elif attempt == 1:
+                    print(f"relay: Colab did not hand over the secret {name} ({type(exc).__name__}); asking once "
+                          "more: keep this tab in front and allow access if Colab asks")  # fmt: skip
+                    continue
+                else:
+                    print(f"relay: Colab did not hand over the secret {name} twice ({type(exc).__name__}); going "
+                          "on without it: run this cell again to retry")  # fmt: skip
+                    return None
+            return _replayed(userdata, lookup, name, answer)
+        return None
+
+    return ask
+
+
+def _replayed(userdata, lookup: Callable[[str], str | None], name: str, answer: object) -> str | None:
+    """`lookup(name)` reading `answer` (a value, or the exception userdata.get raised) instead of asking again."""
+
+    def get(_key: str):
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    original = userdata.get
+    userdata.get = get
+    try:
+        return lookup(name)
+    finally:
+        userdata.get = original
 
 
 def trainer_env(platform: str, storage: str, env: Mapping[str, str], *, sign_in: Callable[[], None]) -> dict[str, str]:
@@ -122,9 +169,34 @@ def colab_sign_in() -> None:
 
 
 def mount_drive(mount_point: str = MOUNT_POINT) -> None:
+    """Mount Drive in the kernel. Once this runtime has flushed and unmounted it, Colab cannot mount it again
+    (colabtools #4773: `ValueError: mount failed`); say what to do instead of a traceback."""
     from google.colab import drive  # type: ignore[import-not-found]
 
-    drive.mount(mount_point)
+    try:
+        drive.mount(mount_point)
+    except ValueError as exc:
+        if mount_point not in _UNMOUNTED:
+            raise
+        raise NotebookRunError(
+            f"Google Drive cannot be mounted again in this runtime ({exc}): Relay flushed and unmounted it when "
+            "the last run here ended, and Colab mounts it once per runtime. Choose Runtime → Disconnect and "
+            "delete runtime, then run this cell again",
+            exit_code=2,
+        ) from None
+
+
+_UNMOUNTED: set[str] = set()
+"""Mount points this kernel has flushed and unmounted (a remount fails until the runtime is new)."""
+
+
+def flush_drive(mount_point: str = MOUNT_POINT) -> None:
+    """Push the mount's pending writes to Drive and unmount it (colabtools drive.py: `flush_and_unmount` is the
+    only flush it offers); in the kernel, after everything that reads the mount."""
+    from google.colab import drive  # type: ignore[import-not-found]
+
+    drive.flush_and_unmount()
+    _UNMOUNTED.add(mount_point)
 
 
 def uses_mount(storage: str) -> bool:
@@ -245,20 +317,21 @@ def _finish(outcome: Outcome, env: Mapping[str, str], workdir: str | None, relea
     if code not in (EXIT_OK, EXIT_PREEMPTED):
         tail = _tail(Path(outcome.local_dir) / "trainer.log")
         raise NotebookRunError(f"the trainer ended with exit {code}: {outcome.message}\n{tail}", exit_code=code)
-    if uses_mount(storage) and platform_of(env) == "colab":
-        from google.colab import drive  # type: ignore[import-not-found]
-
-        drive.flush_and_unmount()  # the mount writes back late; push everything before the VM can go
+    colab = platform_of(env) == "colab"
+    # Everything that reads the storage comes before the unmount: on `drive` storage the run is on the mount
+    complete = code == EXIT_OK and release_gpu and colab and is_complete(outcome.run, outcome.storage, env)
     if code == EXIT_OK:
         show_result(outcome.run, outcome.storage, workdir)
-        if release_gpu and platform_of(env) == "colab":
-            if not is_complete(outcome.run, outcome.storage, env):
-                print("relay: final/ is not committed in storage; keeping the runtime")
-                return outcome
-            from google.colab import runtime  # type: ignore[import-not-found]
+    if uses_mount(storage) and colab:
+        flush_drive()  # the mount writes back late; push everything before the VM can go
+    if code == EXIT_OK and release_gpu and colab:
+        if not complete:
+            print("relay: final/ is not committed in storage; keeping the runtime")
+            return outcome
+        from google.colab import runtime  # type: ignore[import-not-found]
 
-            print("relay: final commit verified; ending the runtime (release_gpu=True)")
-            runtime.unassign()
+        print("relay: final commit verified; ending the runtime (release_gpu=True)")
+        runtime.unassign()
     return outcome
 
 
