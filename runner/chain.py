@@ -365,13 +365,14 @@ def _parser() -> argparse.ArgumentParser:
     for q in (b, a):
         q.add_argument("--profile", required=True)
         q.add_argument("--storage", required=True)
-        q.add_argument("--run", help="run name (default: the profile's name)")
+        q.add_argument("--run", help="run name (default: the profile's run key, else its name)")
         q.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
         q.add_argument("--state-file", help="this VM's chain note (default: TMPDIR/relay-chain-RUN.json)")
+        q.add_argument("--kaggle-json", help="a 0600 file holding kaggle.json (default: KAGGLE_API_TOKEN, or "
+                       "KAGGLE_USERNAME/KAGGLE_KEY)")  # fmt: skip
     a.add_argument("--exit-code", type=int, required=True, help="the trainer's exit code")
     a.add_argument("--settle-s", type=float, default=SETTLE_S, help="the successor claim's window")
     a.add_argument("--min-session-h", type=float, default=MIN_SESSION_H)
-    a.add_argument("--kaggle-json", help="a 0600 file holding kaggle.json (default: KAGGLE_USERNAME/KAGGLE_KEY)")
     s = sub.add_parser("status", help="the chain's state as JSON")
     s.add_argument("--storage", required=True)
     s.add_argument("--run")
@@ -410,9 +411,45 @@ def _begin(args: argparse.Namespace) -> int:
     profile = _chain_profile(args)
     if profile is not None:
         run = run_identity(profile, args.run)
-        link = begin_session(open_storage(args.storage), run, _state_file(args, run), SystemClock())
+        storage, clock = open_storage(args.storage), SystemClock()
+        link = begin_session(storage, run, _state_file(args, run), clock)
         print(f"chain: this session continues link {link}")
+        _session_quota(args, storage, run, clock)
     return 0
+
+
+QUOTA_LINE = "chain-quota "
+"""`begin` prints this, then JSON {end_wall, source}, for the notebook cell: the session must end before then."""
+
+
+def _session_quota(args: argparse.Namespace, storage, run: str, clock: Clock) -> None:
+    """On Kaggle, the account's GPU quota left at the session's start (with the user's own credentials), for
+    the cell to size the session by: min(Kaggle's 12 h, the quota). Without it (no credentials, an older
+    kagglesdk, no answer) a clear line says the session is sized by the 12 h alone. Recorded in RUN/chain/quota/."""
+    from runner.env import detect_platform  # noqa: PLC0415
+
+    if detect_platform(os.environ, os.path.exists) != "kaggle":
+        return
+    try:
+        api = SdkKaggleApi(_credentials(args.kaggle_json, os.environ))
+        left, note = api.gpu_quota_left_h(), api.quota_note
+    except (CredentialsError, UsageError) as exc:  # messages name no secret
+        left, note = None, str(exc)
+    now = clock.wall()
+    source = (f"the Kaggle GPU quota ({left:.1f} h left at the session's start, GetAcceleratorQuotaStatistics)"
+              if left is not None else "Kaggle's 12 h session limit")  # fmt: skip
+    try:
+        _put_json(storage, f"{run}/{CHAIN_DIR}/quota/{int(now * 1000):015d}.json", {
+            "at_wall": now, "at": iso(now), "left_h": left, "used": source,
+            "note": note,
+        })  # fmt: skip
+    except RelayError as exc:
+        log.warning("chain: quota reading not recorded: %s", exc)
+    if left is None:
+        print(f"chain: this session is sized by Kaggle's 12 h limit alone: {note}")
+        return
+    print(f"chain: {left:.1f} h of this week's Kaggle GPU quota left (allowed − used − reserved)")
+    print(QUOTA_LINE + json.dumps({"end_wall": now + left * 3600, "source": source}))
 
 
 def _after(args: argparse.Namespace) -> int:

@@ -119,6 +119,7 @@ class SdkKaggleApi:
         self._client = KaggleClient(username=credentials.username or None, password=credentials.key or None,
                                     api_token=credentials.token or None, user_agent=USER_AGENT)  # fmt: skip
         _send_only(self._client, credentials)
+        self.quota_note = ""
 
     def _call(self, what: str, fn, request):
         try:
@@ -159,20 +160,37 @@ class SdkKaggleApi:
         return int(resp.version_number or 0)
 
     def gpu_quota_left_h(self) -> float | None:
-        from kagglesdk.kernels.types.kernels_api_service import ApiGetAcceleratorQuotaStatisticsRequest
-
-        client = self._client.kernels.kernels_api_client
+        """Weekly GPU hours left: allowed − used − reserved, as GetAcceleratorQuotaStatistics reports them
+        (`kaggle quota`, kaggle-cli PR #1029), counted as the API counts them (no factor for two GPUs).
+        None where the answer is missing; `quota_note` then says why."""
         try:
-            resp = self._call("GetAcceleratorQuotaStatistics", client.get_accelerator_quota_statistics,
-                              ApiGetAcceleratorQuotaStatisticsRequest())  # fmt: skip
+            from kagglesdk.kernels.types.kernels_api_service import ApiGetAcceleratorQuotaStatisticsRequest
+
+            call = self._client.kernels.kernels_api_client.get_accelerator_quota_statistics
+        except (ImportError, AttributeError):
+            self.quota_note = (f"this kagglesdk ({_sdk_version()}) has no GetAcceleratorQuotaStatistics "
+                               "(pip install -U kagglesdk)")  # fmt: skip
+            return None
+        try:
+            resp = self._call("GetAcceleratorQuotaStatistics", call, ApiGetAcceleratorQuotaStatisticsRequest())
         except KaggleApiError as exc:  # older servers: fall back to the run's own session records
-            log.info("Kaggle quota not available: %s", exc)
+            self.quota_note = f"Kaggle did not tell the quota ({exc})"
             return None
         quota = resp.gpu_quota
         if quota is None or quota.total_time_allowed is None:
+            self.quota_note = "Kaggle's answer had no GPU quota"
             return None
         used = sum(((t.total_seconds() if t else 0.0) for t in (quota.time_used, quota.time_reserved)), 0.0)
         return max(0.0, (quota.total_time_allowed.total_seconds() - used) / 3600.0)
+
+
+def _sdk_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return "kagglesdk " + version("kagglesdk")
+    except Exception:  # noqa: BLE001 - only for the message
+        return "kagglesdk"
 
 
 def accelerator_for(gpu_names: Sequence[str], metadata: dict) -> str:

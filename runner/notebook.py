@@ -260,7 +260,8 @@ def run(
         return _finish(Outcome(name, url, EXIT_OK, str(rundir.root)), child, workdir, release_gpu, storage)
     else:
         if _chain_on(profile, overrides):
-            _chain(platform, child, ["begin", *train_args(profile, storage, run=run, overrides=overrides)])
+            said = _chain(platform, child, ["begin", *train_args(profile, storage, run=run, overrides=overrides)])
+            child.update(quota_end(said))
         rundir = daemon.start(argv, child)
         print(f"relay: training {name!r} in the background; interrupting this cell leaves it running ({rundir.root})")
     if follow is False:
@@ -288,16 +289,34 @@ def _chain_on(profile: str, overrides: Sequence[str]) -> bool:
         return False
 
 
-def _chain(platform: str, child: Mapping[str, str], args: list[str]) -> None:
+def _chain(platform: str, child: Mapping[str, str], args: list[str]) -> str:
     """`python -m runner.chain begin|after …` (docs/chain.md), for a profile with session.chain = "kaggle".
     The Kaggle API key is read here, in the kernel, and given to that process alone (never the trainer)."""
     env = dict(child)
     _add_secrets(platform, env, CHAIN_SECRET_NAMES)
     proc = subprocess.run([sys.executable, "-m", "runner.chain", *args], capture_output=True, text=True, env=env,
                           timeout=900)  # fmt: skip
+    from runner.chain import QUOTA_LINE
+
     for line in (proc.stdout + proc.stderr).splitlines():
-        if line.strip():
+        if line.strip() and not line.startswith(QUOTA_LINE):
             print(f"relay: {line}")
+    return proc.stdout
+
+
+def quota_end(said: str) -> dict[str, str]:
+    """The trainer's RELAY_SESSION_END_WALL/_SOURCE from `runner.chain begin`'s quota line (none: no change)."""
+    from runner.chain import QUOTA_LINE
+    from runner.env import SESSION_END_ENV, SESSION_END_SOURCE_ENV
+
+    for line in said.splitlines():
+        if line.startswith(QUOTA_LINE):
+            try:
+                data = json.loads(line[len(QUOTA_LINE) :])
+                return {SESSION_END_ENV: str(float(data["end_wall"])), SESSION_END_SOURCE_ENV: str(data["source"])}
+            except (ValueError, KeyError, TypeError):
+                return {}
+    return {}
 
 
 def _follow(rundir: daemon.RunDir, *, headless: bool) -> int | None:

@@ -12,6 +12,7 @@ notebook's Kaggle secrets; none may land in the run's store.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -329,3 +330,57 @@ def test_a_full_session_cap_is_waited_out_a_bounded_time_then_stops_with_a_reaso
     assert relay_main(["status", "--storage", str(tmp_path / "storage")]) == 0
     said = " ".join(capsys.readouterr().out.split())
     assert "stopped: session-cap (Kaggle refused the push 4 times" in said, said
+
+
+def begin_on_kaggle(storage: Path, monkeypatch, capsys, **env: str) -> str:
+    """`python -m runner.chain begin` as the Kaggle cell runs it (Kaggle's variables: tests/platforms/kaggle_t4x2.py)."""
+    from tests.platforms import apply, kaggle_t4x2
+
+    apply(monkeypatch, kaggle_t4x2.ENV, KAGGLE_API_ENVIRONMENT="TEST", **env)
+    args = ["begin", "--profile", "tiny", "--storage", str(storage), "--state-file", str(storage.parent / "st.json"),
+            *[a for item in CHAIN_SETS for a in ("--set", item)]]  # fmt: skip
+    capsys.readouterr()
+    assert chain.main(args) == 0
+    return capsys.readouterr().out
+
+
+def test_a_kaggle_session_is_sized_by_the_accounts_quota_and_says_so(idle_kaggle, tmp_path, monkeypatch, capsys):
+    """At the session's start `begin` reads GetAcceleratorQuotaStatistics (allowed − used − reserved, no ×2 for
+    two GPUs); the cell passes the end it allows to the trainer, whose limit becomes min(12 h, that end)."""
+    from runner import notebook
+    from runner.env import detect_env
+
+    idle_kaggle.quota_total_h, idle_kaggle.quota_used_h = 6.0, 1.0  # an account with 6 h a week
+    storage = make_run(tmp_path / "storage", step=10)
+    said = begin_on_kaggle(tmp_path / "storage", monkeypatch, capsys, KAGGLE_USERNAME=USER, KAGGLE_KEY=KEY)
+    assert "5.0 h of this week's Kaggle GPU quota left" in said, said
+    child = notebook.quota_end(said)
+    env = detect_env(environ={**os.environ, **child}, exists=lambda p: False, read=lambda p: "60.0 1.0\n",
+                     run=lambda cmd: "Tesla T4, 15360, 15095, 7.5\nTesla T4, 15360, 15095, 7.5\n")  # fmt: skip
+    assert env.session_limit_h == pytest.approx(5.0 + 60 / 3600, abs=0.01)  # from the start, 60 s before the reading
+    assert "GetAcceleratorQuotaStatistics" in env.limit_source and "5.0 h left" in env.limit_source
+    recorded = [k for k in storage.list(f"{RUN}/chain/quota") if k.endswith(".json")]
+    assert len(recorded) == 1
+    assert KEY not in said
+
+
+def test_an_older_kagglesdk_without_the_quota_call_says_so_and_records_it(idle_kaggle, tmp_path, monkeypatch, capsys):
+    from kagglesdk.kernels.services.kernels_api_service import KernelsApiClient
+
+    monkeypatch.delattr(KernelsApiClient, "get_accelerator_quota_statistics")
+    storage = make_run(tmp_path / "storage", step=10)
+    said = begin_on_kaggle(tmp_path / "storage", monkeypatch, capsys, KAGGLE_USERNAME=USER, KAGGLE_KEY=KEY)
+    assert "sized by Kaggle's 12 h limit alone" in said and "has no GetAcceleratorQuotaStatistics" in said, said
+    assert "Traceback" not in said and chain.QUOTA_LINE not in said
+    key = next(k for k in storage.list(f"{RUN}/chain/quota") if k.endswith(".json"))
+    assert "no GetAcceleratorQuotaStatistics" in json.loads(storage_dir_read(tmp_path / "storage", key))["note"]
+
+
+def test_without_credentials_the_session_keeps_the_12_h_limit_and_says_why(idle_kaggle, tmp_path, monkeypatch, capsys):
+    make_run(tmp_path / "storage", step=10)
+    said = begin_on_kaggle(tmp_path / "storage", monkeypatch, capsys)
+    assert "sized by Kaggle's 12 h limit alone" in said and "no Kaggle API credentials" in said, said
+
+
+def storage_dir_read(root: Path, key: str) -> str:
+    return (root / key).read_text()
