@@ -294,6 +294,7 @@ def _chain(platform: str, child: Mapping[str, str], args: list[str]) -> str:
     The Kaggle API key is read here, in the kernel, and given to that process alone (never the trainer)."""
     env = dict(child)
     _add_secrets(platform, env, CHAIN_SECRET_NAMES)
+    _ensure_chain_client(env)
     proc = subprocess.run([sys.executable, "-m", "runner.chain", *args], capture_output=True, text=True, env=env,
                           timeout=900)  # fmt: skip
     from runner.chain import QUOTA_LINE
@@ -302,6 +303,19 @@ def _chain(platform: str, child: Mapping[str, str], args: list[str]) -> str:
         if line.strip() and not line.startswith(QUOTA_LINE):
             print(f"relay: {line}")
     return proc.stdout
+
+
+def _ensure_chain_client(env: Mapping[str, str]) -> None:
+    """The chain's extra (kagglesdk, pyproject's [kaggle]) where the chain is on: installed once if missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("kagglesdk") is not None:
+        return
+    print("relay: installing kagglesdk for the Kaggle chain (pip install 'kagglesdk>=0.1')")
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "kagglesdk>=0.1"], capture_output=True,
+                          text=True, env=dict(env), timeout=600)  # fmt: skip
+    if done.returncode != 0:
+        print(f"relay: could not install kagglesdk: {(done.stderr or done.stdout).strip()[-300:]}")
 
 
 def quota_end(said: str) -> dict[str, str]:

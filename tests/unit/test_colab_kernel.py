@@ -103,3 +103,19 @@ def test_a_missing_secret_is_asked_for_once(colab, tmp_path):
     tmp, _ = colab
     assert notebook.read_secret("colab", "RELAY_GDRIVE_CREDENTIALS") is None
     assert calls(tmp).count("request:GetSecret") == 1
+
+
+def test_the_chains_client_is_installed_where_the_chain_is_on_and_only_when_missing(monkeypatch, capsys):
+    import importlib.util
+    import subprocess
+
+    ran = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: ran.append(cmd) or SimpleNamespace(returncode=0))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    notebook._ensure_chain_client({})
+    assert ran and ran[0][1:4] == ["-m", "pip", "install"] and "kagglesdk>=0.1" in ran[0]
+    assert "installing kagglesdk" in capsys.readouterr().out
+    ran.clear()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    notebook._ensure_chain_client({})
+    assert ran == []
