@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from runner import notebook
-from runner.errors import EXIT_OK
+from runner import colabkernel, notebook
+from runner.errors import EXIT_OK, UsageError
 from tests.platforms import apply, colab_t4
 
 
@@ -29,7 +29,7 @@ def colab(tmp_path, monkeypatch):
     import IPython
 
     monkeypatch.setattr(IPython, "get_ipython", lambda: SimpleNamespace(kernel=object()))
-    monkeypatch.setattr(notebook, "_UNMOUNTED", set())
+    monkeypatch.setattr(colabkernel, "_UNMOUNTED", set())
     yield tmp_path, frontend
     for name in [m for m in sys.modules if m == "google.colab" or m.startswith("google.colab.")]:
         sys.modules.pop(name, None)
@@ -79,9 +79,9 @@ def test_after_the_flush_a_second_mount_fails_as_on_colab_and_relay_says_what_to
     notebook.flush_drive(mount_point)
     with pytest.raises(ValueError, match="mount failed"):
         drive.mount(mount_point)
-    with pytest.raises(notebook.NotebookRunError, match="Disconnect and delete runtime") as err:
+    with pytest.raises(UsageError, match="cannot be mounted again in this runtime") as err:
         notebook.mount_drive(mount_point)
-    assert err.value.exit_code == 2
+    assert err.value.exit_code == 2 and "Disconnect and delete runtime" in str(err.value.hint)
 
 
 @pytest.mark.parametrize("knob", ["timeouts", "errors"])
