@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("stop", "ask a detached run to checkpoint and stop (it exits 75: resume later)")):  # fmt: skip
         p = sub.add_parser(name, help=what)
         p.add_argument("--run", help="run name (default: the run started last on this machine)")
+        p.add_argument("--profile", help="the run this profile trains (its run key, else its name), as --run")
         p.add_argument("--storage", help="run storage URL (with --run: that run)")
         if name == "attach":
             p.add_argument("--plain", action="store_true", help="plain progress lines instead of the live dashboard")
@@ -117,7 +118,7 @@ def _stop_chain_args(p: argparse.ArgumentParser) -> None:
 def _run_args(p: argparse.ArgumentParser, *, profile_required: bool) -> None:
     p.add_argument("--profile", required=profile_required, help="profile name (relay profiles) or path to a .toml")
     p.add_argument("--storage", default=os.environ.get("RELAY_STORAGE", DEFAULT_STORAGE), help="run storage URL")
-    p.add_argument("--run", help="run name (default: the profile's name)")
+    p.add_argument("--run", help="run name (default: the profile's run key, else its name)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--workdir", help="local scratch folder (default: platform-specific)")
 

@@ -22,6 +22,7 @@ from runner.clock import Clock, SystemClock
 from runner.env import Env, detect_env
 from runner.errors import EXIT_OK, UsageError
 from runner.profile import Profile, load_profile
+from runner.runinfo import run_identity
 from runner.storage import Storage
 from runner.storage.url import check_vm_storage, open_storage
 
@@ -84,7 +85,7 @@ def build_context(opts: Options, *, clock: Clock | None = None, env: Env | None 
     profile = opts.load_profile()
     env = env or detect_env(workdir=opts.workdir)
     storage = open_storage(opts.storage)
-    run = opts.run or profile.run_name  # profiles of one job (T4, Kaggle 2×T4) share a run
+    run = run_identity(profile, opts.run)  # the one rule; profiles of one job (T4, Kaggle 2×T4) share a run
     workdir = Path(opts.workdir or env.workdir) / run
     workdir.mkdir(parents=True, exist_ok=True)
     return Context(opts, profile, env, storage, run, workdir, events.EventBus(), clock or SystemClock())

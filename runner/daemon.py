@@ -203,11 +203,10 @@ def run_dir_for(run: str, storage: str, env: Mapping[str, str]) -> RunDir:
 def identify(train_argv: Sequence[str], env: Mapping[str, str]) -> tuple[str, str]:
     """(run name, storage URL) of `relay train` arguments, as the trainer will see them."""
     from runner.cli import build_parser
-    from runner.profile import load_profile
+    from runner.runinfo import identify_run
 
     args = build_parser().parse_args(["train", *train_argv])
-    run = args.run or load_profile(args.profile, list(args.overrides)).name
-    return run, args.storage
+    return identify_run(args.profile, args.run, args.overrides), args.storage
 
 
 # ---------------------------------------------------------------- starting, stopping
@@ -419,7 +418,12 @@ def command(args) -> int:
         print(f"relay: training in the background ({rundir.root}); "
               "relay attach to follow, relay stop to stop it")  # fmt: skip
         return EXIT_OK
-    rundir = find_run_dir(args.run, args.storage, env)
+    run = args.run
+    if not run and getattr(args, "profile", None):
+        from runner.runinfo import identify_run
+
+        run = identify_run(args.profile)
+    rundir = find_run_dir(run, args.storage, env)
     if args.command == "attach":
         return attach(rundir, plain=args.plain, env=env)
     if not stop(rundir):

@@ -34,13 +34,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner import daemon
+from runner import colabkernel, daemon
 from runner import events as ev
 from runner.errors import EXIT_OK, EXIT_PREEMPTED, RelayError
 from runner.storage.url import VM_STORAGE_OPT_IN, check_vm_storage, is_vm_local
 
 SECRET_NAMES = ("RELAY_GDRIVE_CREDENTIALS", "HF_TOKEN")
-CHAIN_SECRET_NAMES = ("KAGGLE_USERNAME", "KAGGLE_KEY")  # the user's own Kaggle API key, for the chain only
+# The user's own Kaggle credential, for the chain only: the API token ("Generate New Token"), or a legacy key
+CHAIN_SECRET_NAMES = ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY")
 ADC = "application-default"
 """RELAY_GDRIVE_CREDENTIALS value that tells the trainer to use Google's application-default credentials
 (what Colab's sign-in installs; runner/storage/credentials.py)."""
@@ -94,7 +95,7 @@ def read_secret(platform: str, name: str) -> str | None:
     from runner.storage.credentials import colab_secret, kaggle_secret
 
     if platform == "colab":
-        return colab_secret(name, on_denied=_say_denied)
+        return colabkernel.asking_twice(lambda n: colab_secret(n, on_denied=_say_denied))(name)
     return kaggle_secret(name) if platform == "kaggle" else None
 
 
@@ -132,9 +133,11 @@ def colab_sign_in() -> None:
 
 
 def mount_drive(mount_point: str = MOUNT_POINT) -> None:
-    from google.colab import drive  # type: ignore[import-not-found]
+    colabkernel.mount_drive(mount_point)
 
-    drive.mount(mount_point)
+
+def flush_drive(mount_point: str = MOUNT_POINT) -> None:
+    colabkernel.flush_drive(mount_point)
 
 
 def uses_mount(storage: str) -> bool:
@@ -210,7 +213,8 @@ def run(
         return _finish(Outcome(name, url, EXIT_OK, str(rundir.root)), child, workdir, False, storage)
     else:
         if _chain_on(profile, overrides):
-            _chain(platform, child, ["begin", *train_args(profile, storage, run=run, overrides=overrides)])
+            said = _chain(platform, child, ["begin", *train_args(profile, storage, run=run, overrides=overrides)])
+            child.update(quota_end(said))
         rundir = daemon.start(argv, child)
         print(f"relay: training {name!r} in the background; interrupting this cell leaves it running ({rundir.root})")
     if follow is False:
@@ -248,16 +252,48 @@ def _data_source(profile: str, overrides: Sequence[str]) -> str:
         return ""
 
 
-def _chain(platform: str, child: Mapping[str, str], args: list[str]) -> None:
+def _chain(platform: str, child: Mapping[str, str], args: list[str]) -> str:
     """`python -m runner.chain begin|after …` (docs/chain.md), for a profile with session.chain = "kaggle".
     The Kaggle API key is read here, in the kernel, and given to that process alone (never the trainer)."""
     env = dict(child)
     _add_secrets(platform, env, CHAIN_SECRET_NAMES)
+    _ensure_chain_client(env)
     proc = subprocess.run([sys.executable, "-m", "runner.chain", *args], capture_output=True, text=True, env=env,
                           timeout=900)  # fmt: skip
+    from runner.chain import QUOTA_LINE
+
     for line in (proc.stdout + proc.stderr).splitlines():
-        if line.strip():
+        if line.strip() and not line.startswith(QUOTA_LINE):
             print(f"relay: {line}")
+    return proc.stdout
+
+
+def _ensure_chain_client(env: Mapping[str, str]) -> None:
+    """The chain's extra (kagglesdk, pyproject's [kaggle]) where the chain is on: installed once if missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("kagglesdk") is not None:
+        return
+    print("relay: installing kagglesdk for the Kaggle chain (pip install 'kagglesdk>=0.1')")
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "kagglesdk>=0.1"], capture_output=True,
+                          text=True, env=dict(env), timeout=600)  # fmt: skip
+    if done.returncode != 0:
+        print(f"relay: could not install kagglesdk: {(done.stderr or done.stdout).strip()[-300:]}")
+
+
+def quota_end(said: str) -> dict[str, str]:
+    """The trainer's RELAY_SESSION_END_WALL/_SOURCE from `runner.chain begin`'s quota line (none: no change)."""
+    from runner.chain import QUOTA_LINE
+    from runner.env import SESSION_END_ENV, SESSION_END_SOURCE_ENV
+
+    for line in said.splitlines():
+        if line.startswith(QUOTA_LINE):
+            try:
+                data = json.loads(line[len(QUOTA_LINE) :])
+                return {SESSION_END_ENV: str(float(data["end_wall"])), SESSION_END_SOURCE_ENV: str(data["source"])}
+            except (ValueError, KeyError, TypeError):
+                return {}
+    return {}
 
 
 def _follow(rundir: daemon.RunDir, *, headless: bool) -> int | None:
@@ -277,24 +313,25 @@ def _finish(outcome: Outcome, env: Mapping[str, str], workdir: str | None, relea
     if code not in (EXIT_OK, EXIT_PREEMPTED):
         tail = _tail(Path(outcome.local_dir) / "trainer.log")
         raise NotebookRunError(f"the trainer ended with exit {code}: {outcome.message}\n{tail}", exit_code=code)
-    if uses_mount(storage) and platform_of(env) == "colab":
-        from google.colab import drive  # type: ignore[import-not-found]
-
-        drive.flush_and_unmount()  # the mount writes back late; push everything before the VM can go
+    colab = platform_of(env) == "colab"
+    # Everything that reads the storage comes before the unmount: on `drive` storage the run is on the mount
+    complete = code == EXIT_OK and release_gpu and colab and is_complete(outcome.run, outcome.storage, env)
     if code == EXIT_OK:
         show_result(outcome.run, outcome.storage, workdir)
-        if release_gpu and platform_of(env) == "colab":
-            if is_vm_local(storage):
-                print("relay: keeping the runtime: the run's storage is on this VM's disk and would go with it; "
-                      "download final/ first")  # fmt: skip
-                return outcome
-            if not is_complete(outcome.run, outcome.storage, env):
-                print("relay: final/ is not committed in storage; keeping the runtime")
-                return outcome
-            from google.colab import runtime  # type: ignore[import-not-found]
+    if uses_mount(storage) and colab:
+        flush_drive()  # the mount writes back late; push everything before the VM can go
+    if code == EXIT_OK and release_gpu and colab:
+        if is_vm_local(storage):
+            print("relay: keeping the runtime: the run's storage is on this VM's disk and would go with it; "
+                  "download final/ first")  # fmt: skip
+            return outcome
+        if not complete:
+            print("relay: final/ is not committed in storage; keeping the runtime")
+            return outcome
+        from google.colab import runtime  # type: ignore[import-not-found]
 
-            print("relay: final commit verified; ending the runtime (release_gpu=True)")
-            runtime.unassign()
+        print("relay: final commit verified; ending the runtime (release_gpu=True)")
+        runtime.unassign()
     return outcome
 
 
@@ -320,9 +357,14 @@ def status(storage: str, run: str | None = None) -> None:
     print(proc.stdout + proc.stderr, end="")
 
 
-def stop(storage: str, run: str) -> bool:
-    """Ask this VM's trainer of the run to checkpoint and stop (exit 75)."""
-    return daemon.stop(daemon.run_dir_for(run, storage, os.environ))
+def stop(storage: str, run: str | None = None, *, profile: str | None = None) -> bool:
+    """Ask this VM's trainer of the run to checkpoint and stop (exit 75). The run is `run`, or the one
+    `profile` trains (its run key, else its name: runner.runinfo.run_identity)."""
+    from runner.runinfo import identify_run
+
+    if not run and not profile:
+        raise ValueError("name the run (run=…) or the profile that trains it (profile=…)")
+    return daemon.stop(daemon.run_dir_for(run or identify_run(profile or ""), storage, os.environ))
 
 
 def show_result(run: str, storage: str, workdir: str | None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -385,6 +386,22 @@ def resolve_profile_path(name_or_path: str, directory: Path = PROFILES_DIR) -> P
     )
 
 
+TEST_TINY_ENV = "RELAY_TEST_TINY_MODEL"
+"""Tests only: a target step count N. Every profile then trains the tiny model on a few generated images at 32 px
+for N steps; its name, run key and effective batch stay as shipped (docs/platforms.md, "Testing what ships")."""
+
+
+def test_tiny_overrides(value: str) -> list[str]:
+    """The --set items RELAY_TEST_TINY_MODEL=N stands for (none when it is unset or empty)."""
+    if not value.strip():
+        return []
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ProfileError(f"must be a positive step count, not {value!r}", path=f"${TEST_TINY_ENV}")
+    return ["model.base=tiny", "model.vae=", "model.variant=", "model.revision=", "data.source=generated",
+            "data.generated_count=4", "data.validation_count=0", "data.limit=0", "train.resolution=32",
+            f"train.steps={int(value)}", "train.warmup_steps=0", "sample.inference_steps=1"]  # fmt: skip
+
+
 def load_profile(
     name_or_path: str, overrides: list[str] = (), directory: Path = PROFILES_DIR, *, flags: dict[str, str] | None = None
 ) -> Profile:
@@ -399,6 +416,7 @@ def load_profile(
         raise ProfileError(f"cannot read: {exc.strerror}", path=str(path)) from None
     raw.setdefault("name", path.stem)
     origins = {}
+    overrides = [*test_tiny_overrides(os.environ.get(TEST_TINY_ENV, "")), *overrides]
     for item in overrides:
         apply_override(raw, item)
         key = item.partition("=")[0].strip()

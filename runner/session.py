@@ -213,6 +213,8 @@ class Session:
             "start_wall": self.started_wall, "end_wall": now, "wall_s": round(now - self.started_wall, 1),
             "train_s": round(self.train_s, 1), "step_from": self.step_from, "step_to": self.step,
             "steps": self.step - self.step_from, "reason": self.reason,
+            "limit_h": self.ctx.profile.session.hours or env.session_limit_h,
+            "limit_source": "session.hours" if self.ctx.profile.session.hours else env.limit_source,
         }  # fmt: skip
 
     def _train(self, stop) -> int:
