@@ -22,7 +22,14 @@ import tempfile
 from collections.abc import Mapping, MutableMapping
 
 ENV_FILE = "RELAY_SECRETS_FILE"
-SECRET_NAMES = ("RELAY_GDRIVE_CREDENTIALS", "HF_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY", "WANDB_API_KEY")
+SECRET_NAMES = (
+    "RELAY_GDRIVE_CREDENTIALS",
+    "HF_TOKEN",
+    "KAGGLE_API_TOKEN",
+    "KAGGLE_USERNAME",
+    "KAGGLE_KEY",
+    "WANDB_API_KEY",
+)
 """The variables that carry credentials (runner.notebook reads them from the notebook's secrets)."""
 
 

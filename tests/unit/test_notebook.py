@@ -179,3 +179,61 @@ def test_the_result_shows_each_image_once(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(IPython.display, "Image", lambda filename: Path(filename).name)
     notebook.show_result("tiny", "hf://me/runs", str(tmp_path / "work"))
     assert sorted(shown) == ["loss.png", "samples.png"]
+
+
+SECRETS = {
+    "HF_TOKEN": "hf_SECRET_hub_token",
+    "RELAY_GDRIVE_CREDENTIALS": '{"refresh_token": "SECRET_drive_token"}',
+    "KAGGLE_API_TOKEN": "SECRET_kaggle_api_token",
+    "KAGGLE_USERNAME": "someone",
+    "KAGGLE_KEY": "SECRET_kaggle_key",
+}
+KAGGLE_SECRETS = {"KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY"}
+
+
+@pytest.mark.parametrize("chain", [False, True])
+def test_no_secret_reaches_a_command_line_the_cells_output_or_the_supervisors_environment(chain, monkeypatch,
+                                                                                         tmp_path, capsys):  # fmt: skip
+    """The cell's children (status, the chain, the supervisor) get secrets through their environment or a 0600
+    file, never their argv (readable by every process on the VM); the Kaggle key is read only for the chain."""
+    import os
+    import stat
+    import subprocess
+
+    asked: list[str] = []
+    monkeypatch.setattr(notebook, "read_secret", lambda platform, name: asked.append(name) or SECRETS.get(name))
+    monkeypatch.setattr(notebook.os, "environ", {**KAGGLE, "RELAY_HOME": str(tmp_path / "home")})
+    commands: list[list[str]] = []
+    supervisor_envs: list[dict] = []
+
+    def fake_run(args, **kwargs):  # relay status (not complete) and runner.chain
+        commands.append([str(a) for a in args])
+        return subprocess.CompletedProcess(args, 1, "", "")
+
+    def fake_popen(args, **kwargs):  # the detached supervisor
+        commands.append([str(a) for a in args])
+        supervisor_envs.append(dict(kwargs["env"]))
+        return type("Proc", (), {"pid": 4242})()
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(subprocess, "Popen", fake_popen)
+    overrides = ['session.chain="kaggle"', 'session.chain_notebook="someone/relay"'] if chain else []
+    notebook.run(profile="tiny", storage="gdrive://My Drive/relay", overrides=overrides, follow=False)
+
+    printed = capsys.readouterr()
+    values = [v for k, v in SECRETS.items() if k != "KAGGLE_USERNAME"]
+    assert commands and len(supervisor_envs) == 1
+    assert any("runner.chain" in c for c in commands) == chain
+    for value in values:
+        assert not any(value in arg for command in commands for arg in command)
+        assert value not in printed.out + printed.err
+        assert value not in json_of(supervisor_envs[0])
+    assert bool(KAGGLE_SECRETS & set(asked)) == chain  # no Kaggle key is even read without the chain
+    handed = supervisor_envs[0]["RELAY_SECRETS_FILE"]  # the supervisor's secrets wait in a 0600 file
+    assert stat.S_IMODE(os.stat(handed).st_mode) == 0o600 and "hf_SECRET_hub_token" in Path(handed).read_text()
+
+
+def json_of(env: dict) -> str:
+    import json
+
+    return json.dumps(env)
