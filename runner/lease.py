@@ -270,7 +270,9 @@ class Lease:
     @property
     def is_lost(self) -> bool:
         """Whether this session learnt that it may no longer write (taken over, or lapsed)."""
-        return self._lost is not None or (self._heartbeat is not None and self._heartbeat.lost is not None)
+        if self._lost is not None or (self._heartbeat is not None and self._heartbeat.lost is not None):
+            return True
+        return self._token is not None and self.time_left_s() <= 0
 
     def check(self) -> None:
         """Raise what the heartbeat or a fenced write met, if anything: LeaseHeld/LeaseLost (another session
