@@ -97,9 +97,13 @@ def translate(err: BaseException, what: str, where: str, key: str, redact: Calla
         return StorageError(f"could not {what} {where}: the Hub answered with a page that is not JSON "
                             "(a proxy error, most often)", key=key, transient=True,
                             hint="try again in a few minutes; https://status.huggingface.co shows outages")  # fmt: skip
-    if isinstance(err, RuntimeError):  # huggingface_hub raises a bare RuntimeError when an LFS/Xet upload fails
+    if isinstance(err, RuntimeError):  # an LFS/Xet upload failed: _commit_api.py _upload_lfs_files wraps the cause
         first = redact(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
-        return StorageError(f"could not {what} {where}: the file upload failed: {first}", key=key, transient=True,
+        cause = err.__cause__ if isinstance(err.__cause__, Exception) else None
+        why = translate(cause, what, where, key, redact) if cause is not None else None
+        return StorageError(f"could not {what} {where}: the file upload failed: {first}"
+                            + (f" ({why.message.rsplit(': ', 1)[-1]})" if why else ""),
+                            key=key, transient=why.transient if why else True,
                             hint="check the network and the repo's storage quota; the last committed "
                             "checkpoint is intact, run the same command again")  # fmt: skip
     return None
