@@ -333,14 +333,14 @@ class Lease:
 
     def _check_ours(self) -> None:
         if self._token is None:
-            raise LeaseHeld("nobody (this session never acquired the lease)", "", 0.0)
+            raise LeaseLost("nobody (this session never acquired the lease)", "", 0.0)
         current = read_lease(self.storage, self.run)
         if current is None:
             self._token = None
-            raise LeaseHeld("unknown (lease.json was removed by someone else)", self._since, 0.0)
+            raise LeaseLost("unknown (lease.json was removed by someone else)", self._since, 0.0)
         if current.token != self._token:
             self._token = None
-            raise LeaseHeld(current.holder, current.since, current.age_s(self.clock.wall()))
+            raise LeaseLost(current.holder, current.since, current.age_s(self.clock.wall()))
 
     def _write(self, token: str) -> None:
         write_bytes(self.storage, self.key, self._encode(token))
@@ -388,12 +388,12 @@ class Lease:
 
     def _still_ours(self, current: LeaseRecord | None) -> str:
         if self._token is None:
-            raise LeaseHeld("nobody (this session never acquired the lease)", "", 0.0)
+            raise LeaseLost("nobody (this session never acquired the lease)", "", 0.0)
         if current is None or current.token != self._token:
             self._token = None
             if current is None:
-                raise LeaseHeld("unknown (lease.json was removed by someone else)", self._since, 0.0)
-            raise LeaseHeld(current.holder, current.since, current.age_s(self.clock.wall()))
+                raise LeaseLost("unknown (lease.json was removed by someone else)", self._since, 0.0)
+            raise LeaseLost(current.holder, current.since, current.age_s(self.clock.wall()))
         return current.token
 
     def _release_by_swap(self) -> None:

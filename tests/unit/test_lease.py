@@ -100,6 +100,7 @@ def test_a_heartbeat_that_finds_the_lease_taken_makes_the_session_stop(tmp_path)
     heartbeat = old.start_heartbeat(wait=beats)
     heartbeat._thread.join(10)
     assert heartbeat.beats == 0 and heartbeat.lost is not None and heartbeat.lost.holder == "kaggle:b:2"
+    assert isinstance(heartbeat.lost, LeaseLost) and heartbeat.lost.exit_code == EXIT_LEASE_LOST
     with pytest.raises(LeaseHeld):
         old.check()
     old.release()
