@@ -310,8 +310,9 @@ class Lease:
         log.error("lease lost: %s", error)
         return error
 
-    def release(self) -> None:
-        """Stop the heartbeat; delete the lease if it is still ours; leave another holder's lease alone."""
+    def release(self) -> str | None:
+        """Stop the heartbeat; delete the lease if it is still ours; leave another holder's lease alone.
+        Returns why the lease was left in place, or None when it was released (or was not ours to release)."""
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat = None
@@ -320,16 +321,28 @@ class Lease:
             fence(self.key, None)  # the release commit removes our lease: no later commit is ours to fence
         if self._token is None or self._lost is not None:
             self._token = None
-            return
-        if _swaps(self.storage):
-            return self._release_by_swap()
+            return None
+        try:
+            if _swaps(self.storage):
+                self._release_by_swap()
+            else:
+                self._release_by_token()
+        except StorageError as exc:  # the run is safe; only the next session's start is delayed
+            why = (f"the lease of {self.run} was not released ({exc}); the next session takes it once its "
+                   f"heartbeat is {self.timeout_s:.0f} s old, or at once with --take-over")  # fmt: skip
+            log.warning("%s", why)
+            return why
+        finally:
+            self._token = None
+        return None
+
+    def _release_by_token(self) -> None:
         current = read_lease(self.storage, self.run)
         if current is not None and current.token == self._token:
             self.storage.delete(self.key)
             log.info("lease of %s released by %s", self.run, self.holder)
         else:
             log.warning("lease of %s is no longer ours at release; left as is", self.run)
-        self._token = None
 
     def _check_ours(self) -> None:
         if self._token is None:
@@ -402,7 +415,6 @@ class Lease:
             log.info("lease of %s released by %s", self.run, self.holder)
         except LeaseHeld:
             log.warning("lease of %s is no longer ours at release; left as is", self.run)
-        self._token = None
 
 
 def _swaps(storage: Storage) -> bool:

@@ -170,7 +170,9 @@ class Session:
             log.warning("could not record the session in sessions.jsonl: %s", exc)
         self._upload_logs()
         self._loss_curve(self.ctx.workdir / "loss.png")
-        self.lease.release()
+        why = self.lease.release()
+        if why:  # a finished run says why its lease stays (the store did not answer), never exits 1 for it
+            self.ctx.bus.emit(events.Warning(why, kind="lease"))
         flush = getattr(self.ctx.storage, "flush", None)
         if flush is not None:  # the Colab mount: push what it holds before the VM can die
             flush()

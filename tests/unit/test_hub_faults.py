@@ -311,3 +311,11 @@ def test_a_failed_lfs_upload_and_an_html_error_page_are_storage_errors(hub, stor
     assert isinstance(error, StorageError) and "not JSON" in str(error)
     error = hubhttp.translate(RuntimeError("Error while uploading 'x' to the Hub."), "commit", "hf://t/r", "", str)
     assert isinstance(error, StorageError) and error.transient and "upload failed" in str(error)
+
+
+def test_a_release_the_hub_refuses_says_why_and_does_not_fail_the_run(hub, storage, clock):
+    lease = Lease(storage, "run", "colab:a:1", clock=clock)
+    lease.acquire()
+    hub.faults.fail(503, times=10_000, path=r"POST .*/commit/")
+    why = lease.release()
+    assert why and "not released" in why and "--take-over" in why and "HTTP 503" in why
