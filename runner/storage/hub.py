@@ -323,13 +323,19 @@ class HubStorage:
             with self._lock:
                 self._fence, self._fence_head = None, None
             return
-        self._fence = (self._path(lease_key), check)
-        self._confirm_fence(lease_key)
+        with self._lock:
+            self._fence, self._fence_head = (self._path(lease_key), check), None
+        try:
+            self._confirm_fence(lease_key)
+        except StorageError as exc:  # the next commit confirms it first; nothing goes unfenced meanwhile
+            log.info("%s: the fence's head is not known yet (%s)", self.url, exc)
 
-    def _confirm_fence(self, key: str) -> None:
+    def _confirm_fence(self, key: str, fence: tuple[str, Fence] | None = None) -> None:
         """Read the real head and the lease there; the fence's check raises when it is not ours."""
-        assert self._fence is not None
-        path, check = self._fence
+        fence = fence or self._fence
+        if fence is None:
+            return
+        path, check = fence
         head, current = self._call("read", key, lambda: self._read_at_head(path, key))
         check(current)
         with self._lock:
@@ -370,11 +376,13 @@ class HubStorage:
             return self._commit_once(what, key, operations, parent=parent, missing_ok=missing_ok)
         for round_ in range(CAS_TRIES):
             self._pause(round_)
+            if self._fence_head is None:
+                self._confirm_fence(key, fence)
             try:
                 return self._commit_once(what, key, operations, parent=self._fence_head, missing_ok=missing_ok)
             except CommitConflict:
                 log.info("%s: the branch moved before %s; checking the lease at the new head", self.url, what)
-                self._confirm_fence(key)
+                self._confirm_fence(key, fence)
         raise StorageError(f"could not {what} {self.url}/{key}: the repo kept changing", key=key, transient=True)
 
     def _commit_once(
