@@ -15,8 +15,8 @@ sessions that both read "free" and both write see the same last writer after
 the settle and exactly one proceeds. The limit: a contender whose read-to-write
 gap is longer than `settle_s` (or a backend whose reads lag writes by more than
 that) can still overwrite a winner; the winner then finds a foreign token at
-its next heartbeat and stops with LeaseHeld, so two writers overlap for at most
-one heartbeat interval, never for the rest of a run. Heartbeat ages use wall
+its next write (the fence below) or heartbeat and stops with LeaseLost, so it
+writes at most the one file whose check had already passed. Heartbeat ages use wall
 clocks of different machines; timeout_s (minutes) dwarfs their usual skew.
 
 Fencing: a session that is no longer the holder writes nothing more. `assert_held()` is asked right
