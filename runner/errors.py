@@ -11,6 +11,7 @@ EXIT_OK = 0  # target reached, final LoRA written
 EXIT_ERROR = 1  # something must be fixed before running again
 EXIT_USAGE = 2  # bad command line or bad input
 EXIT_PREEMPTED = 75  # session budget spent or interrupted: run the same command again (EX_TEMPFAIL)
+EXIT_LEASE_LOST = 3  # another session took the run: this one stopped without writing; do not run it again
 EXIT_KEYBOARD = 130  # Ctrl-C reached the command line before a session could stop cleanly (128 + SIGINT)
 
 
@@ -120,6 +121,19 @@ class LeaseHeld(RelayError):
         self.heartbeat_age_s = heartbeat_age_s
 
 
+class LeaseLost(LeaseHeld):
+    """This session held the lease and another session has taken it since: it stops and writes nothing more."""
+
+    exit_code = EXIT_LEASE_LOST
+
+
+class LeaseLapsed(RelayError):
+    """The heartbeat could not renew the lease before it would lapse (the store refused or did not answer).
+    The session stops before anyone could take the run over; run the same command again."""
+
+    exit_code = EXIT_PREEMPTED
+
+
 class OutOfMemory(RelayError):
     """No training plan fits the GPU's free memory."""
 
@@ -149,6 +163,10 @@ def exit_code_for(exc: BaseException) -> int:
 
 def end_reason_for(exc: BaseException) -> str:
     """How a session that failed with `exc` ended, in a word or two, for the dashboard's "ended" line."""
+    if isinstance(exc, LeaseLost):
+        return "stopped: another session took the run"
+    if isinstance(exc, LeaseLapsed):
+        return "stopped: the lease could not be renewed"
     if isinstance(exc, LeaseHeld):
         return "refused: another session holds the lease"
     if isinstance(exc, ResumeMismatch):

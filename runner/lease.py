@@ -15,9 +15,20 @@ sessions that both read "free" and both write see the same last writer after
 the settle and exactly one proceeds. The limit: a contender whose read-to-write
 gap is longer than `settle_s` (or a backend whose reads lag writes by more than
 that) can still overwrite a winner; the winner then finds a foreign token at
-its next heartbeat and stops with LeaseHeld, so two writers overlap for at most
-one heartbeat interval, never for the rest of a run. Heartbeat ages use wall
+its next write (the fence below) or heartbeat and stops with LeaseLost, so it
+writes at most the one file whose check had already passed. Heartbeat ages use wall
 clocks of different machines; timeout_s (minutes) dwarfs their usual skew.
+
+Fencing: a session that is no longer the holder writes nothing more. `assert_held()` is asked right
+before every write that matters (runner.storage.fenced wraps the session's storage with it): on a
+store without compare-and-swap it reads lease.json and compares the token; the window that remains
+is the time between that read and the write (docs/storage.md). On the Hub the write itself is
+conditional (`HubStorage.fence`): every commit names as parent a head at which lease.json was ours,
+so a takeover makes the old holder's next commit fail with LeaseLost, whatever the timing.
+
+The heartbeat outranks retries: each beat runs under a deadline (runner.storage.retry.deadline) at
+the moment the lease would lapse, less a guard; a beat that cannot land by then ends the session
+(LeaseLapsed, exit 75) before another session may take the run, instead of training unleased.
 
 The heartbeat runs on a small daemon thread (`Heartbeat`) from the moment
 the lease is acquired until it is released, whatever the process is doing
@@ -41,9 +52,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from runner.clock import Clock, iso
-from runner.errors import LeaseHeld, StorageError
+from runner.errors import LeaseHeld, LeaseLapsed, LeaseLost, StorageError
 from runner.storage import Storage
 from runner.storage.blobs import read_bytes, write_bytes
+from runner.storage.retry import deadline
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +130,19 @@ class Heartbeat:
     from `beat` ends the thread and is kept in `lost`; other storage errors are logged and retried
     at the next beat (a missed beat or two is within the lease's timeout)."""
 
-    def __init__(self, beat: Callable[[], None], every_s: float, *, wait: Callable[[float], bool] | None = None):
+    def __init__(
+        self,
+        beat: Callable[[], None],
+        every_s: float,
+        *,
+        wait: Callable[[float], bool] | None = None,
+        time_left: Callable[[], float] | None = None,
+    ):
         self.beat, self.every_s = beat, every_s
+        self.time_left = time_left or (lambda: float("inf"))  # seconds until the lease would lapse
         self._stopped = threading.Event()
         self._wait = wait or self._stopped.wait
-        self.lost: LeaseHeld | None = None
+        self.lost: LeaseHeld | LeaseLapsed | None = None
         self.beats = 0
         self._thread = threading.Thread(target=self._run, name="relay-lease-heartbeat", daemon=True)
 
@@ -136,16 +156,27 @@ class Heartbeat:
             self._thread.join(timeout=30.0)
 
     def _run(self) -> None:
-        while not self._wait(self.every_s) and not self._stopped.is_set():
+        wait_s = self.every_s
+        while not self._wait(wait_s) and not self._stopped.is_set():
             try:
                 self.beat()
                 self.beats += 1
+                wait_s = self.every_s
             except LeaseHeld as exc:
                 self.lost = exc
                 log.error("lease lost: %s", exc)
                 return
             except StorageError as exc:
-                log.warning("lease heartbeat failed (%s); trying again in %.0f s", exc, self.every_s)
+                left = self.time_left()
+                if left <= 0:
+                    self.lost = LeaseLapsed(
+                        f"the lease could not be renewed before it would lapse ({exc})",
+                        hint="nothing more is written; run the same command again once the storage answers",
+                    )
+                    log.error("%s", self.lost)
+                    return
+                wait_s = min(self.every_s, max(left / 2, 1.0))  # try more often as the lapse nears
+                log.warning("lease heartbeat failed (%s); trying again in %.0f s (%.0f s left)", exc, wait_s, left)
 
 
 class Lease:
@@ -171,6 +202,9 @@ class Lease:
         self.timeout_s = timeout_s  # a heartbeat older than this means the holder is dead
         self.settle_s = settle_s  # wait between writing and reading back
         self.heartbeat_every_s = timeout_s / 3  # two missed beats still keep it
+        self.guard_s = max(settle_s, timeout_s / 10)  # stop this long before others may call the lease dead
+        self._renewed_at: float | None = None  # monotonic start of the last write that landed
+        self._lost: LeaseHeld | None = None  # set when a fenced write found the lease taken
         self._token: str | None = None
         self._since = ""
         self._heartbeat: Heartbeat | None = None
@@ -193,6 +227,7 @@ class Lease:
             log.warning("taking the lease of %s from %s: %s", self.run, current.holder, why)
         token = secrets.token_hex(16)
         self._since = iso(now)
+        started = self.clock.monotonic()
         self._write(token)
         self.clock.sleep(self.settle_s)
         back = read_lease(self.storage, self.run)
@@ -202,55 +237,123 @@ class Lease:
                 raise LeaseHeld("unknown (lease.json vanished while acquiring)", self._since, 0.0)
             raise LeaseHeld(back.holder, back.since, back.age_s(self.clock.wall()))
         self._token = token
+        self._renewed_at = started
         log.info("lease of %s acquired by %s", self.run, self.holder)
         return back
 
     def heartbeat(self) -> None:
-        """Renew the lease; LeaseHeld if another session has taken it (then this one must stop)."""
-        if _swaps(self.storage):
-            self._swap(self._still_ours)
-            self._last_beat = self.clock.monotonic()
-            return
-        self._check_ours()
-        self._write(self._token)
+        """Renew the lease; LeaseHeld if another session has taken it (then this one must stop). Its retries
+        never wait past the moment the lease would lapse (a StorageError then: the heartbeat thread decides)."""
+        started = self.clock.monotonic()
+        with deadline(self._valid_until()):
+            if _swaps(self.storage):
+                self._swap(self._still_ours)
+            else:
+                self._check_ours()
+                self._write(self._token)
+        self._renewed_at = started
+
+    def time_left_s(self) -> float:
+        """Seconds until this holder must stop: the lease's timeout since the last renewal, less `guard_s`."""
+        until = self._valid_until()
+        return float("inf") if until is None else until - self.clock.monotonic()
+
+    def _valid_until(self) -> float | None:
+        return None if self._renewed_at is None else self._renewed_at + self.timeout_s - self.guard_s
 
     def start_heartbeat(self, wait: Callable[[float], bool] | None = None) -> Heartbeat:
         """Renew the lease every `heartbeat_every_s` on a daemon thread until `release()`."""
-        self._heartbeat = Heartbeat(self.heartbeat, self.heartbeat_every_s, wait=wait).start()
+        self._heartbeat = Heartbeat(self.heartbeat, self.heartbeat_every_s, wait=wait, time_left=self.time_left_s)
+        self._heartbeat.start()
         return self._heartbeat
 
+    @property
+    def is_lost(self) -> bool:
+        """Whether this session learnt that it may no longer write (taken over, or lapsed)."""
+        if self._lost is not None or (self._heartbeat is not None and self._heartbeat.lost is not None):
+            return True
+        return self._token is not None and self.time_left_s() <= 0
+
     def check(self) -> None:
-        """Raise the LeaseHeld the heartbeat met, if it met one (another session took the run)."""
+        """Raise what the heartbeat or a fenced write met, if anything: LeaseHeld/LeaseLost (another session
+        took the run) or LeaseLapsed (the lease could not be renewed in time)."""
+        if self._lost is not None:
+            raise self._lost
         if self._heartbeat is not None and self._heartbeat.lost is not None:
             raise self._heartbeat.lost
 
-    def release(self) -> None:
-        """Stop the heartbeat; delete the lease if it is still ours; leave another holder's lease alone."""
+    def assert_held(self) -> None:
+        """The fence, asked right before each write that matters: raise LeaseLost when another session holds
+        the lease now, LeaseLapsed when it may have lapsed. On a compare-and-swap store only the local state
+        is checked here: the write itself is conditional (HubStorage.fence)."""
+        self.check()
+        if self._token is None:
+            raise self._lose(LeaseLost("nobody (this session holds no lease)", "", 0.0))
+        if self.time_left_s() <= 0:
+            raise LeaseLapsed(
+                "the lease was not renewed in time; this session writes nothing more",
+                hint="run the same command again once the storage answers",
+            )
+        if not _swaps(self.storage):
+            self._fence_check(read_bytes(self.storage, self.key))
+
+    def _fence_check(self, raw: bytes | None) -> None:
+        """Raise LeaseLost unless `raw` (lease.json's content) is our lease."""
+        current = _parse_lease(raw, f"{self.storage.url}/{self.key}")
+        if current is None or current.token != self._token:
+            holder = current.holder if current else "unknown (lease.json was removed by someone else)"
+            age = current.age_s(self.clock.wall()) if current else 0.0
+            raise self._lose(LeaseLost(holder, current.since if current else self._since, age))
+
+    def _lose(self, error: LeaseLost) -> LeaseLost:
+        self._lost = self._lost or error
+        log.error("lease lost: %s", error)
+        return error
+
+    def release(self) -> str | None:
+        """Stop the heartbeat; delete the lease if it is still ours; leave another holder's lease alone.
+        Returns why the lease was left in place, or None when it was released (or was not ours to release)."""
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat = None
-        if self._token is None:
-            return
-        if _swaps(self.storage):
-            return self._release_by_swap()
+        fence = getattr(self.storage, "fence", None)
+        if callable(fence):
+            fence(self.key, None)  # the release commit removes our lease: no later commit is ours to fence
+        if self._token is None or self._lost is not None:
+            self._token = None
+            return None
+        try:
+            if _swaps(self.storage):
+                self._release_by_swap()
+            else:
+                self._release_by_token()
+        except StorageError as exc:  # the run is safe; only the next session's start is delayed
+            why = (f"the lease of {self.run} was not released ({exc}); the next session takes it once its "
+                   f"heartbeat is {self.timeout_s:.0f} s old, or at once with --take-over")  # fmt: skip
+            log.warning("%s", why)
+            return why
+        finally:
+            self._token = None
+        return None
+
+    def _release_by_token(self) -> None:
         current = read_lease(self.storage, self.run)
         if current is not None and current.token == self._token:
             self.storage.delete(self.key)
             log.info("lease of %s released by %s", self.run, self.holder)
         else:
             log.warning("lease of %s is no longer ours at release; left as is", self.run)
-        self._token = None
 
     def _check_ours(self) -> None:
         if self._token is None:
-            raise LeaseHeld("nobody (this session never acquired the lease)", "", 0.0)
+            raise LeaseLost("nobody (this session never acquired the lease)", "", 0.0)
         current = read_lease(self.storage, self.run)
         if current is None:
             self._token = None
-            raise LeaseHeld("unknown (lease.json was removed by someone else)", self._since, 0.0)
+            raise LeaseLost("unknown (lease.json was removed by someone else)", self._since, 0.0)
         if current.token != self._token:
             self._token = None
-            raise LeaseHeld(current.holder, current.since, current.age_s(self.clock.wall()))
+            raise LeaseLost(current.holder, current.since, current.age_s(self.clock.wall()))
 
     def _write(self, token: str) -> None:
         write_bytes(self.storage, self.key, self._encode(token))
@@ -286,20 +389,24 @@ class Lease:
             self._since = iso(now)
             return token
 
+        started = self.clock.monotonic()
         self._swap(decide)
         self._token = token
-        self._last_beat = self.clock.monotonic()
+        self._renewed_at = started
+        fence = getattr(self.storage, "fence", None)
+        if callable(fence):  # from now on every commit is conditional on a head where the lease is ours
+            fence(self.key, self._fence_check)
         log.info("lease of %s acquired by %s (compare-and-swap)", self.run, self.holder)
         return LeaseRecord(self.holder, token, self._since, self.clock.wall())
 
     def _still_ours(self, current: LeaseRecord | None) -> str:
         if self._token is None:
-            raise LeaseHeld("nobody (this session never acquired the lease)", "", 0.0)
+            raise LeaseLost("nobody (this session never acquired the lease)", "", 0.0)
         if current is None or current.token != self._token:
             self._token = None
             if current is None:
-                raise LeaseHeld("unknown (lease.json was removed by someone else)", self._since, 0.0)
-            raise LeaseHeld(current.holder, current.since, current.age_s(self.clock.wall()))
+                raise LeaseLost("unknown (lease.json was removed by someone else)", self._since, 0.0)
+            raise LeaseLost(current.holder, current.since, current.age_s(self.clock.wall()))
         return current.token
 
     def _release_by_swap(self) -> None:
@@ -308,7 +415,6 @@ class Lease:
             log.info("lease of %s released by %s", self.run, self.holder)
         except LeaseHeld:
             log.warning("lease of %s is no longer ours at release; left as is", self.run)
-        self._token = None
 
 
 def _swaps(storage: Storage) -> bool:

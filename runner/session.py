@@ -34,6 +34,7 @@ from runner.errors import (
     EXIT_PREEMPTED,
     EXIT_USAGE,
     Interrupted,
+    LeaseLapsed,
     RelayError,
     StorageError,
     UsageError,
@@ -46,6 +47,7 @@ from runner.report import session_history
 from runner.runinfo import ensure_run_info, new_state, resolve_target, sets_target
 from runner.signals import install_stop_handlers
 from runner.state import RunState, append_session, read_run_info, read_sessions
+from runner.storage.fenced import FencedStorage
 from runner.storage.url import is_vm_local
 
 if TYPE_CHECKING:
@@ -71,10 +73,12 @@ class Session:
         self._budget_sent_at: float | None = None  # monotonic time of the last BudgetUpdated
         self.is_main = int(os.environ.get("RANK", "0")) == 0
         self.lease = Lease(ctx.storage, ctx.run, ctx.holder, clock=ctx.clock)
+        # every write that matters asks the lease first: a session that lost the run writes nothing more
+        self.fenced = FencedStorage(ctx.storage, self.lease.assert_held) if self.is_main else ctx.storage
         self.ckpts = CheckpointManager(
-            ctx.storage, ctx.run, ctx.workdir, keep=ctx.profile.checkpoint.keep, bus=ctx.bus, clock=ctx.clock
+            self.fenced, ctx.run, ctx.workdir, keep=ctx.profile.checkpoint.keep, bus=ctx.bus, clock=ctx.clock
         )
-        self.store = FolderStore(ctx.storage, ctx.run, ctx.workdir)  # latent cache, compile cache, final/
+        self.store = FolderStore(self.fenced, ctx.run, ctx.workdir)  # latent cache, compile cache, final/
         world = int(os.environ.get("WORLD_SIZE", "1"))
         prior = budget.profile_step_prior(ctx.profile, ctx.env.gpu_summary, world)  # until a step is measured
         self.meter = budget.CostMeter(step_prior_s=prior.step_s)
@@ -172,13 +176,18 @@ class Session:
         self.ckpts.close()
         if not self.is_main:
             return
+        if self.lease.is_lost:  # another session may be writing the run now: leave everything to it
+            self.lease.release()
+            return
         try:
             append_session(self.ctx.storage, self.ctx.run, self.session_record())
         except StorageError as exc:
             log.warning("could not record the session in sessions.jsonl: %s", exc)
         self._upload_logs()
         self._loss_curve(self.ctx.workdir / "loss.png")
-        self.lease.release()
+        why = self.lease.release()
+        if why:  # a finished run says why its lease stays (the store did not answer), never exits 1 for it
+            self.ctx.bus.emit(events.Warning(why, kind="lease"))
         flush = getattr(self.ctx.storage, "flush", None)
         if flush is not None:  # the Colab mount: push what it holds before the VM can die
             flush()
@@ -350,7 +359,7 @@ class Session:
             if stop.stop_now:
                 raise Interrupted("stopped at once (second interrupt); the last committed checkpoint is intact")
             if self.is_main:
-                self.lease.check()  # another session took the run: stop before writing anything more
+                self._check_lease(tr, state)  # another session took the run: stop before writing anything more
             bctx = self._budget(deadline, last_ckpt_at, target - state.step)
             self._send_budget(bctx)
             action = budget.next_action(bctx, has_new_steps=state.step != (self.checkpointed_step or self.step_from))
@@ -380,6 +389,18 @@ class Session:
             if every and self.is_main and state.step % every == 0 and state.step < target:
                 self._sample(tr, state.step)
         return self._end(tr, state)
+
+    def _check_lease(self, tr, state: RunState) -> None:
+        """Raise when this session may write no more. A lease that could not be renewed in time (LeaseLapsed)
+        first keeps the steps since the last checkpoint on local disk (workdir/staging), uncommitted."""
+        try:
+            self.lease.check()
+        except LeaseLapsed:
+            if state.step != (self.checkpointed_step or self.step_from):
+                staged = self.ckpts.stage(state.step, tr.save_state, state=state)
+                self.ctx.bus.emit(events.Warning(f"lease not renewed in time: step {state.step} kept uncommitted "
+                                                 f"in {staged.dir}", kind="lease"))  # fmt: skip
+            raise
 
     def _test_step_delay(self) -> float:
         """Tests only (RELAY_TEST_STEP_DELAY_S): a slower step, counted as training time like a real one."""
@@ -469,7 +490,7 @@ class Session:
         try:
             draw_samples(self.ctx.profile, None, out, device=tr.placement.device, unet=tr.unet,
                          text_encoders=tr.encoders, step=step)  # fmt: skip
-            self.ctx.storage.put(out, f"{self.ctx.run}/samples/step-{step:08d}/{out.name}")
+            self.fenced.put(out, f"{self.ctx.run}/samples/step-{step:08d}/{out.name}")
         except (RuntimeError, OSError, StorageError) as exc:  # a lost preview must never cost training
             self.ctx.bus.emit(events.Warning(f"samples of step {step} not drawn: {exc}", kind="samples"))
             return

@@ -30,7 +30,7 @@ from typing import Protocol
 from runner import events
 from runner.checkpoint.manifest import COMMIT, commit_folder, fetch_folder, write_manifest
 from runner.clock import Clock, SystemClock
-from runner.errors import CheckpointCorrupt, ProfileError, RelayError, StorageError
+from runner.errors import CheckpointCorrupt, LeaseHeld, LeaseLapsed, ProfileError, RelayError, StorageError
 from runner.state import RunState
 from runner.storage import Storage
 from runner.storage.retry import RetryPolicy, call_with_retry, should_retry_again
@@ -260,8 +260,8 @@ class CheckpointManager:
                 if job.snapshot is not None:
                     job = self._write_snapshot(job)
                 self._upload(job, t0)
-            except StorageError as exc:  # the snapshot could not be staged: the caller's next call raises it
-                log.warning("%s", exc)
+            except (StorageError, LeaseHeld, LeaseLapsed) as exc:  # not staged, or the fence refused: the caller's
+                log.warning("%s", exc)  # next call raises it (the staged folder stays on local disk)
                 crash = exc
             except Exception as exc:  # the thread boundary: hand an unexpected error to the caller
                 log.exception("upload worker failed on step %d", job.step)

@@ -12,8 +12,14 @@ have applied it. Every commit's title carries a unique operation id; before tryi
 backend reads the branch's commits and, if its id is there, takes the commit as done. It never
 retries blindly into a duplicate (huggingface_hub's own `_send_commit` warns of exactly that).
 
+Fencing (`fence`): while a session holds the run's lease, every commit but the lease's own is
+conditional (`parent_commit`) on a head at which lease.json was ours; a 412 makes the backend read
+the real head from the commit listing and check the lease there again: still ours, it commits on
+that head; taken, the check raises LeaseLost and nothing is written.
+
 Retries: one policy (runner.storage.retry) per operation: 429 (waiting at least the server's
-Retry-After), 5xx and dropped connections. Reads (listings, the commit list, downloads) go
+Retry-After or RateLimit reset), 5xx, dropped connections and requests that time out (runner.storage.hubhttp
+gives every request a deadline). Reads (listings, the commit list, downloads) go
 through runner.storage.hubwire as plain HTTP, since the client's own read calls retry inside.
 
 Must not: print, log or store the token (messages pass through `_redact`); import torch; be
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import tempfile
 import threading
 import uuid
@@ -34,8 +41,11 @@ from typing import Any, TypeVar
 
 from runner.clock import Clock, SystemClock
 from runner.errors import EXIT_USAGE, CredentialsError, RelayError, StorageError, UsageError
+from runner.storage import hubhttp
+from runner.storage.hubhttp import error_code_of as _error_code
+from runner.storage.hubhttp import status_of as _status
 from runner.storage.hubwire import HubWire
-from runner.storage.retry import RETRY_AFTER_ATTR, RetryPolicy, call_with_retry
+from runner.storage.retry import RetryPolicy, call_with_retry, time_left_s
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -50,6 +60,9 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 TOKENS_PAGE = "https://huggingface.co/settings/tokens"
 OTHER_REPO_TYPES = ("dataset", "space")
 CAS_TRIES = 8  # compare-and-swap rounds before giving up (each lost round means another commit landed)
+CAS_PAUSE_S = 0.5  # first pause between two compare-and-swap rounds, doubled each round, jittered ×0.5..1.5
+Fence = Callable[[bytes | None], None]
+"""Given lease.json's content at a head, raises unless the lease there is still ours."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +128,13 @@ def open_hub(
     api = _api_for(env, url)
     if limits is None and env.get(ENV_COMMITS_PER_HOUR):
         limits = HubLimits(commits_per_hour=_positive(env[ENV_COMMITS_PER_HOUR], ENV_COMMITS_PER_HOUR))
-    storage = HubStorage(api, repo_id=repo_id, prefix=prefix, url=url, clock=clock, retry=retry, limits=limits)
+    read_s = hubhttp.READ_TIMEOUT_S
+    if env.get(hubhttp.ENV_TIMEOUT_S):
+        read_s = _positive(env[hubhttp.ENV_TIMEOUT_S], hubhttp.ENV_TIMEOUT_S)
+    hubhttp.bound_client(read_s)
+    storage = HubStorage(
+        api, repo_id=repo_id, prefix=prefix, url=url, clock=clock, retry=retry, limits=limits, timeout_s=read_s
+    )
     storage.ensure_repo(private=private)
     return storage
 
@@ -156,9 +175,10 @@ class HubStorage:
         clock: Clock | None = None,
         retry: RetryPolicy | None = None,
         limits: HubLimits | None = None,
+        timeout_s: float = hubhttp.READ_TIMEOUT_S,
     ) -> None:
         self._api = api
-        self._wire = HubWire(api, repo_id)
+        self._wire = HubWire(api, repo_id, timeout=hubhttp.timeout(timeout_s))
         self.repo_id = repo_id
         self.prefix = prefix.strip("/")
         self.url = url or f"{SCHEME}{repo_id}" + (f"/{self.prefix}" if self.prefix else "")
@@ -169,6 +189,9 @@ class HubStorage:
         self._tokens = float(self.limits.commit_burst)  # the commit bucket
         self._refilled_at = self._clock.monotonic()
         self.commits_since_squash = 0
+        self._fence: tuple[str, Fence] | None = None  # (lease path, check) while a session holds the lease
+        self._fence_head: str | None = None  # a head at which the lease was ours: the parent of the next commit
+        self._random = random.Random()
 
     def __repr__(self) -> str:
         return f"HubStorage({self.url!r})"
@@ -279,7 +302,8 @@ class HubStorage:
         commit whose parent must be H. If another commit landed meanwhile (412), read again and decide again.
         `decide` may raise to refuse (e.g. LeaseHeld); returns what was written."""
         path = self._path(key)
-        for _ in range(CAS_TRIES):
+        for round_ in range(CAS_TRIES):
+            self._pause(round_)
             head, current = self._call("read", key, lambda: self._read_at_head(path, key))
             new = decide(current)
             make = _update_operations(path, new)
@@ -291,6 +315,36 @@ class HubStorage:
             except CommitConflict:
                 log.info("%s/%s changed while updating it; reading it again", self.url, key)
         raise StorageError(f"{self.url}/{key}: could not update it: the repo kept changing", key=key, transient=True)
+
+    def fence(self, lease_key: str, check: Fence | None) -> None:
+        """From now on (until fence(key, None)) every commit without a parent of its own is conditional on a
+        head at which `check(content of lease_key)` passes; `check` raises (LeaseLost) to refuse."""
+        if check is None:
+            with self._lock:
+                self._fence, self._fence_head = None, None
+            return
+        with self._lock:
+            self._fence, self._fence_head = (self._path(lease_key), check), None
+        try:
+            self._confirm_fence(lease_key)
+        except StorageError as exc:  # the next commit confirms it first; nothing goes unfenced meanwhile
+            log.info("%s: the fence's head is not known yet (%s)", self.url, exc)
+
+    def _confirm_fence(self, key: str, fence: tuple[str, Fence] | None = None) -> None:
+        """Read the real head and the lease there; the fence's check raises when it is not ours."""
+        fence = fence or self._fence
+        if fence is None:
+            return
+        path, check = fence
+        head, current = self._call("read", key, lambda: self._read_at_head(path, key))
+        check(current)
+        with self._lock:
+            self._fence_head = head
+
+    def _pause(self, round_: int) -> None:
+        """Backoff with jitter between compare-and-swap rounds (none before the first)."""
+        if round_:
+            self._clock.sleep(CAS_PAUSE_S * 2 ** (round_ - 1) * self._random.uniform(0.5, 1.5))
 
     def maybe_squash(self) -> bool:
         """Super-squash the branch if `squash_every_commits` commits piled up (old checkpoints' files leave the
@@ -308,6 +362,30 @@ class HubStorage:
 
     # ---- commits -------------------------------------------------------------------------------
     def _commit(
+        self,
+        what: str,
+        key: str,
+        operations: Callable[[Any], list],
+        *,
+        parent: str | None = None,
+        missing_ok: bool = False,
+    ) -> str:
+        """One commit; while fenced and given no parent, conditional on a head where the lease is ours."""
+        fence = self._fence
+        if parent is not None or fence is None:
+            return self._commit_once(what, key, operations, parent=parent, missing_ok=missing_ok)
+        for round_ in range(CAS_TRIES):
+            self._pause(round_)
+            if self._fence_head is None:
+                self._confirm_fence(key, fence)
+            try:
+                return self._commit_once(what, key, operations, parent=self._fence_head, missing_ok=missing_ok)
+            except CommitConflict:
+                log.info("%s: the branch moved before %s; checking the lease at the new head", self.url, what)
+                self._confirm_fence(key, fence)
+        raise StorageError(f"could not {what} {self.url}/{key}: the repo kept changing", key=key, transient=True)
+
+    def _commit_once(
         self,
         what: str,
         key: str,
@@ -335,6 +413,8 @@ class HubStorage:
         commit_id = self._call(what, key, attempt)
         with self._lock:
             self.commits_since_squash += 1
+            if self._fence is not None and commit_id:
+                self._fence_head = commit_id  # our own commit: the lease there is what it was at its parent
         return commit_id
 
     def _create_commit(
@@ -362,6 +442,11 @@ class HubStorage:
             self._tokens = min(self.limits.commit_burst, self._tokens + (now - self._refilled_at) * rate)
             self._refilled_at = now
             wait = 0.0 if self._tokens >= 1 else (1 - self._tokens) / rate
+            left = time_left_s(self._clock)
+            if left is not None and wait > left:  # the heartbeat: never wait for a slot past its deadline
+                raise StorageError(
+                    f"{self.url}: the next commit slot comes in {wait:.0f} s, after the deadline", transient=True
+                )
             self._tokens -= 1
         if wait > 0:
             log.info("spacing commits to %s: waiting %.0f s (Hub limit: 128 commits per hour)", self.repo_id, wait)
@@ -369,8 +454,9 @@ class HubStorage:
 
     # ---- reads ---------------------------------------------------------------------------------
     def _read_at_head(self, path: str, key: str) -> tuple[str, bytes | None]:
-        """(head commit id, content of `path` at that commit or None)."""
-        head = self._api.repo_info(self.repo_id, repo_type="model").sha
+        """(head commit id, content of `path` at that commit or None). The head comes from the commit listing,
+        which a commit's parent is checked against; repo info may lag behind it (a cached answer)."""
+        head = self._wire.head()
         scratch = Path(tempfile.gettempdir()) / f"relay-hub-{uuid.uuid4().hex[:12]}"
         try:
             found = self._wire.download(path, scratch, revision=head)
@@ -402,38 +488,22 @@ class HubStorage:
         )
 
     def _translated(self, what: str, key: str, operation: Callable[[], T]) -> T:
-        import httpx2
-        from huggingface_hub.utils import HfHubHTTPError
-
         try:
             return operation()
         except RelayError:
             raise
-        except HfHubHTTPError as err:
-            raise self._translate_http(err, what, key) from None
-        except (httpx2.TransportError, OSError) as err:
-            raise StorageError(
-                self._redact(f"could not {what} {self.url}/{key}: {type(err).__name__}: {err}"),
-                key=key,
-                transient=True,
-            ) from None
-
-    def _translate_http(self, err: Any, what: str, key: str) -> StorageError:
-        status = _status(err)
-        where = f"{self.url}/{key}" if key else self.url
-        detail = self._redact(str(err).strip().splitlines()[0] if str(err).strip() else f"HTTP {status}")
-        if status in (401, 403):
-            return HubAccessError(
-                f"could not {what} {where}: the Hub refused the token (HTTP {status})",
-                key=key,
-                hint=f"check that {ENV_TOKEN} is a token with write access to {self.repo_id} ({TOKENS_PAGE})",
-            )
-        transient = status == 429 or status >= 500
-        error = StorageError(f"could not {what} {where}: {detail}", key=key, transient=transient)
-        after = _retry_after_s(err)
-        if after is not None:
-            setattr(error, RETRY_AFTER_ATTR, after)
-        return error
+        except Exception as err:  # huggingface_hub's failures (HTTP, transport, LFS RuntimeError, bad JSON)
+            where = f"{self.url}/{key}" if key else self.url
+            if _status(err) in (401, 403):
+                raise HubAccessError(
+                    f"could not {what} {where}: the Hub refused the token (HTTP {_status(err)})",
+                    key=key,
+                    hint=f"check that {ENV_TOKEN} is a token with write access to {self.repo_id} ({TOKENS_PAGE})",
+                ) from None
+            translated = hubhttp.translate(err, what, where, key, self._redact)
+            if translated is None:
+                raise
+            raise translated from None
 
     def _redact(self, text: str) -> str:
         token = getattr(self._api, "token", None)
@@ -463,22 +533,6 @@ def _update_operations(path: str, new: bytes | None) -> Callable[[Any], list]:
     if new is None:
         return lambda ops: [ops.Delete(path)]
     return lambda ops: [ops.Add(path, new)]
-
-
-def _status(err: Any) -> int:
-    response = getattr(err, "response", None)
-    return int(getattr(response, "status_code", 0) or 0)
-
-
-def _error_code(err: Any) -> str:
-    response = getattr(err, "response", None)
-    return (getattr(response, "headers", None) or {}).get("X-Error-Code", "")
-
-
-def _retry_after_s(err: Any) -> float | None:
-    response = getattr(err, "response", None)
-    value = (getattr(response, "headers", None) or {}).get("Retry-After", "")
-    return float(value) if value.strip().isdigit() else None
 
 
 def _positive(text: str, name: str) -> float:

@@ -25,16 +25,30 @@ from urllib.parse import quote
 from runner.errors import StorageError
 
 BRANCH = "main"
-HTTP_TIMEOUT_S = 120.0
+HTTP_TIMEOUT_S = 120.0  # when the caller gives no timeout of its own
 DOWNLOAD_CHUNK_BYTES = 1 << 20
 
 
 class HubWire:
     """Reads of one model repo through `api` (an HfApi: its endpoint and token)."""
 
-    def __init__(self, api: Any, repo_id: str) -> None:
+    def __init__(self, api: Any, repo_id: str, *, timeout: Any = HTTP_TIMEOUT_S) -> None:
         self.api = api
         self.repo_id = repo_id
+        self.timeout = timeout  # seconds, or an httpx Timeout (connect, read, write, pool)
+
+    def head(self) -> str:
+        """The branch's head commit id, from the commit listing: what create_commit checks a parent against
+        (repo info may come from a cache and lag behind it)."""
+        from huggingface_hub.utils import get_session, hf_raise_for_status
+
+        url = f"{self._api_root()}/commits/{BRANCH}"
+        response = get_session().get(url, params={"limit": "1"}, headers=self._headers(), timeout=self.timeout)
+        hf_raise_for_status(response)
+        commits = response.json()
+        if not commits:
+            raise StorageError(f"{self.repo_id}: the branch {BRANCH} has no commits", transient=True)
+        return str(commits[0]["id"])
 
     def list_files(self, path: str) -> set[str]:
         """Every file path under `path` ('' for the whole repo) on the branch; empty when the folder is missing."""
@@ -57,7 +71,7 @@ class HubWire:
         from huggingface_hub.utils import get_session, hf_raise_for_status
 
         response = get_session().head(
-            self._url(path), headers=self._headers(), follow_redirects=True, timeout=HTTP_TIMEOUT_S
+            self._url(path), headers=self._headers(), follow_redirects=True, timeout=self.timeout
         )
         if response.status_code == 404:
             return False
@@ -74,7 +88,7 @@ class HubWire:
         url = self._url(path, revision)
         try:
             with get_session().stream(
-                "GET", url, headers=self._headers(), follow_redirects=True, timeout=HTTP_TIMEOUT_S
+                "GET", url, headers=self._headers(), follow_redirects=True, timeout=self.timeout
             ) as response:
                 if response.status_code == 404:
                     return False
@@ -108,7 +122,7 @@ class HubWire:
 
         next_url: str | None = url
         while next_url:
-            response = get_session().get(next_url, params=params, headers=self._headers(), timeout=HTTP_TIMEOUT_S)
+            response = get_session().get(next_url, params=params, headers=self._headers(), timeout=self.timeout)
             hf_raise_for_status(response)
             yield from response.json()
             next_url, params = response.links.get("next", {}).get("url"), None

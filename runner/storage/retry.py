@@ -10,6 +10,11 @@ checkpoint manager's whole-commit retry) does not retry that error again. Before
 module, Drive's 8 attempts sat inside the manager's 5: up to 40 tries and ~40 minutes
 for one dead network (issue 20).
 
+A deadline (`with deadline(at):`, on the calling thread only) bounds every retry inside it: no wait
+may end past `at` (the clock's monotonic seconds); the policy gives up at once instead and marks the
+error (`hit_deadline`). The lease's heartbeat runs under the time left on the lease, so a server's
+Retry-After of an hour can never hold it past the moment the lease would lapse.
+
 Must not: decide what is transient (the backend says so with StorageError.transient);
 sleep or read time except through the Clock it is given.
 """
@@ -17,7 +22,9 @@ sleep or read time except through the Clock it is given.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -33,6 +40,34 @@ RETRIED_MARK = "was_retried"
 """Attribute set on an error the policy gave up on (it has been retried already: do not retry it again)."""
 RETRY_AFTER_ATTR = "retry_after_s"
 """Attribute a backend sets on a StorageError when the server said how long to wait (HTTP Retry-After)."""
+DEADLINE_MARK = "hit_deadline"
+"""Attribute set on an error the policy gave up on because the next wait would have passed the deadline."""
+
+_deadline: ContextVar[float | None] = ContextVar("relay_retry_deadline", default=None)
+"""The monotonic time no retry wait may pass, per thread (a context variable: each thread sees its own)."""
+
+
+@contextmanager
+def deadline(at_monotonic: float | None) -> Iterator[None]:
+    """Within the block, on this thread, retries never wait past `at_monotonic` (None: no deadline).
+    Nested deadlines keep the earlier one."""
+    outer = _deadline.get()
+    inner = at_monotonic if outer is None else (outer if at_monotonic is None else min(outer, at_monotonic))
+    token = _deadline.set(inner)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def time_left_s(clock: Clock) -> float | None:
+    """Seconds until the deadline in force on this thread (None: none)."""
+    at = _deadline.get()
+    return None if at is None else at - clock.monotonic()
+
+
+def hit_deadline(error: BaseException) -> bool:
+    return bool(getattr(error, DEADLINE_MARK, False))
 
 
 @dataclass(frozen=True)
@@ -105,8 +140,13 @@ def call_with_retry(
             on_retry(error, state.attempt_number + 1, wait)
 
     started = clock.monotonic()
+    until = _deadline.get()
+    stopped_by_deadline = {"yes": False}
 
     def out_of_time(state: tenacity.RetryCallState) -> bool:
+        if until is not None and clock.monotonic() + state.upcoming_sleep > until:
+            stopped_by_deadline["yes"] = True
+            return True
         return clock.monotonic() - started >= policy.max_total_s
 
     retrying = tenacity.Retrying(
@@ -124,7 +164,9 @@ def call_with_retry(
                 attempts += 1
                 return operation()
     except BaseException as error:
-        if attempts > 1 and retry_if(error):
+        if (attempts > 1 or stopped_by_deadline["yes"]) and retry_if(error):
             setattr(error, RETRIED_MARK, True)
+        if stopped_by_deadline["yes"]:
+            setattr(error, DEADLINE_MARK, True)
         raise
     raise AssertionError("unreachable: tenacity either returns or raises")

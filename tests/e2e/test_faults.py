@@ -21,16 +21,19 @@ import pytest
 
 from runner import events
 from runner.checkpoint.manifest import parse_manifest, verify_dir
+from runner.errors import EXIT_LEASE_LOST
 from tests.e2e.conftest import (
     RUN,
     Reference,
     assert_same_lora,
     broken_commits,
     checkpoint_every_step,
+    relay_env,
     relay_main,
     start_relay,
     train_args,
     verified_steps,
+    wait_for,
     wait_relay,
 )
 from tests.flaky import FlakyStorage
@@ -433,3 +436,30 @@ def test_two_processes_on_one_run_exactly_one_trains(tmp_path, reference, reliab
     assert_same_lora(final_of(storage), reference.final_lora)
     reliability.record("second relay process on the same run", test="test_two_processes_on_one_run_exactly_one_trains",
                        injected=1, survived=True)  # fmt: skip
+
+
+def test_a_takeover_while_the_first_trainer_runs_leaves_one_writer(tmp_path, reference, reliability):
+    """A trains slowly; once it has committed step 2, B takes the run over (--take-over: what a lapsed lease
+    allows without the flag) and finishes it. From B's takeover on, A writes nothing: its next checkpoint is
+    refused by the token check, it exits 3 ("another session is training this run"), deletes none of B's
+    checkpoints and writes no final/; B's final LoRA is the uninterrupted run's, bit for bit."""
+    storage = cut_back(reference, tmp_path / "storage", keep_steps=())
+    sessions_before = len((storage / RUN / "sessions.jsonl").read_text().splitlines())
+    slow = relay_env({"RELAY_TEST_STEP_DELAY_S": "6"})
+    first = start_relay(train_args(storage, reference.seed_workdir(tmp_path / "work-a")), tmp_path / "a.log", env=slow)
+    assert wait_for(lambda: first.poll() is not None or max(verified_steps(storage / RUN), default=0) >= 2, 300)
+    assert first.poll() is None, (tmp_path / "a.log").read_text()[-3000:]
+    second = start_relay(train_args(storage, reference.seed_workdir(tmp_path / "work-b"), flags=("--take-over",)),
+                         tmp_path / "b.log")  # fmt: skip
+    code_b, code_a = wait_relay(second, timeout_s=400), wait_relay(first, timeout_s=400)
+    log_a, log_b = (tmp_path / "a.log").read_text(), (tmp_path / "b.log").read_text()
+    assert (code_a, code_b) == (EXIT_LEASE_LOST, 0), f"A {code_a}, B {code_b}:\n{log_a[-2000:]}\n----\n{log_b[-2000:]}"
+    assert "another session is training this run" in log_a and "Traceback" not in log_a
+    assert_same_lora(final_of(storage), reference.final_lora)
+    assert verified_steps(storage / RUN)[-1] == reference.steps  # B's last checkpoint is there, verified
+    assert not broken_commits(storage / RUN)
+    lines = (storage / RUN / "sessions.jsonl").read_text().splitlines()[sessions_before:]
+    assert [json.loads(line)["reason"] for line in lines] == ["completed"], "A recorded nothing after it lost the run"
+    reliability.record("takeover while the first trainer still runs (local folder)",
+                       test="test_a_takeover_while_the_first_trainer_runs_leaves_one_writer", injected=1,
+                       survived=True)  # fmt: skip

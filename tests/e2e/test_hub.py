@@ -133,3 +133,34 @@ def test_rate_limits_server_errors_and_lost_commit_answers_during_a_run(
     reliability.record("Hub 429 (Retry-After) / 500 / 503 on every 4th request", test=test,
                        injected=errors.injected, survived=True)  # fmt: skip
     reliability.record("Hub commit applied but its answer lost", test=test, injected=hub.faults.dropped, survived=True)
+
+
+def test_a_takeover_while_the_first_trainer_runs_leaves_one_writer_on_the_hub(hub, reference, tmp_path, reliability):
+    """Alice's trainer runs slowly; once it has committed step 2, Bob's takes the run over (--take-over) and
+    finishes it. From Bob's lease commit on, the Hub holds no commit of Alice's: her next checkpoint commit
+    names a parent where the lease was hers, the Hub refuses it (412), and her trainer exits 3 without
+    deleting, recording or exporting anything. Bob's final LoRA is the uninterrupted run's, bit for bit."""
+    from runner.errors import EXIT_LEASE_LOST
+    from tests.e2e.conftest import wait_for
+
+    alice = relay_env({**hub_env(hub, hub.state.add_token("alice")), "RELAY_TEST_STEP_DELAY_S": "6"})
+    bob = relay_env(hub_env(hub, hub.state.add_token("bob")))
+    first = start_relay(train_args(URL, reference.seed_workdir(tmp_path / "a")), tmp_path / "a.log", env=alice)
+    assert wait_for(lambda: first.poll() is not None or max(committed_steps(hub), default=0) >= 2, 300)
+    assert first.poll() is None, (tmp_path / "a.log").read_text()[-3000:]
+    second = start_relay(train_args(URL, reference.seed_workdir(tmp_path / "b"), flags=("--take-over",)),
+                         tmp_path / "b.log", env=bob)  # fmt: skip
+    code_b, code_a = wait_relay(second, timeout_s=400), wait_relay(first, timeout_s=400)
+    log_a, log_b = (tmp_path / "a.log").read_text(), (tmp_path / "b.log").read_text()
+    assert (code_a, code_b) == (EXIT_LEASE_LOST, 0), f"A {code_a}, B {code_b}:\n{log_a[-2000:]}\n----\n{log_b[-2000:]}"
+    assert "another session is training this run" in log_a and "Traceback" not in log_a
+    commits = hub.state.commits(REPO_ID)
+    taken = next(i for i, c in enumerate(commits) if c.author == "bob" and "lease.json" in c.title)
+    assert {c.author for c in commits[taken:]} == {"bob"}, [(c.author, c.title) for c in commits[taken:]]
+    final = tmp_path / "final.safetensors"
+    final.write_bytes(hub.state.files(REPO_ID)[FINAL])
+    assert_same_lora(final, reference.final_lora)
+    assert max(committed_steps(hub)) == reference.steps
+    reliability.record("takeover while the first trainer still runs (Hugging Face Hub)",
+                       test="test_a_takeover_while_the_first_trainer_runs_leaves_one_writer_on_the_hub",
+                       injected=1, survived=True)  # fmt: skip

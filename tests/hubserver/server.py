@@ -7,8 +7,16 @@ follows in the client's source (site-packages/huggingface_hub/):
 - GET  /api/whoami-v2                          hf_api.py HfApi._inner_whoami; auth.accessToken.role
 - POST /api/repos/create                       hf_api.py HfApi.create_repo (409 exists, 403 not allowed)
 - GET  /api/{models,datasets,spaces}/REPO[/revision/REV]  hf_api.py HfApi.model_info / repo_info
-- POST /api/models/REPO/preupload/REV          _commit_api.py _fetch_upload_modes (uploadMode "regular";
-                                               "oid" of a file already there, so unchanged files are skipped)
+- POST /api/models/REPO/preupload/REV          _commit_api.py _fetch_upload_modes (uploadMode "lfs" for *.safetensors,
+                                               as a Hub repo's default .gitattributes tracks them with LFS, else
+                                               "regular"; "oid" of a file already there — git sha1, or sha256 for
+                                               LFS, _commit_api.py CommitOperationAdd._local_oid — so unchanged files
+                                               are skipped)
+- POST /REPO.git/info/lfs/objects/batch        lfs.py post_lfs_batch_info: basic transfer, an upload href per object
+- PUT  /lfs-upload/OID                         lfs.py _upload_single_part (body checked against its sha256); a commit's
+                                               lfsFile line (_commit_api.py _payload_as_ndjson) names an uploaded oid.
+                                               Xet is not served: the stand-in sets HF_HUB_DISABLE_XET for the client
+                                               in its process (constants.py), as the e2e tests' environment does
 - POST /api/models/REPO/commit/REV             _commit_api.py _prepare_commit_payload / _send_commit: ndjson
                                                header (parentCommit → 412 when the branch moved), file (base64),
                                                deletedFile, deletedFolder; answers commitUrl + commitOid
@@ -21,8 +29,12 @@ follows in the client's source (site-packages/huggingface_hub/):
                                                Content-Length); errors as utils/_http.py hf_raise_for_status
                                                reads them (X-Error-Code RepoNotFound / EntryNotFound / RevisionNotFound)
 
-Faults (`HubServer.faults`): `fail(status, times, path=..., retry_after_s=...)` answers the next
-matching requests with an error; `drop_after_commit()` applies the next commit and closes the
+Faults (`HubServer.faults`): `fail(status, times, path=..., retry_after_s=..., ratelimit_reset_s=...)`
+answers the next matching requests with an error (a 429 may carry Retry-After and the IETF RateLimit
+headers, as utils/_http.py parse_ratelimit_headers reads them); `hang(times, path=..., seconds=...)`
+holds the next matching requests unanswered, then closes the connection without applying them;
+`lag_repo_info(times)` answers repo info with the head before the last commit (a cached read);
+`take_over(path, content)` lands a commit of another writer (e.g. a new lease.json) just before the next commit; `drop_after_commit()` applies the next commit and closes the
 connection without answering; `race_next_commit()` lands a foreign commit just before the next
 one; `truncate_next_download()` sends half a file under the full Content-Length.
 
@@ -79,6 +91,8 @@ class Fault:
     times: int
     path: str  # regex searched in "METHOD /path"
     retry_after_s: float | None = None
+    ratelimit_reset_s: float | None = None  # a 429's RateLimit header: none left, reset in this many seconds
+    hang_s: float = 0.0  # > 0: no answer; the connection closes after this many seconds
 
 
 @dataclass
@@ -107,10 +121,34 @@ class Faults:
         self.race_commits = 0
         self.race_files: dict[str, bytes] = {}
         self.truncate_downloads = 0
+        self.lag_info = 0
+        self.hung = 0  # requests held unanswered so far
 
-    def fail(self, status: int, times: int = 1, *, path: str = "", retry_after_s: float | None = None) -> None:
+    def fail(
+        self,
+        status: int,
+        times: int = 1,
+        *,
+        path: str = "",
+        retry_after_s: float | None = None,
+        ratelimit_reset_s: float | None = None,
+    ) -> None:
         with self._lock:
-            self._errors.append(Fault(status, times, path, retry_after_s))
+            self._errors.append(Fault(status, times, path, retry_after_s, ratelimit_reset_s))
+
+    def hang(self, times: int = 1, *, path: str = "", seconds: float = 5.0) -> None:
+        """The next `times` requests matching `path` get no answer; after `seconds` the connection closes."""
+        with self._lock:
+            self._errors.append(Fault(0, times, path, hang_s=seconds))
+
+    def lag_repo_info(self, times: int = 1) -> None:
+        """The next `times` repo-info reads report the head before the last commit (a lagging cache)."""
+        with self._lock:
+            self.lag_info += times
+
+    def take_over(self, path: str, content: bytes) -> None:
+        """Another writer commits `content` at `path` just before the next commit arrives."""
+        self.race_next_commit(files={path: content})
 
     def fail_every(
         self, every: int, statuses: tuple[int, ...], *, path: str = "", retry_after_s: float | None = None
@@ -175,6 +213,7 @@ class HubState:
         self.orgs: dict[str, set[str]] = {}  # org → members
         self.repos: dict[tuple[str, str], Repo] = {}  # (type, repo_id) → repo
         self.requests: list[str] = []  # "METHOD /path" of every request, in order
+        self.lfs: dict[str, bytes] = {}  # sha256 → content of every LFS object uploaded
 
     def add_token(self, user: str, role: str = "write") -> str:
         token = f"hf_{uuid.uuid4().hex}"
@@ -205,6 +244,25 @@ class HubState:
         return role == "write" and (namespace == user or user in self.orgs.get(namespace, set()))
 
 
+def is_lfs(path: str) -> bool:
+    """Whether the Hub stores `path` with LFS (a new repo's .gitattributes tracks *.safetensors so)."""
+    return path.endswith(".safetensors")
+
+
+def _oid_of(path: str, data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest() if is_lfs(path) else git_blob_sha1(data)
+
+
+def _fault_headers(fault: Fault) -> dict[str, str]:
+    headers = {}
+    if fault.retry_after_s is not None:
+        headers["Retry-After"] = str(int(fault.retry_after_s))
+    if fault.ratelimit_reset_s is not None:
+        headers["RateLimit"] = f'"commits";r=0;t={int(fault.ratelimit_reset_s)}'
+        headers["RateLimit-Policy"] = '"fixed window";"commits";q=128;w=3600'
+    return headers
+
+
 def _oid() -> str:
     return uuid.uuid4().hex + uuid.uuid4().hex[:8]
 
@@ -217,6 +275,8 @@ class HubError(Exception):
 
 _TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _API = re.compile(r"^/api/(models|datasets|spaces)/([^/]+/[^/]+)(?:/(\w[\w-]*)(?:/(.*))?)?$")
+_LFS_BATCH = re.compile(r"^/([^/]+/[^/]+)\.git/info/lfs/objects/batch$")
+_LFS_PUT = re.compile(r"^/lfs-upload/([0-9a-f]{64})$")
 _RESOLVE = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
 
 
@@ -237,27 +297,50 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self._serve("POST")
 
+    def do_PUT(self) -> None:  # noqa: N802
+        self._serve("PUT")
+
     # ---- dispatch --------------------------------------------------------------------------
     def _serve(self, method: str) -> None:
         url = urlsplit(self.path)
         self.query = parse_qs(url.query)
-        self.body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method == "POST" else b""
+        self.body = self._read_body() if method in ("POST", "PUT") else b""
         line = f"{method} {url.path}"
         state = self.server.state
         with state.lock:
             state.requests.append(line)
         fault = self.server.faults.take_error(line)
+        if fault is not None and fault.hang_s > 0:
+            with self.server.faults._lock:
+                self.server.faults.hung += 1
+            time.sleep(fault.hang_s)
+            self.close_connection = True
+            return
         try:
             if fault is not None:
-                headers = {"Retry-After": str(int(fault.retry_after_s))} if fault.retry_after_s is not None else {}
-                raise HubError(fault.status, "injected fault", headers=headers)
+                raise HubError(fault.status, "injected fault", headers=_fault_headers(fault))
             self._route(method, url.path)
         except HubError as err:
             self._json(err.status, {"error": err.message}, code=err.code, extra=err.headers)
         except ConnectionError:
             self.close_connection = True
 
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        chunks = []
+        while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+            chunks.append(self.rfile.read(size))
+            self.rfile.readline()
+        while self.rfile.readline().strip():  # trailers, up to the blank line
+            pass
+        return b"".join(chunks)
+
     def _route(self, method: str, path: str) -> None:
+        if match := _LFS_BATCH.match(path):
+            return self._lfs_batch(match.group(1))
+        if match := _LFS_PUT.match(path):
+            return self._lfs_put(match.group(1))
         if path == "/api/whoami-v2":
             return self._whoami()
         if path == "/api/repos/create" and method == "POST":
@@ -353,7 +436,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _info(self, repo: Repo) -> None:
         with self.server.state.lock:
-            head = repo.head
+            lagging = len(repo.commits) > 1 and self.server.faults.take("lag_info")
+            head = repo.commits[-2] if lagging else repo.head
             siblings = [{"rfilename": path} for path in sorted(head.files)]
         self._json(200, {"id": repo.repo_id, "sha": head.id, "private": repo.private, "siblings": siblings})
 
@@ -365,13 +449,35 @@ class Handler(BaseHTTPRequestHandler):
             answer = [
                 {
                     "path": f["path"],
-                    "uploadMode": "regular",
+                    "uploadMode": "lfs" if is_lfs(f["path"]) else "regular",
                     "shouldIgnore": False,
-                    **({"oid": git_blob_sha1(current[f["path"]])} if f["path"] in current else {}),
+                    **({"oid": _oid_of(f["path"], current[f["path"]])} if f["path"] in current else {}),
                 }
                 for f in files
             ]
         self._json(200, {"files": answer})
+
+    def _lfs_batch(self, repo_id: str) -> None:
+        repo = self._repo("model", repo_id)
+        self._need_write(repo)
+        payload = json.loads(self.body)
+        if "basic" not in payload.get("transfers", ["basic"]):
+            raise HubError(400, "the stand-in Hub offers the basic LFS transfer only")
+        objects = []
+        for obj in payload["objects"]:
+            href = f"{self.server.endpoint}/lfs-upload/{obj['oid']}"
+            have = obj["oid"] in self.server.state.lfs
+            objects.append(
+                {"oid": obj["oid"], "size": obj["size"], **({} if have else {"actions": {"upload": {"href": href}}})}
+            )
+        self._json(200, {"transfer": "basic", "objects": objects})
+
+    def _lfs_put(self, oid: str) -> None:
+        if hashlib.sha256(self.body).hexdigest() != oid:
+            raise HubError(400, "the uploaded content does not match its sha256")
+        with self.server.state.lock:
+            self.server.state.lfs[oid] = self.body
+        self._send(200, b"", "text/plain", {})
 
     def _commit(self, repo: Repo, rev: str) -> None:
         self._need_write(repo)
@@ -388,7 +494,7 @@ class Handler(BaseHTTPRequestHandler):
             parent = header.get("parentCommit")
             if parent and parent != repo.head.id:
                 raise HubError(412, "A commit has happened since. Please refresh and try again.")
-            files = self._apply(dict(repo.head.files), lines)
+            files = self._apply(dict(repo.head.files), lines, state.lfs)
             commit = Commit(_oid(), header.get("summary", ""), header.get("description", ""), user, time.time(), files)
             repo.commits.append(commit)
         if faults.take("drop_commits") or faults.take_periodic_drop():
@@ -398,7 +504,7 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, {"commitUrl": url, "commitOid": commit.id, "success": True})
 
     @staticmethod
-    def _apply(files: dict[str, bytes], lines: list[dict]) -> dict[str, bytes]:
+    def _apply(files: dict[str, bytes], lines: list[dict], lfs: dict[str, bytes]) -> dict[str, bytes]:
         for item in lines:
             key, value = item["key"], item["value"]
             if key == "file":
@@ -411,7 +517,9 @@ class Handler(BaseHTTPRequestHandler):
                 folder = value["path"].rstrip("/") + "/"
                 files = {p: d for p, d in files.items() if not p.startswith(folder)}
             elif key == "lfsFile":
-                raise HubError(400, "the stand-in Hub takes regular files only")
+                if value["oid"] not in lfs:
+                    raise HubError(422, f"LFS object {value['oid']} was not uploaded", code="LfsNotFound")
+                files[value["path"]] = lfs[value["oid"]]
         return files
 
     def _tree(self, repo: Repo, rev: str, sub: str) -> None:
@@ -466,6 +574,9 @@ class Handler(BaseHTTPRequestHandler):
             raise HubError(404, "Entry not found", code="EntryNotFound")
         data = files[path]
         headers = {"X-Repo-Commit": head_id if rev == "main" else rev, "ETag": f'"{git_blob_sha1(data)}"'}
+        if is_lfs(path):  # file_download.py reads X-Linked-Etag (the sha256) for an LFS file
+            headers["X-Linked-Etag"] = f'"{hashlib.sha256(data).hexdigest()}"'
+            headers["X-Linked-Size"] = str(len(data))
         truncated = method == "GET" and self.server.faults.take("truncate_downloads")
         self._send(200, data, "application/octet-stream", headers, truncate=truncated)
 
@@ -528,10 +639,17 @@ class HubServer(ThreadingHTTPServer):
         self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), name="hubserver", daemon=True)
 
     def __enter__(self) -> HubServer:
+        from huggingface_hub import constants
+
+        self._xet_was_disabled = constants.HF_HUB_DISABLE_XET
+        constants.HF_HUB_DISABLE_XET = True  # the stand-in serves basic LFS, not Xet
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        from huggingface_hub import constants
+
+        constants.HF_HUB_DISABLE_XET = self._xet_was_disabled
         self.shutdown()
         self.server_close()
 

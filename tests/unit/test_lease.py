@@ -9,7 +9,7 @@ import time
 import pytest
 
 from runner.clock import FakeClock, SystemClock
-from runner.errors import LeaseHeld
+from runner.errors import EXIT_LEASE_LOST, LeaseHeld, LeaseLapsed, LeaseLost, StorageError
 from runner.lease import Lease, read_lease
 from runner.storage.local import LocalStorage
 
@@ -100,6 +100,7 @@ def test_a_heartbeat_that_finds_the_lease_taken_makes_the_session_stop(tmp_path)
     heartbeat = old.start_heartbeat(wait=beats)
     heartbeat._thread.join(10)
     assert heartbeat.beats == 0 and heartbeat.lost is not None and heartbeat.lost.holder == "kaggle:b:2"
+    assert isinstance(heartbeat.lost, LeaseLost) and heartbeat.lost.exit_code == EXIT_LEASE_LOST
     with pytest.raises(LeaseHeld):
         old.check()
     old.release()
@@ -170,3 +171,85 @@ def test_a_killed_process_not_yet_reaped_counts_as_gone():
     finally:
         child.kill()
         child.wait()
+
+
+# ---------------------------------------------------------------- one writer on a folder: the fence
+
+
+def _fenced_manager(storage, lease, tmp_path, name, clock):
+    from runner.checkpoint.manager import CheckpointManager
+    from runner.storage.fenced import FencedStorage
+
+    return CheckpointManager(FencedStorage(storage, lease.assert_held), "run", tmp_path / name, keep=1, clock=clock,
+                             upload_attempts=1)  # fmt: skip
+
+
+def _commit_step(manager, step: int) -> bool:
+    manager.submit(manager.stage(step, lambda d: (d / "lora.safetensors").write_bytes(bytes([step]) * 64) and {}))
+    return manager.wait()
+
+
+def _committed(root) -> list[int]:
+    return sorted(int(p.parent.name[5:]) for p in (root / "run" / "checkpoints").glob("step-*/COMMIT.json"))
+
+
+def test_after_a_takeover_the_old_holder_commits_and_deletes_nothing_on_a_folder(tmp_path):
+    """A's heartbeat stopped landing for longer than the timeout; B takes the run and commits step 20.
+    A still thinks it holds the run (its own clock says the lease is fresh); its next checkpoint (keep=1:
+    it would delete B's step 20) is refused by the token check right before the write."""
+    root = tmp_path / "store"
+    storage, clock_a, clock_b = LocalStorage(root), FakeClock(), FakeClock(start_wall=1_800_000_000.0 + 301)
+    old = _lease(storage, "colab:a:1", clock_a)
+    old.acquire()
+    old_ckpts = _fenced_manager(storage, old, tmp_path, "a", clock_a)
+    assert _commit_step(old_ckpts, 10)
+    new = _lease(storage, "kaggle:b:2", clock_b)
+    new.acquire()  # A's heartbeat is 301 s old on B's clock: taken without --take-over
+    assert _commit_step(_fenced_manager(storage, new, tmp_path, "b", clock_b), 20)
+    assert _committed(root) == [20]
+    with pytest.raises(LeaseLost) as info:
+        _commit_step(old_ckpts, 30)
+    assert info.value.exit_code == EXIT_LEASE_LOST and "kaggle:b:2" in str(info.value)
+    assert _committed(root) == [20] and not (root / "run" / "checkpoints" / "step-00000030").exists()
+    with pytest.raises(LeaseLost):
+        old.check()
+    old.release()
+    assert read_lease(storage, "run").holder == "kaggle:b:2"
+
+
+def test_a_holder_whose_lease_may_have_lapsed_writes_nothing(tmp_path):
+    storage, clock = LocalStorage(tmp_path), FakeClock()
+    lease = _lease(storage, "colab:a:1", clock)
+    lease.acquire()
+    clock.advance(lease.timeout_s - lease.guard_s)  # no renewal landed since: others may soon call it dead
+    with pytest.raises(LeaseLapsed):
+        lease.assert_held()
+    assert lease.is_lost
+
+
+class FailingPuts(LocalStorage):
+    """A folder whose writes time out (a hung mount), after `ok` good ones."""
+
+    def __init__(self, root, ok: int) -> None:
+        super().__init__(root)
+        self.ok = ok
+
+    def put(self, local_file, key):
+        if self.ok <= 0:
+            raise StorageError(f"writing {key} timed out", key=key, transient=True)
+        self.ok -= 1
+        super().put(local_file, key)
+
+
+def test_a_heartbeat_that_cannot_land_ends_the_session_before_the_lease_lapses(tmp_path):
+    storage, clock = FailingPuts(tmp_path, ok=1), FakeClock()
+    lease = _lease(storage, "colab:a:1", clock)
+    lease.acquire()
+    beats = Beats(clock, 100)
+    heartbeat = lease.start_heartbeat(wait=beats)
+    heartbeat._thread.join(10)
+    assert isinstance(heartbeat.lost, LeaseLapsed)
+    assert clock.monotonic() < lease.timeout_s  # stopped while its lease.json still read as fresh
+    assert beats.waits[0] == 100.0 and beats.waits[-1] < 100.0  # tried more often as the lapse neared
+    with pytest.raises(LeaseLapsed):
+        lease.check()

@@ -85,6 +85,14 @@ def run_loop(session: Session, tr: FakeTrainingRun, deadline: float | None, step
 
     state = new_state(session.ctx)
     session.step_from = session.step = step_from
+    session.lease.acquire()  # as run() does: every write of the loop is fenced by the lease
+    step = tr.step
+
+    def step_and_beat(n: int):  # the heartbeat thread's work, done in step with the fake clock
+        session.lease.heartbeat()
+        return step(n)
+
+    tr.step = step_and_beat
     with install_stop_handlers() as stop:
         try:
             return session._loop(tr, state, deadline, stop)
