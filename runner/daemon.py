@@ -12,8 +12,9 @@ trainer's SIGTERM handling, exit 75), and the local run folder that ties them to
         trainer.log      the trainer's own output (plain progress lines, errors)
         supervisor.log   the supervisor's output (only when something is very wrong)
 
-Restart policy (`decide`, pure): never after exit 0 (done), 2 (bad input, a refused resume) or 75
-(session over, or asked to stop), nor after the run's lease was refused; a failure that repeats with
+Restart policy (`decide`, pure): never after exit 0 (done), 2 (bad input, a refused resume), 3 (refused:
+another session holds the run, or the credentials were refused) or 75 (session over, or asked to stop),
+by the exit code alone (runner/errors.py), never by matching messages; a failure that repeats with
 no new committed step in between stops with a message instead of looping.
 
 Must not: import torch, or edit what the trainer does: the trainer is the unchanged `relay train`.
@@ -35,17 +36,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner import events as ev
-from runner.errors import EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, UsageError
+from runner.errors import EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, EXIT_REFUSED, EXIT_USAGE, UsageError
 from runner.secretfile import hand_over, take_over
 
 log = logging.getLogger(__name__)
 
 ENV_HOME = "RELAY_HOME"
 ENV_BACKOFF = "RELAY_RESTART_BACKOFF_S"  # the first restart's delay in seconds (tests shorten it)
-NO_RESTART_CODES = (EXIT_OK, EXIT_USAGE, EXIT_PREEMPTED)
-# Trainer messages that refuse the run rather than fail it (runner/errors.py LeaseHeld, CredentialsError;
-# runner/storage/gdrive.py translate): restarting cannot help, the user must act first.
-REFUSALS = ("another session is training this run", "no Google Drive credentials found", "Google refused the")
+# Done, bad input, session over, or refused (another session holds the run, or the store refused the
+# credentials: runner/errors.py EXIT_REFUSED): restarting cannot help, the user must act first.
+NO_RESTART_CODES = (EXIT_OK, EXIT_USAGE, EXIT_PREEMPTED, EXIT_REFUSED)
 LOG_TAIL_BYTES = 4096
 PHASE_STARTING, PHASE_RUNNING, PHASE_RESTARTING, PHASE_ENDED = "starting", "running", "restarting", "ended"
 
@@ -75,9 +75,12 @@ def describe_exit(code: int) -> str:
             return f"killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"killed by signal {-code}"
-    return {EXIT_OK: "target reached", EXIT_USAGE: "bad input", EXIT_PREEMPTED: "session over (run it again)"}.get(
-        code, f"exit {code}"
-    )
+    return {
+        EXIT_OK: "target reached",
+        EXIT_USAGE: "bad input",
+        EXIT_PREEMPTED: "session over (run it again)",
+        EXIT_REFUSED: "refused (another session holds the run, or the credentials were refused)",
+    }.get(code, f"exit {code}")
 
 
 def decide(
@@ -90,9 +93,6 @@ def decide(
     previous failure (None: no earlier failure in this start)."""
     if code in NO_RESTART_CODES or stop_requested:
         return Decision(False, message=f"trainer ended: {describe_exit(code)}")
-    refusal = next((r for r in REFUSALS if r in log_tail), None)
-    if refusal:
-        return Decision(False, message=f"trainer refused to start ({refusal}); not restarting")
     last_line = _last_error_line(log_tail)
     if failed_at_step is not None and committed_step <= failed_at_step:
         return Decision(False, message=(

@@ -11,7 +11,9 @@ EXIT_OK = 0  # target reached, final LoRA written
 EXIT_ERROR = 1  # something must be fixed before running again
 EXIT_USAGE = 2  # bad command line or bad input
 EXIT_PREEMPTED = 75  # session budget spent or interrupted: run the same command again (EX_TEMPFAIL)
-EXIT_LEASE_LOST = 3  # another session took the run: this one stopped without writing; do not run it again
+# refused, never restarted by itself: another session holds the run (at the start, or it took the run over and this
+# one stopped without writing), or the store refused the credentials. Wait for it, or fix the credentials.
+EXIT_REFUSED = 3
 EXIT_KEYBOARD = 130  # Ctrl-C reached the command line before a session could stop cleanly (128 + SIGINT)
 
 
@@ -82,7 +84,10 @@ class StorageLocationError(StorageError):
 
 
 class CredentialsError(StorageError):
-    """Missing or invalid storage credentials. The message never contains the secret."""
+    """Missing or invalid storage credentials: a refusal (exit 3), never retried or restarted by itself.
+    The message never contains the secret."""
+
+    exit_code = EXIT_REFUSED
 
 
 class CheckpointCorrupt(RelayError):
@@ -108,7 +113,9 @@ class ResumeMismatch(RelayError):
 
 
 class LeaseHeld(RelayError):
-    """Another live session holds the run's lease."""
+    """Another live session holds the run's lease: a refusal (exit 3)."""
+
+    exit_code = EXIT_REFUSED
 
     def __init__(self, holder: str, since: str, heartbeat_age_s: float) -> None:
         super().__init__(
@@ -123,8 +130,6 @@ class LeaseHeld(RelayError):
 
 class LeaseLost(LeaseHeld):
     """This session held the lease and another session has taken it since: it stops and writes nothing more."""
-
-    exit_code = EXIT_LEASE_LOST
 
 
 class LeaseLapsed(RelayError):

@@ -202,8 +202,8 @@ def test_a_lease_held_by_a_live_session_refuses_with_the_printed_code(tmp_path):
     (tmp_path / "s" / "tiny" / "lease.json").write_text(json.dumps(lease))
     done = relay(["train", "--profile", "tiny", "--storage", str(tmp_path / "s"), "--workdir", str(tmp_path / "w"),
                   "--plain"])  # fmt: skip
-    assert_clear(done, 1, "another session is training this run", "--take-over")
-    assert ended_line(done) == "refused: another session holds the lease (exit 1)"
+    assert_clear(done, 3, "another session is training this run", "--take-over")
+    assert ended_line(done) == "refused: another session holds the lease (exit 3)"
 
 
 def test_a_refused_resume_prints_the_code_it_returns(tmp_path):

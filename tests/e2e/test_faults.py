@@ -21,7 +21,7 @@ import pytest
 
 from runner import events
 from runner.checkpoint.manifest import parse_manifest, verify_dir
-from runner.errors import EXIT_LEASE_LOST
+from runner.errors import EXIT_REFUSED
 from tests.e2e.conftest import (
     RUN,
     Reference,
@@ -409,7 +409,7 @@ def test_stale_lease_is_taken_over_and_a_live_one_is_refused(tmp_path, reference
     storage = cut_back(reference, tmp_path / "storage", keep_steps=(last - 1,))
     workdir = reference.seed_workdir(tmp_path / "work")
     _lease(storage, age_s=30)
-    assert relay_main(train_args(storage, workdir)) == 1
+    assert relay_main(train_args(storage, workdir)) == EXIT_REFUSED
     err = capsys.readouterr().err
     assert "another session is training this run" in err and "colab:dead-vm" in err and "Traceback" not in err
     assert verified_steps(storage / RUN) == [last - 1], "a refused session touched the checkpoints"
@@ -430,7 +430,7 @@ def test_two_processes_on_one_run_exactly_one_trains(tmp_path, reference, reliab
         procs.append(start_relay(train_args(storage, workdir), tmp_path / f"{name}.log"))
     codes = sorted(wait_relay(p, timeout_s=400) for p in procs)
     logs = [(tmp_path / f"{n}.log").read_text() for n in ("a", "b")]
-    assert codes == [0, 1], f"exit codes {codes}:\n" + "\n----\n".join(log[-1500:] for log in logs)
+    assert codes == [0, EXIT_REFUSED], f"exit codes {codes}:\n" + "\n----\n".join(log[-1500:] for log in logs)
     loser = next(log for log in logs if "another session is training this run" in log)
     assert "Traceback" not in loser
     assert_same_lora(final_of(storage), reference.final_lora)
@@ -453,7 +453,7 @@ def test_a_takeover_while_the_first_trainer_runs_leaves_one_writer(tmp_path, ref
                          tmp_path / "b.log")  # fmt: skip
     code_b, code_a = wait_relay(second, timeout_s=400), wait_relay(first, timeout_s=400)
     log_a, log_b = (tmp_path / "a.log").read_text(), (tmp_path / "b.log").read_text()
-    assert (code_a, code_b) == (EXIT_LEASE_LOST, 0), f"A {code_a}, B {code_b}:\n{log_a[-2000:]}\n----\n{log_b[-2000:]}"
+    assert (code_a, code_b) == (EXIT_REFUSED, 0), f"A {code_a}, B {code_b}:\n{log_a[-2000:]}\n----\n{log_b[-2000:]}"
     assert "another session is training this run" in log_a and "Traceback" not in log_a
     assert_same_lora(final_of(storage), reference.final_lora)
     assert verified_steps(storage / RUN)[-1] == reference.steps  # B's last checkpoint is there, verified

@@ -140,7 +140,7 @@ def test_a_takeover_while_the_first_trainer_runs_leaves_one_writer_on_the_hub(hu
     finishes it. From Bob's lease commit on, the Hub holds no commit of Alice's: her next checkpoint commit
     names a parent where the lease was hers, the Hub refuses it (412), and her trainer exits 3 without
     deleting, recording or exporting anything. Bob's final LoRA is the uninterrupted run's, bit for bit."""
-    from runner.errors import EXIT_LEASE_LOST
+    from runner.errors import EXIT_REFUSED
     from tests.e2e.conftest import wait_for
 
     alice = relay_env({**hub_env(hub, hub.state.add_token("alice")), "RELAY_TEST_STEP_DELAY_S": "6"})
@@ -152,7 +152,7 @@ def test_a_takeover_while_the_first_trainer_runs_leaves_one_writer_on_the_hub(hu
                          tmp_path / "b.log", env=bob)  # fmt: skip
     code_b, code_a = wait_relay(second, timeout_s=400), wait_relay(first, timeout_s=400)
     log_a, log_b = (tmp_path / "a.log").read_text(), (tmp_path / "b.log").read_text()
-    assert (code_a, code_b) == (EXIT_LEASE_LOST, 0), f"A {code_a}, B {code_b}:\n{log_a[-2000:]}\n----\n{log_b[-2000:]}"
+    assert (code_a, code_b) == (EXIT_REFUSED, 0), f"A {code_a}, B {code_b}:\n{log_a[-2000:]}\n----\n{log_b[-2000:]}"
     assert "another session is training this run" in log_a and "Traceback" not in log_a
     commits = hub.state.commits(REPO_ID)
     taken = next(i for i, c in enumerate(commits) if c.author == "bob" and "lease.json" in c.title)

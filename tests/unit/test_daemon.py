@@ -42,8 +42,16 @@ def test_the_bound_holds_even_with_progress():
 
 
 def test_a_refused_lease_or_a_requested_stop_is_not_restarted():
-    assert not decide(1, tail="relay: error: another session is training this run: colab:x").restart
-    assert not decide(1, tail="relay: error: no Google Drive credentials found; looked in: …").restart
+    from runner.errors import EXIT_REFUSED, CredentialsError, LeaseHeld, LeaseLost, exit_code_for
+
+    refusals = [
+        LeaseHeld("colab:x", "", 3.0),
+        LeaseLost("colab:y", "", 1.0),
+        CredentialsError("no Google Drive credentials found"),
+    ]
+    assert {exit_code_for(e) for e in refusals} == {EXIT_REFUSED}  # by its code, not by matching the message
+    assert not decide(EXIT_REFUSED).restart and "refused" in decide(EXIT_REFUSED).message
+    assert decide(1, tail="relay: error: a CUDA error that says another session is training this run").restart
     assert not decide(-signal.SIGTERM, stop=True).restart
 
 

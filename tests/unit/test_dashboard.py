@@ -245,7 +245,7 @@ def test_live_mode_shows_library_warnings_and_the_stop_acknowledgement_inside_th
         (ResumeMismatch({"lora.rank": (4, 8)}), "refused: settings differ from the stored run (exit 2)"),
         (
             LeaseHeld("colab:vm:pid7:abc", "2026-12-01T10:00:00Z", 32.0),
-            "refused: another session holds the lease (exit 1)",
+            "refused: another session holds the lease (exit 3)",
         ),
         (StorageError("Drive said 500"), "error (exit 1)"),
         (RuntimeError("boom"), "error (exit 1)"),

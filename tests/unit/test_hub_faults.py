@@ -9,7 +9,7 @@ import pytest
 
 from runner.checkpoint.manager import CheckpointManager
 from runner.clock import FakeClock
-from runner.errors import EXIT_LEASE_LOST, EXIT_PREEMPTED, LeaseHeld, LeaseLapsed, LeaseLost, StorageError
+from runner.errors import EXIT_REFUSED, EXIT_PREEMPTED, LeaseHeld, LeaseLapsed, LeaseLost, StorageError
 from runner.lease import Lease, read_lease
 from runner.storage.fenced import FencedStorage
 from runner.storage.hub import open_hub
@@ -180,7 +180,7 @@ def test_after_a_takeover_the_old_holder_commits_and_deletes_nothing(hub, clock,
     assert _steps(hub) == [20]  # B rotated A's step 10 away (keep=1), as the one writer now
     with pytest.raises(LeaseLost) as info:
         _commit_step(old_ckpts, 30)
-    assert info.value.exit_code == EXIT_LEASE_LOST and "kaggle:b:2" in str(info.value)
+    assert info.value.exit_code == EXIT_REFUSED and "kaggle:b:2" in str(info.value)
     assert _steps(hub) == [20]  # nothing of B's deleted, no step 30
     assert not [p for p in hub.state.files("team/runs") if "step-00000030" in p]
     with pytest.raises(LeaseLost):

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from runner.clock import FakeClock, SystemClock
-from runner.errors import EXIT_LEASE_LOST, LeaseHeld, LeaseLapsed, LeaseLost, StorageError
+from runner.errors import EXIT_REFUSED, LeaseHeld, LeaseLapsed, LeaseLost, StorageError
 from runner.lease import Lease, read_lease
 from runner.storage.local import LocalStorage
 
@@ -100,7 +100,7 @@ def test_a_heartbeat_that_finds_the_lease_taken_makes_the_session_stop(tmp_path)
     heartbeat = old.start_heartbeat(wait=beats)
     heartbeat._thread.join(10)
     assert heartbeat.beats == 0 and heartbeat.lost is not None and heartbeat.lost.holder == "kaggle:b:2"
-    assert isinstance(heartbeat.lost, LeaseLost) and heartbeat.lost.exit_code == EXIT_LEASE_LOST
+    assert isinstance(heartbeat.lost, LeaseLost) and heartbeat.lost.exit_code == EXIT_REFUSED
     with pytest.raises(LeaseHeld):
         old.check()
     old.release()
@@ -209,7 +209,7 @@ def test_after_a_takeover_the_old_holder_commits_and_deletes_nothing_on_a_folder
     assert _committed(root) == [20]
     with pytest.raises(LeaseLost) as info:
         _commit_step(old_ckpts, 30)
-    assert info.value.exit_code == EXIT_LEASE_LOST and "kaggle:b:2" in str(info.value)
+    assert info.value.exit_code == EXIT_REFUSED and "kaggle:b:2" in str(info.value)
     assert _committed(root) == [20] and not (root / "run" / "checkpoints" / "step-00000030").exists()
     with pytest.raises(LeaseLost):
         old.check()
