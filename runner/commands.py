@@ -11,6 +11,7 @@ session (session.py) or decide anything a pure function can (budget, fit).
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from runner import events
 from runner.checkpoint.manager import CheckpointManager, Restored
 from runner.clock import Clock, SystemClock
 from runner.env import Env, detect_env
-from runner.errors import EXIT_OK, UsageError
+from runner.errors import EXIT_OK, EXIT_USAGE, RelayError, UsageError, exit_code_for
 from runner.profile import Profile, load_profile
 from runner.storage import Storage
 from runner.storage.url import open_storage
@@ -71,44 +72,105 @@ class Context:
     bus: events.EventBus
     clock: Clock
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    experiment: str = ""
+    """The experiment this run is a variant of ("": a run of its own); its variants share one latent cache."""
 
     @property
     def holder(self) -> str:
         return f"{self.env.platform}:{self.env.host}:pid{os.getpid()}:{self.session_id}"
 
 
-def build_context(opts: Options, *, clock: Clock | None = None, env: Env | None = None) -> Context:
-    profile = opts.load_profile()
+def build_context(
+    opts: Options, *, clock: Clock | None = None, env: Env | None = None, profile: Profile | None = None,
+    run: str | None = None, experiment: str = "",
+) -> Context:  # fmt: skip
+    """`profile` and `run`: a variant of an experiment (default: the profile the options name, its run)."""
+    profile = profile or opts.load_profile()
+    if profile.variants and run is None and opts.run:  # --run VARIANT (or EXP--VARIANT): that variant's settings
+        match = next((v for v in profile.variants if opts.run in (v.variant, v.run_name)), None)
+        if match is not None:
+            profile, run, experiment = match, match.run_name, profile.run_name
     env = env or detect_env(workdir=opts.workdir)
     storage = open_storage(opts.storage)
-    run = opts.run or profile.run_name  # profiles of one job (T4, Kaggle 2×T4) share a run
+    run = run or opts.run or profile.run_name  # profiles of one job (T4, Kaggle 2×T4) share a run
     workdir = Path(opts.workdir or env.workdir) / run
     workdir.mkdir(parents=True, exist_ok=True)
-    return Context(opts, profile, env, storage, run, workdir, events.EventBus(), clock or SystemClock())
+    return Context(opts, profile, env, storage, run, workdir, events.EventBus(), clock or SystemClock(),
+                   experiment=experiment)  # fmt: skip
 
 
 def train(args) -> int:
-    from runner.session import Session, logs_dir
-
+    """`relay train`: one run, or each unfinished variant of an experiment in turn while the session lasts."""
     opts = Options.from_args(args)
-    ctx = build_context(opts)
-    processes = int(os.environ.get("RELAY_PROCESSES", "0")) or len(ctx.env.gpus)  # one per GPU by default
+    profile = opts.load_profile()  # an experiment's variants are all validated here, before any model loads
+    env = detect_env(workdir=opts.workdir)
+    processes = int(os.environ.get("RELAY_PROCESSES", "0")) or len(env.gpus)  # one per GPU by default
     if processes > 1 and "WORLD_SIZE" not in os.environ:
         from runner.fit import split_effective_batch
 
-        split_effective_batch(ctx.profile.train.batch_size * ctx.profile.train.grad_accum, processes)  # before any rank
+        for each in profile.variants or (profile,):  # before any rank
+            split_effective_batch(each.train.batch_size * each.train.grad_accum, processes)
         from runner.launch import launch_distributed
 
-        return launch_distributed(processes)
+        return launch_distributed(processes)  # every rank runs this command again (the whole experiment)
+    if profile.variants:
+        return train_experiment(opts, profile, env)
+    return train_session(build_context(opts, profile=profile, env=env))
+
+
+def train_session(ctx: Context) -> int:
+    from runner.session import Session, logs_dir
+
     if int(os.environ.get("RANK", "0")) != 0:
         return Session(ctx).run()  # other ranks train in lockstep and show nothing
     from runner.dashboard import Dashboard
     from runner.tblog import TensorBoardLogger
 
-    with Dashboard.for_terminal(ctx.clock, plain=opts.plain, profile=ctx.profile) as dash:
+    with Dashboard.for_terminal(ctx.clock, plain=ctx.opts.plain, profile=ctx.profile) as dash:
         ctx.bus.subscribe(dash.on_event)
         TensorBoardLogger(logs_dir(ctx), run=ctx.run, config=ctx.profile.to_dict()).attach(ctx.bus)
         return Session(ctx, dashboard=dash).run()
+
+
+def train_experiment(opts: Options, profile: Profile, env: Env) -> int:
+    """Train the next unfinished variant, then the next while the session lasts (they share its deadline).
+    0 when every variant is complete; 75 when the session ended first; a variant that fails with bad input
+    is recorded in EXP/experiment.json and skipped (exit 2 at the end when nothing else is left)."""
+    from runner import experiment as exp
+
+    storage = open_storage(opts.storage)
+    name = opts.run or profile.run_name
+    runs = dict(exp.variant_runs(profile, opts.run))
+    by_name = {v.variant: v for v in profile.variants}
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    record = exp.open_record(storage, name, list(runs.items())) if is_main else exp.ExperimentRecord(name)
+    complete = {v for v, run in runs.items() if exp.is_complete(storage, run)}
+    tried: set[str] = set()
+    while (variant := exp.next_variant(list(runs), complete, set(record.failed), tried)) is not None:
+        tried.add(variant)
+        ctx = build_context(opts, profile=by_name[variant], run=runs[variant], env=env, experiment=name)
+        try:
+            code = train_session(ctx)
+        except RelayError as exc:
+            if exit_code_for(exc) != EXIT_USAGE:
+                raise  # not the variant's settings: the next session tries again
+            if is_main:
+                record = exp.record_failure(storage, record, variant, str(exc))
+                print(f"relay: variant {variant!r} failed: {exc}\n  → recorded; going on with the next variant",
+                      file=sys.stderr)  # fmt: skip
+            continue
+        if code != EXIT_OK:
+            return code  # the session is over (75) or failed: the next one continues this variant
+        complete.add(variant)
+        if is_main:
+            record = exp.clear_failure(storage, record, variant)
+    failed = {v: e for v, e in record.failed.items() if v not in complete}
+    if failed:
+        names = ", ".join(failed)
+        raise UsageError(f"experiment {name!r}: every variant is complete but {names}, which failed "
+                         f"(errors in {storage.url}/{name}/{exp.EXPERIMENT_FILE})",
+                         hint="fix the variant's settings or data, then run the same command again")  # fmt: skip
+    return EXIT_OK
 
 
 def plan(args) -> int:

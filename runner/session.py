@@ -261,10 +261,17 @@ class Session:
                 time.sleep(delay_s)
             builder(start, stop, folder)
 
-        try:
-            local, built = ensure_latent_cache_in_pieces(
-                self.store, cache_fingerprint(profile), ranges, build_piece, merge_pieces, bus
+        store, cache_fp = self.store, cache_fingerprint(profile)
+        if self.ctx.experiment:  # the variants of an experiment share one cache: EXP/cache/FP
+            from runner.experiment import shared_cache_profile
+
+            workdir = self.ctx.workdir.parent / self.ctx.experiment
+            store, cache_fp = (
+                FolderStore(self.ctx.storage, self.ctx.experiment, workdir),
+                cache_fingerprint(shared_cache_profile(profile)),
             )
+        try:
+            local, built = ensure_latent_cache_in_pieces(store, cache_fp, ranges, build_piece, merge_pieces, bus)
         finally:
             builder.close()
         if built:
