@@ -212,6 +212,28 @@ def export(args) -> int:
     return EXIT_OK
 
 
+def compare(args) -> int:
+    """`relay compare`: loss plot, table and (with a model at hand) image grid of an experiment's variants."""
+    from runner.compare import compare as write_comparison
+    from runner.compare import model_grid
+
+    storage = open_storage(args.storage)
+    grid = None
+    if not args.no_grid:
+        from runner.train.run import Placement
+
+        grid = model_grid(storage, Placement.detect().device)
+    files = write_comparison(storage, experiment=args.experiment, runs=args.runs,
+                             out_dir=Path(args.out) if args.out else None, grid=grid)  # fmt: skip
+    if "table.md" in files:
+        print(files["table.md"].read_text())
+    for name, path in files.items():
+        print(f"{name}: {path}")
+    if "grid.png" not in files and not args.no_grid:
+        print("no image grid here: it needs a GPU (or every run on the tiny model)")
+    return EXIT_OK
+
+
 def newest_checkpoint(ctx: Context) -> Restored:
     restored = CheckpointManager(ctx.storage, ctx.run, ctx.workdir, keep=1, bus=ctx.bus).latest(
         ctx.workdir / "restore" / "export"
