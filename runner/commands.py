@@ -20,8 +20,9 @@ from runner import events
 from runner.checkpoint.manager import CheckpointManager, Restored
 from runner.clock import Clock, SystemClock
 from runner.env import Env, detect_env
-from runner.errors import EXIT_OK, EXIT_USAGE, RelayError, UsageError, exit_code_for
+from runner.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, RelayError, UsageError, exit_code_for
 from runner.profile import Profile, load_profile
+from runner.signals import StopFlag, install_stop_handlers
 from runner.storage import Storage
 from runner.storage.url import open_storage
 
@@ -118,18 +119,18 @@ def train(args) -> int:
     return train_session(build_context(opts, profile=profile, env=env))
 
 
-def train_session(ctx: Context) -> int:
+def train_session(ctx: Context, stop: StopFlag | None = None) -> int:
     from runner.session import Session, logs_dir
 
     if int(os.environ.get("RANK", "0")) != 0:
-        return Session(ctx).run()  # other ranks train in lockstep and show nothing
+        return Session(ctx, stop=stop).run()  # other ranks train in lockstep and show nothing
     from runner.dashboard import Dashboard
     from runner.tblog import TensorBoardLogger
 
     with Dashboard.for_terminal(ctx.clock, plain=ctx.opts.plain, profile=ctx.profile) as dash:
         ctx.bus.subscribe(dash.on_event)
         TensorBoardLogger(logs_dir(ctx), run=ctx.run, config=ctx.profile.to_dict()).attach(ctx.bus)
-        return Session(ctx, dashboard=dash).run()
+        return Session(ctx, dashboard=dash, stop=stop).run()
 
 
 def train_experiment(opts: Options, profile: Profile, env: Env) -> int:
@@ -146,29 +147,33 @@ def train_experiment(opts: Options, profile: Profile, env: Env) -> int:
     record = exp.open_record(storage, name, list(runs.items())) if is_main else exp.ExperimentRecord(name)
     complete = {v for v, run in runs.items() if exp.is_complete(storage, run)}
     tried: set[str] = set()
-    while (variant := exp.next_variant(list(runs), complete, set(record.failed), tried)) is not None:
-        tried.add(variant)
-        ctx = build_context(opts, profile=by_name[variant], run=runs[variant], env=env, experiment=name)
-        try:
-            code = train_session(ctx)
-        except RelayError as exc:
-            if exit_code_for(exc) != EXIT_USAGE:
-                raise  # not the variant's settings: the next session tries again
-            if is_main:
-                record = exp.record_failure(storage, record, variant, str(exc))
+    with install_stop_handlers() as stop:  # one flag for every variant's session: a stop ends the command
+        while (variant := exp.next_variant(list(runs), complete, set(record.failed), tried)) is not None:
+            if stop.requested:
+                return EXIT_PREEMPTED  # asked to stop between two variants
+            tried.add(variant)
+            ctx = build_context(opts, profile=by_name[variant], run=runs[variant], env=env, experiment=name)
+            try:
+                code = train_session(ctx, stop)
+            except RelayError as exc:
+                if exit_code_for(exc) != EXIT_USAGE:
+                    raise  # not the variant's settings: the next session tries again
+                if is_main:
+                    record = exp.record_failure(storage, record, variant, str(exc))
                 print(f"relay: variant {variant!r} failed: {exc}\n  → recorded; going on with the next variant",
                       file=sys.stderr)  # fmt: skip
-            continue
-        if code != EXIT_OK:
-            return code  # the session is over (75) or failed: the next one continues this variant
-        complete.add(variant)
-        if is_main:
-            record = exp.clear_failure(storage, record, variant)
-    failed = {v: e for v, e in record.failed.items() if v not in complete}
-    if failed:
-        names = ", ".join(failed)
-        raise UsageError(f"experiment {name!r}: every variant is complete but {names}, which failed "
-                         f"(errors in {storage.url}/{name}/{exp.EXPERIMENT_FILE})",
+                continue
+            if code != EXIT_OK:
+                return code  # the session is over (75) or failed: the next one continues this variant
+            complete.add(variant)
+            if is_main:
+                record = exp.clear_failure(storage, record, variant)
+    left = set(runs) - complete
+    if left - set(record.failed) and stop.requested:
+        return EXIT_PREEMPTED
+    if left:
+        raise UsageError(f"experiment {name!r}: every variant is complete but {', '.join(sorted(left))}, which "
+                         f"failed (errors in {storage.url}/{name}/{exp.EXPERIMENT_FILE})",
                          hint="fix the variant's settings or data, then run the same command again")  # fmt: skip
     return EXIT_OK
 

@@ -43,7 +43,7 @@ from runner.handoff import Handoff, launch_id
 from runner.lease import Lease, holder_died_on, pid_is_running, read_lease
 from runner.report import session_history
 from runner.runinfo import ensure_run_info, new_state, resolve_target, sets_target
-from runner.signals import install_stop_handlers
+from runner.signals import StopFlag, install_stop_handlers
 from runner.state import RunState, append_session, read_run_info, read_sessions
 
 if TYPE_CHECKING:
@@ -63,9 +63,10 @@ def logs_dir(ctx: Context) -> Path:
 class Session:
     """One session of a run. `run()` returns the process exit code."""
 
-    def __init__(self, ctx: Context, *, dashboard=None) -> None:
+    def __init__(self, ctx: Context, *, dashboard=None, stop: StopFlag | None = None) -> None:
         self.ctx = ctx
         self.dashboard = dashboard
+        self.stop = stop  # an experiment's sessions share one: a stop asked during one variant ends them all
         self.is_main = int(os.environ.get("RANK", "0")) == 0
         self.lease = Lease(ctx.storage, ctx.run, ctx.holder, clock=ctx.clock)
         self.ckpts = CheckpointManager(
@@ -96,7 +97,7 @@ class Session:
 
     def run(self) -> int:
         ctx, code = self.ctx, 1
-        with install_stop_handlers() as stop:
+        with install_stop_handlers(self.stop) as stop:
             try:
                 self._settle_target()
                 if self.is_main:
