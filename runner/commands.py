@@ -223,11 +223,7 @@ def compare(args) -> int:
     from runner.compare import model_grid
 
     storage = open_storage(args.storage)
-    grid = None
-    if not args.no_grid:
-        from runner.train.run import Placement
-
-        grid = model_grid(storage, Placement.detect().device)
+    grid = None if args.no_grid else model_grid(storage)
     files = write_comparison(storage, experiment=args.experiment, runs=args.runs,
                              out_dir=Path(args.out) if args.out else None, grid=grid)  # fmt: skip
     if "table.md" in files:

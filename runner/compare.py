@@ -211,18 +211,26 @@ def compare(storage: Storage, *, experiment: str | None = None, runs: Sequence[s
         try:
             storage.put(path, f"{key}/{filename}")
         except StorageError as exc:
-            raise StorageError(f"compare/{filename} not stored: {exc}", hint=f"the local copy is in {out_dir}") from None
+            raise StorageError(
+                f"compare/{filename} not stored: {exc}", hint=f"the local copy is in {out_dir}"
+            ) from None
     return files
 
 
 # ---------------------------------------------------------------- the image grid (a model runs here)
 
 
-def model_grid(storage: Storage, device: str) -> GridMaker:
+def model_grid(storage: Storage, device: str | None = None) -> GridMaker:
     """A GridMaker that samples every run's newest LoRA with the first run's prompts, seed and sampler on
-    `device`; on a CPU only when every run's model is the tiny one (a full SDXL grid needs a GPU)."""
+    `device` (None: this machine's GPU, else the CPU); on a CPU only when every run's model is the tiny one
+    (a full SDXL grid needs a GPU)."""
 
     def make(pairs: list[tuple[str, str]], out_path: Path) -> Path | None:
+        nonlocal device
+        if device is None:
+            from runner.train.run import Placement
+
+            device = Placement.detect().device
         profiles = [(label, run, _profile_of(storage, run)) for label, run in pairs]
         if not device.startswith("cuda") and any(p.model.base != "tiny" for _, _, p in profiles):
             return None

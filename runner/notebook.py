@@ -29,6 +29,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -248,8 +249,9 @@ def _finish(outcome: Outcome, env: Mapping[str, str], workdir: str | None, relea
         from google.colab import drive  # type: ignore[import-not-found]
 
         drive.flush_and_unmount()  # the mount writes back late; push everything before the VM can go
-    if code == EXIT_OK:
+    if code == EXIT_OK and not show_comparison(outcome.run, outcome.storage, env, workdir):
         show_result(outcome.run, outcome.storage, workdir)
+    if code == EXIT_OK:
         if release_gpu and platform_of(env) == "colab":
             if not is_complete(outcome.run, outcome.storage, env):
                 print("relay: final/ is not committed in storage; keeping the runtime")
@@ -303,6 +305,25 @@ def show_result(run: str, storage: str, workdir: str | None) -> None:
     for image in images[:4]:
         print(image)
         display(Image(filename=str(image)))
+
+
+def show_comparison(run: str, storage: str, env: Mapping[str, str], workdir: str | None) -> bool:
+    """For a complete experiment: `relay compare` (its table, loss plot and grid) shown in the cell; False when
+    `run` is no experiment."""
+    out = Path(workdir or tempfile.gettempdir()) / run / "compare"
+    proc = subprocess.run([sys.executable, "-m", "runner", "compare", "--storage", storage, "--experiment", run,
+                           "--out", str(out)], capture_output=True, text=True, env=dict(env))  # fmt: skip
+    if proc.returncode != 0:
+        return False
+    print(proc.stdout, end="")
+    try:
+        from IPython.display import Image, display
+    except ImportError:
+        return True
+    for name in ("grid.png", "losses.png"):
+        if (out / name).is_file():
+            display(Image(filename=str(out / name)))
+    return True
 
 
 def _tail(path: Path, lines: int = 15) -> str:

@@ -254,7 +254,8 @@ def print_experiment_status(storage, record: ExperimentRecord, *, as_json: bool 
     if as_json:
         variants = [{"variant": name, "run": run, "failed": failed, "status": status.to_dict() if status else None}
                     for (name, status, failed), (_, run) in zip(rows, record.variants, strict=True)]  # fmt: skip
-        console.print_json(json.dumps({"experiment": record.name, "variants": variants}))
+        complete = all(status is not None and status.complete for _, status, _ in rows)
+        console.print_json(json.dumps({"experiment": record.name, "complete": complete, "variants": variants}))
         return 0
     done = sum(1 for _, status, _ in rows if status is not None and status.complete)
     console.print(Text.assemble((record.name, "bold"), f": experiment, {done} of {len(rows)} variants complete"))

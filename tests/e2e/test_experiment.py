@@ -178,3 +178,24 @@ def test_a_variant_that_fails_with_bad_input_is_recorded_and_skipped(tmp_path, c
     assert list(failed) == ["eightbit"] and "CUDA" in failed["eightbit"]
     assert relay_main(["compare", "--storage", str(storage), "--no-grid", "--out", str(tmp_path / "c")]) == EXIT_OK
     assert "| eightbit | failed: " in (storage / "tiny-exp" / "compare" / "table.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_notebook_cell_trains_the_experiment_and_shows_the_comparison(tmp_path, monkeypatch, capsys):
+    """The cell, unchanged (runner.notebook.run headless, the trainer detached): every variant trained, then
+    the comparison printed and drawn."""
+    from runner import notebook
+
+    monkeypatch.setenv("RELAY_HOME", str(tmp_path / "relay-home"))
+    monkeypatch.chdir(tmp_path)
+    profile = tmp_path / "tiny-exp.toml"
+    profile.write_text(EXPERIMENT)
+    storage = tmp_path / "storage"
+    outcome = notebook.run(str(profile), str(storage), workdir=str(tmp_path / "work"), overrides=["train.steps=2"])
+    out = capsys.readouterr().out
+    assert outcome.exit_code == EXIT_OK
+    for variant in VARIANTS:
+        assert (storage / f"tiny-exp--{variant}" / FINAL).exists()
+        assert f"| {variant} | 2 / 2 |" in out
+        assert f"relay | variant {variant} | step 2/2" in out  # the dashboard names the variant
+    assert {p.name for p in (storage / "tiny-exp" / "compare").iterdir()} == {"table.md", "losses.png", "grid.png"}

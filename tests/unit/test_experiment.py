@@ -173,3 +173,10 @@ def test_compare_table_counts_parameters_and_marks_failures(tmp_path):
     assert "| plain | 10 / 10 | 0.50 | 2 | 131 | 3.0 MiB | 0.12346 |" in text
     assert "| drop | 4 / 10 (training) |" in text
     assert "failed: lora.rank: -1 is out of range" in text
+
+
+def test_the_dashboard_line_names_the_variant():
+    from runner.dashboard import Snapshot, plain_line
+
+    assert plain_line(Snapshot(run="exp--dora", step=3, target=10), 0.0).startswith("relay | variant dora | step 3/10")
+    assert plain_line(Snapshot(run="tiny", step=3, target=10), 0.0).startswith("relay | step 3/10")
