@@ -98,6 +98,11 @@ def optimizer_line(profile, lora_params: int) -> str:
     return line
 
 
+# A step with LoRA on both text encoders, against the UNet-only step (T4 emulation, 1024 px: 0.611 against
+# 0.574 s, bench/RESULTS.md "Single-shape rows and text-encoder LoRA").
+TEXT_ENCODER_STEP_FACTOR = 0.611 / 0.574
+
+
 def print_experiment(ctx, console: Console) -> None:
     """Each variant's progress and estimated T4 hours, and the whole set's."""
     from runner.experiment import variant_runs
@@ -109,11 +114,15 @@ def print_experiment(ctx, console: Console) -> None:
         step = read_status(ctx.storage, run).step if read_run_info(ctx.storage, run, missing_ok=True) else 0
         left = max(0, v.train.steps - step)
         hours = left * budget.profile_step_prior(v, "T4", 1).step_s / 3600
+        note = ""
+        if v.lora.text_encoder:  # the encoders run forward and backward at every step
+            hours *= TEXT_ENCODER_STEP_FACTOR
+            note = f" (text encoders: +{TEXT_ENCODER_STEP_FACTOR - 1:.1%})"
         total_h += hours
-        note = " (+ text encoders each step)" if v.lora.text_encoder else ""
         console.print(f"  {name}: step {step} / {v.train.steps}; about {humanize.hours(hours)} on one T4{note} → {run}")
     sessions = humanize.sessions_needed({h: humanize.sessions_for(total_h, h) for h in (3.0, 12.0)})
-    console.print(f"whole set: about {humanize.hours(total_h)} on one T4 ({sessions})")
+    console.print(f"whole set: about {humanize.hours(total_h)} on one T4 ({sessions}); estimates from the "
+                  "attention-only step time measured on a T4, the first session of each variant measures its own")  # fmt: skip
 
 
 def _progress(ctx) -> tuple[int, float | None]:

@@ -180,3 +180,23 @@ def test_the_dashboard_line_names_the_variant():
 
     assert plain_line(Snapshot(run="exp--dora", step=3, target=10), 0.0).startswith("relay | variant dora | step 3/10")
     assert plain_line(Snapshot(run="tiny", step=3, target=10), 0.0).startswith("relay | step 3/10")
+
+
+def test_the_shipped_experiment_reproduces_the_six_naruto_variants(tmp_path, capsys):
+    """Text encoders with and without LoRA (8-bit frozen), attention only or many layers, DoRA with Prodigy,
+    LoRA dropout 0.5; `relay plan` gives each variant's and the whole set's T4 hours."""
+    from runner.cli import main
+
+    p = load_profile("sdxl-naruto-experiment")
+    v = {x.variant: x for x in p.variants}
+    assert list(v) == ["te-many-layers", "te-attention", "many-layers", "attention", "dora-prodigy", "dropout-0.5"]
+    assert [x.lora.text_encoder for x in p.variants] == [True, True, False, False, False, False]
+    assert v["te-many-layers"].lora.text_encoder_8bit and v["te-attention"].lora.text_encoder_8bit
+    assert "conv1" in v["many-layers"].lora.targets and "conv1" not in v["attention"].lora.targets
+    assert v["dora-prodigy"].lora.dora and v["dora-prodigy"].train.optimizer == "prodigy"
+    assert v["dropout-0.5"].lora.dropout == 0.5
+    assert len({x.run_name for x in p.variants}) == 6
+    args = ["plan", "--profile", "sdxl-naruto-experiment", "--storage", str(tmp_path / "s"), "--workdir", str(tmp_path)]
+    assert main(args) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "experiment: 6 variants" in out and "whole set: about" in out and "on one T4" in out
