@@ -239,6 +239,10 @@ def newest_checkpoint(ctx: Context) -> Restored:
     restored = CheckpointManager(ctx.storage, ctx.run, ctx.workdir, keep=1, bus=ctx.bus).latest(
         ctx.workdir / "restore" / "export"
     )
+    if restored is None and ctx.profile.variants:  # the experiment's base: no run of its own
+        names = ", ".join(v.variant for v in ctx.profile.variants)
+        raise UsageError(f"{ctx.profile.name} is an experiment: say which variant (--run VARIANT)",
+                         hint=f"its variants: {names}")  # fmt: skip
     if restored is None:
         raise UsageError(f"no committed checkpoint of run {ctx.run!r} in {ctx.storage.url}",
                          hint="train first: relay train --profile NAME --storage URL")  # fmt: skip
