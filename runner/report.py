@@ -104,6 +104,10 @@ def read_status(storage, run: str | None, *, now_wall: float | None = None, host
     (None: the real ones; tests pass their own)."""
     run = find_run(storage, run)
     info = read_run_info(storage, run, missing_ok=True)
+    record = read_record(storage, run) if info is None else None
+    if record is not None and record.variants:  # an experiment: its variants' progress as one (the chain reads it)
+        return _experiment_as_one(run, experiment_status(storage, record, now_wall=now_wall, host=host,
+                                                         pid_alive=pid_alive))  # fmt: skip
     if info is None:
         raise UsageError(f"{storage.url}: no run named {run!r} (no {run}/run.json)",
                          hint="check --run and --storage; `relay status --storage URL` lists the runs there")  # fmt: skip
@@ -244,6 +248,25 @@ def experiment_status(storage, record: ExperimentRecord, **kw) -> list[tuple[str
         status = read_status(storage, run, **kw) if read_run_info(storage, run, missing_ok=True) else None
         out.append((name, status, record.failed.get(name, "")))
     return out
+
+
+def _experiment_as_one(name: str, rows: list[tuple[str, RunStatus | None, str]]) -> RunStatus:
+    """An experiment as one run: steps and targets summed over the variants, every variant's sessions,
+    complete when each variant is; the live holder if one trains now. A variant not started yet counts
+    0 / its target only once it has a run.json, so `complete` needs every variant started and complete."""
+    started = [status for _, status, _ in rows if status is not None]
+    sessions = sorted((s for st in started for s in st.sessions), key=lambda s: s.get("start_wall", 0.0))
+    steps = sum(s.get("steps", 0) for s in sessions)
+    hours = sum(s.get("train_s", 0.0) for s in sessions) / 3600
+    live = next((st for st in started if st.holder_alive), None)
+    complete = len(started) == len(rows) and all(st.complete for st in started)
+    return RunStatus(
+        name, sum(st.step for st in started), sum(st.target for st in started) + (len(rows) - len(started)),
+        max((st.last_checkpoint for st in started if st.last_checkpoint is not None), default=None), sessions,
+        steps / hours if hours > 0 and steps > 0 else None, complete=complete,
+        holder=live.holder if live else None, heartbeat=live.heartbeat if live else None,
+        heartbeat_age_s=live.heartbeat_age_s if live else None, holder_alive=live is not None,
+    )  # fmt: skip
 
 
 def print_experiment_status(storage, record: ExperimentRecord, *, as_json: bool = False,

@@ -125,7 +125,10 @@ def test_an_experiment_trains_hands_off_and_each_variant_equals_its_solo_run(tmp
         if n == 0:  # a stop as a variant completes ends the command before the next one starts
             assert (storage / "tiny-exp--plain" / "final" / "COMMIT.json").exists()
             assert not (storage / "tiny-exp--rank8").exists()
+            assert not as_one(storage).complete  # what the Kaggle chain reads: keep going
     assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED, EXIT_PREEMPTED, EXIT_OK]
+    whole = as_one(storage)
+    assert whole.complete and (whole.step, whole.target, len(whole.sessions)) == (12, 12, 5)
     assert built == [0], "the latent cache must be built once, for every variant and session"
     assert sorted(p.parent.name for p in storage.glob("*/cache")) == ["tiny-exp"]
     assert json.loads((storage / "tiny-exp" / "experiment.json").read_text())["failed"] == {}
@@ -156,6 +159,14 @@ def test_an_experiment_trains_hands_off_and_each_variant_equals_its_solo_run(tmp
     grid = Image.open(storage / "tiny-exp" / "compare" / "grid.png")
     assert grid.height > 4 * 32  # the base model's row and one row per variant
     assert Image.open(storage / "tiny-exp" / "compare" / "losses.png").size == (900, 460)
+
+
+def as_one(storage: Path):
+    """The experiment as one run, as `relay status --run EXP` and the Kaggle chain read it."""
+    from runner.report import read_status
+    from runner.storage.local import LocalStorage
+
+    return read_status(LocalStorage(storage), "tiny-exp")
 
 
 def _params(table: str, variant: str) -> int:
