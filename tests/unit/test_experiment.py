@@ -200,3 +200,13 @@ def test_the_shipped_experiment_reproduces_the_six_naruto_variants(tmp_path, cap
     assert main(args) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "experiment: 6 variants" in out and "whole set: about" in out and "on one T4" in out
+
+
+def test_relay_train_refuses_a_bad_variant_before_anything_starts(tmp_path, capsys):
+    from runner.cli import main
+
+    path = write(tmp_path, '[[variants]]\nname = "ok"\n[[variants]]\nname = "dora"\nlora.dora = "yes"\n')
+    code = main(["train", "--profile", str(path), "--storage", str(tmp_path / "store"), "--workdir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "variant 'dora'" in err and "lora.dora" in err and "true or false" in err
+    assert not (tmp_path / "store").exists()  # nothing trained, not even the valid variant
