@@ -91,7 +91,8 @@ def gather(storage: Storage, label: str, run: str, work: Path, failed: str = "")
         storage.get(f"{run}/{FINAL_LORA}", local)
         params, size = safetensors_params(local), local.stat().st_size
     history = _history(storage, run, work / run / "logs")
-    val = history.val[-1][1] if history.val and status.complete else None
+    final_val = [v for step, v in history.val if step == status.step]  # at the final step only, else none
+    val = final_val[-1] if final_val and status.complete else None
     return RunResult(label, run, status.step, status.target, gpu_h, len(sessions), params, size, val, history,
                      failed)  # fmt: skip
 
