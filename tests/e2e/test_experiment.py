@@ -20,7 +20,8 @@ import pytest
 
 from runner import events
 from runner.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE
-from tests.e2e.conftest import assert_same_lora, relay_main
+from runner.session import TEST_STEP_DELAY_ENV as STEP_DELAY
+from tests.e2e.conftest import assert_same_lora, relay_env, relay_main, start_relay, wait_for, wait_relay
 
 BASE = """
 name = "tiny-exp"
@@ -64,6 +65,19 @@ name = "dropout"
 lora.dropout = 0.5
 """  # fmt: skip
 FINAL = "final/pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def solo_loras(tmp_path_factory) -> dict[str, Path]:
+    """Each variant's settings trained as a plain run of its own, uninterrupted: the LoRAs to match."""
+    root = tmp_path_factory.mktemp("solo")
+    solo = root / "solo.toml"
+    solo.write_text(BASE)
+    out = {}
+    for variant, sets in VARIANTS.items():
+        assert train(solo, root / f"store-{variant}", root / f"work-{variant}", *sets) == EXIT_OK
+        out[variant] = root / f"store-{variant}" / "tiny-exp" / FINAL
+    return out
 
 
 def stop_after_steps(monkeypatch, steps: int | None) -> None:
@@ -110,7 +124,8 @@ def train(profile: Path, storage: Path, workdir: Path, *sets: str) -> int:
 
 @pytest.mark.slow
 @pytest.mark.exact_resume
-def test_an_experiment_trains_hands_off_and_each_variant_equals_its_solo_run(tmp_path, monkeypatch, capsys):
+def test_an_experiment_trains_hands_off_and_each_variant_equals_its_solo_run(tmp_path, monkeypatch, capsys,
+                                                                             solo_loras):  # fmt: skip
     profile = tmp_path / "tiny-exp.toml"
     profile.write_text(EXPERIMENT)
     storage = tmp_path / "storage"
@@ -135,11 +150,8 @@ def test_an_experiment_trains_hands_off_and_each_variant_equals_its_solo_run(tmp
     sessions = {v: (storage / f"tiny-exp--{v}" / "sessions.jsonl").read_text().count("\n") for v in VARIANTS}
     assert sessions == {"plain": 1, "rank8": 2, "dropout": 2}
 
-    solo = tmp_path / "solo.toml"
-    solo.write_text(BASE)
-    for variant, sets in VARIANTS.items():
-        assert train(solo, tmp_path / f"solo-{variant}", tmp_path / f"solo-work-{variant}", *sets) == EXIT_OK
-        assert_same_lora(storage / f"tiny-exp--{variant}" / FINAL, tmp_path / f"solo-{variant}" / "tiny-exp" / FINAL)
+    for variant in VARIANTS:
+        assert_same_lora(storage / f"tiny-exp--{variant}" / FINAL, solo_loras[variant])
 
     capsys.readouterr()
     assert relay_main(["status", "--storage", str(storage)]) == EXIT_OK
@@ -159,6 +171,29 @@ def test_an_experiment_trains_hands_off_and_each_variant_equals_its_solo_run(tmp
     grid = Image.open(storage / "tiny-exp" / "compare" / "grid.png")
     assert grid.height > 4 * 32  # the base model's row and one row per variant
     assert Image.open(storage / "tiny-exp" / "compare" / "losses.png").size == (900, 460)
+
+
+@pytest.mark.slow
+@pytest.mark.exact_resume
+def test_an_experiment_killed_in_a_variant_ends_bit_identical(tmp_path, solo_loras):
+    """SIGKILL (no checkpoint, no lease release) while the second variant trains, then a new session on a
+    fresh work folder: it takes the dead process's lease, resumes, and every variant equals its solo run."""
+    profile = tmp_path / "tiny-exp.toml"
+    profile.write_text(EXPERIMENT.replace("every_min = 30", "every_min = 0.001"))  # checkpoints change no weight
+    storage = tmp_path / "storage"
+    args = ["train", "--profile", str(profile), "--storage", str(storage), "--workdir", str(tmp_path / "vm-0"),
+            "--plain"]  # fmt: skip
+    proc = start_relay(args, tmp_path / "killed.log", env=relay_env({STEP_DELAY: "0.3"}))
+    try:
+        second = storage / "tiny-exp--rank8" / "checkpoints"
+        assert wait_for(lambda: any(second.glob("*/COMMIT.json")) or proc.poll() is not None, 240)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        wait_relay(proc, 60)
+    assert not (storage / "tiny-exp--rank8" / "final").exists(), "killed too late: the variant had completed"
+    assert train(profile, storage, tmp_path / "vm-1") == EXIT_OK
+    for variant in VARIANTS:
+        assert_same_lora(storage / f"tiny-exp--{variant}" / FINAL, solo_loras[variant])
 
 
 def as_one(storage: Path):
