@@ -53,7 +53,7 @@ COST_WINDOW = 15  # recent samples kept per cost; the median of these is the est
 # Seconds per micro-batch of one 1024 px example (default plan) by GPU class; a step costs this scaled by
 # pixels, micro-batch and accumulation. Estimates until a session on that GPU has measured its own.
 STEP_S_PER_1024_EXAMPLE: dict[str, tuple[float, str]] = {
-    "t4": (0.574, "T4 emulation (8 of an H200's SMs, 15 GiB), 1024 px micro-batch 1, issue 16"),
+    "t4": (0.574, 'T4 emulation (8 of an H200\'s SMs, 15 GiB), 1024 px micro-batch 1, README "Measured figures"'),
     "h200": (0.078, "NVIDIA H200, 1024 px micro-batch 1, default plan, bench/RESULTS.md"),
     "generic": (2.5, "a cautious guess for a GPU not measured yet"),
 }
@@ -583,10 +583,11 @@ def kaggle_quota_left_h(
 
     Counts records with platform "kaggle" of this account (records without an
     account count too: better to warn early) over the last 7 days, as
-    (end − start) × gpu_count. Record keys: platform, account, start_wall,
-    end_wall (a session without an end counts until `now_wall`), gpu_count
-    (default 1). Kaggle does not publish whether 2×T4 uses quota twice as fast;
-    counting each GPU is the cautious reading.
+    end − start: the quota counts a session's hours, whatever its GPU count, as
+    GetAcceleratorQuotaStatistics reports it (`kaggle quota`, kaggle-cli PR
+    #1029); no public source says a T4 ×2 session uses it twice as fast. Record
+    keys: platform, account, start_wall, end_wall (a session without an end
+    counts until `now_wall`).
     """
     since = now_wall - WEEK_S
     used_s = 0.0
@@ -595,13 +596,14 @@ def kaggle_quota_left_h(
             continue
         start = max(_wall(record.get("start_wall", now_wall)), since)
         end = min(_wall(record["end_wall"]) if record.get("end_wall") is not None else now_wall, now_wall)
-        used_s += max(0.0, end - start) * max(1, int(record.get("gpu_count") or 1))
+        used_s += max(0.0, end - start)
     return max(0.0, quota_h - used_s / 3600.0)
 
 
 def quota_warning(quota_left_h: float, steps_left: int, step_s: float, gpu_count: int = 1) -> str | None:
-    """A warning when the steps still to train need more Kaggle GPU hours than the week has left."""
-    needed_h = steps_left * step_s * max(1, gpu_count) / 3600.0
+    """A warning when the steps still to train need more Kaggle GPU hours than the week has left (session hours:
+    `gpu_count` is kept for callers and changes nothing, see `kaggle_quota_left_h`)."""
+    needed_h = steps_left * step_s / 3600.0
     if needed_h <= quota_left_h:
         return None
     if quota_left_h <= 0:
@@ -610,7 +612,7 @@ def quota_warning(quota_left_h: float, steps_left: int, step_s: float, gpu_count
             "continue the run on Colab, or wait for the weekly reset"
         )
     return (
-        f"the run needs about {needed_h:.1f} GPU h more ({steps_left} steps × {step_s:.1f} s"
-        f"{f' × {gpu_count} GPUs' if gpu_count > 1 else ''}), but only {quota_left_h:.1f} h of "
+        f"the run needs about {needed_h:.1f} GPU h more ({steps_left} steps × {step_s:.1f} s), "
+        f"but only {quota_left_h:.1f} h of "
         "this week's Kaggle quota is left: the rest will wait for the reset, or continue on Colab"
     )

@@ -34,6 +34,7 @@ from runner.budget import KAGGLE_WEEKLY_GPU_H, kaggle_quota_left_h
 from runner.clock import Clock, SystemClock, iso
 from runner.errors import EXIT_OK, EXIT_PREEMPTED, CredentialsError, RelayError, UsageError
 from runner.kaggle_api import KaggleApi, KaggleApiError, KaggleCredentials, SdkKaggleApi, accelerator_for
+from runner.runinfo import identify_run, run_identity
 from runner.state import read_bytes
 
 __all__ = [
@@ -54,9 +55,13 @@ SETTLE_S = 15.0  # claim window: longer than a claim's write + the store's listi
 MIN_SESSION_H = 1.0  # below this much weekly GPU quota a session is not worth starting
 
 # Why a chain ended (or did not push this time). "pushed" is the one that continues it.
-PUSHED, COMPLETED, NEEDS_PERSON, STOP_FLAG, QUOTA, QUEUED, LOST_RACE, PUSH_FAILED = (
-    "pushed", "completed", "needs-person", "stop-flag", "quota", "queued", "lost-race", "push-failed",
+PUSHED, COMPLETED, NEEDS_PERSON, STOP_FLAG, QUOTA, QUEUED, LOST_RACE, PUSH_FAILED, SESSION_CAP = (
+    "pushed", "completed", "needs-person", "stop-flag", "quota", "queued", "lost-race", "push-failed", "session-cap",
 )  # fmt: skip
+SESSION_CAP_ERROR = "Maximum batch GPU session count reached"
+"""Kaggle's answer to a push while the account already runs its most GPU versions at once (the cap is not
+documented; users quote this message, e.g. Kaggle/kaggle-api issues). This session is one of them until it ends."""
+CAP_RETRY_WAITS_S = (60.0, 120.0, 240.0)  # bounded: about 7 min, well inside the margin a session keeps
 
 
 @dataclass(frozen=True)
@@ -259,15 +264,35 @@ def _push_successor(storage, run, index, notebook, api, clock, gpu_names, settle
     try:
         metadata, source = api.get_kernel(notebook)
         accelerator = accelerator_for(gpu_names, metadata)
-        version = api.save_kernel(notebook, metadata, source, accelerator)
+        version = _save_waiting_for_a_slot(api, notebook, metadata, source, accelerator, clock.sleep)
     except KaggleApiError as exc:
         storage.delete(claim)  # a later session may try this successor again
+        if SESSION_CAP_ERROR.lower() in str(exc).lower():
+            waited = sum(CAP_RETRY_WAITS_S) / 60
+            return ChainDecision("stop", SESSION_CAP, (
+                f"Kaggle refused the push {len(CAP_RETRY_WAITS_S) + 1} times in {waited:.0f} min: "
+                f"{SESSION_CAP_ERROR} (your other GPU versions are running); start the next session by hand "
+                "once one of them ends"), index)  # fmt: skip
         return ChainDecision("stop", PUSH_FAILED, f"{exc}: start the next session by hand", index)
     _put_json(storage, f"{_successor_dir(run, index)}/{PUSHED_FILE}", {
         "index": index, "version": version, "notebook": notebook, "accelerator": accelerator,
         "pushed_wall": clock.wall(), "pushed": iso(clock.wall()),
     })  # fmt: skip
     return ChainDecision("push", PUSHED, f"pushed {notebook} version {version} as session {index + 1}", index, version)
+
+
+def _save_waiting_for_a_slot(api, notebook, metadata, source, accelerator, sleep) -> int:
+    """SaveKernel; while Kaggle answers that the account's GPU sessions are all taken, wait and try again,
+    a bounded number of times (CAP_RETRY_WAITS_S), then let the refusal through."""
+    for wait_s in (*CAP_RETRY_WAITS_S, None):
+        try:
+            return api.save_kernel(notebook, metadata, source, accelerator)
+        except KaggleApiError as exc:
+            if wait_s is None or SESSION_CAP_ERROR.lower() not in str(exc).lower():
+                raise
+            log.warning("chain: %s; trying again in %.0f s", SESSION_CAP_ERROR, wait_s)
+            sleep(wait_s)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 # ---------------------------------------------------------------- status
@@ -321,7 +346,8 @@ def stop_chain_cli(args: argparse.Namespace) -> int:
     from runner.storage.url import open_storage  # noqa: PLC0415
 
     storage = open_storage(args.storage)
-    run = find_run(storage, args.run)
+    named = args.run or (identify_run(args.profile) if getattr(args, "profile", None) else None)
+    run = find_run(storage, named)
     if getattr(args, "undo", False):
         clear_stop(storage, run)
         print(f"chain of {run}: may continue (the stop flag is removed)")
@@ -339,13 +365,14 @@ def _parser() -> argparse.ArgumentParser:
     for q in (b, a):
         q.add_argument("--profile", required=True)
         q.add_argument("--storage", required=True)
-        q.add_argument("--run", help="run name (default: the profile's name)")
+        q.add_argument("--run", help="run name (default: the profile's run key, else its name)")
         q.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
         q.add_argument("--state-file", help="this VM's chain note (default: TMPDIR/relay-chain-RUN.json)")
+        q.add_argument("--kaggle-json", help="a 0600 file holding kaggle.json (default: KAGGLE_API_TOKEN, or "
+                       "KAGGLE_USERNAME/KAGGLE_KEY)")  # fmt: skip
     a.add_argument("--exit-code", type=int, required=True, help="the trainer's exit code")
     a.add_argument("--settle-s", type=float, default=SETTLE_S, help="the successor claim's window")
     a.add_argument("--min-session-h", type=float, default=MIN_SESSION_H)
-    a.add_argument("--kaggle-json", help="a 0600 file holding kaggle.json (default: KAGGLE_USERNAME/KAGGLE_KEY)")
     s = sub.add_parser("status", help="the chain's state as JSON")
     s.add_argument("--storage", required=True)
     s.add_argument("--run")
@@ -383,10 +410,46 @@ def _begin(args: argparse.Namespace) -> int:
 
     profile = _chain_profile(args)
     if profile is not None:
-        run = args.run or profile.run_name
-        link = begin_session(open_storage(args.storage), run, _state_file(args, run), SystemClock())
+        run = run_identity(profile, args.run)
+        storage, clock = open_storage(args.storage), SystemClock()
+        link = begin_session(storage, run, _state_file(args, run), clock)
         print(f"chain: this session continues link {link}")
+        _session_quota(args, storage, run, clock)
     return 0
+
+
+QUOTA_LINE = "chain-quota "
+"""`begin` prints this, then JSON {end_wall, source}, for the notebook cell: the session must end before then."""
+
+
+def _session_quota(args: argparse.Namespace, storage, run: str, clock: Clock) -> None:
+    """On Kaggle, the account's GPU quota left at the session's start (with the user's own credentials), for
+    the cell to size the session by: min(Kaggle's 12 h, the quota). Without it (no credentials, an older
+    kagglesdk, no answer) a clear line says the session is sized by the 12 h alone. Recorded in RUN/chain/quota/."""
+    from runner.env import detect_platform  # noqa: PLC0415
+
+    if detect_platform(os.environ, os.path.exists) != "kaggle":
+        return
+    try:
+        api = SdkKaggleApi(_credentials(args.kaggle_json, os.environ))
+        left, note = api.gpu_quota_left_h(), api.quota_note
+    except (CredentialsError, UsageError) as exc:  # messages name no secret
+        left, note = None, str(exc)
+    now = clock.wall()
+    source = (f"the Kaggle GPU quota ({left:.1f} h left at the session's start, GetAcceleratorQuotaStatistics)"
+              if left is not None else "Kaggle's 12 h session limit")  # fmt: skip
+    try:
+        _put_json(storage, f"{run}/{CHAIN_DIR}/quota/{int(now * 1000):015d}.json", {
+            "at_wall": now, "at": iso(now), "left_h": left, "used": source,
+            "note": note,
+        })  # fmt: skip
+    except RelayError as exc:
+        log.warning("chain: quota reading not recorded: %s", exc)
+    if left is None:
+        print(f"chain: this session is sized by Kaggle's 12 h limit alone: {note}")
+        return
+    print(f"chain: {left:.1f} h of this week's Kaggle GPU quota left (allowed − used − reserved)")
+    print(QUOTA_LINE + json.dumps({"end_wall": now + left * 3600, "source": source}))
 
 
 def _after(args: argparse.Namespace) -> int:
@@ -396,7 +459,7 @@ def _after(args: argparse.Namespace) -> int:
     profile = _chain_profile(args)
     if profile is None:
         return 0
-    run, storage, clock = args.run or profile.run_name, open_storage(args.storage), SystemClock()
+    run, storage, clock = run_identity(profile, args.run), open_storage(args.storage), SystemClock()
     state = _state_file(args, run)
     if not state.is_file():
         log.warning("chain: `begin` did not run at this session's start; a successor pushed meanwhile goes unseen")

@@ -13,10 +13,12 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from runner import __version__
-from runner.errors import RelayError, exit_code_for
+from runner.errors import EXIT_USAGE, RelayError, exit_code_for
+from runner.secretfile import take_over
 
 DEFAULT_STORAGE = "./relay-runs"
 log = logging.getLogger("runner")
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("stop", "ask a detached run to checkpoint and stop (it exits 75: resume later)")):  # fmt: skip
         p = sub.add_parser(name, help=what)
         p.add_argument("--run", help="run name (default: the run started last on this machine)")
+        p.add_argument("--profile", help="the run this profile trains (its run key, else its name), as --run")
         p.add_argument("--storage", help="run storage URL (with --run: that run)")
         if name == "attach":
             p.add_argument("--plain", action="store_true", help="plain progress lines instead of the live dashboard")
@@ -122,13 +125,28 @@ def _stop_chain_args(p: argparse.ArgumentParser) -> None:
 def _run_args(p: argparse.ArgumentParser, *, profile_required: bool) -> None:
     p.add_argument("--profile", required=profile_required, help="profile name (relay profiles) or path to a .toml")
     p.add_argument("--storage", default=os.environ.get("RELAY_STORAGE", DEFAULT_STORAGE), help="run storage URL")
-    p.add_argument("--run", help="run name (default: the profile's name)")
+    p.add_argument("--run", help="run name (default: the profile's run key, else its name)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--workdir", help="local scratch folder (default: platform-specific)")
 
 
+def set_without_equals(argv: Sequence[str]) -> str | None:
+    """The message for `--set KEY VALUE` (two arguments), which argparse would only call unrecognized."""
+    for i, arg in enumerate(argv[:-1]):
+        item = argv[i + 1]
+        if arg == "--set" and "=" not in item:
+            value = argv[i + 2] if i + 2 < len(argv) and not argv[i + 2].startswith("-") else "VALUE"
+            return f"--set {item}: write the key and its value as one argument, joined by '=': --set {item}={value}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    take_over(os.environ)  # secrets handed over by a notebook cell or supervisor (runner.secretfile)
+    bad_set = set_without_equals(argv)
+    if bad_set:
+        print(f"relay: error: {bad_set}", file=sys.stderr)
+        return EXIT_USAGE
     args = build_parser().parse_args(argv)
     args.argv = argv
     logging.basicConfig(
@@ -140,6 +158,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # bitsandbytes' CPU backend asks for `pip install kernels` whenever peft or diffusers import it; Relay never
     # runs bitsandbytes on a CPU (adamw8bit needs CUDA), so its CPU backend's advice is noise on every run.
     logging.getLogger("bitsandbytes.backends.cpu").setLevel(logging.ERROR)
+    # google.auth warns "No project ID could be determined" for Colab's sign-in credentials; the Drive API
+    # needs no project, and the warning reads as the cause of any Drive failure that follows.
+    logging.getLogger("google.auth._default").setLevel(logging.ERROR)
+    # With 8-bit frozen text encoders (lora.text_encoder_8bit) bitsandbytes warns "MatMul8bitLt: inputs will be
+    # cast from torch.float32 to float16" on each 8-bit matmul: its int8 kernel takes fp16 inputs by design, so
+    # nothing is lost that Relay could keep. torch's catch_warnings (autocast, checkpointing) resets Python's
+    # show-once registry, so it came back ~500 times a step; it is filtered here, once, for the whole process.
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast from", category=UserWarning)
     try:
         return dispatch(args)
     except RelayError as exc:

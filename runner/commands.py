@@ -10,6 +10,7 @@ session (session.py) or decide anything a pure function can (budget, fit).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import uuid
@@ -22,9 +23,12 @@ from runner.clock import Clock, SystemClock
 from runner.env import Env, detect_env
 from runner.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, RelayError, UsageError, exit_code_for
 from runner.profile import Profile, load_profile
+from runner.runinfo import run_identity
 from runner.signals import StopFlag, install_stop_handlers
 from runner.storage import Storage
-from runner.storage.url import open_storage
+from runner.storage.url import check_vm_storage, open_storage
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ def build_context(
             profile, run, experiment = match, match.run_name, profile.run_name
     env = env or detect_env(workdir=opts.workdir)
     storage = open_storage(opts.storage)
-    run = run or opts.run or profile.run_name  # profiles of one job (T4, Kaggle 2×T4) share a run
+    run = run or run_identity(profile, opts.run)  # the one rule; profiles of one job (T4, Kaggle 2×T4) share a run
     workdir = Path(opts.workdir or env.workdir) / run
     workdir.mkdir(parents=True, exist_ok=True)
     return Context(opts, profile, env, storage, run, workdir, events.EventBus(), clock or SystemClock(),
@@ -105,6 +109,9 @@ def train(args) -> int:
     opts = Options.from_args(args)
     profile = opts.load_profile()  # an experiment's variants are all validated here, before any model loads
     env = detect_env(workdir=opts.workdir)
+    vm_warning = check_vm_storage(opts.storage, env.platform, os.environ)  # refused before a folder is made
+    if vm_warning:
+        log.warning(vm_warning)
     processes = int(os.environ.get("RELAY_PROCESSES", "0")) or len(env.gpus)  # one per GPU by default
     if processes > 1 and "WORLD_SIZE" not in os.environ:
         from runner.fit import split_effective_batch
@@ -130,7 +137,7 @@ def train_session(ctx: Context, stop: StopFlag | None = None) -> int:
     with Dashboard.for_terminal(ctx.clock, plain=ctx.opts.plain, profile=ctx.profile) as dash:
         ctx.bus.subscribe(dash.on_event)
         TensorBoardLogger(logs_dir(ctx), run=ctx.run, config=ctx.profile.to_dict()).attach(ctx.bus)
-        return Session(ctx, dashboard=dash, stop=stop).run()
+        return Session(ctx, stop=stop).run()
 
 
 def train_experiment(opts: Options, profile: Profile, env: Env) -> int:

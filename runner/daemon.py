@@ -36,6 +36,7 @@ from pathlib import Path
 
 from runner import events as ev
 from runner.errors import EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, UsageError
+from runner.secretfile import hand_over, take_over
 
 log = logging.getLogger(__name__)
 
@@ -202,11 +203,10 @@ def run_dir_for(run: str, storage: str, env: Mapping[str, str]) -> RunDir:
 def identify(train_argv: Sequence[str], env: Mapping[str, str]) -> tuple[str, str]:
     """(run name, storage URL) of `relay train` arguments, as the trainer will see them."""
     from runner.cli import build_parser
-    from runner.profile import load_profile
+    from runner.runinfo import identify_run
 
     args = build_parser().parse_args(["train", *train_argv])
-    run = args.run or load_profile(args.profile, list(args.overrides)).name
-    return run, args.storage
+    return identify_run(args.profile, args.run, args.overrides), args.storage
 
 
 # ---------------------------------------------------------------- starting, stopping
@@ -232,8 +232,8 @@ def start(train_argv: Sequence[str], env: Mapping[str, str]) -> RunDir:
     with open(rundir.supervisor_log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "runner.daemon", str(rundir.root), *argv],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=dict(env),
-            start_new_session=True, close_fds=True,
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=hand_over(env, str(rundir.root)),
+            start_new_session=True, close_fds=True,  # secrets through a 0600 file, not its /proc/PID/environ
         )  # fmt: skip
     rundir.write_state(supervisor_pid=proc.pid)
     return rundir
@@ -296,7 +296,8 @@ class Supervisor:
             self.trainer.send_signal(signal.SIGTERM)
 
     def _run_trainer(self) -> int:
-        env = {**self.env, ev.ENV_EVENTS_LOG: str(self.rundir.events), "PYTHONUNBUFFERED": "1"}
+        env = hand_over({**self.env, ev.ENV_EVENTS_LOG: str(self.rundir.events), "PYTHONUNBUFFERED": "1"},
+                        str(self.rundir.root))  # fmt: skip
         with open(self.rundir.trainer_log, "ab") as out:
             self.trainer = subprocess.Popen([sys.executable, "-m", "runner", "train", *self.argv], stdin=subprocess.DEVNULL,
                                             stdout=out, stderr=subprocess.STDOUT, env=env)  # fmt: skip
@@ -333,6 +334,7 @@ def policy_from_env(env: Mapping[str, str]) -> Policy:
 def supervise_main(argv: Sequence[str]) -> int:
     """`python -m runner.daemon RUN_DIR TRAIN_ARGS…`: the detached supervisor's entry point."""
     rundir, train_argv = RunDir(Path(argv[0])), list(argv[1:])
+    take_over(os.environ)  # the secrets daemon.start handed over, in this process only
     sup = Supervisor(rundir, train_argv, dict(os.environ), policy_from_env(os.environ))
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, sup.on_signal)
@@ -416,7 +418,12 @@ def command(args) -> int:
         print(f"relay: training in the background ({rundir.root}); "
               "relay attach to follow, relay stop to stop it")  # fmt: skip
         return EXIT_OK
-    rundir = find_run_dir(args.run, args.storage, env)
+    run = args.run
+    if not run and getattr(args, "profile", None):
+        from runner.runinfo import identify_run
+
+        run = identify_run(args.profile)
+    rundir = find_run_dir(run, args.storage, env)
     if args.command == "attach":
         return attach(rundir, plain=args.plain, env=env)
     if not stop(rundir):

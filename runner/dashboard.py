@@ -12,8 +12,8 @@ panel leaves stale copies of it above. They are put back when it stops. A
 session that fails is shown ending with the code the command returns
 (runner.errors.exit_code_for), whatever its last event said.
 
-Must not: read anything but events and the numbers the session sets through
-`Dashboard.set_budget`; import torch; slow training down (events only update
+Must not: read anything but events (the session's budget arrives as BudgetUpdated,
+so a dashboard replayed from the events log shows it too); import torch; slow training down (events only update
 the snapshot; drawing is rate-limited and its cost is measured in
 `render_seconds_total`).
 """
@@ -96,7 +96,7 @@ class Snapshot:
     warnings: tuple[WarningLine, ...] = ()
     ended: str = ""  # why the session ended; empty while running
     stopping: str = ""  # the acknowledgement of a stop request (Ctrl-C, SIGTERM), shown until the end
-    # Set by the session (Dashboard.set_budget): seconds as of `budget_at`.
+    # From the session's BudgetUpdated events: seconds as of `budget_at`.
     time_left_s: float | None = None
     next_checkpoint_in_s: float | None = None
     session_length_s: float | None = None
@@ -177,6 +177,9 @@ _HANDLERS: dict[type, Callable[[Snapshot, object, float], Snapshot]] = {
     ev.CacheProgress: lambda s, e, now: dataclasses.replace(s, cache=f"{e.what} {e.done}/{e.total}"),
     ev.SampleSaved: lambda s, e, now: dataclasses.replace(s, sample_path=e.path),
     ev.Warning: lambda s, e, now: _on_warning(s, e, now),
+    ev.BudgetUpdated: lambda s, e, now: dataclasses.replace(
+        s, time_left_s=e.time_left_s, next_checkpoint_in_s=e.next_checkpoint_in_s, budget_at=now
+    ),
 }
 
 
@@ -399,6 +402,7 @@ class Dashboard:
     _live: Live | None = field(default=None, repr=False)
     _last_plain: float | None = field(default=None, repr=False)
     _printed: Snapshot | None = field(default=None, repr=False)
+    _ended_shown: str = field(default="", repr=False)  # the "ended: …" already printed: a plain run says it once
     _capture: _OutputCapture | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -429,6 +433,8 @@ class Dashboard:
     def on_event(self, event: ev.Event) -> None:
         now = self.clock.monotonic()
         self.snapshot = apply(self.snapshot, event, now)
+        if isinstance(event, ev.Notice):
+            self._print(f"relay | {event.message}")
         if self.live:
             return  # the Live thread redraws at its own rate; nothing to do on the training thread
         if isinstance(event, ev.Warning):
@@ -439,14 +445,6 @@ class Dashboard:
             self._print_status(now)
         elif self._last_plain is None or now - self._last_plain >= self.plain_every_s:
             self._print_status(now)
-
-    def set_budget(self, time_left_s: float | None, next_checkpoint_in_s: float | None, session_length_s: float | None = None) -> None:  # fmt: skip
-        """The session's numbers, as of now: time left in this session, when the next checkpoint is due."""
-        length = self.snapshot.session_length_s if session_length_s is None else session_length_s
-        self.snapshot = dataclasses.replace(
-            self.snapshot, time_left_s=time_left_s, next_checkpoint_in_s=next_checkpoint_in_s,
-            session_length_s=length, budget_at=self.clock.monotonic(),
-        )  # fmt: skip
 
     def start(self) -> None:
         if self.live and self._live is None:
@@ -486,6 +484,9 @@ class Dashboard:
     def _print_status(self, now: float) -> None:
         self._last_plain = now
         self._printed = self.snapshot
+        if self.snapshot.ended and self.snapshot.ended == self._ended_shown:
+            return  # events after the end (the supervisor's exit record) change nothing a user reads
+        self._ended_shown = self.snapshot.ended
         self._print(plain_line(self.snapshot, now))
 
     def _print(self, line: str) -> None:

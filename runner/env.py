@@ -61,8 +61,9 @@ class Env:
     disk_free_gib: float = 0.0
     workdir: str = ""
     session_start_wall: float = 0.0  # when the VM (Colab/Kaggle) or the process (local) started
-    session_limit_h: float | None = None  # the platform's default limit; None: no limit
+    session_limit_h: float | None = None  # the platform's default limit, or less; None: no limit
     notes: tuple[str, ...] = field(default_factory=tuple)
+    limit_source: str = ""  # where session_limit_h comes from (shown by relay plan, kept in sessions.jsonl)
 
     @property
     def gpu_summary(self) -> str:
@@ -171,12 +172,19 @@ def detect_env(
     now = clock.wall()
     notes = []
     start = process_start_wall if process_start_wall is not None else now
+    limit_h = default_limit_h(tier)
+    limit_source = f"{platform}'s session limit" if limit_h else ""
     if platform != "local":
         uptime = read_uptime_s(read)
         if uptime is None:
             notes.append("VM uptime unknown (/proc/uptime unreadable): counting the session from process start")
         else:
-            start = now - uptime
+            pooled = bool(limit_h) and uptime > limit_h * 3600  # only then is other evidence needed
+            evidence = [start, *(ancestor_starts(read, now - uptime) if pooled else ())]
+            start, note = session_start(now, uptime, limit_h, evidence)
+            notes += [note] if note else []
+    limit_h, limit_source, note = session_limit(limit_h, limit_source, start, environ)
+    notes += [note] if note else []
     workdir = workdir or default_workdir(platform, environ)
     return Env(
         platform=platform,
@@ -187,9 +195,78 @@ def detect_env(
         disk_free_gib=_disk_free_gib(workdir),
         workdir=workdir,
         session_start_wall=start,
-        session_limit_h=default_limit_h(tier),
+        session_limit_h=limit_h,
         notes=tuple(notes),
+        limit_source=limit_source,
     )
+
+
+# ---------------------------------------------------------------- the session's clock
+
+SESSION_END_ENV = "RELAY_SESSION_END_WALL"
+"""A hard end of this session learnt elsewhere, as Unix seconds: the Kaggle notebook cell sets it from the
+account's GPU quota (GetAcceleratorQuotaStatistics, read by `runner.chain begin` at the session's start)."""
+SESSION_END_SOURCE_ENV = "RELAY_SESSION_END_SOURCE"
+UNTRUSTED_UPTIME_MARGIN_S = 3600.0
+"""Taken off the earliest evidence of a session when the VM's uptime cannot be its age."""
+
+
+def session_start(now: float, uptime_s: float, limit_h: float | None, evidence: Sequence[float]) -> tuple[float, str]:
+    """(the session's start, a note) from the VM's uptime. Pure.
+
+    A session cannot be older than its platform's limit, so a longer uptime means a VM that was reused or
+    pooled before this session: its boot says nothing of this session. The start is then the earliest
+    `evidence` (processes of this session: this one and its ancestors) that is itself younger than the
+    limit, minus UNTRUSTED_UPTIME_MARGIN_S, and the note says so."""
+    if not limit_h or uptime_s <= limit_h * 3600:
+        return now - uptime_s, ""
+    believable = [w for w in evidence if now - w < limit_h * 3600] or [now]
+    start = min(believable) - UNTRUSTED_UPTIME_MARGIN_S
+    return start, (
+        f"the VM has been up {uptime_s / 3600:.1f} h, longer than a session may last ({limit_h:g} h): a reused or "
+        f"pooled VM, so its boot is not this session's start. Counting from this session's earliest process, "
+        f"{(now - min(believable)) / 3600:.1f} h ago, plus a {UNTRUSTED_UPTIME_MARGIN_S / 3600:g} h margin"
+    )
+
+
+def session_limit(
+    limit_h: float | None, source: str, start: float, environ: Mapping[str, str]
+) -> tuple[float | None, str, str]:
+    """(limit in hours, its source, a note): the platform's limit, or less where RELAY_SESSION_END_WALL ends the
+    session sooner (the Kaggle quota). Pure."""
+    try:
+        end = float(environ.get(SESSION_END_ENV) or "nan")
+    except ValueError:
+        end = float("nan")
+    if end != end:  # NaN: not set
+        return limit_h, source, ""
+    by_end = max(0.0, (end - start) / 3600)
+    if limit_h is not None and by_end >= limit_h:
+        return limit_h, source, ""
+    why = environ.get(SESSION_END_SOURCE_ENV) or SESSION_END_ENV
+    return (
+        by_end,
+        why,
+        f"session limit {by_end:.1f} h from {why}" + (f", less than the platform's {limit_h:g} h" if limit_h else ""),
+    )
+
+
+def ancestor_starts(read: Callable[[str], str], boot_wall: float, pid: int | None = None) -> list[float]:
+    """Start times (Unix seconds) of this process and its ancestors, from /proc/PID/stat (field 22, clock ticks
+    after boot); init (pid 1) is left out: it is as old as the VM. [] where /proc cannot be read."""
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    starts, pid = [], pid or os.getpid()
+    for _ in range(64):
+        if pid <= 1:
+            break
+        try:
+            fields = read(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
+            ppid, ticks = int(fields[1]), int(fields[19])
+        except (OSError, LookupError, ValueError):
+            break
+        starts.append(boot_wall + ticks / hz)
+        pid = ppid
+    return starts
 
 
 def default_workdir(platform: str, environ: Mapping[str, str]) -> str:

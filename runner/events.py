@@ -118,6 +118,22 @@ class Warning(Event):  # noqa: A001 - the event's name in the design
 
 
 @dataclass(frozen=True)
+class BudgetUpdated(Event):
+    """The session's budget as of now (the session emits it every few seconds while training), so every
+    view that renders from events (the terminal, `relay attach`, the notebook cell) counts down the same."""
+
+    time_left_s: float | None  # seconds until the session must have stopped; None: no deadline
+    next_checkpoint_in_s: float | None  # seconds until the next periodic checkpoint is due; None: none planned
+
+
+@dataclass(frozen=True)
+class Notice(Event):
+    """Something to know that is not a problem (a run found already complete); shown, never as a warning."""
+
+    message: str
+
+
+@dataclass(frozen=True)
 class SessionEnded(Event):
     step: int
     target: int

@@ -8,8 +8,9 @@ into
     read by `StableDiffusionXLPipeline.load_lora_weights(folder)`;
   - NAME.kohya.safetensors: kohya keys (lora_unet_*, lora_te1_*, lora_te2_*
     with .lora_down/.lora_up/.alpha), read by ComfyUI, AUTOMATIC1111 and diffusers;
-  - README.md: a model card (base model, data, settings, steps, sessions, how
-    to load it, the sample grid when there is one).
+  - README.md: a model card (base model, data, settings, steps, sessions, which
+    file for which tool, how to load it, the sample grid and loss curve when
+    there are).
 
 The scale alpha / rank must survive: a diffusers file without adapter metadata
 is loaded with alpha = rank (scale 1), so the scale is folded into lora_B
@@ -27,6 +28,7 @@ Must not: train, read storage or upload (the session uploads out_dir).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from runner.errors import ModelError
 from runner.profile import LoraConfig
@@ -46,6 +48,7 @@ DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_SUFFIX = ".kohya.safetensors"
 CARD_FILE = "README.md"
 GRID_FILE = "samples.png"
+LOSS_FILE = "loss.png"
 UNET_PREFIX = "unet."
 KOHYA_UNET_PREFIX = "lora_unet_"
 PEFT_A, PEFT_B, PEFT_MAGNITUDE = ".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"
@@ -69,6 +72,8 @@ class CardInfo:
     """sessions.jsonl entries (platform, gpu, step_from, step_to, reason)."""
     sample_grid: str = ""
     """Path of a base-vs-LoRA grid PNG to include; empty: none."""
+    loss_curve: str = ""
+    """Path of the run's loss-curve PNG (runner.losscurve) to include; empty: none."""
     final_loss: float | None = None
     """Smoothed training loss at the end, if known."""
     extra: dict = field(default_factory=dict)
@@ -85,21 +90,39 @@ def export_lora(
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "relay.rank": str(lora_cfg.rank), "relay.alpha": str(lora_cfg.alpha)}
     written = [out_dir / DIFFUSERS_FILE]
-    save_file(_to_diffusers(lora_sd, lora_cfg, save_dtype), str(written[0]), metadata=meta)
+    save_stable(_to_diffusers(lora_sd, lora_cfg, save_dtype), written[0], metadata=meta)
     kohya_name = safe_name(card.name) + KOHYA_SUFFIX
     if lora_cfg.dora:
         log.warning("DoRA LoRA: no kohya file written (kohya's DoRA layout differs); use %s", DIFFUSERS_FILE)
     else:
         written.append(out_dir / kohya_name)
-        save_file(_to_kohya(lora_sd, lora_cfg, save_dtype), str(written[-1]), metadata=meta)
-    grid = _copy_grid(card.sample_grid, out_dir)
-    if grid is not None:
-        written.append(grid)
+        save_stable(_to_kohya(lora_sd, lora_cfg, save_dtype), written[-1], metadata=meta)
+    grid = _copy_png(card.sample_grid, out_dir / GRID_FILE, "sample grid")
+    curve = _copy_png(card.loss_curve, out_dir / LOSS_FILE, "loss curve")
+    written += [p for p in (grid, curve) if p is not None]
     written.append(out_dir / CARD_FILE)
     kohya = None if lora_cfg.dora else kohya_name
-    written[-1].write_text(model_card(profile_dict, card, kohya_file=kohya, has_grid=grid is not None))
+    written[-1].write_text(model_card(profile_dict, card, kohya_file=kohya, has_grid=grid is not None,
+                                      has_loss_curve=curve is not None))  # fmt: skip
     log.info("exported LoRA (%d tensors) to %s", len(lora_sd), out_dir)
     return written
+
+
+def save_stable(tensors: dict[str, torch.Tensor], path: Path, *, metadata: dict[str, str]) -> None:
+    """Write a safetensors file whose bytes depend only on the tensors and the metadata.
+
+    safetensors keeps the metadata in a hash map whose order changes from one save to the next, so two
+    runs with identical tensors wrote files that differed in their header; users compare files by hash.
+    The header is re-written with the metadata's keys sorted: same length, same tensors, same offsets.
+    """
+    data = save(tensors, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:  # cannot happen for a re-ordering; refuse rather than write a broken file
+        raise ModelError(f"safetensors header grew while sorting its metadata ({len(text)} > {size} bytes)")
+    Path(path).write_bytes(data[:8] + text.ljust(size, b" ") + data[8 + size :])
 
 
 def safe_name(name: str) -> str:
@@ -159,20 +182,21 @@ def _to_kohya(sd: dict[str, torch.Tensor], cfg: LoraConfig, dtype: torch.dtype) 
     return out
 
 
-def _copy_grid(sample_grid: str, out_dir: Path) -> Path | None:
-    if not sample_grid:
+def _copy_png(path: str, target: Path, what: str) -> Path | None:
+    if not path:
         return None
-    source = Path(sample_grid)
+    source = Path(path)
     if not source.is_file():
-        log.warning("sample grid %s not found; the model card will have no image", source)
+        log.warning("%s %s not found; the model card will not show it", what, source)
         return None
-    target = out_dir / GRID_FILE
     if source.resolve() != target.resolve():
         shutil.copyfile(source, target)
     return target
 
 
-def model_card(profile_dict: dict, card: CardInfo, *, kohya_file: str | None, has_grid: bool) -> str:
+def model_card(
+    profile_dict: dict, card: CardInfo, *, kohya_file: str | None, has_grid: bool, has_loss_curve: bool = False
+) -> str:
     """README.md for the final/ folder (Hugging Face model card front matter + usage)."""
     model, data = profile_dict.get("model", {}), profile_dict.get("data", {})
     lora, train = profile_dict.get("lora", {}), profile_dict.get("train", {})
@@ -206,6 +230,10 @@ def model_card(profile_dict: dict, card: CardInfo, *, kohya_file: str | None, ha
     if has_grid:
         lines += ["", "## Samples", "", "Base model (left) and with this LoRA (right), same prompt and seed:", ""]
         lines += [f"![base vs LoRA]({GRID_FILE})"]
+    if has_loss_curve:
+        lines += ["", "## Loss", "", "Train loss (smoothed) and validation loss over every session:", ""]
+        lines += [f"![loss curve]({LOSS_FILE})"]
+    lines += _tools_section(kohya_file, text_encoders=bool(lora.get("text_encoder")))
     lines += _usage_section(base, kohya_file)
     return "\n".join(lines) + "\n"
 
@@ -255,11 +283,33 @@ def _usage_section(base: str, kohya_file: str | None) -> list[str]:
     if kohya_file:
         lines += [
             "",
-            f"ComfyUI: copy `{kohya_file}` to `ComfyUI/models/loras/` and use a *Load LoRA* node.",
+            f"ComfyUI: copy `{kohya_file}` to `ComfyUI/models/loras/` and use a *Load LoRA* node (model and CLIP).",
             f"AUTOMATIC1111 / Forge: copy `{kohya_file}` to `models/Lora/` and add "
             f"`<lora:{kohya_file.removesuffix('.safetensors')}:1>` to the prompt.",
         ]
     lines += ["", f"`{DIFFUSERS_FILE}` has the LoRA scale (alpha / rank) folded into its weights: load it at scale 1."]
+    return lines
+
+
+def _tools_section(kohya_file: str | None, *, text_encoders: bool) -> list[str]:
+    """Which file each tool reads: ComfyUI does not apply the UNet part of the diffusers-named file."""
+    kohya = f"`{kohya_file}`" if kohya_file else "none (no kohya file for DoRA: use diffusers)"
+    lines = [
+        "",
+        "## Which file for which tool",
+        "",
+        "| tool | file |",
+        "|---|---|",
+        f"| diffusers (`load_lora_weights`) | `{DIFFUSERS_FILE}` |",
+        f"| ComfyUI, AUTOMATIC1111 / Forge | {kohya} |",
+        "",
+        f"`{DIFFUSERS_FILE}` uses diffusers' module names: ComfyUI does not apply its UNet part.",
+    ]
+    if text_encoders:
+        lines += [
+            "This LoRA trained both text encoders: ComfyUI's model-only node (*LoraLoaderModelOnly*) drops that "
+            "part, so use *Load LoRA* (model and CLIP) or the result will not match the samples.",
+        ]
     return lines
 
 
@@ -274,9 +324,10 @@ def commit_final(store: Any, profile: Any, lora_sd: dict[str, torch.Tensor], **f
 
 def write_final(
     profile: Any, run: str, lora_sd: dict[str, torch.Tensor], out_dir: Path, *, steps: int,
-    sessions: list[dict], device: str, unet: Any = None, bus: Any = None,
+    sessions: list[dict], device: str, unet: Any = None, bus: Any = None, loss_curve: Path | None = None,
 ) -> list[Path]:  # fmt: skip
-    """final/: the diffusers and kohya LoRA files, the model card and, when it can be drawn, the sample grid.
+    """final/: the diffusers and kohya LoRA files, the model card and, when they can be drawn, the sample
+    grid and the loss curve (`loss_curve`, drawn by the session from every session's logs).
 
     The grid is best effort: a failure to draw it is a Warning, never a lost run."""
     from runner import events
@@ -292,5 +343,6 @@ def write_final(
         log.warning("sample grid failed: %s", exc)
         if bus is not None:
             bus.emit(events.Warning(f"sample grid not drawn: {exc}", kind="samples"))
-    card = CardInfo(name=run, steps=steps, sessions=tuple(sessions), sample_grid=str(grid) if grid.exists() else "")
+    card = CardInfo(name=run, steps=steps, sessions=tuple(sessions), sample_grid=str(grid) if grid.exists() else "",
+                    loss_curve=str(loss_curve) if loss_curve else "")  # fmt: skip
     return export_lora(lora_sd, profile.lora, out_dir, profile_dict=profile.to_dict(), card=card)

@@ -23,6 +23,8 @@ from runner.errors import CredentialsError, RelayError, UsageError
 
 log = logging.getLogger(__name__)
 
+USER_AGENT = "relay-chain kagglesdk"
+"""kagglesdk's KaggleClient sends an empty User-Agent unless given one (kaggle_client.py `user_agent=''`)."""
 DEFAULT_ACCELERATOR = "NvidiaTeslaT4"  # Kaggle's "GPU T4 x2" (kaggle-cli docs/kernels.md)
 # GPU name fragment → Kaggle accelerator id (kaggle-cli docs/kernels.md, "Accelerators available").
 # A P100 becomes a T4: current Kaggle torch builds have no sm_60 kernels (kaggle-cli #1151).
@@ -43,16 +45,23 @@ class KaggleCredentials:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> KaggleCredentials:
-        """KAGGLE_USERNAME + KAGGLE_KEY, or KAGGLE_API_TOKEN (with KAGGLE_USERNAME)."""
+        """KAGGLE_API_TOKEN (the token kaggle.com → Settings → API → "Generate New Token" issues), else
+        KAGGLE_USERNAME + KAGGLE_KEY (a legacy kaggle.json key). Never the notebook's own session token
+        (the file named by KAGGLE_API_V1_TOKEN): see `SdkKaggleApi`."""
         username, key, token = (
             environ.get(n, "").strip() for n in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN")
         )
-        if username and (key or token):
-            return cls(username, key, token)
+        if token or (username and key):
+            return cls(username, "" if token else key, token)
         raise CredentialsError(
-            "no Kaggle API credentials for the chain (KAGGLE_USERNAME with KAGGLE_KEY or KAGGLE_API_TOKEN)",
+            "no Kaggle API credentials for the chain (KAGGLE_API_TOKEN, or KAGGLE_USERNAME with KAGGLE_KEY)",
             hint="add them as Kaggle secrets of the notebook (Add-ons → Secrets), or turn the chain off",
         )
+
+    @property
+    def kind(self) -> str:
+        """Which credential the chain sends (for messages; never the value)."""
+        return "your API token (KAGGLE_API_TOKEN)" if self.token else f"the API key of {self.username} (KAGGLE_KEY)"
 
     @classmethod
     def from_kaggle_json(cls, text: str, source: str = "kaggle.json") -> KaggleCredentials:
@@ -64,6 +73,22 @@ class KaggleCredentials:
                 f'{source}: not a kaggle.json ({{"username": …, "key": …}})',
                 hint="paste the whole kaggle.json from kaggle.com → Settings → API as the secret's value",
             ) from None
+
+
+def _send_only(client, credentials: KaggleCredentials) -> None:
+    """Make kagglesdk send `credentials` and nothing else.
+
+    kagglesdk (kaggle_http_client.py `_try_fill_auth`) uses an api_token argument as given; without one
+    it looks for a token first (kaggle_env.py `get_access_token_from_env`): inside a Kaggle notebook
+    (KAGGLE_KERNEL_RUN_TYPE and KAGGLE_DATA_PROXY_URL set) the notebook's session token in the file named
+    by KAGGLE_API_V1_TOKEN, then KAGGLE_API_TOKEN, then ~/.kaggle/access_token, and only then username
+    and key. So a user's legacy key would never be sent from a notebook. The session is set up now,
+    and its auth replaced by the user's own credential."""
+    if credentials.token:
+        return  # an api_token argument is used as given
+    http = client._http_client
+    http._init_session()
+    http._session.auth = (credentials.username, credentials.key)
 
 
 class KaggleApi(Protocol):
@@ -91,8 +116,10 @@ class SdkKaggleApi:
                 "the Kaggle chain needs kagglesdk",
                 hint="pip install 'relay-runner[kaggle]' (or: pip install kagglesdk)",
             ) from None
-        creds = credentials
-        self._client = KaggleClient(username=creds.username, password=creds.key or None, api_token=creds.token or None)
+        self._client = KaggleClient(username=credentials.username or None, password=credentials.key or None,
+                                    api_token=credentials.token or None, user_agent=USER_AGENT)  # fmt: skip
+        _send_only(self._client, credentials)
+        self.quota_note = ""
 
     def _call(self, what: str, fn, request):
         try:
@@ -114,8 +141,10 @@ class SdkKaggleApi:
     def save_kernel(self, ref: str, metadata: dict, source: str, accelerator: str) -> int:
         from kagglesdk.kernels.types.kernels_api_service import ApiSaveKernelRequest
 
-        req = ApiSaveKernelRequest()
-        req.slug, req.text = ref, source
+        req = ApiSaveKernelRequest()  # built as kaggle-cli's kernels_push builds it
+        req.slug, req.text = ref, notebook_text(source)
+        if metadata.get("title"):
+            req.new_title = str(metadata["title"])
         req.language, req.kernel_type = metadata.get("language") or "python", metadata.get("kernelType") or "notebook"
         req.is_private = metadata.get("isPrivate", True)
         req.enable_gpu, req.enable_internet, req.machine_shape = True, True, accelerator
@@ -131,28 +160,62 @@ class SdkKaggleApi:
         return int(resp.version_number or 0)
 
     def gpu_quota_left_h(self) -> float | None:
-        from kagglesdk.kernels.types.kernels_api_service import ApiGetAcceleratorQuotaStatisticsRequest
-
-        client = self._client.kernels.kernels_api_client
+        """Weekly GPU hours left: allowed − used − reserved, as GetAcceleratorQuotaStatistics reports them
+        (`kaggle quota`, kaggle-cli PR #1029), counted as the API counts them (no factor for two GPUs).
+        None where the answer is missing; `quota_note` then says why."""
         try:
-            resp = self._call("GetAcceleratorQuotaStatistics", client.get_accelerator_quota_statistics,
-                              ApiGetAcceleratorQuotaStatisticsRequest())  # fmt: skip
+            from kagglesdk.kernels.types.kernels_api_service import ApiGetAcceleratorQuotaStatisticsRequest
+
+            call = self._client.kernels.kernels_api_client.get_accelerator_quota_statistics
+        except (ImportError, AttributeError):
+            self.quota_note = (f"this kagglesdk ({_sdk_version()}) has no GetAcceleratorQuotaStatistics "
+                               "(pip install -U kagglesdk)")  # fmt: skip
+            return None
+        try:
+            resp = self._call("GetAcceleratorQuotaStatistics", call, ApiGetAcceleratorQuotaStatisticsRequest())
         except KaggleApiError as exc:  # older servers: fall back to the run's own session records
-            log.info("Kaggle quota not available: %s", exc)
+            self.quota_note = f"Kaggle did not tell the quota ({exc})"
             return None
         quota = resp.gpu_quota
         if quota is None or quota.total_time_allowed is None:
+            self.quota_note = "Kaggle's answer had no GPU quota"
             return None
         used = sum(((t.total_seconds() if t else 0.0) for t in (quota.time_used, quota.time_reserved)), 0.0)
         return max(0.0, (quota.total_time_allowed.total_seconds() - used) / 3600.0)
 
 
+def _sdk_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return "kagglesdk " + version("kagglesdk")
+    except Exception:  # noqa: BLE001 - only for the message
+        return "kagglesdk"
+
+
 def accelerator_for(gpu_names: Sequence[str], metadata: dict) -> str:
-    """The machine the successor asks for: the notebook's own setting, else what this session ran on."""
-    if metadata.get("machineShape"):
-        return str(metadata["machineShape"])
+    """The machine the successor asks for: the GPUs this session has (T4 ×2 → NvidiaTeslaT4), whatever
+    GetKernel says of the notebook's last saved version, which may be stale (a P100 chosen once, say).
+    The notebook's machineShape counts only where this session saw no GPU, and a P100 never: current
+    Kaggle torch builds have no sm_60 kernels (kaggle-cli #1151)."""
     for name in gpu_names:
         for fragment, accelerator in ACCELERATORS:
             if fragment in name:
                 return accelerator
-    return DEFAULT_ACCELERATOR
+    shape = str(metadata.get("machineShape") or "")
+    return shape if shape and "P100" not in shape else DEFAULT_ACCELERATOR
+
+
+def notebook_text(source: str) -> str:
+    """The notebook as `kaggle kernels push` sends it (kaggle-cli kaggle_api_extended.py kernels_push): every
+    code cell's outputs cleared, and each cell's source one string, since the server expects just one."""
+    try:
+        nb = json.loads(source)
+    except ValueError:
+        return source  # a script, not a notebook
+    for cell in nb.get("cells", []) if isinstance(nb, dict) else []:
+        if cell.get("cell_type") == "code" and "outputs" in cell:
+            cell["outputs"] = []
+        if isinstance(cell.get("source"), list):
+            cell["source"] = "".join(cell["source"])
+    return json.dumps(nb)

@@ -17,6 +17,8 @@ import sys
 import time
 from collections.abc import Mapping
 
+from runner.secretfile import hand_over
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +31,10 @@ def launch_distributed(gpus: int) -> int:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "runner", *sys.argv[1:]]
-    procs = [subprocess.Popen(cmd, env=rank_env(os.environ, r, gpus, port, os.cpu_count() or 1)) for r in range(gpus)]
+    envs = [
+        hand_over(rank_env(os.environ, r, gpus, port, os.cpu_count() or 1)) for r in range(gpus)
+    ]  # runner.secretfile
+    procs = [subprocess.Popen(cmd, env=env) for env in envs]
 
     def forward(signum, _frame) -> None:
         for proc in procs:

@@ -35,15 +35,21 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner import daemon
+from runner import colabkernel, daemon
 from runner import events as ev
 from runner.errors import EXIT_OK, EXIT_PREEMPTED, RelayError
+from runner.storage.url import VM_STORAGE_OPT_IN, check_vm_storage, is_vm_local
 
 SECRET_NAMES = ("RELAY_GDRIVE_CREDENTIALS", "HF_TOKEN")
-CHAIN_SECRET_NAMES = ("KAGGLE_USERNAME", "KAGGLE_KEY")  # the user's own Kaggle API key, for the chain only
+# The user's own Kaggle credential, for the chain only: the API token ("Generate New Token"), or a legacy key
+CHAIN_SECRET_NAMES = ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY")
 ADC = "application-default"
 """RELAY_GDRIVE_CREDENTIALS value that tells the trainer to use Google's application-default credentials
 (what Colab's sign-in installs; runner/storage/credentials.py)."""
+KAGGLE_RELEASE_NOTE = (
+    "relay: release_gpu=True is ignored on Kaggle: a notebook cannot end its own Kaggle session; a "
+    "'Save & Run All' version stops when its last cell ends, an interactive session when you stop it"
+)
 MOUNT_POINT = "/content/drive"  # colabtools' documented mount point; runner.storage.colab uses the same
 REDRAW_EVERY_S = 1.0
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -89,8 +95,14 @@ def read_secret(platform: str, name: str) -> str | None:
     """A notebook secret, read in the kernel; None when it does not exist or this notebook may not read it."""
     from runner.storage.credentials import colab_secret, kaggle_secret
 
-    lookup = {"colab": colab_secret, "kaggle": kaggle_secret}.get(platform)
-    return lookup(name) if lookup else None
+    if platform == "colab":
+        return colabkernel.asking_twice(lambda n: colab_secret(n, on_denied=_say_denied))(name)
+    return kaggle_secret(name) if platform == "kaggle" else None
+
+
+def _say_denied(name: str) -> None:
+    print(f"relay: the Colab secret {name} was not used: this notebook was denied access to it "
+          "(grant it in the 🔑 Secrets panel, then run the cell again)")  # fmt: skip
 
 
 def trainer_env(platform: str, storage: str, env: Mapping[str, str], *, sign_in: Callable[[], None]) -> dict[str, str]:
@@ -122,9 +134,11 @@ def colab_sign_in() -> None:
 
 
 def mount_drive(mount_point: str = MOUNT_POINT) -> None:
-    from google.colab import drive  # type: ignore[import-not-found]
+    colabkernel.mount_drive(mount_point)
 
-    drive.mount(mount_point)
+
+def flush_drive(mount_point: str = MOUNT_POINT) -> None:
+    colabkernel.flush_drive(mount_point)
 
 
 def uses_mount(storage: str) -> bool:
@@ -165,18 +179,28 @@ def train_args(
 def run(
     profile: str, storage: str, *, run: str | None = None, overrides: Sequence[str] = (), hours: float | None = None,
     release_gpu: bool = False, workdir: str | None = None, extra: Sequence[str] = (), follow: bool | None = None,
+    storage_on_vm: bool = False,
 ) -> Outcome:  # fmt: skip
     """Start, resume or follow the run; see the module docstring.
 
     profile, storage, run, overrides (`section.key=value` items), hours, workdir: as `relay train`.
-    release_gpu: on Colab, end the runtime once the run is complete and its final commit verified.
+    release_gpu: on Colab, end the runtime once this cell has finished the run and its final commit is
+    verified (never when the storage is on the VM, never on a re-run of a finished run).
+    storage_on_vm: on Colab or Kaggle, allow storage on the VM's own disk, which is deleted with the VM.
     follow: None follows until the end (headless) or until the cell is interrupted (interactive);
     False returns once the trainer is started."""
     env = dict(os.environ)
     platform = platform_of(env)
     headless = is_headless(env)
-    if uses_mount(storage) and platform == "colab":
-        mount_drive()
+    if storage_on_vm:
+        env[VM_STORAGE_OPT_IN] = "1"
+    vm_warning = check_vm_storage(storage, platform, env)  # a typo'd remote form must not become a VM folder
+    if vm_warning:
+        print(f"relay: warning: {vm_warning}")
+    if release_gpu and platform == "kaggle":
+        print(KAGGLE_RELEASE_NOTE)
+    if platform == "colab" and (uses_mount(storage) or uses_mount(_data_source(profile, overrides))):
+        mount_drive()  # for the run's storage, or for your images in a Drive folder (data.source)
     child = trainer_env(platform, storage, env, sign_in=colab_sign_in)
     argv = train_args(profile, storage, run=run, overrides=overrides, hours=hours, workdir=workdir, extra=extra)
     name, url = daemon.identify(argv, child)
@@ -185,10 +209,13 @@ def run(
         print(f"relay: run {name!r} is training on this VM; following it ({rundir.root})")
     elif is_complete(name, url, child):
         print(f"relay: run {name!r} is complete")
-        return _finish(Outcome(name, url, EXIT_OK, str(rundir.root)), child, workdir, release_gpu, storage)
+        if release_gpu and platform == "colab":  # the user came back to look at it: keep the runtime
+            print("relay: keeping the runtime (release_gpu ends it only when this cell finishes the run)")
+        return _finish(Outcome(name, url, EXIT_OK, str(rundir.root)), child, workdir, False, storage)
     else:
         if _chain_on(profile, overrides):
-            _chain(platform, child, ["begin", *train_args(profile, storage, run=run, overrides=overrides)])
+            said = _chain(platform, child, ["begin", *train_args(profile, storage, run=run, overrides=overrides)])
+            child.update(quota_end(said))
         rundir = daemon.start(argv, child)
         print(f"relay: training {name!r} in the background; interrupting this cell leaves it running ({rundir.root})")
     if follow is False:
@@ -216,16 +243,58 @@ def _chain_on(profile: str, overrides: Sequence[str]) -> bool:
         return False
 
 
-def _chain(platform: str, child: Mapping[str, str], args: list[str]) -> None:
+def _data_source(profile: str, overrides: Sequence[str]) -> str:
+    """The profile's data.source ("" for a bad profile: the trainer reports that)."""
+    from runner.profile import load_profile
+
+    try:
+        return load_profile(profile, list(overrides)).data.source
+    except RelayError:
+        return ""
+
+
+def _chain(platform: str, child: Mapping[str, str], args: list[str]) -> str:
     """`python -m runner.chain begin|after …` (docs/chain.md), for a profile with session.chain = "kaggle".
     The Kaggle API key is read here, in the kernel, and given to that process alone (never the trainer)."""
     env = dict(child)
     _add_secrets(platform, env, CHAIN_SECRET_NAMES)
+    _ensure_chain_client(env)
     proc = subprocess.run([sys.executable, "-m", "runner.chain", *args], capture_output=True, text=True, env=env,
                           timeout=900)  # fmt: skip
+    from runner.chain import QUOTA_LINE
+
     for line in (proc.stdout + proc.stderr).splitlines():
-        if line.strip():
+        if line.strip() and not line.startswith(QUOTA_LINE):
             print(f"relay: {line}")
+    return proc.stdout
+
+
+def _ensure_chain_client(env: Mapping[str, str]) -> None:
+    """The chain's extra (kagglesdk, pyproject's [kaggle]) where the chain is on: installed once if missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("kagglesdk") is not None:
+        return
+    print("relay: installing kagglesdk for the Kaggle chain (pip install 'kagglesdk>=0.1')")
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "kagglesdk>=0.1"], capture_output=True,
+                          text=True, env=dict(env), timeout=600)  # fmt: skip
+    if done.returncode != 0:
+        print(f"relay: could not install kagglesdk: {(done.stderr or done.stdout).strip()[-300:]}")
+
+
+def quota_end(said: str) -> dict[str, str]:
+    """The trainer's RELAY_SESSION_END_WALL/_SOURCE from `runner.chain begin`'s quota line (none: no change)."""
+    from runner.chain import QUOTA_LINE
+    from runner.env import SESSION_END_ENV, SESSION_END_SOURCE_ENV
+
+    for line in said.splitlines():
+        if line.startswith(QUOTA_LINE):
+            try:
+                data = json.loads(line[len(QUOTA_LINE) :])
+                return {SESSION_END_ENV: str(float(data["end_wall"])), SESSION_END_SOURCE_ENV: str(data["source"])}
+            except (ValueError, KeyError, TypeError):
+                return {}
+    return {}
 
 
 def _follow(rundir: daemon.RunDir, *, headless: bool) -> int | None:
@@ -245,21 +314,25 @@ def _finish(outcome: Outcome, env: Mapping[str, str], workdir: str | None, relea
     if code not in (EXIT_OK, EXIT_PREEMPTED):
         tail = _tail(Path(outcome.local_dir) / "trainer.log")
         raise NotebookRunError(f"the trainer ended with exit {code}: {outcome.message}\n{tail}", exit_code=code)
-    if uses_mount(storage) and platform_of(env) == "colab":
-        from google.colab import drive  # type: ignore[import-not-found]
-
-        drive.flush_and_unmount()  # the mount writes back late; push everything before the VM can go
+    colab = platform_of(env) == "colab"
+    # Everything that reads the storage comes before the unmount: on `drive` storage the run is on the mount
+    complete = code == EXIT_OK and release_gpu and colab and is_complete(outcome.run, outcome.storage, env)
     if code == EXIT_OK and not show_comparison(outcome.run, outcome.storage, env, workdir):
         show_result(outcome.run, outcome.storage, workdir)
-    if code == EXIT_OK:
-        if release_gpu and platform_of(env) == "colab":
-            if not is_complete(outcome.run, outcome.storage, env):
-                print("relay: final/ is not committed in storage; keeping the runtime")
-                return outcome
-            from google.colab import runtime  # type: ignore[import-not-found]
+    if uses_mount(storage) and colab:
+        flush_drive()  # the mount writes back late; push everything before the VM can go
+    if code == EXIT_OK and release_gpu and colab:
+        if is_vm_local(storage):
+            print("relay: keeping the runtime: the run's storage is on this VM's disk and would go with it; "
+                  "download final/ first")  # fmt: skip
+            return outcome
+        if not complete:
+            print("relay: final/ is not committed in storage; keeping the runtime")
+            return outcome
+        from google.colab import runtime  # type: ignore[import-not-found]
 
-            print("relay: final commit verified; ending the runtime (release_gpu=True)")
-            runtime.unassign()
+        print("relay: final commit verified; ending the runtime (release_gpu=True)")
+        runtime.unassign()
     return outcome
 
 
@@ -285,9 +358,14 @@ def status(storage: str, run: str | None = None) -> None:
     print(proc.stdout + proc.stderr, end="")
 
 
-def stop(storage: str, run: str) -> bool:
-    """Ask this VM's trainer of the run to checkpoint and stop (exit 75)."""
-    return daemon.stop(daemon.run_dir_for(run, storage, os.environ))
+def stop(storage: str, run: str | None = None, *, profile: str | None = None) -> bool:
+    """Ask this VM's trainer of the run to checkpoint and stop (exit 75). The run is `run`, or the one
+    `profile` trains (its run key, else its name: runner.runinfo.run_identity)."""
+    from runner.runinfo import identify_run
+
+    if not run and not profile:
+        raise ValueError("name the run (run=…) or the profile that trains it (profile=…)")
+    return daemon.stop(daemon.run_dir_for(run or identify_run(profile or ""), storage, os.environ))
 
 
 def show_result(run: str, storage: str, workdir: str | None) -> None:
@@ -297,7 +375,9 @@ def show_result(run: str, storage: str, workdir: str | None) -> None:
     roots = [Path(storage) / run / "final"] if local else []
     if workdir:
         roots.append(Path(workdir) / run)
-    images = sorted({p for root in roots if root.is_dir() for p in root.rglob("*.png") if "final" in p.parts})
+    found = [p for root in roots if root.is_dir() for p in sorted(root.rglob("*.png")) if "final" in p.parts]
+    images = [p for i, p in enumerate(found) if p.name not in {q.name for q in found[:i]}]  # storage's final/
+    # and the workdir's build of it hold the same files: show each image once
     try:
         from IPython.display import Image, display
     except ImportError:
@@ -355,6 +435,8 @@ class CellView:
         self.snapshot = apply(self.snapshot, event, self.clock.monotonic())
         if isinstance(event, ev.Warning):
             print(f"relay | warning ({event.kind}): {event.message}")
+        elif isinstance(event, ev.Notice):
+            print(f"relay | {event.message}")
 
     def tick(self) -> None:
         if time.monotonic() - self.drawn_at >= REDRAW_EVERY_S:
@@ -367,8 +449,9 @@ class CellView:
 
         console = Console(file=io.StringIO(), record=True, width=self.width, force_terminal=True, force_jupyter=False)
         console.print(render(self.snapshot, self.clock.monotonic()))
+        text = console.export_text(clear=False)  # before export_html, which clears what was recorded
         html = console.export_html(inline_styles=True, code_format="<pre style='line-height:1.2'>{code}</pre>")
-        self.handle.update({"text/plain": console.export_text(), "text/html": html}, raw=True)
+        self.handle.update({"text/plain": text, "text/html": html}, raw=True)
         self.drawn_at = time.monotonic()
 
     def close(self) -> None:

@@ -49,7 +49,16 @@ def print_plan(ctx, *, probe: bool = False, console: Console | None = None) -> i
     console.print(f"progress: step {step} / {t.steps}; {left} steps to go")
     deadline = budget.session_deadline(env, p, ctx.clock)
     hours_left = None if deadline is None else max(0.0, (deadline - ctx.clock.monotonic()) / 3600)
-    console.print(f"this session: {'no time limit' if hours_left is None else humanize.hours(hours_left) + ' left'}")
+    limit = (
+        ""
+        if p.session.hours or not env.session_limit_h
+        else f" (limit {env.session_limit_h:.1f} h: {env.limit_source})"
+    )
+    console.print(
+        f"this session: {'no time limit' if hours_left is None else humanize.hours(hours_left) + ' left'}{limit}"
+    )
+    for note in env.notes:
+        console.print(f"  note: {note}")
     if rate is None and not env.gpus:  # no GPU here, nothing measured: what published figures predict
         for name in ESTIMATE_GPUS:
             prior = budget.profile_step_prior(p, name, 1)

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field, fields
@@ -398,6 +399,22 @@ def resolve_profile_path(name_or_path: str, directory: Path = PROFILES_DIR) -> P
     )
 
 
+TEST_TINY_ENV = "RELAY_TEST_TINY_MODEL"
+"""Tests only: a target step count N. Every profile then trains the tiny model on a few generated images at 32 px
+for N steps; its name, run key and effective batch stay as shipped (docs/platforms.md, "Testing what ships")."""
+
+
+def test_tiny_overrides(value: str) -> list[str]:
+    """The --set items RELAY_TEST_TINY_MODEL=N stands for (none when it is unset or empty)."""
+    if not value.strip():
+        return []
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ProfileError(f"must be a positive step count, not {value!r}", path=f"${TEST_TINY_ENV}")
+    return ["model.base=tiny", "model.vae=", "model.variant=", "model.revision=", "data.source=generated",
+            "data.generated_count=4", "data.validation_count=0", "data.limit=0", "train.resolution=32",
+            f"train.steps={int(value)}", "train.warmup_steps=0", "sample.inference_steps=1"]  # fmt: skip
+
+
 def load_profile(
     name_or_path: str, overrides: list[str] = (), directory: Path = PROFILES_DIR, *, flags: dict[str, str] | None = None
 ) -> Profile:
@@ -414,6 +431,7 @@ def load_profile(
     variant_tables = raw.pop(VARIANTS_KEY, None)
     file_raw = copy.deepcopy(raw)  # the file's own settings: each variant overrides these, then --set applies
     origins = {}
+    overrides = [*test_tiny_overrides(os.environ.get(TEST_TINY_ENV, "")), *overrides]
     for item in overrides:
         apply_override(raw, item)
         key = item.partition("=")[0].strip()

@@ -1,6 +1,8 @@
-"""The run's identity across sessions: run.json's settings check, and the run's target.
+"""The run's identity across sessions: its name, run.json's settings check, and the run's target.
 
-Owns: writing run.json for a new run; refusing, for an existing one, settings
+Owns: the one rule that names a run (`run_identity`: `--run`, else the profile's `run` key, else
+its name), which the trainer, the detached supervisor, the notebook cell, the chain and `relay
+attach`/`stop` all ask; writing run.json for a new run; refusing, for an existing one, settings
 that change the weights (unless --force); the run's target (the stored one wins
 unless `--set train.steps=N` changes it on purpose, which is announced and
 stored); the RunState of a run's first session. Must not: train, or touch
@@ -9,17 +11,31 @@ checkpoints.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from runner import events
 from runner.clock import iso
 from runner.errors import ResumeMismatch
-from runner.profile import diff_fields, fingerprint, fingerprint_fields
+from runner.profile import Profile, diff_fields, fingerprint, fingerprint_fields, load_profile
 from runner.state import RunInfo, RunState, read_run_info, write_run_info
 
 if TYPE_CHECKING:
     from runner.commands import Context
+
+
+def run_identity(profile: Profile, run: str | None = None) -> str:
+    """The run a session of `profile` trains: `run` (the --run option) when given, else the profile's
+    `run` key, else its name. Profiles of one job (sdxl-naruto-t4, sdxl-naruto-kaggle-2xt4) share a run
+    through their `run` key, so a profile's name alone never names its run."""
+    return run or profile.run_name
+
+
+def identify_run(profile: str, run: str | None = None, overrides: Sequence[str] = ()) -> str:
+    """`run_identity` of a profile given by name or path (with its --set items); a bad profile raises the
+    same ProfileError the trainer would."""
+    return run or run_identity(load_profile(profile, list(overrides)))
 
 
 def new_state(ctx: Context) -> RunState:

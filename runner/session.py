@@ -32,6 +32,7 @@ from runner.clock import iso
 from runner.errors import (
     EXIT_OK,
     EXIT_PREEMPTED,
+    EXIT_USAGE,
     Interrupted,
     RelayError,
     StorageError,
@@ -45,11 +46,13 @@ from runner.report import session_history
 from runner.runinfo import ensure_run_info, new_state, resolve_target, sets_target
 from runner.signals import StopFlag, install_stop_handlers
 from runner.state import RunState, append_session, read_run_info, read_sessions
+from runner.storage.url import is_vm_local
 
 if TYPE_CHECKING:
     from runner.commands import Context
 
 log = logging.getLogger(__name__)
+BUDGET_EVENT_EVERY_S = 5.0  # how often the views hear the budget: a countdown in minutes needs no more
 TEST_CACHE_DELAY_ENV = "RELAY_TEST_CACHE_DELAY_S"  # tests only: seconds of delay before each cache piece
 # tests only: seconds added to each step, so the fault tests' kills land inside a run whatever the machine's speed
 TEST_STEP_DELAY_ENV = "RELAY_TEST_STEP_DELAY_S"
@@ -63,10 +66,10 @@ def logs_dir(ctx: Context) -> Path:
 class Session:
     """One session of a run. `run()` returns the process exit code."""
 
-    def __init__(self, ctx: Context, *, dashboard=None, stop: StopFlag | None = None) -> None:
+    def __init__(self, ctx: Context, *, stop: StopFlag | None = None) -> None:
         self.ctx = ctx
-        self.dashboard = dashboard
         self.stop = stop  # an experiment's sessions share one: a stop asked during one variant ends them all
+        self._budget_sent_at: float | None = None  # monotonic time of the last BudgetUpdated
         self.is_main = int(os.environ.get("RANK", "0")) == 0
         self.lease = Lease(ctx.storage, ctx.run, ctx.holder, clock=ctx.clock)
         self.ckpts = CheckpointManager(
@@ -97,6 +100,7 @@ class Session:
 
     def run(self) -> int:
         ctx, code = self.ctx, 1
+        is_new = self.is_main and read_run_info(ctx.storage, ctx.run, missing_ok=True) is None
         with install_stop_handlers(self.stop) as stop:
             try:
                 self._settle_target()
@@ -120,9 +124,20 @@ class Session:
                 self.reason, code = end_reason_for(exc), exit_code_for(exc)
                 raise
             finally:
+                if is_new and code == EXIT_USAGE:
+                    self._forget_refused_run()
                 ctx.bus.emit(events.SessionEnded(self.step, ctx.profile.train.steps, self.reason, code))
                 self._leave_process_group()
         return code
+
+    def _forget_refused_run(self) -> None:
+        """A new run refused as bad input (its dataset, its plan) trained nothing: remove what this session
+        wrote for it (run.json, sessions.jsonl, logs), so a typo leaves no run behind. Best effort."""
+        try:
+            for key in self.ctx.storage.list(self.ctx.run):
+                self.ctx.storage.delete(key)
+        except StorageError as exc:
+            log.warning("could not remove the refused run's files: %s", exc)
 
     def _leave_process_group(self) -> None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process never imports torch.distributed here
@@ -180,14 +195,16 @@ class Session:
                 except StorageError as exc:
                     log.warning("log file %s not uploaded: %s", path.name, exc)
 
-    def _loss_curve(self, out: Path) -> None:
+    def _loss_curve(self, out: Path) -> Path | None:
         """RUN/loss.png: train and validation loss over every session so far. Best effort."""
         from runner.losscurve import update_loss_curve
 
         try:
-            update_loss_curve(self.ctx.storage, self.ctx.run, logs_dir(self.ctx), out)
+            # RUN/logs/ holds one folder per session: this session's is there already, the others are fetched
+            return update_loss_curve(self.ctx.storage, self.ctx.run, logs_dir(self.ctx).parent, out)
         except (OSError, ValueError, StorageError) as exc:
             self.ctx.bus.emit(events.Warning(f"loss curve not drawn: {exc}", kind="logs"))
+            return None
 
     def session_record(self) -> dict:
         env, now = self.ctx.env, self.ctx.clock.wall()
@@ -197,6 +214,8 @@ class Session:
             "start_wall": self.started_wall, "end_wall": now, "wall_s": round(now - self.started_wall, 1),
             "train_s": round(self.train_s, 1), "step_from": self.step_from, "step_to": self.step,
             "steps": self.step - self.step_from, "reason": self.reason,
+            "limit_h": self.ctx.profile.session.hours or env.session_limit_h,
+            "limit_source": "session.hours" if self.ctx.profile.session.hours else env.limit_source,
         }  # fmt: skip
 
     def _train(self, stop) -> int:
@@ -341,8 +360,7 @@ class Session:
             if self.is_main:
                 self.lease.check()  # another session took the run: stop before writing anything more
             bctx = self._budget(deadline, last_ckpt_at, target - state.step)
-            if self.dashboard is not None:
-                self.dashboard.set_budget(budget.time_left_s(bctx), budget.next_checkpoint_in_s(bctx))
+            self._send_budget(bctx)
             action = budget.next_action(bctx, has_new_steps=state.step != (self.checkpointed_step or self.step_from))
             stopping, due = agree(tr.placement, stop.requested or action is budget.Action.STOP,
                                   action is budget.Action.CHECKPOINT)  # fmt: skip
@@ -395,6 +413,14 @@ class Session:
                                                  "session.margin_min (--set session.margin_min=1)")  # fmt: skip
         self.ctx.bus.emit(events.Warning(short.message, kind="budget"))
         return False
+
+    def _send_budget(self, bctx: budget.BudgetContext) -> None:
+        """Tell every view the budget (time left, next checkpoint), at most every BUDGET_EVENT_EVERY_S."""
+        now = self.ctx.clock.monotonic()
+        if self._budget_sent_at is not None and now - self._budget_sent_at < BUDGET_EVENT_EVERY_S:
+            return
+        self._budget_sent_at = now
+        self.ctx.bus.emit(events.BudgetUpdated(budget.time_left_s(bctx), budget.next_checkpoint_in_s(bctx)))
 
     def _budget(self, deadline, last_ckpt_at: float, steps_left: int) -> budget.BudgetContext:
         now = self.ctx.clock.monotonic()
@@ -463,7 +489,7 @@ class Session:
     def _finish_from_checkpoint(self, state: RunState, restored: Restored, device: str) -> None:
         """The target was reached earlier: make sure final/ exists (a kill may have come before it)."""
         if self.store.is_committed("final"):
-            self.ctx.bus.emit(events.Warning(f"run already complete at step {state.step}; final/ is in storage"))
+            self.ctx.bus.emit(events.Notice(f"run already complete at step {state.step}; final/ is in storage"))
             return
         from runner.train.run import read_lora_file
 
@@ -472,8 +498,9 @@ class Session:
     def _commit_final(self, lora_sd, steps: int, sessions: list[dict], device: str, unet=None) -> None:
         from runner.export import commit_final
 
+        curve = self._loss_curve(self.ctx.workdir / "loss.png")  # final/ carries it too
         commit_final(self.store, self.ctx.profile, lora_sd, steps=steps, sessions=sessions, device=device, unet=unet,
-                     bus=self.ctx.bus)  # fmt: skip
+                     bus=self.ctx.bus, loss_curve=curve)  # fmt: skip
         from runner.publish import publish_at_completion
 
         try:
@@ -484,6 +511,10 @@ class Session:
 
     def _release_gpu(self) -> None:
         if self.ctx.profile.session.release_gpu and self.ctx.env.platform == "colab":
+            if is_vm_local(self.ctx.opts.storage):  # the only copy of final/ would go with the VM
+                self.ctx.bus.emit(events.Warning("release_gpu ignored: the run's storage is on this VM's disk; "
+                                                 "download final/ first", kind="storage"))  # fmt: skip
+                return
             flush = getattr(self.ctx.storage, "flush", None)
             if flush is not None:
                 flush()

@@ -139,8 +139,9 @@ def _from_value(value: str, source: str) -> DriveCredentials:
     return _read_file(Path(value), source)
 
 
-def colab_secret(name: str) -> str | None:
-    """A Colab notebook secret (google.colab.userdata), or None when not on Colab or not granted."""
+def colab_secret(name: str, on_denied: Callable[[str], None] | None = None) -> str | None:
+    """A Colab notebook secret (google.colab.userdata), or None when not on Colab or not granted;
+    `on_denied(name)` is told when the secret exists but the user denied this notebook access to it."""
     try:
         from google.colab import userdata  # type: ignore[import-not-found]
     except ImportError:
@@ -151,7 +152,9 @@ def colab_secret(name: str) -> str | None:
     expected = tuple(getattr(userdata, n) for n in names if hasattr(userdata, n)) + (LookupError, AttributeError)
     try:
         return userdata.get(name)
-    except expected:
+    except expected as exc:
+        if on_denied is not None and type(exc).__name__ == "NotebookAccessError":
+            on_denied(name)
         return None
 
 

@@ -248,12 +248,16 @@ def translate(error: BaseException, *, what: str, key: str, url: str, credential
     status, reason, message = http_details(error)
     where = f"Drive {what} of {key!r} in {url}"
     detail = credentials.redact(f"{status} {reason}: {message}".strip(": ")) if status else type(error).__name__
-    if status is None and not _is_network(error):
+    refused = reason == "token" or status == 401 or _is_refresh_error(error)
+    if status is None and not _is_network(error) and not refused:
         detail = credentials.redact(f"{type(error).__name__}: {error}")
-        return StorageError(f"{where} failed ({detail})", key=key, hint="check the local path and free disk space")
-    if status is None or status == 429 or status >= 500 or (status == 403 and reason in RATE_REASONS):
+        local = isinstance(error, OSError)  # a file on this machine (staging, cache); anything else is Drive's client
+        hint = "check the local path and free disk space" if local else (
+            f"check the Drive credentials and the folder: relay doctor --storage {url} (docs/storage.md)")  # fmt: skip
+        return StorageError(f"{where} failed ({detail})", key=key, hint=hint)
+    if not refused and (status is None or status == 429 or status >= 500 or (status == 403 and reason in RATE_REASONS)):
         return StorageError(f"{where} failed ({detail})", key=key, transient=True)
-    if reason == "token" or status == 401 or _is_refresh_error(error):
+    if refused:
         return CredentialsError(
             f"{where}: Google refused the {credentials.kind} credentials from {credentials.source} ({detail})",
             key=key,

@@ -53,6 +53,7 @@ BAD_NAMES_SHOWN = 5  # unreadable files named in the warning
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises for a broken file
 MAX_ASPECT = 4.0  # widest bucket is 4:1, tallest 1:4
 VALIDATION_TAG = 2**31 - 1  # seeds the held-out permutation apart from every epoch
+HOLD_OUT_ONE_IN = 10  # one example in ten (rounded up, at most data.validation_count) is held out for validation
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")
 ASPECTS = ((1, 1), (3, 2), (2, 3), (2, 1))  # width:height of generated images
@@ -395,7 +396,8 @@ def validate_dataset(cfg: DataConfig, *, resolution: int, bus: EventBus | None =
     _warn(bus, _names_message("unreadable images skipped", check.bad, check.total), "skipped-images")
     hint = "add captions, or set data.instance_prompt / data.trigger_word"
     _warn(bus, _names_message(f"images with an empty caption ({hint})", check.empty_captions, check.total), "data")
-    log.info("dataset %s: %s", cfg.source, check.describe())
+    log.info("dataset %s: %s; %d held out for validation", cfg.source, check.describe(),
+             held_out_count(check.good, cfg.validation_count))  # fmt: skip
     return check
 
 
@@ -407,13 +409,13 @@ def _refuse_unusable(check: DatasetCheck, cfg: DataConfig) -> None:
             source=cfg.source,
             hint="remove or re-export the broken files, or raise data.max_bad_fraction",
         )
-    needed = max(cfg.min_images, cfg.validation_count + 1)
-    if check.good < needed:
+    held = held_out_count(check.good, cfg.validation_count)
+    if check.good - held < cfg.min_images:  # the minimum counts the images that are trained on
+        kept = f"; {held} held out for validation leave {check.good - held} to train" if held else ""
         raise DataError(
-            f"only {check.good} readable image(s); at least {needed} needed (data.min_images = {cfg.min_images}, "
-            f"data.validation_count = {cfg.validation_count} held out)",
+            f"only {check.good} readable image(s){kept}; data.min_images = {cfg.min_images} needed to train",
             source=cfg.source,
-            hint="add images, or lower data.min_images / data.validation_count",
+            hint="add images, or lower data.min_images" + (" or set data.validation_count = 0" if held else ""),
         )
 
 
@@ -482,15 +484,22 @@ def prepare(
 # --- order ---------------------------------------------------------------------------------
 
 
+def held_out_count(count: int, validation_count: int) -> int:
+    """Examples held out for the validation loss: one in ten, rounded up, at most data.validation_count,
+    so a small set of your own images loses one of them, not four."""
+    return min(validation_count, -(-count // HOLD_OUT_ONE_IN))
+
+
 def split_validation(count: int, validation_count: int, seed: int) -> tuple[list[int], list[int]]:
-    """(train indices, held-out indices): the held-out ones are a seeded choice; both sorted."""
-    if validation_count >= count:
+    """(train indices, held-out indices): `held_out_count` of them, a seeded choice; both sorted."""
+    held = held_out_count(count, validation_count)
+    if held >= count:
         raise DataError(
-            f"data.validation_count = {validation_count} leaves no training examples out of {count}",
-            hint="lower data.validation_count (0 turns validation off)",
+            f"{count} example(s) with {held} held out for validation leave none to train",
+            hint="add images, or set data.validation_count = 0 (no validation)",
         )
     order = torch.randperm(count, generator=generator(seed, VALIDATION_TAG)).tolist()
-    return sorted(order[validation_count:]), sorted(order[:validation_count])
+    return sorted(order[held:]), sorted(order[:held])
 
 
 def epoch_batches(buckets: Sequence[int], batch: int, seed: int, epoch: int) -> list[list[int]]:

@@ -139,6 +139,7 @@ def test_bad_dataset_is_named(case, tmp_path, capsys):
     assert code == 2, f"exit {code} (a bad dataset is bad input):\n{out.err[-3000:]}"
     assert_clear(done, code, *names)
     assert "ended: bad input (exit 2)" in out.out, f"the printed end disagrees with the exit code:\n{out.out[-2000:]}"
+    assert not [p for p in (tmp_path / "s").rglob("*")], "a refused new run left files in storage"
 
 
 # ---------------------------------------------------------------- storage and credentials

@@ -12,6 +12,7 @@ notebook's Kaggle secrets; none may land in the run's store.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -37,6 +38,7 @@ CHAIN_SETS = ("session.chain=kaggle", f"session.chain_notebook={NOTEBOOK}")
 def kaggle(tmp_path, monkeypatch):
     monkeypatch.setenv("KAGGLE_API_ENVIRONMENT", "TEST")  # kagglesdk → http://localhost:7777
     monkeypatch.delenv("KAGGLE_API_TOKEN", raising=False)
+    monkeypatch.setenv("RELAY_STORAGE_ON_VM", "1")  # a local folder stands in for a store that outlives the VMs
     with KaggleStandIn(tmp_path / "kaggle", username=USER, key=KEY) as server:
         yield server
 
@@ -232,3 +234,154 @@ def test_an_api_token_is_sent_as_a_bearer_and_a_wrong_key_is_refused(idle_kaggle
     assert "wrong-key" not in str(err.value)
     with pytest.raises(KaggleApiError, match="403"):  # never another account's notebook
         api().get_kernel("bob/his-notebook")
+
+
+@pytest.mark.parametrize("given", ["key", "token"])
+def test_inside_a_notebook_the_chain_sends_the_users_credential_not_the_session_token(idle_kaggle, tmp_path,
+                                                                                      monkeypatch, given):  # fmt: skip
+    """In a Kaggle notebook kagglesdk prefers the session token in the file KAGGLE_API_V1_TOKEN names
+    (kagglesdk kaggle_env.py get_access_token_from_env, when KAGGLE_KERNEL_RUN_TYPE and KAGGLE_DATA_PROXY_URL
+    are set); the stand-in refuses it for SaveKernel. Every chain call must send the user's own credential."""
+    from tests.platforms.kaggle_api.server import SESSION_TOKEN
+
+    token_file = tmp_path / "api-v1-token"
+    token_file.write_text(SESSION_TOKEN)
+    for name, value in {"KAGGLE_KERNEL_RUN_TYPE": "Batch", "KAGGLE_DATA_PROXY_URL": "https://dp.kaggle.net",
+                        "KAGGLE_API_V1_TOKEN": str(token_file)}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    idle_kaggle.secrets["KAGGLE_API_TOKEN"] = "KGAT_stand-in-token"
+    env = (
+        {"KAGGLE_USERNAME": USER, "KAGGLE_KEY": KEY} if given == "key" else {"KAGGLE_API_TOKEN": "KGAT_stand-in-token"}
+    )
+    client = SdkKaggleApi(KaggleCredentials.from_env(env))
+    metadata, source = client.get_kernel(NOTEBOOK)
+    assert client.save_kernel(NOTEBOOK, metadata, source, "NvidiaTeslaT4") == 2
+    assert client.gpu_quota_left_h() == 30.0
+    assert {how for _, how in idle_kaggle.auth_used} == {given}, idle_kaggle.auth_used
+
+    from kagglesdk import KaggleClient  # what kagglesdk alone would send from the notebook: refused for a push
+    from kagglesdk.kernels.types.kernels_api_service import ApiSaveKernelRequest
+
+    bare = KaggleClient(username=USER, password=KEY, user_agent="t")
+    req = ApiSaveKernelRequest()
+    req.slug, req.text = NOTEBOOK, source
+    with pytest.raises(Exception, match="session token may not save"):
+        bare.kernels.kernels_api_client.save_kernel(req)
+    assert idle_kaggle.auth_used[-1] == ("SaveKernel", "session")
+
+
+def test_an_empty_user_agent_is_refused(idle_kaggle):
+    """kagglesdk's KaggleClient sends an empty User-Agent unless given one (kaggle_client.py user_agent='');
+    the stand-in refuses it, so the chain must name itself."""
+    from kagglesdk import KaggleClient
+    from kagglesdk.kernels.types.kernels_api_service import ApiGetKernelRequest
+
+    req = ApiGetKernelRequest()
+    req.user_name, req.kernel_slug = NOTEBOOK.split("/")
+    with pytest.raises(Exception, match="User-Agent"):
+        KaggleClient(username=USER, password=KEY).kernels.kernels_api_client.get_kernel(req)
+    assert api().get_kernel(NOTEBOOK)[0]["ref"] == NOTEBOOK
+
+
+class NoWait(SystemClock):
+    """The real clock, but waits are recorded instead of slept."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+
+def test_the_successor_asks_for_this_sessions_gpus_not_a_stale_shape_and_is_pushed_as_the_cli_would(idle_kaggle,
+                                                                                                     tmp_path):  # fmt: skip
+    """GetKernel may carry the machine of an old version (a P100 once chosen); the push asks for what this
+    session ran on (T4 ×2 → NvidiaTeslaT4), with the title, outputs cleared and one-string cell sources
+    (kaggle-cli kernels_push)."""
+    saved = {"cells": [{"cell_type": "code", "metadata": {}, "execution_count": 3, "source": ["a = 1\n", "print(a)"],
+                        "outputs": [{"output_type": "stream", "name": "stdout", "text": ["1\n"]}]}],
+             "metadata": {}, "nbformat": 4, "nbformat_minor": 5}  # fmt: skip
+    idle_kaggle.add_kernel(NOTEBOOK, json.dumps(saved), machineShape="NvidiaTeslaP100", title="Relay chain")
+    storage = make_run(tmp_path / "storage", step=10)
+    assert end_session(storage).reason == chain.PUSHED
+    push = idle_kaggle.pushes()[-1]
+    assert push["machineShape"] == "NvidiaTeslaT4" and push["newTitle"] == "Relay chain"
+    cell = json.loads(push["text"])["cells"][0]
+    assert cell["source"] == "a = 1\nprint(a)" and cell["outputs"] == []
+
+
+def test_a_full_session_cap_is_waited_out_a_bounded_time_then_stops_with_a_reason_status_shows(idle_kaggle, tmp_path,
+                                                                                              capsys):  # fmt: skip
+    storage = make_run(tmp_path / "storage", step=10)
+    idle_kaggle.busy_pushes = 2
+    clock = NoWait()
+    decision = chain.after_session(75, storage=storage, run=RUN, notebook=NOTEBOOK, api=api(), link=0, clock=clock,
+                                   gpu_names=["Tesla T4", "Tesla T4"], settle_s=0.2)  # fmt: skip
+    assert decision.reason == chain.PUSHED and clock.waits[-2:] == list(chain.CAP_RETRY_WAITS_S[:2])
+
+    idle_kaggle.busy_pushes = 100
+    clock = NoWait()
+    link = chain.claimed_link(storage, RUN)
+    decision = chain.after_session(75, storage=storage, run=RUN, notebook=NOTEBOOK, api=api(), link=link, clock=clock,
+                                   gpu_names=["Tesla T4", "Tesla T4"], settle_s=0.2)  # fmt: skip
+    assert decision.reason == chain.SESSION_CAP and "Maximum batch GPU session count reached" in decision.message
+    assert [w for w in clock.waits if w >= 60] == list(chain.CAP_RETRY_WAITS_S)  # bounded
+    assert chain.status(storage, RUN).stopped == chain.SESSION_CAP
+    capsys.readouterr()
+    assert relay_main(["status", "--storage", str(tmp_path / "storage")]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "stopped: session-cap (Kaggle refused the push 4 times" in said, said
+
+
+def begin_on_kaggle(storage: Path, monkeypatch, capsys, **env: str) -> str:
+    """`python -m runner.chain begin` as the Kaggle cell runs it (Kaggle's variables: tests/platforms/kaggle_t4x2.py)."""
+    from tests.platforms import apply, kaggle_t4x2
+
+    apply(monkeypatch, kaggle_t4x2.ENV, KAGGLE_API_ENVIRONMENT="TEST", **env)
+    args = ["begin", "--profile", "tiny", "--storage", str(storage), "--state-file", str(storage.parent / "st.json"),
+            *[a for item in CHAIN_SETS for a in ("--set", item)]]  # fmt: skip
+    capsys.readouterr()
+    assert chain.main(args) == 0
+    return capsys.readouterr().out
+
+
+def test_a_kaggle_session_is_sized_by_the_accounts_quota_and_says_so(idle_kaggle, tmp_path, monkeypatch, capsys):
+    """At the session's start `begin` reads GetAcceleratorQuotaStatistics (allowed − used − reserved, no ×2 for
+    two GPUs); the cell passes the end it allows to the trainer, whose limit becomes min(12 h, that end)."""
+    from runner import notebook
+    from runner.env import detect_env
+
+    idle_kaggle.quota_total_h, idle_kaggle.quota_used_h = 6.0, 1.0  # an account with 6 h a week
+    storage = make_run(tmp_path / "storage", step=10)
+    said = begin_on_kaggle(tmp_path / "storage", monkeypatch, capsys, KAGGLE_USERNAME=USER, KAGGLE_KEY=KEY)
+    assert "5.0 h of this week's Kaggle GPU quota left" in said, said
+    child = notebook.quota_end(said)
+    env = detect_env(environ={**os.environ, **child}, exists=lambda p: False, read=lambda p: "60.0 1.0\n",
+                     run=lambda cmd: "Tesla T4, 15360, 15095, 7.5\nTesla T4, 15360, 15095, 7.5\n")  # fmt: skip
+    assert env.session_limit_h == pytest.approx(5.0 + 60 / 3600, abs=0.01)  # from the start, 60 s before the reading
+    assert "GetAcceleratorQuotaStatistics" in env.limit_source and "5.0 h left" in env.limit_source
+    recorded = [k for k in storage.list(f"{RUN}/chain/quota") if k.endswith(".json")]
+    assert len(recorded) == 1
+    assert KEY not in said
+
+
+def test_an_older_kagglesdk_without_the_quota_call_says_so_and_records_it(idle_kaggle, tmp_path, monkeypatch, capsys):
+    from kagglesdk.kernels.services.kernels_api_service import KernelsApiClient
+
+    monkeypatch.delattr(KernelsApiClient, "get_accelerator_quota_statistics")
+    storage = make_run(tmp_path / "storage", step=10)
+    said = begin_on_kaggle(tmp_path / "storage", monkeypatch, capsys, KAGGLE_USERNAME=USER, KAGGLE_KEY=KEY)
+    assert "sized by Kaggle's 12 h limit alone" in said and "has no GetAcceleratorQuotaStatistics" in said, said
+    assert "Traceback" not in said and chain.QUOTA_LINE not in said
+    key = next(k for k in storage.list(f"{RUN}/chain/quota") if k.endswith(".json"))
+    assert "no GetAcceleratorQuotaStatistics" in json.loads(storage_dir_read(tmp_path / "storage", key))["note"]
+
+
+def test_without_credentials_the_session_keeps_the_12_h_limit_and_says_why(idle_kaggle, tmp_path, monkeypatch, capsys):
+    make_run(tmp_path / "storage", step=10)
+    said = begin_on_kaggle(tmp_path / "storage", monkeypatch, capsys)
+    assert "sized by Kaggle's 12 h limit alone" in said and "no Kaggle API credentials" in said, said
+
+
+def storage_dir_read(root: Path, key: str) -> str:
+    return (root / key).read_text()

@@ -127,7 +127,7 @@ def test_the_cell_uses_kernel_services_survives_an_interrupt_and_a_kernel_restar
     cell = (
         "from runner import notebook\n"
         f"notebook.run(profile='tiny', storage={str(storage)!r}, workdir={str(workdir)!r}, "
-        f"overrides={overrides!r}, release_gpu=True)\n"
+        f"overrides={overrides!r}, release_gpu=True, storage_on_vm=True)\n"
     )
     rundir = daemon.run_dir_for("tiny", str(storage), env)
 
@@ -138,8 +138,9 @@ def test_the_cell_uses_kernel_services_survives_an_interrupt_and_a_kernel_restar
     assert error == "" and "stopped following; the run goes on" in out, out
     trainer_pid = rundir.read_state()["trainer_pid"]
     assert daemon._pid_alive(trainer_pid), "interrupting the cell stopped the trainer"
-    environ = Path(f"/proc/{trainer_pid}/environ").read_bytes().split(b"\0")
-    assert f"HF_TOKEN={HF_SECRET}".encode() in environ, "the Colab secret did not reach the trainer"
+    for pid in (trainer_pid, rundir.read_state()["supervisor_pid"]):  # `ps e` shows neither the secret
+        assert HF_SECRET.encode() not in Path(f"/proc/{pid}/environ").read_bytes(), f"secret in pid {pid}'s environ"
+    assert not list(rundir.root.glob(".relay-secrets-*")), "the trainer did not take its secrets over"
     kernel.restart()  # Runtime → Restart session: jupyter_client signals the kernel's whole process group
     assert daemon._pid_alive(trainer_pid), "a kernel restart stopped the trainer"
 
@@ -147,6 +148,8 @@ def test_the_cell_uses_kernel_services_survives_an_interrupt_and_a_kernel_restar
     second = out
     assert error == "", out
     assert "is training on this VM; following it" in out and "exit 0: done" in out, out
+    assert "keeping the runtime: the run's storage is on this VM's disk" in out, out  # the only copy
+    assert "runtime.unassign" not in {c["call"] for c in calls(tmp)}
     assert (storage / "tiny" / "final" / "pytorch_lora_weights.safetensors").exists()
     assert not [e for e in events_of(rundir) if isinstance(e, ev.TrainerRestarted)]
     for path in (rundir.events, rundir.trainer_log, rundir.state_file):
@@ -157,12 +160,16 @@ def test_the_cell_uses_kernel_services_survives_an_interrupt_and_a_kernel_restar
         "env = notebook.trainer_env('colab', 'gdrive://My Drive/relay', {}, sign_in=notebook.colab_sign_in)\n"
         "print(env['RELAY_GDRIVE_CREDENTIALS'], env['GOOGLE_APPLICATION_CREDENTIALS'])\n"
         f"notebook.mount_drive({str(tmp / 'mnt')!r})\n"
+        "import os; notebook.is_complete = notebook.show_result = lambda *a: True  # a run finished in a store\n"
+        "done = notebook.Outcome('tiny', 'hf://me/runs', 0, '/nonexistent')  # that outlives the VM\n"
+        "notebook._finish(done, os.environ, None, True, 'hf://me/runs')\n"
     )
     assert error == "", out
     assert f"application-default {tmp / 'vm' / 'content' / '.adc' / 'adc.json'}" in out
     assert (tmp / "mnt" / "MyDrive").is_dir()
     made = {c["call"] for c in calls(tmp) if c["in_kernel"]}
     assert {"request:GetSecret", "runtime.unassign", "auth.authenticate_user", "drive.mount"} <= made, (made, second)
+    assert "final commit verified; ending the runtime" in out, out
     assert not [c for c in calls(tmp) if not c["in_kernel"]], "a Colab service was called outside the kernel"
 
     out, error = kernel.execute(f"!{sys.executable} -c \"from google.colab import userdata; userdata.get('HF_TOKEN')\"")

@@ -255,7 +255,8 @@ def test_settings_that_do_not_change_the_weights_are_allowed(reference, tmp_path
         hours=7.5,
     )  # fmt: skip
     assert result.code == EXIT_OK
-    assert any("already complete" in w for w in result.warnings()), result.warnings()
+    assert any("already complete" in n.message for n in result.of(events.Notice)), result.events
+    assert not any("already complete" in w for w in result.warnings()), "a finished run is not a warning"
     assert not result.of(events.StepDone), "a complete run trains no further"
 
 

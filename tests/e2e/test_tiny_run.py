@@ -52,7 +52,7 @@ def test_tiny_profile_trains_to_the_target_and_exports(finished):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     final = storage / RUN / "final"
     listed = json.loads((final / "COMMIT.json").read_text())["files"]
-    for name in ("pytorch_lora_weights.safetensors", f"{RUN}.kohya.safetensors", "README.md"):
+    for name in ("pytorch_lora_weights.safetensors", f"{RUN}.kohya.safetensors", "README.md", "loss.png"):
         assert name in listed and (final / name).stat().st_size == listed[name]["size"], name
     diffusers_sd = load_file(str(final / "pytorch_lora_weights.safetensors"))
     kohya_sd = load_file(str(final / f"{RUN}.kohya.safetensors"))
@@ -83,6 +83,7 @@ def test_second_run_of_a_complete_run_exits_at_once(finished):
     took_s = time.monotonic() - t0
     assert again.returncode == 0, again.stderr[-2000:]
     assert "already complete" in again.stdout + again.stderr
+    assert "warning" not in [line for line in again.stdout.splitlines() if "already complete" in line][0]
     assert f"step 1/{TARGET}" not in again.stdout, "it must not train again"
     assert {p: p.stat().st_mtime_ns for p in (storage / RUN / "final").iterdir()} == before, "final/ is untouched"
     sessions = [json.loads(line) for line in (storage / RUN / "sessions.jsonl").read_text().splitlines()]

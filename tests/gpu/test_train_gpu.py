@@ -18,7 +18,7 @@ from runner.train.model import build_random_sdxl
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 log = logging.getLogger(__name__)
 
-EXAMPLES = 6  # 4 trained + 2 held out
+EXAMPLES = 6  # 5 trained + 1 held out (one in ten, rounded up)
 LATENT_SIDE = 128  # 1024 px / 8
 
 

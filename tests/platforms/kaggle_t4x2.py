@@ -29,6 +29,10 @@ KAGGLE_VARS = {
     "KAGGLE_DATA_PROXY_PROJECT": "kaggle-data-proxy",
     "KAGGLE_KERNEL_INTEGRATIONS": "",
     "KAGGLE_GRPC_DATA_PROXY_URL": "dp.kaggle.net:443",
+    # The notebook's own API token file, which kagglesdk prefers inside a notebook (kagglesdk kaggle_env.py
+    # get_access_token_from_env: used when KAGGLE_KERNEL_RUN_TYPE and KAGGLE_DATA_PROXY_URL are set). The
+    # variable's name is kagglesdk's; the path is a stand-in (Kaggle does not publish it).
+    "KAGGLE_API_V1_TOKEN": "/kaggle/standin/api-v1-token",
 }
 COLAB_IMAGE_VARS = {"COLAB_RELEASE_TAG": "release-colab-external-images_20260514-060047_RC00"}
 """What Kaggle inherits from Colab's image (the tag matches the FROM line of Dockerfile.tmpl)."""

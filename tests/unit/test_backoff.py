@@ -197,3 +197,36 @@ def test_graphs_capture_only_the_chosen_shapes_and_run_the_rest_directly():
     assert calls == [(1, 4, 10, 6)] and graphs.captures == 0
     graphs.run_eager("4x8x8")
     assert not graphs.is_graphed("4x8x8")
+
+
+def test_the_memory_fit_on_a_gpu_probes_the_largest_batch_shape_and_leaves_the_lora_untouched(cache_dir, monkeypatch):
+    """The fit's use of the probe, not only the helper: on a CUDA placement, the one probe step is the step
+    with the largest batch shape (a first batch of small images would let a larger bucket run out of memory
+    hours later). Trainers stay on the CPU; only the placement and torch.cuda's memory counters are faked."""
+    tr = TrainingRun(load_profile("tiny", [*PROFILE, "train.seed=2"]), cache_dir, placement=Placement("cpu"),
+                     bus=EventBus())  # fmt: skip
+    largest = tr.trainer.largest_shape_step()
+    assert largest != 0  # otherwise probing the first batch would pass this test too
+    before = {k: v.clone() for k, v in lora_state_dict(tr.unet).items()}
+    probed: list[int] = []
+    real_step = Trainer.step
+    monkeypatch.setattr(Trainer, "step", lambda self, s: probed.append(s) or real_step(self, s))
+    for name in ("reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    for name in ("max_memory_allocated", "memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: 0)
+    gpu, build_on_cpu = Placement("cuda:0"), tr._make_trainer
+
+    def make_trainer(plan):
+        tr.placement = Placement("cpu")
+        try:
+            return build_on_cpu(plan)
+        finally:
+            tr.placement = gpu
+
+    monkeypatch.setattr(tr, "_make_trainer", make_trainer)
+    tr.placement = gpu
+    plan = tr._choose_plan(None, None, "Tesla T4")
+    assert probed == [largest] and plan == Plan(2, 2, False)
+    after = lora_state_dict(tr.unet)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the probe's update was undone

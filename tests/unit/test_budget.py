@@ -309,8 +309,8 @@ def test_quota_counts_this_accounts_kaggle_gpu_hours_of_the_last_week():
         {"platform": "colab", "account": "ann", "start_wall": NOW - 5 * H, "end_wall": NOW - 1 * H},
         {"platform": "kaggle", "account": "ann", "start_wall": NOW - 8 * 24 * H, "end_wall": NOW - 7 * 24 * H + 2 * H},
     ]
-    # 10 h + 3 h × 2 GPUs + the 2 h that fall inside the 7-day window
-    assert budget.kaggle_quota_left_h(sessions, NOW, "ann") == pytest.approx(30 - 10 - 6 - 2)
+    # 10 h + 3 h (two GPUs count once: the quota counts session hours) + the 2 h inside the 7-day window
+    assert budget.kaggle_quota_left_h(sessions, NOW, "ann") == pytest.approx(30 - 10 - 3 - 2)
 
 
 def test_quota_counts_a_running_session_and_iso_times():
@@ -324,5 +324,5 @@ def test_quota_warning_only_when_the_run_cannot_finish():
     assert budget.quota_warning(10.0, steps_left=1000, step_s=30.0) is None  # 8.3 h needed
     message = budget.quota_warning(5.0, steps_left=1000, step_s=30.0)
     assert "8.3" in message and "5.0" in message
-    assert "2 GPUs" in budget.quota_warning(10.0, steps_left=1000, step_s=30.0, gpu_count=2)
+    assert budget.quota_warning(10.0, steps_left=1000, step_s=30.0, gpu_count=2) is None  # no ×2 for two GPUs
     assert "no Kaggle GPU quota left" in budget.quota_warning(0.0, steps_left=1, step_s=1.0)

@@ -55,11 +55,21 @@ def test_credentials_never_show_the_key():
         KaggleCredentials.from_env({"KAGGLE_USERNAME": "ada"})
 
 
+def test_the_generated_api_token_alone_is_a_credential_and_wins_over_a_key():
+    """kaggle.com → Settings → API → "Generate New Token" gives a token for KAGGLE_API_TOKEN; no username needed."""
+    token = KaggleCredentials.from_env({"KAGGLE_API_TOKEN": "KGAT_x"})
+    assert token.token == "KGAT_x" and "KGAT_x" not in repr(token) and "KAGGLE_API_TOKEN" in token.kind
+    both = KaggleCredentials.from_env({"KAGGLE_USERNAME": "ada", "KAGGLE_KEY": "s3cret", "KAGGLE_API_TOKEN": "KGAT_x"})
+    assert (both.token, both.key) == ("KGAT_x", "")  # one credential is sent, never both
+
+
 def test_the_successor_asks_for_the_gpu_this_session_had():
     assert accelerator_for(["Tesla T4", "Tesla T4"], {}) == "NvidiaTeslaT4"
     assert accelerator_for(["NVIDIA L4"], {}) == "NvidiaL4"
     assert accelerator_for(["Tesla P100-PCIE-16GB"], {}) == "NvidiaTeslaT4"  # no sm_60 kernels in Kaggle's torch
-    assert accelerator_for(["Tesla T4"], {"machineShape": "NvidiaTeslaT4Highmem"}) == "NvidiaTeslaT4Highmem"
+    assert accelerator_for(["Tesla T4", "Tesla T4"], {"machineShape": "NvidiaTeslaP100"}) == "NvidiaTeslaT4"
+    assert accelerator_for([], {"machineShape": "NvidiaL4"}) == "NvidiaL4"  # no GPU seen: the notebook's own
+    assert accelerator_for([], {"machineShape": "NvidiaTeslaP100"}) == "NvidiaTeslaT4"  # never a P100
 
 
 def test_chain_settings_are_checked_and_change_no_weights():

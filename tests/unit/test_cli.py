@@ -79,3 +79,38 @@ def test_bitsandbytes_cpu_advice_is_silenced_by_the_command_line(capsys):
     assert logging.getLogger("bitsandbytes.backends.cpu").getEffectiveLevel() == logging.ERROR
     logging.getLogger("bitsandbytes.backends.cpu").warning("Please make sure you already `pip install kernels`")
     assert "kernels" not in capsys.readouterr().err
+
+
+def test_google_auths_project_id_warning_is_silenced():
+    """The Drive API needs no Google Cloud project; the warning misled users reading a Drive failure."""
+    import logging
+
+    assert main(["profiles"]) == 0
+    assert logging.getLogger("google.auth._default").getEffectiveLevel() == logging.ERROR
+
+
+def test_train_on_colab_refuses_a_folder_on_the_vm_and_makes_none(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab_20261120-060000_RC00")
+    monkeypatch.delenv("RELAY_STORAGE_ON_VM", raising=False)
+    storage = tmp_path / "content" / "relay"  # e.g. "/content/relay", or a "gdrive//…" typo made relative
+    code = main(["train", "--profile", "tiny", "--storage", str(storage), "--workdir", str(tmp_path / "w")])
+    assert code == 2 and "deleted with the VM" in capsys.readouterr().err
+    assert not storage.exists()
+
+
+def test_set_with_a_space_instead_of_equals_says_how_to_write_it(capsys):
+    assert main(["train", "--profile", "tiny", "--set", "train.steps", "3"]) == 2
+    assert "--set train.steps=3" in capsys.readouterr().err
+    assert main(["plan", "--profile", "tiny", "--set", "train.steps", "--hours", "1"]) == 2
+    assert "--set train.steps=VALUE" in capsys.readouterr().err
+
+
+def test_the_bitsandbytes_cast_warning_is_filtered_for_the_whole_process():
+    import warnings
+
+    assert main(["profiles"]) == 0
+    with warnings.catch_warnings(record=True) as seen:  # catch_warnings is what reset the show-once registry
+        for _ in range(3):
+            warnings.warn("MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization",
+                          UserWarning, stacklevel=1)  # fmt: skip
+    assert seen == []

@@ -73,3 +73,41 @@ def test_the_same_run_in_two_storages_has_two_local_folders(tmp_path):
     a, b = daemon.run_dir_for("tiny", "/a", env), daemon.run_dir_for("tiny", "gdrive://My Drive/relay", env)
     assert a.root != b.root and a.root.parent == b.root.parent == tmp_path / "runs"
     assert daemon.run_dir_for("tiny", "/a/", env) == a
+
+
+@pytest.mark.parametrize(
+    ("profile", "run"),
+    [("sdxl-naruto-t4", "sdxl-naruto"), ("sdxl-naruto-kaggle-2xt4", "sdxl-naruto"), ("sdxl-naruto-t4-512", None),
+     ("tiny", "tiny")],
+)  # fmt: skip
+def test_every_side_names_a_shipped_profiles_run_as_the_trainer_stores_it(profile, run, tmp_path):
+    """The trainer stores a run under the profile's run key (profiles of one job share it); the detached
+    supervisor, the notebook cell, `relay attach`/`stop` and the chain must look there, not under the
+    profile's name."""
+    from runner.commands import Options, build_context
+    from runner.env import Env
+    from runner.profile import load_profile
+    from runner.runinfo import identify_run, run_identity
+
+    storage = str(tmp_path / "store")
+    expected = load_profile(profile).run or profile
+    assert run is None or expected == run
+    ctx = build_context(Options(profile=profile, storage=storage, workdir=str(tmp_path / "w")),
+                        env=Env(platform="local", tier="local", host="h", workdir=str(tmp_path / "w")))  # fmt: skip
+    assert ctx.run == expected  # where the trainer writes
+    assert daemon.identify(["--profile", profile, "--storage", storage], {})[0] == expected
+    assert identify_run(profile) == run_identity(load_profile(profile)) == expected
+    assert daemon.identify(["--profile", profile, "--storage", storage, "--run", "mine"], {})[0] == "mine"
+
+
+def test_relay_stop_finds_a_run_by_its_profile(tmp_path, capsys, monkeypatch):
+    """`relay stop --profile sdxl-naruto-t4` looks in the folder of run sdxl-naruto."""
+    from runner.cli import build_parser
+
+    monkeypatch.setenv("RELAY_HOME", str(tmp_path))
+    rundir = daemon.run_dir_for("sdxl-naruto", "/s", {"RELAY_HOME": str(tmp_path)})
+    rundir.root.mkdir(parents=True)
+    rundir.write_state(run="sdxl-naruto", storage="/s", phase="ended", exit_code=0)
+    args = build_parser().parse_args(["stop", "--profile", "sdxl-naruto-t4", "--storage", "/s"])
+    assert daemon.command(args) == 1  # found the ended run (nothing live to stop), not "no detached run"
+    assert f"no live run in {rundir.root}" in capsys.readouterr().err

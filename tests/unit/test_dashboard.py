@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import re
@@ -64,7 +65,8 @@ def test_eta_counts_sessions_when_the_run_outlasts_this_one():
     dash = Dashboard(make_console(), clock, live=False)
     dash.on_event(started())
     dash.on_event(step(100, step_s=30.0))
-    dash.set_budget(time_left_s=4 * HOUR, next_checkpoint_in_s=None, session_length_s=12 * HOUR)
+    dash.snapshot = dataclasses.replace(dash.snapshot, session_length_s=12 * HOUR)
+    dash.on_event(ev.BudgetUpdated(time_left_s=4 * HOUR, next_checkpoint_in_s=None))
     assert "ETA 15 h 50 min · about 2 sessions" in text_of(render(dash.snapshot, clock.monotonic()))
 
 
@@ -100,10 +102,24 @@ def test_budget_counts_down_from_when_the_session_set_it():
     dash = Dashboard(make_console(), clock, live=False)
     dash.on_event(started())
     clock.advance(100.0)
-    dash.set_budget(time_left_s=2 * HOUR, next_checkpoint_in_s=600.0)
+    dash.on_event(ev.BudgetUpdated(time_left_s=2 * HOUR, next_checkpoint_in_s=600.0))
     clock.advance(120.0)
     out = text_of(render(dash.snapshot, clock.monotonic()))
     assert "session left 1 h 58 min · next checkpoint in 8 min" in out
+
+
+def test_a_dashboard_replayed_from_the_events_log_shows_the_budget(tmp_path):
+    """relay attach and the notebook cell draw from the trainer's events log, not from the session."""
+    log = ev.EventLog(tmp_path / "events.jsonl")
+    for event in (started(), step(100, step_s=2.0), ev.BudgetUpdated(time_left_s=2 * HOUR, next_checkpoint_in_s=600.0)):
+        log(event)
+    records, _ = ev.read_records(tmp_path / "events.jsonl")
+    clock = FakeClock()
+    dash = Dashboard(make_console(), clock, live=False)
+    for event in ev.iter_events(records):
+        dash.on_event(event)
+    clock.advance(60.0)
+    assert "session left 1 h 59 min · next checkpoint in 9 min" in text_of(render(dash.snapshot, clock.monotonic()))
 
 
 def test_warnings_keep_counts_and_the_latest_message_per_kind():
@@ -282,3 +298,24 @@ def test_for_terminal_takes_the_profile_settings_and_honours_plain():
     assert dash.snapshot.session_length_s == 3 * HOUR
     assert Dashboard.for_terminal(FakeClock(), console=make_console(), env={}).live is True
     assert "starting…" in text_of(render(Snapshot(), now=0.0))
+
+
+def test_a_notice_is_printed_but_not_as_a_warning():
+    out = io.StringIO()
+    dash = Dashboard(Console(file=out, width=120, force_terminal=False), FakeClock(), live=False)
+    dash.on_event(ev.Notice("run already complete at step 40; final/ is in storage"))
+    assert "relay | run already complete at step 40" in out.getvalue()
+    assert "warning" not in out.getvalue() and not dash.snapshot.warnings
+
+
+def test_a_plain_run_prints_its_ended_line_once():
+    out, clock = io.StringIO(), FakeClock()
+    dash = Dashboard(Console(file=out, width=200, force_terminal=False), clock, live=False, plain_every_s=1)
+    dash.on_event(ev.SessionStarted(run="tiny", platform="local", gpu="cpu", step=0, target=4, deadline_s=None))
+    clock.advance(5)
+    dash.on_event(ev.SessionEnded(step=4, target=4, reason="completed", exit_code=0))  # printed: its time is due
+    dash.on_event(ev.BudgetUpdated(60.0, None))  # the session's last numbers, after the end
+    clock.advance(5)
+    dash.on_event(ev.TrainerExited(0, 0, "done"))  # a headless notebook cell replays the supervisor's record too
+    dash.stop()
+    assert out.getvalue().count("ended: completed (exit 0)") == 1, out.getvalue()

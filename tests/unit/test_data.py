@@ -196,11 +196,29 @@ def test_every_epoch_is_a_permutation_and_consecutive_epochs_differ():
 
 
 def test_validation_split_is_seeded_and_disjoint():
-    train, val = data.split_validation(20, 4, seed=3)
-    assert len(val) == 4 and not set(train) & set(val) and len(train) == 16
-    assert (train, val) == data.split_validation(20, 4, seed=3)
-    with pytest.raises(DataError, match="validation_count"):
-        data.split_validation(4, 4, seed=3)
+    train, val = data.split_validation(40, 4, seed=3)
+    assert len(val) == 4 and not set(train) & set(val) and len(train) == 36
+    assert (train, val) == data.split_validation(40, 4, seed=3)
+    with pytest.raises(DataError, match="validation_count = 0"):
+        data.split_validation(1, 4, seed=3)
+
+
+@pytest.mark.parametrize(("count", "held"), [(1221, 4), (36, 4), (24, 3), (8, 1), (6, 1), (5, 1), (3, 1)])
+def test_the_hold_out_scales_with_the_dataset(count, held):
+    train, val = data.split_validation(count, 4, seed=3)
+    assert len(val) == held == data.held_out_count(count, 4) and len(train) == count - held
+    assert data.split_validation(count, 0, seed=3) == (list(range(count)), [])
+
+
+def test_the_minimum_counts_the_images_left_after_the_hold_out(tmp_path):
+    _folder_with_bad(tmp_path, good=3, bad=0)
+    with pytest.raises(DataError, match="1 held out for validation leave 2 to train") as raised:
+        data.validate_dataset(DataConfig(source=str(tmp_path)), resolution=RES)
+    assert "data.validation_count = 0" in raised.value.hint
+    for i in range(3, 6):
+        _image(tmp_path / f"good{i}.png")
+        (tmp_path / f"good{i}.txt").write_text("ok")
+    assert data.validate_dataset(DataConfig(source=str(tmp_path)), resolution=RES).good == 6  # 1 held, 5 trained
 
 
 def test_limit_applies_to_every_source():
@@ -290,7 +308,7 @@ def test_too_few_readable_images_fail_fast(tmp_path):
         data.validate_dataset(DataConfig(source=str(tmp_path), validation_count=0), resolution=RES)
     _image(tmp_path / "good2.png")
     (tmp_path / "good2.txt").write_text("ok")
-    with pytest.raises(DataError, match="data.validation_count = 4 held out"):
+    with pytest.raises(DataError, match="1 held out for validation leave 2 to train"):
         data.validate_dataset(DataConfig(source=str(tmp_path)), resolution=RES)
     assert data.validate_dataset(DataConfig(source=str(tmp_path), validation_count=0), resolution=RES).good == 3
 

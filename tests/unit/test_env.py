@@ -102,3 +102,44 @@ def test_kaggle_wins_over_the_colab_signals_its_image_carries():
 
 def test_garbage_smi():
     assert parse_nvidia_smi("garbage\n, , ,\nTesla T4, x, y, 7.5\n") == ()
+
+
+def test_an_uptime_longer_than_the_platform_allows_is_not_believed(monkeypatch):
+    """A reused or pooled VM: /proc/uptime says 40 h on Kaggle (12 h sessions). The session is counted from
+    its earliest process (this one's ancestors, from /proc/PID/stat) minus a margin, and the plan says so."""
+    import os
+
+    from runner.env import UNTRUSTED_UPTIME_MARGIN_S
+
+    clock, hz, uptime = FakeClock(), os.sysconf("SC_CLK_TCK"), 40 * 3600.0
+    boot = clock.wall() - uptime
+    kernel_started = clock.wall() - 2 * 3600  # the notebook's kernel, two hours ago
+    stat = "{pid} (python3) S {ppid} 1 1 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 {ticks} 0 0"
+    me, kernel = os.getpid(), 4242
+    files = {
+        "/proc/uptime": f"{uptime} 1.0\n", "/proc/meminfo": MEMINFO,
+        f"/proc/{me}/stat": stat.format(pid=me, ppid=kernel, ticks=int((clock.wall() - 60 - boot) * hz)),
+        f"/proc/{kernel}/stat": stat.format(pid=kernel, ppid=1, ticks=int((kernel_started - boot) * hz)),
+    }  # fmt: skip
+    env = detect_env(environ={"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, exists=lambda p: False, read=files.__getitem__,
+                     run=smi(TWO_T4_SMI), clock=clock, process_start_wall=clock.wall() - 5, workdir="/tmp")  # fmt: skip
+    assert env.session_start_wall == pytest.approx(kernel_started - UNTRUSTED_UPTIME_MARGIN_S, abs=1)
+    assert any("reused or pooled VM" in n and "40.0 h" in n for n in env.notes), env.notes
+    believed, _ = detect({"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, smi_text=TWO_T4_SMI, uptime_s=11 * 3600)
+    assert believed.notes == ()  # an uptime within the limit is the session's age
+
+
+def test_a_known_end_of_the_session_shortens_the_limit_and_is_named(monkeypatch):
+    """The Kaggle cell passes the end the account's GPU quota allows (RELAY_SESSION_END_WALL): the limit is
+    min(the platform's 12 h, that end), and says which figure it is."""
+    from runner.env import SESSION_END_ENV, SESSION_END_SOURCE_ENV
+
+    clock = FakeClock()
+    end = clock.wall() + 5 * 3600  # 5 h of quota left when the session started, 10 min ago
+    environ = {"KAGGLE_KERNEL_RUN_TYPE": "Batch", SESSION_END_ENV: str(end),
+               SESSION_END_SOURCE_ENV: "the Kaggle GPU quota (GetAcceleratorQuotaStatistics: 5.0 h left)"}  # fmt: skip
+    env, clock = detect(environ, smi_text=TWO_T4_SMI, uptime_s=600)
+    assert env.session_limit_h == pytest.approx((end - env.session_start_wall) / 3600)
+    assert env.limit_source.startswith("the Kaggle GPU quota") and "less than the platform's 12 h" in env.notes[-1]
+    plenty, _ = detect({**environ, SESSION_END_ENV: str(clock.wall() + 30 * 3600)}, smi_text=TWO_T4_SMI)
+    assert plenty.session_limit_h == 12.0 and plenty.limit_source == "kaggle's session limit"

@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from runner.errors import ModelError
-from runner.export import CardInfo, export_lora
+from runner.export import CardInfo, export_lora, save_stable
 from runner.profile import LoraConfig, load_profile
 from runner.sample import build_pipeline
 from runner.train.cache import tokenize
@@ -57,7 +58,10 @@ def trained(tmp_path_factory):
     sessions = ({"platform": "colab", "gpu": "T4", "step_from": 0, "step_to": 2, "reason": "completed"},)
     grid = out_dir.parent / "grid.png"
     Image.new("RGB", (8, 4)).save(grid)
-    card = CardInfo(name="tiny run", steps=2, sessions=sessions, sample_grid=str(grid), final_loss=0.25)
+    curve = out_dir.parent / "run-loss.png"  # the run's curve (RUN/loss.png), drawn by the session
+    Image.new("RGB", (8, 4)).save(curve)
+    card = CardInfo(name="tiny run", steps=2, sessions=sessions, sample_grid=str(grid), final_loss=0.25,
+                    loss_curve=str(curve))  # fmt: skip
     files = export_lora(lora_state_dict(parts.unet), LORA, out_dir, profile_dict=profile, card=card)
     return image, out_dir, files
 
@@ -69,8 +73,25 @@ def fresh_pipe():
 def test_export_writes_the_promised_files(trained):
     _, out_dir, files = trained
     names = sorted(p.name for p in files)
-    assert names == ["README.md", "pytorch_lora_weights.safetensors", "samples.png", "tiny-run.kohya.safetensors"]
+    assert names == ["README.md", "loss.png", "pytorch_lora_weights.safetensors", "samples.png",
+                     "tiny-run.kohya.safetensors"]  # fmt: skip
     assert all(p.parent == out_dir and p.is_file() for p in files)
+
+
+def test_equal_tensors_give_byte_identical_files(trained, tmp_path):
+    """Users compare exported files by hash: the header must not depend on a hash map's order."""
+    _, out_dir, _ = trained
+    sd = load_file(str(out_dir / "pytorch_lora_weights.safetensors"))
+    metadata = {f"key{i}": str(i) for i in range(12)}  # many keys: a random order shows up at once
+    written = []
+    for i in range(4):
+        path = tmp_path / f"copy{i}.safetensors"
+        save_stable(sd, path, metadata=dict(reversed(metadata.items())) if i % 2 else metadata)
+        written.append(path.read_bytes())
+    assert all(data == written[0] for data in written)
+    with safe_open(str(tmp_path / "copy1.safetensors"), "pt") as f:
+        assert f.metadata() == metadata
+        assert all(torch.equal(f.get_tensor(k), sd[k]) for k in sd)
 
 
 def test_diffusers_file_loads_and_reproduces_the_trained_model(trained):
@@ -112,6 +133,17 @@ def test_model_card_says_how_it_was_trained_and_how_to_load_it(trained):
     assert "![base vs LoRA](samples.png)" in card
     assert 'pipe.load_lora_weights("path/to/this/folder")' in card
     assert "tiny-run.kohya.safetensors" in card
+    assert "![loss curve](loss.png)" in card
+
+
+def test_model_card_says_which_file_for_which_tool(trained, trained_all):
+    card = (trained[1] / "README.md").read_text()
+    assert "| ComfyUI, AUTOMATIC1111 / Forge | `tiny-run.kohya.safetensors` |" in card
+    assert "| diffusers (`load_lora_weights`) | `pytorch_lora_weights.safetensors` |" in card
+    assert "ComfyUI does not apply its UNet part" in card
+    assert "LoraLoaderModelOnly" not in card  # a UNet-only LoRA loses nothing in the model-only node
+    with_encoders = (trained_all[2] / "README.md").read_text()
+    assert "model-only node (*LoraLoaderModelOnly*) drops that part" in with_encoders
 
 
 def test_export_refuses_a_state_dict_that_would_match_nothing(tmp_path: Path):

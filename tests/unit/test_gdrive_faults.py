@@ -215,3 +215,17 @@ def test_delete_without_permission_falls_back_to_trash(fake, storage, clock, tmp
     storage.delete("run/old.bin")
     assert fake.files[stored.id].trashed
     assert not storage.exists("run/old.bin") and clock.sleeps == []
+
+
+def test_a_drive_client_failure_is_not_blamed_on_the_local_disk(fake):
+    from google.auth.exceptions import DefaultCredentialsError, RefreshError
+
+    from runner.storage.gdrive import translate
+
+    creds, url = user_credentials(fake), "gdrive://My Drive/relay"
+    client = translate(DefaultCredentialsError("No project ID"), what="upload", key="k", url=url, credentials=creds)
+    assert "local path" not in client.hint and "relay doctor --storage gdrive://My Drive/relay" in client.hint
+    refused = translate(RefreshError("invalid_grant"), what="upload", key="k", url=url, credentials=creds)
+    assert isinstance(refused, CredentialsError) and "refresh token" in refused.hint
+    disk = translate(OSError(28, "No space left on device"), what="download", key="k", url=url, credentials=creds)
+    assert "free disk space" in disk.hint

@@ -85,3 +85,26 @@ def test_a_piece_built_for_other_records_is_built_again(tmp_path):
     built: list[int] = []
     ensure_latent_cache_in_pieces(store, "fp", RANGES, builder(built), merge, bus)
     assert built == [0, 2, 4]
+
+
+def test_a_piece_half_written_by_a_killed_builder_in_the_same_work_folder_is_built_again(tmp_path):
+    storage, bus = LocalStorage(tmp_path / "storage"), events.EventBus()
+    store = FolderStore(storage, "run", tmp_path / "vm")
+
+    def dies_mid_piece(start: int, stop: int, folder) -> None:
+        if start == 2:  # one file of the piece is written, then the process dies
+            (folder / "latents.bin").write_bytes(b"half")
+            raise Killed
+        builder([])(start, stop, folder)
+
+    with pytest.raises(Killed):
+        ensure_latent_cache_in_pieces(store, "fp", RANGES, dies_mid_piece, merge, bus)
+    half = store.local("cache/fp/piece-00001")
+    assert (half / "latents.bin").read_bytes() == b"half" and not store.is_committed("cache/fp/piece-00001")
+
+    built: list[int] = []
+    local, count = ensure_latent_cache_in_pieces(store, "fp", RANGES, builder(built), merge, bus)
+    assert built == [2, 4] and count == 2  # the half piece is encoded again, the whole one is reused
+    assert (local / "piece-00001" / "latents.bin").read_bytes() == bytes([2, 3])
+    assert (local / "piece-00001" / "index.json").is_file()
+    assert store.is_committed("cache/fp/piece-00001") and store.is_committed("cache/fp")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from runner import notebook
+from runner.errors import UsageError
 
 COLAB = {"COLAB_RELEASE_TAG": "release-colab_20261120-060000_RC00"}
 KAGGLE = {**COLAB, "KAGGLE_KERNEL_RUN_TYPE": "Interactive", "KAGGLE_URL_BASE": "https://www.kaggle.com"}
@@ -77,3 +81,101 @@ def test_an_error_exit_raises_with_its_code_and_the_trainers_last_lines(tmp_path
     assert err.value.exit_code == 2
     again = notebook.Outcome("tiny", "/s", 75, str(tmp_path))
     assert notebook._finish(again, {}, None, True, "/s") is again  # session over: no error, nothing released
+
+
+@pytest.fixture
+def colab_runtime(monkeypatch):
+    """google.colab.runtime as colabtools has it, recording unassign() instead of ending anything."""
+    released: list[int] = []
+    google, colab, runtime = (type(sys)(n) for n in ("google", "google.colab", "google.colab.runtime"))
+    runtime.unassign = lambda: released.append(1)
+    google.colab, colab.runtime = colab, runtime
+    for name, module in (("google", google), ("google.colab", colab), ("google.colab.runtime", runtime)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(notebook, "show_result", lambda *a: None)
+    monkeypatch.setattr(notebook, "is_complete", lambda *a: True)
+    return released
+
+
+def test_release_gpu_never_ends_a_runtime_whose_storage_is_on_the_vm(colab_runtime, capsys):
+    done = notebook.Outcome("tiny", "/content/runs", 0, "/tmp/x")
+    notebook._finish(done, COLAB, None, True, "/content/runs")
+    assert colab_runtime == [] and "keeping the runtime" in capsys.readouterr().out
+    remote = notebook.Outcome("tiny", "hf://me/runs", 0, "/tmp/x")
+    notebook._finish(remote, COLAB, None, True, "hf://me/runs")
+    assert colab_runtime == [1]  # storage that outlives the VM: the GPU is released
+
+
+def test_a_vm_folder_on_colab_is_refused_before_anything_starts(monkeypatch, tmp_path):
+    monkeypatch.setattr(notebook.os, "environ", {**COLAB, "RELAY_HOME": str(tmp_path / "home")})
+    monkeypatch.setattr(notebook.daemon, "start", pytest.fail)
+    with pytest.raises(UsageError, match="deleted with the VM"):
+        notebook.run(profile="tiny", storage=str(tmp_path / "runs"), release_gpu=True)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_rerunning_the_cell_of_a_finished_run_shows_it_and_keeps_the_runtime(colab_runtime, monkeypatch, tmp_path,
+                                                                             capsys):  # fmt: skip
+    monkeypatch.setattr(notebook.os, "environ", {**COLAB, "RELAY_HOME": str(tmp_path / "home")})
+    monkeypatch.setattr(notebook.daemon, "start", pytest.fail)
+    outcome = notebook.run(profile="tiny", storage="hf://me/runs", release_gpu=True)
+    assert outcome.exit_code == 0 and colab_runtime == []
+    assert "keeping the runtime" in capsys.readouterr().out
+
+
+def test_release_gpu_on_kaggle_says_why_it_is_ignored(colab_runtime, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(notebook.os, "environ", {**KAGGLE, "RELAY_HOME": str(tmp_path / "home")})
+    notebook.run(profile="tiny", storage="hf://me/runs", release_gpu=True)
+    assert "release_gpu=True is ignored on Kaggle" in capsys.readouterr().out and colab_runtime == []
+
+
+def test_images_in_a_drive_folder_get_the_drive_mounted_on_colab(colab_runtime, monkeypatch, tmp_path):
+    mounted = []
+    monkeypatch.setattr(notebook, "mount_drive", lambda: mounted.append(1))
+    monkeypatch.setattr(notebook.os, "environ", {**COLAB, "RELAY_HOME": str(tmp_path / "home")})
+    notebook.run(profile="tiny", storage="hf://me/runs", overrides=["data.source=/content/drive/MyDrive/pics"])
+    assert mounted == [1]
+    notebook.run(profile="tiny", storage="hf://me/runs")
+    assert mounted == [1]  # generated images: no Drive
+
+
+def test_a_secret_the_user_denied_is_said_to_be_unused(monkeypatch, capsys):
+    class NotebookAccessError(Exception):  # colabtools google/colab/userdata.py: exists, access not granted
+        pass
+
+    def get(key):
+        raise NotebookAccessError(f"Notebook does not have access to secret {key}")
+
+    google, colab, userdata = (type(sys)(n) for n in ("google", "google.colab", "google.colab.userdata"))
+    userdata.get, userdata.NotebookAccessError = get, NotebookAccessError
+    google.colab, colab.userdata = colab, userdata
+    for name, module in (("google", google), ("google.colab", colab), ("google.colab.userdata", userdata)):
+        monkeypatch.setitem(sys.modules, name, module)
+    env = notebook.trainer_env("colab", "hf://me/runs", {}, sign_in=pytest.fail)
+    assert "HF_TOKEN" not in env
+    assert "secret HF_TOKEN was not used: this notebook was denied access" in capsys.readouterr().out
+
+
+def test_the_cells_dashboard_has_a_plain_text_version(capsys):
+    from runner import events as ev
+
+    view = notebook.CellView()
+    shown = []
+    view.handle = type("Handle", (), {"update": lambda self, data, raw: shown.append(data)})()
+    view.on_event(ev.SessionStarted(run="tiny", platform="colab", gpu="T4", step=0, target=40, deadline_s=None))
+    view.draw()
+    assert "tiny" in shown[-1]["text/plain"] and "<pre" in shown[-1]["text/html"]  # plain text: not empty
+
+
+def test_the_result_shows_each_image_once(tmp_path, monkeypatch, capsys):
+    import IPython.display
+
+    for copy in ("staging/final", "final", "store/final"):  # the workdir keeps the final folder more than once
+        (tmp_path / "work" / "tiny" / copy).mkdir(parents=True)
+        for name in ("samples.png", "loss.png"):
+            (tmp_path / "work" / "tiny" / copy / name).write_bytes(b"png")
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(obj))
+    monkeypatch.setattr(IPython.display, "Image", lambda filename: Path(filename).name)
+    notebook.show_result("tiny", "hf://me/runs", str(tmp_path / "work"))
+    assert sorted(shown) == ["loss.png", "samples.png"]

@@ -57,7 +57,7 @@ def test_kaggle_session_gets_kaggle_limit_and_quota_record(tmp_path):
     # the sessions it records count against Kaggle's weekly quota; a "colab" record would not
     record = {"platform": env.platform, "start_wall": 0.0, "end_wall": 3600.0 * 10, "gpu_count": len(env.gpus)}
     left = budget.kaggle_quota_left_h([record], 3600.0 * 11, account="")
-    assert left == pytest.approx(budget.KAGGLE_WEEKLY_GPU_H - 20.0)  # 10 h × 2 GPUs, counted cautiously
+    assert left == pytest.approx(budget.KAGGLE_WEEKLY_GPU_H - 10.0)  # session hours, as the quota API counts them
     assert "Kaggle quota" in (budget.quota_warning(left, steps_left=1000, step_s=100.0, gpu_count=2) or "")
     colab = detect(colab_t4.ENV, tmp_path)
     assert colab.platform == "colab" and colab.session_limit_h != env.session_limit_h
@@ -219,3 +219,26 @@ def test_on_kaggle_a_colab_secret_lookup_gives_way_to_the_kaggle_secret(monkeypa
     assert found.source == f"Kaggle secret {credentials.SECRET_NAME}" and found.kind == "authorized_user"
     for name in ("kaggle_secrets", "kaggle_web_client"):
         sys.modules.pop(name, None)
+
+
+# ---------------------------------------------------------------- the test-only tiny swap
+
+
+def test_the_tiny_test_override_swaps_model_and_data_and_keeps_identity_and_effective_batch(monkeypatch):
+    """RELAY_TEST_TINY_MODEL=N (tests only): the shipped profiles train the tiny model on generated images,
+    under the same name, run key and effective batch, for N steps (runner/profile.py)."""
+    from runner.errors import ProfileError
+    from runner.profile import PROFILES_DIR, TEST_TINY_ENV, load_profile
+
+    for path in sorted(PROFILES_DIR.glob("*.toml")):
+        monkeypatch.delenv(TEST_TINY_ENV, raising=False)
+        shipped = load_profile(path.stem)
+        monkeypatch.setenv(TEST_TINY_ENV, "3")
+        tiny = load_profile(path.stem, ["checkpoint.keep=5"])
+        assert (tiny.model.base, tiny.data.source, tiny.train.steps) == ("tiny", "generated", 3), path
+        assert (tiny.name, tiny.run_name) == (shipped.name, shipped.run_name), path
+        assert tiny.train.batch_size * tiny.train.grad_accum == shipped.train.batch_size * shipped.train.grad_accum
+        assert tiny.lora == shipped.lora and tiny.checkpoint.keep == 5  # the rest as shipped; --set still wins
+    monkeypatch.setenv(TEST_TINY_ENV, "yes")
+    with pytest.raises(ProfileError, match="RELAY_TEST_TINY_MODEL"):
+        load_profile("tiny")

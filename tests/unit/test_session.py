@@ -122,6 +122,10 @@ def test_the_loop_checkpoints_on_the_budgets_schedule_and_stops_before_the_deadl
     committed = [e.step for e in seen if isinstance(e, events.CheckpointCommitted)]
     assert committed and committed[-1] == len(tr.steps)  # the session's last step is committed
     assert len(tr.snapshots) >= 3  # periodic checkpoints, about one a minute, before the final one
+    # every view hears the budget as events (relay attach and the notebook cell render from the events log)
+    budgets = [e for e in seen if isinstance(e, events.BudgetUpdated)]
+    assert len(budgets) >= 10 and all(e.time_left_s <= 600.0 for e in budgets)
+    assert any(e.next_checkpoint_in_s is not None and 0 < e.next_checkpoint_in_s <= 60.0 for e in budgets)
 
 
 def test_a_session_too_short_for_any_step_is_refused_with_the_reason(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from runner.errors import StorageError, UsageError
 from runner.storage.local import TMP_MARK, LocalStorage
-from runner.storage.url import open_storage
+from runner.storage.url import VM_STORAGE_OPT_IN, check_vm_storage, open_storage
 from tests.storage_contract import StorageContract
 
 
@@ -124,3 +124,31 @@ def test_open_storage_missing_backend_is_a_usage_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "runner.storage.gdrive", None)  # import fails like an absent module
     with pytest.raises(UsageError, match="Google Drive API backend cannot be loaded"):
         open_storage("gdrive://FOLDER")
+
+
+@pytest.mark.parametrize(
+    ("url", "meant"),
+    [("gdrive//My Drive/relay", "gdrive://My Drive/relay"), ("gdrive:/abc", "gdrive://abc"),
+     ("hf//me/runs", "hf://me/runs"), ("My Drive/relay", "gdrive://My Drive/relay"),
+     ("MyDrive/relay", "gdrive://MyDrive/relay")],
+)  # fmt: skip
+def test_a_mistyped_remote_form_is_refused_and_makes_no_folder(tmp_path, monkeypatch, url, meant):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="mistyped|Google Drive path") as info:
+        open_storage(url)
+    assert meant in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # nothing was created on this machine
+
+
+def test_a_folder_on_a_notebook_vm_needs_an_opt_in_and_gets_a_warning():
+    with pytest.raises(UsageError, match="deleted with the VM") as info:
+        check_vm_storage("/content/x", "colab", {})
+    assert VM_STORAGE_OPT_IN in info.value.hint
+    with pytest.raises(UsageError, match="Kaggle VM"):
+        check_vm_storage("file:///kaggle/working/runs", "kaggle", {})
+    assert "deleted with the VM" in check_vm_storage("/content/x", "colab", {VM_STORAGE_OPT_IN: "1"})
+    for remote in ("gdrive://My Drive/relay", "hf://me/runs", "drive", "/content/drive/MyDrive/relay"):
+        assert check_vm_storage(remote, "colab", {}) is None
+    assert check_vm_storage("./relay-runs", "local", {}) is None  # a machine of one's own keeps its disk
+    with pytest.raises(UsageError, match="mistyped 'gdrive://x'"):
+        check_vm_storage("gdrive//x", "colab", {VM_STORAGE_OPT_IN: "1"})

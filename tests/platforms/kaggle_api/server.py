@@ -5,6 +5,8 @@ Knobs (attributes, set before or during a test):
 - `quota_total_h`, `quota_used_h`: what GetAcceleratorQuotaStatistics reports; runs add their wall
   time to `quota_used_h` as Kaggle's accounting would; `quota_total_h = None` answers 404 (no quota API).
 - `save_error`: a message SaveKernel answers in its `error` field (Kaggle refuses the push).
+- `busy_pushes`: how many pushes in a row are refused with "Maximum batch GPU session count reached."
+  (the account runs its most GPU versions at once; the count is not documented).
 - `max_runs`: a bound on executed runs, so a chain that never stops fails the test instead of looping.
 - `run_env`: more environment for the runs (the notebook's settings).
 
@@ -29,7 +31,10 @@ HOST, PORT = "127.0.0.1", 7777  # kagglesdk's KaggleEnv.TEST endpoint is http://
 PREFIX = "/api/v1/kernels.KernelsApiService/"  # non-PROD endpoints serve the API under /api/v1
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
-SECRET_VARS = ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN")
+SECRET_VARS = ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN", "KAGGLE_API_V1_TOKEN")
+SESSION_TOKEN = "kaggle-notebook-session-token-standin"
+"""The notebook's own token, in the file KAGGLE_API_V1_TOKEN names (kagglesdk kaggle_env.py). Where the real
+server accepts it is not public; this stand-in accepts it for reads and refuses it for SaveKernel."""
 
 
 @dataclass
@@ -57,10 +62,12 @@ class KaggleStandIn:
         self.secrets = {"KAGGLE_USERNAME": username, "KAGGLE_KEY": key, **(secrets or {})}
         self.kernels: dict[str, Kernel] = {}
         self.calls: list[tuple[str, dict]] = []  # (rpc, body) in arrival order
+        self.auth_used: list[tuple[str, str]] = []  # (rpc, "key" | "token" | "session" | "none")
         self.run_pushed = True
         self.quota_total_h: float | None = 30.0
         self.quota_used_h = 0.0
         self.save_error: str | None = None
+        self.busy_pushes = 0
         self.max_runs = 10
         self.run_env: dict[str, str] = {}
         self.runs = 0
@@ -144,6 +151,12 @@ class KaggleStandIn:
     def _save(self, kernel: Kernel, body: dict) -> dict:
         if self.save_error:
             return {"error": self.save_error}
+        if self.busy_pushes > 0:
+            self.busy_pushes -= 1
+            return {"error": "Maximum batch GPU session count reached."}
+        problem = _not_as_the_cli_sends_it(body.get("text") or "")
+        if problem:
+            return {"error": problem}
         with self._lock:  # `kaggle kernels push` always makes a new version, and that version runs
             version = Version(len(kernel.versions) + 1, body.get("text") or "", body)
             kernel.versions.append(version)
@@ -172,11 +185,17 @@ class KaggleStandIn:
         folder = self.root / "runs" / f"{kernel.ref.replace('/', '-')}-v{version.number}"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "notebook.ipynb").write_text(version.source)
+        session_token = folder / "api-v1-token"  # what Kaggle puts in every notebook session
+        session_token.write_text(SESSION_TOKEN)
         secrets = folder / "secrets.json"
         secrets.write_text(json.dumps(self.secrets))
         secrets.chmod(0o600)
         (folder / "tmp").mkdir(exist_ok=True)  # a fresh VM per run: its own /tmp, booted now
-        env = {**self._kaggle_env(secrets), "TMPDIR": str(folder / "tmp"), "RELAY_TEST_VM_BOOT_WALL": repr(time.time())}
+        env = {
+            **self._kaggle_env(secrets, session_token),
+            "TMPDIR": str(folder / "tmp"),
+            "RELAY_TEST_VM_BOOT_WALL": repr(time.time()),
+        }
         version.status = "RUNNING"
         started = time.monotonic()
         self._proc = subprocess.Popen([sys.executable, str(HERE / "execute.py"), str(folder / "notebook.ipynb"),
@@ -187,17 +206,36 @@ class KaggleStandIn:
         version.exit_code, version.log = self._proc.returncode, output
         version.status = "COMPLETE" if version.exit_code == 0 else "ERROR"
 
-    def _kaggle_env(self, secrets: Path) -> dict[str, str]:
-        """What a Kaggle batch run's processes see (docs/platforms.md): Kaggle's variables, no credentials."""
+    def _kaggle_env(self, secrets: Path, session_token: Path) -> dict[str, str]:
+        """What a Kaggle batch run's processes see (docs/platforms.md): Kaggle's variables, among them the
+        notebook's session token that kagglesdk prefers (KAGGLE_API_V1_TOKEN, used where
+        KAGGLE_KERNEL_RUN_TYPE and KAGGLE_DATA_PROXY_URL are set: kagglesdk kaggle_env.py), and none of
+        the user's credentials."""
         env = {k: v for k, v in os.environ.items() if k not in SECRET_VARS and not k.startswith("PYTEST")}
         env.update({
             "KAGGLE_KERNEL_RUN_TYPE": "Batch", "KAGGLE_URL_BASE": "https://www.kaggle.com",
             "KAGGLE_USER_SECRETS_TOKEN": "stand-in", "KAGGLE_API_ENVIRONMENT": "TEST",
+            "KAGGLE_DATA_PROXY_URL": "https://dp.kaggle.net", "KAGGLE_API_V1_TOKEN": str(session_token),
             "RELAY_TEST_KAGGLE_SECRETS": str(secrets), "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": os.pathsep.join([str(HERE / "site"), str(REPO)]),
             **self.run_env,
         })  # fmt: skip
         return env
+
+
+def _not_as_the_cli_sends_it(text: str) -> str:
+    """What `kaggle kernels push` would never send (kaggle-cli kaggle_api_extended.py kernels_push: outputs
+    cleared, each cell's source one string "as the server expects"); "" when the notebook is fine."""
+    try:
+        nb = json.loads(text)
+    except ValueError:
+        return ""  # a script
+    for cell in nb.get("cells", []):
+        if isinstance(cell.get("source"), list):
+            return "a cell's source must be one string"
+        if cell.get("outputs"):
+            return "a pushed notebook carries no outputs"
+    return ""
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -206,13 +244,20 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
         state = self.server_state
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-        user = self._user(state)
+        user, how = self._user(state)
+        rpc = self.path[len(PREFIX) :]
         if not self.path.startswith(PREFIX):
             code, answer = 404, {"code": 404, "message": f"no such path {self.path}"}
+        elif not self.headers.get("User-Agent", "").strip():
+            code, answer = 400, {"code": 400, "message": "a User-Agent header is required"}
         elif user is None:
             code, answer = 401, {"code": 401, "message": "Unauthenticated"}
+        elif how == "session" and rpc == "SaveKernel":  # assume the stricter server
+            code, answer = 403, {"code": 403, "message": "the notebook session token may not save kernels"}
         else:
-            code, answer = state.handle(self.path[len(PREFIX) :], body, user)
+            code, answer = state.handle(rpc, body, user)
+        with state._lock:
+            state.auth_used.append((rpc, how or "none"))
         data = json.dumps(answer).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
@@ -220,15 +265,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _user(self, state: KaggleStandIn) -> str | None:
-        """HTTP Basic with username and API key (kagglesdk's username/password), or a Bearer token."""
+    def _user(self, state: KaggleStandIn) -> tuple[str | None, str]:
+        """(user, how): HTTP Basic with username and API key (kagglesdk's username/password) → "key"; a Bearer
+        API token → "token"; the notebook's session token → "session"; anything else → (None, "")."""
         auth = self.headers.get("Authorization", "")
         if auth.startswith("Basic "):
             user, _, key = base64.b64decode(auth[6:]).decode().partition(":")
-            return user if (user, key) == (state.username, state.key) else None
+            return (user, "key") if (user, key) == (state.username, state.key) else (None, "")
         if auth.startswith("Bearer ") and state.secrets.get("KAGGLE_API_TOKEN") == auth[7:]:
-            return state.username
-        return None
+            return state.username, "token"
+        if auth == f"Bearer {SESSION_TOKEN}":
+            return state.username, "session"
+        return None, ""
 
     def log_message(self, *args) -> None:  # quiet
         pass

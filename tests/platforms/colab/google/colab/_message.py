@@ -6,7 +6,10 @@ raises AttributeError ('NoneType' object has no attribute 'kernel'). Every kerne
 (userdata.get, drive.mount, auth.authenticate_user's sign-in, runtime.unassign's eval_js) goes through here.
 
 The stand-in's frontend is a JSON file named by COLAB_STANDIN_FRONTEND (what the user set up in Colab's
-UI); each request is appended to COLAB_STANDIN_CALLS so tests can check which process made it.
+UI); each request is appended to COLAB_STANDIN_CALLS so tests can check which process made it. Its
+"timeouts"/"errors" maps make the next N GetSecret requests for a key go unanswered (colabtools'
+read_reply_from_input returns None after `timeout_sec`, 10 s for userdata.get) or answered with an error
+(MessageError), which are how a secret fails to arrive on Colab.
 """
 
 from __future__ import annotations
@@ -58,6 +61,14 @@ def blocking_request(request_type, request="", timeout_sec=5, parent=None):
     ui = frontend()
     if request_type == "GetSecret":
         key = request["key"]
+        for knob in ("timeouts", "errors"):  # the next N requests for KEY get no reply / an error reply
+            if ui.get(knob, {}).get(key, 0) > 0:
+                ui[knob][key] -= 1
+                with open(os.environ["COLAB_STANDIN_FRONTEND"], "w", encoding="utf-8") as f:
+                    json.dump(ui, f)
+                if knob == "errors":
+                    raise MessageError("the frontend could not answer (stand-in)")
+                return None  # read_reply_from_input: no reply before the timeout → None
         secrets = ui.get("secrets", {})
         return {"exists": key in secrets, "access": key not in ui.get("denied", []), "payload": secrets.get(key, "")}
     if request_type == "request_auth":
