@@ -245,3 +245,18 @@ def test_the_notebook_cell_trains_the_experiment_and_shows_the_comparison(tmp_pa
         assert f"| {variant} | 2 / 2 |" in out
         assert f"relay | variant {variant} | step 2/2" in out  # the dashboard names the variant
     assert {p.name for p in (storage / "tiny-exp" / "compare").iterdir()} == {"table.md", "losses.png", "grid.png"}
+
+
+@pytest.mark.slow
+def test_the_shipped_experiment_trains_all_six_variants_on_one_cache(tmp_path, monkeypatch):
+    """profiles/sdxl-naruto-experiment.toml on the tiny model (RELAY_TEST_TINY_MODEL, tests only); the
+    8-bit text encoders need CUDA, so here they stay in full precision."""
+    monkeypatch.setenv("RELAY_TEST_TINY_MODEL", "2")
+    built = count_cache_pieces(monkeypatch)
+    storage = tmp_path / "storage"
+    args = ["train", "--profile", "sdxl-naruto-experiment", "--storage", str(storage), "--workdir", str(tmp_path),
+            "--plain", "--set", "lora.text_encoder_8bit=false"]  # fmt: skip
+    assert relay_main(args) == EXIT_OK
+    finals = sorted(p.parent.parent.name for p in storage.glob(f"*/{FINAL}"))
+    assert len(finals) == 6 and all(name.startswith("sdxl-naruto-experiment--") for name in finals)
+    assert built == [0]  # text-encoder variants and the others share one cache
