@@ -1,6 +1,6 @@
 """The `relay` command: parses flags into calls. No logic lives here.
 
-Commands: train, status, plan, sample, export, publish, bench, doctor, profiles, attach, stop [--chain]. Flags
+Commands: train, status, plan, sample, export, compare, publish, bench, doctor, profiles, attach, stop [--chain]. Flags
 become profile overrides (`--set`, `--hours`) or session options; everything
 else happens in commands.py (train, plan, sample, export), report.py (status, doctor) and the
 modules they call. This is the one place that maps errors to exit codes and
@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="run name (default: the only run there)")
     p.add_argument("--repo", help="USER/NAME of the model repo (default: YOUR_NAME/RUN)")
     p.add_argument("--public", action="store_true", help="create the repo public (default: private)")
+
+    p = sub.add_parser("compare", help="an experiment's variants (or runs) side by side: loss plot, table, image grid")
+    p.add_argument("runs", nargs="*", metavar="RUN", help="runs to compare (default: the experiment's variants)")
+    p.add_argument("--storage", default=os.environ.get("RELAY_STORAGE", DEFAULT_STORAGE), help="run storage URL")
+    p.add_argument("--experiment", help="experiment name (default: the only one in the storage)")
+    p.add_argument("--out", help="local folder for the files (default: a temporary one); also stored in compare/")
+    p.add_argument("--no-grid", action="store_true", help="skip the image grid (it needs a GPU or the tiny model)")
 
     sub.add_parser("profiles", help="list the shipped profiles")
     return parser
@@ -211,6 +218,10 @@ def dispatch(args: argparse.Namespace) -> int:
         return daemon.command(args)
     from runner import commands
 
-    return {"train": commands.train, "plan": commands.plan, "sample": commands.sample, "export": commands.export}[
-        args.command
-    ](args)
+    return {
+        "train": commands.train,
+        "plan": commands.plan,
+        "compare": commands.compare,
+        "sample": commands.sample,
+        "export": commands.export,
+    }[args.command](args)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +21,10 @@ from runner import events
 from runner.checkpoint.manager import CheckpointManager, Restored
 from runner.clock import Clock, SystemClock
 from runner.env import Env, detect_env
-from runner.errors import EXIT_OK, UsageError
+from runner.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, RelayError, UsageError, exit_code_for
 from runner.profile import Profile, load_profile
 from runner.runinfo import run_identity
+from runner.signals import StopFlag, install_stop_handlers
 from runner.storage import Storage
 from runner.storage.url import check_vm_storage, open_storage
 
@@ -75,48 +77,112 @@ class Context:
     bus: events.EventBus
     clock: Clock
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    experiment: str = ""
+    """The experiment this run is a variant of ("": a run of its own); its variants share one latent cache."""
 
     @property
     def holder(self) -> str:
         return f"{self.env.platform}:{self.env.host}:pid{os.getpid()}:{self.session_id}"
 
 
-def build_context(opts: Options, *, clock: Clock | None = None, env: Env | None = None) -> Context:
-    profile = opts.load_profile()
+def build_context(
+    opts: Options, *, clock: Clock | None = None, env: Env | None = None, profile: Profile | None = None,
+    run: str | None = None, experiment: str = "",
+) -> Context:  # fmt: skip
+    """`profile` and `run`: a variant of an experiment (default: the profile the options name, its run)."""
+    profile = profile or opts.load_profile()
+    if profile.variants and run is None and opts.run:  # --run VARIANT (or EXP--VARIANT): that variant's settings
+        match = next((v for v in profile.variants if opts.run in (v.variant, v.run_name)), None)
+        if match is not None:
+            profile, run, experiment = match, match.run_name, profile.run_name
     env = env or detect_env(workdir=opts.workdir)
     storage = open_storage(opts.storage)
-    run = run_identity(profile, opts.run)  # the one rule; profiles of one job (T4, Kaggle 2×T4) share a run
+    run = run or run_identity(profile, opts.run)  # the one rule; profiles of one job (T4, Kaggle 2×T4) share a run
     workdir = Path(opts.workdir or env.workdir) / run
     workdir.mkdir(parents=True, exist_ok=True)
-    return Context(opts, profile, env, storage, run, workdir, events.EventBus(), clock or SystemClock())
+    return Context(opts, profile, env, storage, run, workdir, events.EventBus(), clock or SystemClock(),
+                   experiment=experiment)  # fmt: skip
 
 
 def train(args) -> int:
-    from runner.session import Session, logs_dir
-
+    """`relay train`: one run, or each unfinished variant of an experiment in turn while the session lasts."""
     opts = Options.from_args(args)
+    profile = opts.load_profile()  # an experiment's variants are all validated here, before any model loads
     env = detect_env(workdir=opts.workdir)
     vm_warning = check_vm_storage(opts.storage, env.platform, os.environ)  # refused before a folder is made
     if vm_warning:
         log.warning(vm_warning)
-    ctx = build_context(opts, env=env)
-    processes = int(os.environ.get("RELAY_PROCESSES", "0")) or len(ctx.env.gpus)  # one per GPU by default
+    processes = int(os.environ.get("RELAY_PROCESSES", "0")) or len(env.gpus)  # one per GPU by default
     if processes > 1 and "WORLD_SIZE" not in os.environ:
         from runner.fit import split_effective_batch
 
-        split_effective_batch(ctx.profile.train.batch_size * ctx.profile.train.grad_accum, processes)  # before any rank
+        for each in profile.variants or (profile,):  # before any rank
+            split_effective_batch(each.train.batch_size * each.train.grad_accum, processes)
         from runner.launch import launch_distributed
 
-        return launch_distributed(processes)
+        return launch_distributed(processes)  # every rank runs this command again (the whole experiment)
+    if profile.variants:
+        return train_experiment(opts, profile, env)
+    return train_session(build_context(opts, profile=profile, env=env))
+
+
+def train_session(ctx: Context, stop: StopFlag | None = None) -> int:
+    from runner.session import Session, logs_dir
+
     if int(os.environ.get("RANK", "0")) != 0:
-        return Session(ctx).run()  # other ranks train in lockstep and show nothing
+        return Session(ctx, stop=stop).run()  # other ranks train in lockstep and show nothing
     from runner.dashboard import Dashboard
     from runner.tblog import TensorBoardLogger
 
-    with Dashboard.for_terminal(ctx.clock, plain=opts.plain, profile=ctx.profile) as dash:
+    with Dashboard.for_terminal(ctx.clock, plain=ctx.opts.plain, profile=ctx.profile) as dash:
         ctx.bus.subscribe(dash.on_event)
         TensorBoardLogger(logs_dir(ctx), run=ctx.run, config=ctx.profile.to_dict()).attach(ctx.bus)
-        return Session(ctx).run()
+        return Session(ctx, stop=stop).run()
+
+
+def train_experiment(opts: Options, profile: Profile, env: Env) -> int:
+    """Train the next unfinished variant, then the next while the session lasts (they share its deadline).
+    0 when every variant is complete; 75 when the session ended first; a variant that fails with bad input
+    is recorded in EXP/experiment.json and skipped (exit 2 at the end when nothing else is left)."""
+    from runner import experiment as exp
+
+    storage = open_storage(opts.storage)
+    name = opts.run or profile.run_name
+    runs = dict(exp.variant_runs(profile, opts.run))
+    by_name = {v.variant: v for v in profile.variants}
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    record = exp.open_record(storage, name, list(runs.items())) if is_main else exp.ExperimentRecord(name)
+    complete = {v for v, run in runs.items() if exp.is_complete(storage, run)}
+    tried: set[str] = set()
+    with install_stop_handlers() as stop:  # one flag for every variant's session: a stop ends the command
+        while (variant := exp.next_variant(list(runs), complete, set(record.failed), tried)) is not None:
+            if stop.requested:
+                return EXIT_PREEMPTED  # asked to stop between two variants
+            tried.add(variant)
+            ctx = build_context(opts, profile=by_name[variant], run=runs[variant], env=env, experiment=name)
+            try:
+                code = train_session(ctx, stop)
+            except RelayError as exc:
+                if exit_code_for(exc) != EXIT_USAGE:
+                    raise  # not the variant's settings: the next session tries again
+                if is_main:
+                    record = exp.record_failure(storage, record, variant, str(exc))
+                print(f"relay: variant {variant!r} failed: {exc}\n  → recorded; going on with the next variant",
+                      file=sys.stderr)  # fmt: skip
+                continue
+            if code != EXIT_OK:
+                return code  # the session is over (75) or failed: the next one continues this variant
+            complete.add(variant)
+            if is_main:
+                record = exp.clear_failure(storage, record, variant)
+    left = set(runs) - complete
+    if left - set(record.failed) and stop.requested:
+        return EXIT_PREEMPTED
+    if left:
+        raise UsageError(f"experiment {name!r}: every variant is complete but {', '.join(sorted(left))}, which "
+                         f"failed (errors in {storage.url}/{name}/{exp.EXPERIMENT_FILE})",
+                         hint="fix the variant's settings or data, then run the same command again")  # fmt: skip
+    return EXIT_OK
 
 
 def plan(args) -> int:
@@ -158,10 +224,32 @@ def export(args) -> int:
     return EXIT_OK
 
 
+def compare(args) -> int:
+    """`relay compare`: loss plot, table and (with a model at hand) image grid of an experiment's variants."""
+    from runner.compare import compare as write_comparison
+    from runner.compare import model_grid
+
+    storage = open_storage(args.storage)
+    grid = None if args.no_grid else model_grid(storage)
+    files = write_comparison(storage, experiment=args.experiment, runs=args.runs,
+                             out_dir=Path(args.out) if args.out else None, grid=grid)  # fmt: skip
+    if "table.md" in files:
+        print(files["table.md"].read_text())
+    for name, path in files.items():
+        print(f"{name}: {path}")
+    if "grid.png" not in files and not args.no_grid:
+        print("no image grid here: it needs a GPU (or every run on the tiny model)")
+    return EXIT_OK
+
+
 def newest_checkpoint(ctx: Context) -> Restored:
     restored = CheckpointManager(ctx.storage, ctx.run, ctx.workdir, keep=1, bus=ctx.bus).latest(
         ctx.workdir / "restore" / "export"
     )
+    if restored is None and ctx.profile.variants:  # the experiment's base: no run of its own
+        names = ", ".join(v.variant for v in ctx.profile.variants)
+        raise UsageError(f"{ctx.profile.name} is an experiment: say which variant (--run VARIANT)",
+                         hint=f"its variants: {names}")  # fmt: skip
     if restored is None:
         raise UsageError(f"no committed checkpoint of run {ctx.run!r} in {ctx.storage.url}",
                          hint="train first: relay train --profile NAME --storage URL")  # fmt: skip

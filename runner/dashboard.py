@@ -40,7 +40,7 @@ from runner import events as ev
 from runner import humanize
 from runner.clock import Clock
 from runner.errors import end_reason_for, exit_code_for
-from runner.profile import Profile
+from runner.profile import VARIANT_SEPARATOR, Profile
 
 LOSS_HISTORY = 40  # losses kept for the sparkline
 WARNINGS_KEPT = 5  # distinct warning kinds shown, most recent last
@@ -365,7 +365,8 @@ def plain_line(snapshot: Snapshot, now: float) -> str:
         parts.append(f"skipped {s.skipped_steps}")
     if s.ended:
         parts.append(f"ended: {s.ended}")
-    return "relay | " + " | ".join(parts)
+    variant = (s.run or "").partition(VARIANT_SEPARATOR)[2]  # an experiment's run EXP--VARIANT: name the variant
+    return "relay | " + (f"variant {variant} | " if variant else "") + " | ".join(parts)
 
 
 def should_use_live(console: Console, env: Mapping[str, str]) -> bool:

@@ -29,6 +29,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -316,7 +317,7 @@ def _finish(outcome: Outcome, env: Mapping[str, str], workdir: str | None, relea
     colab = platform_of(env) == "colab"
     # Everything that reads the storage comes before the unmount: on `drive` storage the run is on the mount
     complete = code == EXIT_OK and release_gpu and colab and is_complete(outcome.run, outcome.storage, env)
-    if code == EXIT_OK:
+    if code == EXIT_OK and not show_comparison(outcome.run, outcome.storage, env, workdir):
         show_result(outcome.run, outcome.storage, workdir)
     if uses_mount(storage) and colab:
         flush_drive()  # the mount writes back late; push everything before the VM can go
@@ -384,6 +385,25 @@ def show_result(run: str, storage: str, workdir: str | None) -> None:
     for image in images[:4]:
         print(image)
         display(Image(filename=str(image)))
+
+
+def show_comparison(run: str, storage: str, env: Mapping[str, str], workdir: str | None) -> bool:
+    """For a complete experiment: `relay compare` (its table, loss plot and grid) shown in the cell; False when
+    `run` is no experiment."""
+    out = Path(workdir or tempfile.gettempdir()) / run / "compare"
+    proc = subprocess.run([sys.executable, "-m", "runner", "compare", "--storage", storage, "--experiment", run,
+                           "--out", str(out)], capture_output=True, text=True, env=dict(env))  # fmt: skip
+    if proc.returncode != 0:
+        return False
+    print(proc.stdout, end="")
+    try:
+        from IPython.display import Image, display
+    except ImportError:
+        return True
+    for name in ("grid.png", "losses.png"):
+        if (out / name).is_file():
+            display(Image(filename=str(out / name)))
+    return True
 
 
 def _tail(path: Path, lines: int = 15) -> str:

@@ -23,6 +23,9 @@ def print_plan(ctx, *, probe: bool = False, console: Console | None = None) -> i
     console = console or Console()
     p, env = ctx.profile, ctx.env
     console.print(f"[bold]{ctx.run}[/] ({p.name}): {p.description}")
+    if p.variants:
+        print_experiment(ctx, console)
+        return 0
     if p.lora.text_encoder:
         console.print(f"trains: UNet LoRA at lr {p.train.lr:g}; both text encoders' LoRA at lr {p.lora.text_encoder_lr:g} "
                       "(text embeddings computed each step, not cached)")  # fmt: skip
@@ -30,6 +33,10 @@ def print_plan(ctx, *, probe: bool = False, console: Console | None = None) -> i
         console.print(f"trains: UNet LoRA at lr {p.train.lr:g}; text encoders frozen (embeddings cached)")
     console.print(f"platform: {env.platform} ({env.tier}); GPU: {env.gpu_summary}; "
                   f"RAM {env.ram_gib:.1f} GiB; disk {env.disk_free_gib:.1f} GiB free")  # fmt: skip
+    if p.model.base != "tiny":
+        from runner.train.model import count_lora_params
+
+        console.print(optimizer_line(p, count_lora_params(p.lora)))
     t = p.train
     plans = candidate_plans(t.batch_size, t.grad_accum, t.gradient_checkpointing, world_size=max(1, len(env.gpus)))
     if probe:
@@ -81,6 +88,50 @@ def print_plan(ctx, *, probe: bool = False, console: Console | None = None) -> i
     )
     console.print(f"still needed: {humanize.hours(total_h)} of training at {step_s:.2f} s/step{sessions}")
     return 0
+
+
+# fp32 values an optimizer keeps per trainable parameter, besides the parameter and its gradient: AdamW two
+# moments; 8-bit AdamW the same in one byte each; Prodigy (prodigyopt) two moments, s and p0 (its step-size
+# estimate's running sums; slice_p = 1 keeps them whole).
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}
+
+
+def optimizer_line(profile, lora_params: int) -> str:
+    """The optimizer's state in memory for `lora_params` trainable parameters. Pure."""
+    name = profile.train.optimizer
+    per = OPTIMIZER_STATE_BYTES[name]
+    mib = lora_params * per / 2**20
+    line = f"optimizer: {name}, state {mib:.0f} MiB ({per} bytes × {lora_params / 1e6:.1f} M UNet LoRA parameters)"
+    if name != "adamw":
+        line += f"; AdamW would keep {lora_params * OPTIMIZER_STATE_BYTES['adamw'] / 2**20:.0f} MiB"
+    return line
+
+
+# A step with LoRA on both text encoders, against the UNet-only step (T4 emulation, 1024 px: 0.611 against
+# 0.574 s, bench/RESULTS.md "Single-shape rows and text-encoder LoRA").
+TEXT_ENCODER_STEP_FACTOR = 0.611 / 0.574
+
+
+def print_experiment(ctx, console: Console) -> None:
+    """Each variant's progress and estimated T4 hours, and the whole set's."""
+    from runner.experiment import variant_runs
+
+    p = ctx.profile
+    total_h = 0.0
+    console.print(f"experiment: {len(p.variants)} variants, trained one after another (each a run of its own)")
+    for (name, run), v in zip(variant_runs(p, ctx.opts.run), p.variants, strict=True):
+        step = read_status(ctx.storage, run).step if read_run_info(ctx.storage, run, missing_ok=True) else 0
+        left = max(0, v.train.steps - step)
+        hours = left * budget.profile_step_prior(v, "T4", 1).step_s / 3600
+        note = ""
+        if v.lora.text_encoder:  # the encoders run forward and backward at every step
+            hours *= TEXT_ENCODER_STEP_FACTOR
+            note = f" (text encoders: +{TEXT_ENCODER_STEP_FACTOR - 1:.1%})"
+        total_h += hours
+        console.print(f"  {name}: step {step} / {v.train.steps}; about {humanize.hours(hours)} on one T4{note} → {run}")
+    sessions = humanize.sessions_needed({h: humanize.sessions_for(total_h, h) for h in (3.0, 12.0)})
+    console.print(f"whole set: about {humanize.hours(total_h)} on one T4 ({sessions}); estimates from the "
+                  "attention-only step time measured on a T4, the first session of each variant measures its own")  # fmt: skip
 
 
 def _progress(ctx) -> tuple[int, float | None]:

@@ -2,17 +2,21 @@
 
 Owns: the schema (one frozen dataclass per section, each field documented where
 it is declared), loading a profile by name or path, `--set section.key=value`
-overrides, validation (once, at load, naming the file, the key and the fix) and
-the fingerprint of the fields that change the trained weights. Nothing deeper
-re-checks configuration. Imports nothing above errors.py.
+overrides, validation (once, at load, naming the file, the key and the fix),
+the variants of an experiment (`[[variants]]` tables: a name plus overrides of the
+base profile's keys, each validated as a profile of its own) and the fingerprint
+of the fields that change the trained weights. Nothing deeper re-checks
+configuration. Imports nothing above errors.py.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -28,7 +32,7 @@ else:  # Python 3.10 (older notebook images)
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp16", "bf16", "fp32"),
-    "train.optimizer": ("adamw", "adamw8bit"),
+    "train.optimizer": ("adamw", "adamw8bit", "prodigy"),
     "train.gradient_checkpointing": ("auto", "on", "off"),
     "train.compile": ("auto", "off", "blocks", "graphs"),
     "train.lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
@@ -135,7 +139,8 @@ class TrainConfig:
     precision: str = "fp16"
     """auto, fp16 (GradScaler), bf16 or fp32. CPUs always train in fp32."""
     optimizer: str = "adamw"
-    """adamw (torch, fused on CUDA) or adamw8bit (bitsandbytes, CUDA only)."""
+    """adamw (torch, fused on CUDA), adamw8bit (bitsandbytes, CUDA only) or prodigy (the prodigyopt package:
+    it estimates the step size itself, so train.lr is a multiplier, 1.0 as usual)."""
     weight_decay: float = 1e-2
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
@@ -229,6 +234,10 @@ class Profile:
     sample: SampleConfig = field(default_factory=SampleConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
+    variant: str = ""
+    """The variant of an experiment this profile is ("" for a plain profile or an experiment's base)."""
+    variants: tuple[Profile, ...] = ()
+    """An experiment's variants, in declared order, each a whole profile (the base with its overrides)."""
     source_path: str = ""
     """Where it was loaded from (not a setting)."""
 
@@ -239,8 +248,9 @@ class Profile:
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain TOML-able data (for run.json and the model card)."""
-        data = dataclasses.asdict(self)
-        data.pop("source_path")
+        data = dataclasses.asdict(dataclasses.replace(self, variants=()))
+        for key in ("source_path", "variants"):
+            data.pop(key)
         return json.loads(json.dumps(data))  # tuples → lists
 
 
@@ -256,6 +266,9 @@ SECTIONS: dict[str, type] = {
     "publish": PublishConfig,
 }
 TOP_KEYS = ("name", "run", "description")
+VARIANTS_KEY = "variants"
+VARIANT_SEPARATOR = "--"  # a variant's run is EXPERIMENT--VARIANT
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 # Sections and keys that change the trained weights. batch_size × grad_accum enter as the
 # effective batch (the fit may split it differently on another GPU without changing the run).
@@ -332,7 +345,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "train.resolution": (lambda v: v >= 32 and v % 8 == 0, "a multiple of 8, at least 32 (1024 or 512 for SDXL)"),
     "train.batch_size": (_positive, "a positive integer"),
     "train.grad_accum": (_positive, "a positive integer"),
-    "train.lr": (lambda v: 0 < v < 1, "a learning rate in (0, 1), e.g. 1e-4"),
+    "train.lr": (lambda v: 0 < v <= 10, "a learning rate in (0, 1), e.g. 1e-4 (with prodigy: a multiplier, 1.0)"),
     "train.warmup_steps": (_non_negative, "0 or more steps"),
     "train.seed": (_non_negative, "a non-negative integer"),
     "train.weight_decay": (_non_negative, "0 or more"),
@@ -415,19 +428,77 @@ def load_profile(
     except OSError as exc:
         raise ProfileError(f"cannot read: {exc.strerror}", path=str(path)) from None
     raw.setdefault("name", path.stem)
+    variant_tables = raw.pop(VARIANTS_KEY, None)
+    file_raw = copy.deepcopy(raw)  # the file's own settings: each variant overrides these, then --set applies
     origins = {}
     overrides = [*test_tiny_overrides(os.environ.get(TEST_TINY_ENV, "")), *overrides]
     for item in overrides:
         apply_override(raw, item)
         key = item.partition("=")[0].strip()
         origins[key] = (flags or {}).get(key, f"--set {item.strip()}")
+    base = _build_blamed(raw, str(path), origins)
+    if variant_tables is None:
+        return base
+    variants = []
+    for name, table in _variant_tables(variant_tables, str(path)):
+        vraw = _merged(copy.deepcopy(file_raw), table)
+        vraw["run"] = f"{base.run_name}{VARIANT_SEPARATOR}{name}"
+        for item in overrides:
+            apply_override(vraw, item)
+        try:
+            variant = _build_blamed(vraw, str(path), origins)
+        except ProfileError as exc:
+            where = exc.path if exc.path != str(path) else f"{path}: variant {name!r}"
+            raise ProfileError(exc.detail, path=where, key=exc.key, hint=exc.hint) from None
+        variants.append(dataclasses.replace(variant, variant=name))
+    return dataclasses.replace(base, variants=tuple(variants))
+
+
+def _build_blamed(raw: dict[str, Any], source: str, origins: dict[str, str]) -> Profile:
+    """build_profile; an error about a value given on the command line names that flag, not the file."""
     try:
-        return build_profile(raw, source=str(path))
+        return build_profile(raw, source=source)
     except ProfileError as exc:
         flag = next((f for k, f in origins.items() if exc.key and (k == exc.key or k.startswith(exc.key + "."))), None)
         if flag is None:
             raise
         raise exc.blamed_on(flag) from None
+
+
+def _variant_tables(tables: Any, source: str) -> list[tuple[str, dict[str, Any]]]:
+    """(name, overrides) of each `[[variants]]` table, checked for shape; the values are checked when each
+    variant is built as a profile of its own."""
+    if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
+        raise ProfileError("must be one or more [[variants]] tables", path=source, key=VARIANTS_KEY,
+                           hint='e.g. [[variants]] name = "dropout" lora.dropout = 0.5')  # fmt: skip
+    out: list[tuple[str, dict[str, Any]]] = []
+    for n, table in enumerate(tables, start=1):
+        name = table.get("name")
+        where = f"{source}: variant {name!r}" if isinstance(name, str) else f"{source}: variant #{n}"
+        if not isinstance(name, str) or not VARIANT_NAME.fullmatch(name) or VARIANT_SEPARATOR in name:
+            raise ProfileError(f"needs a name of letters, digits, '_', '.' or '-', got {name!r}", path=where,
+                               key="name", hint='e.g. name = "dropout-0.5" (it names the run: EXPERIMENT--NAME)')  # fmt: skip
+        if name in (seen for seen, _ in out):
+            raise ProfileError("two variants have this name", path=where, key="name", hint="give each its own name")
+        overrides = {k: v for k, v in table.items() if k != "name"}
+        for key, value in overrides.items():
+            if key in ("run", "name"):
+                raise ProfileError("a variant cannot set this", path=where, key=key,
+                                   hint="its run is named after the experiment and the variant")  # fmt: skip
+            if key in SECTIONS and not isinstance(value, dict):
+                raise ProfileError(f"must be a table of {key}.* keys", path=where, key=key)
+        out.append((name, overrides))
+    return out
+
+
+def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with each section's keys replaced by the variant's (the other keys of the section kept)."""
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return base
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -548,6 +619,13 @@ def _check_combinations(p: Profile, source: str) -> None:
             path=source,
             key="data.random_crop",
             hint="set data.random_crop = false; aspect-ratio buckets (data.buckets) keep the whole image instead",
+        )
+    if p.train.lr >= 1 and p.train.optimizer != "prodigy":
+        raise ProfileError(
+            f"{p.train.lr!r} is out of range",
+            path=source,
+            key="train.lr",
+            hint="allowed: a learning rate in (0, 1), e.g. 1e-4 (only prodigy takes a multiplier such as 1.0)",
         )
     if p.train.warmup_steps >= p.train.steps:
         raise ProfileError(

@@ -36,6 +36,7 @@ from runner.checkpoint.manifest import COMMIT
 from runner.clock import iso
 from runner.env import detect_env
 from runner.errors import UsageError
+from runner.experiment import ExperimentRecord, list_experiments, read_record
 from runner.lease import LEASE_FILE, pid_is_running, read_lease
 from runner.profile import list_profiles, load_profile
 from runner.state import find_run, read_run_info, read_sessions
@@ -103,6 +104,10 @@ def read_status(storage, run: str | None, *, now_wall: float | None = None, host
     (None: the real ones; tests pass their own)."""
     run = find_run(storage, run)
     info = read_run_info(storage, run, missing_ok=True)
+    record = read_record(storage, run) if info is None else None
+    if record is not None and record.variants:  # an experiment: its variants' progress as one (the chain reads it)
+        return _experiment_as_one(run, experiment_status(storage, record, now_wall=now_wall, host=host,
+                                                         pid_alive=pid_alive))  # fmt: skip
     if info is None:
         raise UsageError(f"{storage.url}: no run named {run!r} (no {run}/run.json)",
                          hint="check --run and --storage; `relay status --storage URL` lists the runs there")  # fmt: skip
@@ -196,6 +201,9 @@ def print_status(storage_url: str, run: str | None, *, as_json: bool = False, co
         raise UsageError(f"--storage {storage_url}: no such folder ({missing})",
                          hint="check the path; runs are in the folder given to relay train --storage")  # fmt: skip
     storage = open_storage(storage_url)
+    experiment = experiment_of(storage, run)
+    if experiment is not None:
+        return print_experiment_status(storage, experiment, as_json=as_json, console=console)
     status = read_status(storage, run)
     if chain_of is not None:
         status = dataclasses.replace(status, chain=chain_of(storage, status.run))
@@ -217,6 +225,77 @@ def print_status(storage_url: str, run: str | None, *, as_json: bool = False, co
     if status.chain:
         console.print(Text(_chain_line(status.chain)))
     _print_sessions(console, status.sessions)
+    return 0
+
+
+def experiment_of(storage, run: str | None) -> ExperimentRecord | None:
+    """The experiment `run` names, or with no run the store's only experiment when every run there is one
+    of its variants; None for a plain run."""
+    if run:
+        return read_record(storage, run) if read_run_info(storage, run, missing_ok=True) is None else None
+    names = list_experiments(storage)
+    if len(names) != 1:
+        return None
+    record = read_record(storage, names[0])
+    runs = {key.split("/")[0] for key in storage.list("") if key.endswith("/run.json")}
+    return record if record is not None and runs <= set(record.runs()) else None
+
+
+def experiment_status(storage, record: ExperimentRecord, **kw) -> list[tuple[str, RunStatus | None, str]]:
+    """(variant, its status or None when not started, its failure or "") in declared order."""
+    out = []
+    for name, run in record.variants:
+        status = read_status(storage, run, **kw) if read_run_info(storage, run, missing_ok=True) else None
+        out.append((name, status, record.failed.get(name, "")))
+    return out
+
+
+def _experiment_as_one(name: str, rows: list[tuple[str, RunStatus | None, str]]) -> RunStatus:
+    """An experiment as one run: steps and targets summed over the variants, every variant's sessions,
+    complete when each variant is; the live holder if one trains now. A variant not started yet counts
+    0 / its target only once it has a run.json, so `complete` needs every variant started and complete."""
+    started = [status for _, status, _ in rows if status is not None]
+    sessions = sorted((s for st in started for s in st.sessions), key=lambda s: s.get("start_wall", 0.0))
+    steps = sum(s.get("steps", 0) for s in sessions)
+    hours = sum(s.get("train_s", 0.0) for s in sessions) / 3600
+    live = next((st for st in started if st.holder_alive), None)
+    complete = len(started) == len(rows) and all(st.complete for st in started)
+    return RunStatus(
+        name, sum(st.step for st in started), sum(st.target for st in started) + (len(rows) - len(started)),
+        max((st.last_checkpoint for st in started if st.last_checkpoint is not None), default=None), sessions,
+        steps / hours if hours > 0 and steps > 0 else None, complete=complete,
+        holder=live.holder if live else None, heartbeat=live.heartbeat if live else None,
+        heartbeat_age_s=live.heartbeat_age_s if live else None, holder_alive=live is not None,
+    )  # fmt: skip
+
+
+def print_experiment_status(storage, record: ExperimentRecord, *, as_json: bool = False,
+                            console: Console | None = None) -> int:  # fmt: skip
+    """`relay status` of an experiment: each variant's step / target, and which one trains now."""
+    console = console or Console()
+    rows = experiment_status(storage, record)
+    if as_json:
+        variants = [{"variant": name, "run": run, "failed": failed, "status": status.to_dict() if status else None}
+                    for (name, status, failed), (_, run) in zip(rows, record.variants, strict=True)]  # fmt: skip
+        complete = all(status is not None and status.complete for _, status, _ in rows)
+        console.print_json(json.dumps({"experiment": record.name, "complete": complete, "variants": variants}))
+        return 0
+    done = sum(1 for _, status, _ in rows if status is not None and status.complete)
+    console.print(Text.assemble((record.name, "bold"), f": experiment, {done} of {len(rows)} variants complete"))
+    for name, status, failed in rows:
+        if status is None:
+            line = "not started" + (f" — failed: {failed.splitlines()[0]}" if failed else "")
+        else:
+            line = f"step {status.step} / {status.target}"
+            if status.complete:
+                line += " — complete, final/ written"
+            elif status.holder and status.holder_alive:
+                line += " — training now"
+            if failed and not status.complete:
+                line += f" — failed: {failed.splitlines()[0]}"
+        console.print(Text(f"  {name}: {line}"))
+    if done == len(rows):
+        console.print(Text(f"compare them: relay compare --storage {storage.url} --experiment {record.name}"))
     return 0
 
 

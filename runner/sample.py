@@ -82,6 +82,21 @@ def sample_grid(
     cpu_offload: on CUDA, let diffusers keep only the running module on the GPU (standalone `relay sample`).
     step: the optimizer step of the LoRA, named in the header ("LoRA · step 120").
     """
+    rows = prompt_images(pipe_parts, lora_sd, prompts, seed, steps, guidance, resolution, lora_cfg=lora_cfg,
+                         device=device, cpu_offload=cpu_offload)  # fmt: skip
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(rows, HEADERS, prompts, step=step).save(out_path)
+    log.info("sample grid (%d prompts) written to %s", len(prompts), out_path)
+    return out_path
+
+
+def prompt_images(
+    pipe_parts: SDXLParts, lora_sd: dict[str, torch.Tensor] | None, prompts: Sequence[str], seed: int, steps: int,
+    guidance: float, resolution: int, *, lora_cfg: LoraConfig | None = None, device: str = "cpu",
+    cpu_offload: bool = False,
+) -> list[list[Image.Image]]:  # fmt: skip
+    """[base, LoRA] images of each prompt (seed + row), as sample_grid draws them (`relay compare` too)."""
     if not prompts:
         raise ModelError("no prompts to sample", hint="set sample.prompts in the profile")
     pipe, denoiser = build_pipeline(pipe_parts), build_pipeline(pipe_parts, text_encoders=False)
@@ -96,12 +111,7 @@ def sample_grid(
                 [_denoise(denoiser, e[on], seed + i, steps, guidance, resolution, lora_on=on) for on in (False, True)]
                 for i, e in enumerate(embeds)
             ]
-        rows = [[_decode(pipe, x, device) for x in row] for row in latents]
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(rows, HEADERS, prompts, step=step).save(out_path)
-    log.info("sample grid (%d prompts) written to %s", len(prompts), out_path)
-    return out_path
+        return [[_decode(pipe, x, device) for x in row] for row in latents]
 
 
 def _encode_both(

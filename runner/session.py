@@ -45,7 +45,7 @@ from runner.handoff import Handoff, launch_id
 from runner.lease import Lease, holder_died_on, pid_is_running, read_lease
 from runner.report import session_history
 from runner.runinfo import ensure_run_info, new_state, resolve_target, sets_target
-from runner.signals import install_stop_handlers
+from runner.signals import StopFlag, install_stop_handlers
 from runner.state import RunState, append_session, read_run_info, read_sessions
 from runner.storage.fenced import FencedStorage
 from runner.storage.url import is_vm_local
@@ -68,8 +68,9 @@ def logs_dir(ctx: Context) -> Path:
 class Session:
     """One session of a run. `run()` returns the process exit code."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, *, stop: StopFlag | None = None) -> None:
         self.ctx = ctx
+        self.stop = stop  # an experiment's sessions share one: a stop asked during one variant ends them all
         self._budget_sent_at: float | None = None  # monotonic time of the last BudgetUpdated
         self.is_main = int(os.environ.get("RANK", "0")) == 0
         self.lease = Lease(ctx.storage, ctx.run, ctx.holder, clock=ctx.clock)
@@ -104,7 +105,7 @@ class Session:
     def run(self) -> int:
         ctx, code = self.ctx, 1
         is_new = self.is_main and read_run_info(ctx.storage, ctx.run, missing_ok=True) is None
-        with install_stop_handlers() as stop:
+        with install_stop_handlers(self.stop) as stop:
             try:
                 self._settle_target()
                 if self.is_main:
@@ -289,10 +290,17 @@ class Session:
                 time.sleep(delay_s)
             builder(start, stop, folder)
 
-        try:
-            local, built = ensure_latent_cache_in_pieces(
-                self.store, cache_fingerprint(profile), ranges, build_piece, merge_pieces, bus
+        store, cache_fp = self.store, cache_fingerprint(profile)
+        if self.ctx.experiment:  # the variants of an experiment share one cache: EXP/cache/FP
+            from runner.experiment import shared_cache_profile
+
+            workdir = self.ctx.workdir.parent / self.ctx.experiment
+            store, cache_fp = (
+                FolderStore(self.ctx.storage, self.ctx.experiment, workdir),
+                cache_fingerprint(shared_cache_profile(profile)),
             )
+        try:
+            local, built = ensure_latent_cache_in_pieces(store, cache_fp, ranges, build_piece, merge_pieces, bus)
         finally:
             builder.close()
         if built:

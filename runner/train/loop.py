@@ -22,6 +22,7 @@ emits Warnings only (the session emits StepDone).
 from __future__ import annotations
 
 import gc
+import io
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ import re
 import traceback
 import warnings
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import nullcontext, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -336,6 +337,18 @@ class Trainer:
                     "adamw8bit needs bitsandbytes", key="train.optimizer", hint="pip install bitsandbytes, or use adamw"
                 ) from exc
             return bnb.optim.AdamW8bit(self._param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "prodigy":
+            try:
+                from prodigyopt import Prodigy
+            except ImportError as exc:
+                raise ProfileError(
+                    "prodigy needs the prodigyopt package", key="train.optimizer", hint="pip install prodigyopt"
+                ) from exc
+            # Its whole state (per-parameter s, p0, exp_avg, exp_avg_sq and the step; the d estimates, kept in
+            # the param groups) goes into each checkpoint like AdamW's, so a resume continues it exactly.
+            with redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay"
+                return Prodigy(self._param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay, decouple=True,
+                               use_bias_correction=True, safeguard_warmup=cfg.warmup_steps > 0)  # fmt: skip
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(self._param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
