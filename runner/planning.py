@@ -14,6 +14,7 @@ from rich.console import Console
 from runner import budget, humanize
 from runner.fit import candidate_plans
 from runner.report import read_status
+from runner.runinfo import resolve_target, sets_target
 from runner.state import read_run_info
 
 ESTIMATE_GPUS = ("T4", "H200")  # the GPUs with published step times (runner.budget.STEP_S_PER_1024_EXAMPLE)
@@ -44,9 +45,10 @@ def print_plan(ctx, *, probe: bool = False, console: Console | None = None) -> i
     else:
         console.print("memory plan: the fit tries, fastest first, until one fits: "
                       + "; ".join(c.describe() for c in plans))  # fmt: skip
-    step, rate = _progress(ctx)
-    left = max(0, t.steps - step)
-    console.print(f"progress: step {step} / {t.steps}; {left} steps to go")
+    step, rate, stored_target = _progress(ctx)
+    target = resolve_target(stored_target, t.steps, sets_target(ctx.opts.overrides))  # as the session settles it
+    left = max(0, target - step)
+    console.print(f"progress: step {step} / {target}; {left} steps to go")
     deadline = budget.session_deadline(env, p, ctx.clock)
     hours_left = None if deadline is None else max(0.0, (deadline - ctx.clock.monotonic()) / 3600)
     limit = (
@@ -134,12 +136,12 @@ def print_experiment(ctx, console: Console) -> None:
                   "attention-only step time measured on a T4, the first session of each variant measures its own")  # fmt: skip
 
 
-def _progress(ctx) -> tuple[int, float | None]:
-    """(committed step, measured steps per hour) from storage; (0, None) for a new run."""
+def _progress(ctx) -> tuple[int, float | None, int | None]:
+    """(committed step, measured steps per hour, the stored target) from storage; (0, None, None) for a new run."""
     if read_run_info(ctx.storage, ctx.run, missing_ok=True) is None:
-        return 0, None
+        return 0, None, None
     status = read_status(ctx.storage, ctx.run)
-    return status.step, status.steps_per_hour
+    return status.step, status.steps_per_hour, status.target
 
 
 def probe_plan(ctx):

@@ -224,3 +224,25 @@ def test_the_session_takes_over_the_lease_of_a_dead_process_of_this_host(tmp_pat
     monkeypatch.setattr(session_module, "pid_is_running", lambda pid: True)
     assert not Session(ctx)._holder_died_here()
     assert read_lease(ctx.storage, ctx.run).holder == record["holder"]
+
+
+def test_status_and_plan_show_the_same_target_the_session_trains_for(tmp_path):
+    """relay status read run.json's target while relay plan printed the profile's: 0 / 60 beside 0 / 40."""
+    import io
+
+    from rich.console import Console
+
+    from runner.planning import print_plan
+    from runner.report import read_status
+
+    ctx, _, _ = context(tmp_path, "train.steps=60")
+    ensure_run_info(ctx, force=False)
+
+    def plan_line(*overrides: str) -> str:
+        out = io.StringIO()
+        print_plan(context(tmp_path, *overrides)[0], console=Console(file=out, width=200))
+        return next(line for line in out.getvalue().splitlines() if line.startswith("progress:"))
+
+    assert read_status(ctx.storage, ctx.run).target == 60
+    assert plan_line() == "progress: step 0 / 60; 60 steps to go"  # the profile says 40: the run says 60
+    assert plan_line("train.steps=80") == "progress: step 0 / 80; 80 steps to go"  # changed on purpose
