@@ -64,6 +64,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vram-gib", type=float, default=15.0)
     p.add_argument("--steps", type=int, default=8, help="timed steps (graph replays when graphs are on)")
     p.add_argument("--no-eager-profile", action="store_true", help="skip the compiled-eager (no graph) profile")
+    p.add_argument("--channels-last", default="on", choices=["on", "off"], help="the UNet's convolutions in NHWC")
     p.add_argument("--json", help="write the figures here")
     return p.parse_args(argv)
 
@@ -187,11 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     args = parse(argv)
+    from runner.train import loop
+
+    loop.CHANNELS_LAST = args.channels_last == "on"
     t0 = time.perf_counter()
     tr = build(args)
     cuda = tr.trainer.device.type == "cuda"
     out: dict = {"args": vars(args), "device": torch.cuda.get_device_name() if cuda else "cpu",
-                 "compiled": tr.trainer.compiled or "", "checkpointing": tr.plan.gradient_checkpointing,
+                 "compiled": tr.trainer.compiled or "", "channels_last": tr.trainer.channels_last, "checkpointing": tr.plan.gradient_checkpointing,
                  "setup_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
     if cuda:
         torch.cuda.reset_peak_memory_stats()

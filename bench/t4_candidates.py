@@ -1,3 +1,4 @@
+# ruff: noqa: B023, B905  (each timed closure runs inside the loop iteration that defines it)
 """What each candidate change to the T4 step could save, measured on the pieces it changes (no compile).
 
 Run under the T4 emulation on the device machine (carry .t4):

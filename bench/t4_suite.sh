@@ -3,8 +3,10 @@
 # graphs-vs-compiled correctness measurement, the rows of bench/RESULTS.md. One part per device call:
 #   bash bench/t4_suite.sh 1   candidates (bench/t4_candidates.py), the 1024 px profile (bench/profile_step.py),
 #                              then bench/graphs_divergence.py on the whole GPU (not emulated)
-#   bash bench/t4_suite.sh 2   relay bench rows (1024/512 px, checkpointing, text encoders) with the change, flash off,
-#                              and the 1024 px row with T4_NO_FLASH=0 beside it
+#   bash bench/t4_suite.sh 2   the step with channels-last convolutions at 1024 and 512 px (profile_step.py), and
+#                              the compiled-blocks vs graphs spread (graphs_divergence.py, compiled modes)
+#   bash bench/t4_suite.sh 3   relay bench rows (1024/512 px, checkpointing, text encoders), flash off, and the
+#                              1024 px row with T4_NO_FLASH=0 beside it (ROWS="…" picks some)
 # On the device: carry [".t4"] (t4-emulate.sh and t4-site/); results under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -27,7 +29,20 @@ if [[ $PART == 1 ]]; then
     | grep -v -i warn | tee "$OUT/divergence.txt"
   echo "   ($((SECONDS - t0)) s)"
 fi
-if [[ $PART == 2 ]]; then
+if [[ $PART == 2 ]]; then  # channels-last (the change), the compiled-vs-graphs spread, 512 px
+  prof() { local name=$1 limit=$2; shift 2; echo "== $name: profile_step $* (T4 emulation, 16 cores for the compile)"; local t0=$SECONDS
+    T4_CORES=0-15 timeout "$limit" bash $EMU python3 bench/profile_step.py --no-eager-profile --json "$OUT/$name.json" "$@" \
+      >"$OUT/$name.log" 2>&1; echo "   exit $? ($((SECONDS - t0)) s)"
+    grep -v "^ \|^\[\|^{\|^}\|^\]" "$OUT/$name.log" | grep -v -i "warn\|should be kept" | tail -n 12; }
+  [[ ${BASELINE:-0} == 1 ]] && prof base_1024 200 --resolution 1024 --steps 6 --channels-last off  # another card than part 1's
+  prof cl_1024 200 --resolution 1024 --steps 6 --channels-last on
+  echo "== compiled divergence (whole GPU, tiny model)"; t0=$SECONDS
+  timeout $((560 - SECONDS < 160 ? 560 - SECONDS : 160)) python3 bench/graphs_divergence.py --precisions "" --layouts text-encoders,convs-ff --compiled-seeds 0 \
+    --json "$OUT/divergence_compiled.json" 2>&1 | grep -v -i "warn\|should be kept" | tee "$OUT/divergence_compiled.txt"
+  echo "   ($((SECONDS - t0)) s)"
+  (( SECONDS < 480 )) && prof cl_512 $((575 - SECONDS)) --resolution 512 --steps 6 --channels-last on
+fi
+if [[ $PART == 3 ]]; then  # relay bench rows, flash off, and the 1024 px row with T4_NO_FLASH=0 beside it
   t4() { local name=$1; shift; echo "== $name: relay bench $* (T4 emulation${FLASH:+, T4_NO_FLASH=$FLASH})"; local t0=$SECONDS
     T4_NO_FLASH=${FLASH:-1} timeout "${BENCH_TIMEOUT:-150}" bash $EMU python3 -m runner bench --vram-gib 15 --json --skip-resume "$@" \
       >"$OUT/$name.json" 2>"$OUT/$name.err" || { echo "FAILED $name"; tail -n 3 "$OUT/$name.err"; }
