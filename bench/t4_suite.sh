@@ -34,13 +34,13 @@ if [[ $PART == 2 ]]; then  # channels-last (the change), the compiled-vs-graphs 
     T4_CORES=0-15 timeout "$limit" bash $EMU python3 bench/profile_step.py --no-eager-profile --json "$OUT/$name.json" "$@" \
       >"$OUT/$name.log" 2>&1; echo "   exit $? ($((SECONDS - t0)) s)"
     grep -v "^ \|^\[\|^{\|^}\|^\]" "$OUT/$name.log" | grep -v -i "warn\|should be kept" | tail -n 12; }
-  [[ ${BASELINE:-0} == 1 ]] && prof base_1024 200 --resolution 1024 --steps 6 --channels-last off  # another card than part 1's
-  prof cl_1024 200 --resolution 1024 --steps 6 --channels-last on
+  [[ ${BASELINE:-0} == 1 ]] && prof base_1024 ${PROF_S:-200} --resolution 1024 --steps 6 --channels-last off  # another card than part 1's
+  prof cl_1024 ${PROF_S:-200} --resolution 1024 --steps 6 --channels-last on
   echo "== compiled divergence (whole GPU, tiny model)"; t0=$SECONDS
-  timeout $((560 - SECONDS < 160 ? 560 - SECONDS : 160)) python3 bench/graphs_divergence.py --precisions "" --layouts text-encoders,convs-ff --compiled-seeds 0 \
+  T=${TOTAL:-575}; timeout $((T - 15 - SECONDS < 160 ? T - 15 - SECONDS : 160)) python3 bench/graphs_divergence.py --precisions "" --layouts text-encoders,convs-ff --compiled-seeds 0 \
     --json "$OUT/divergence_compiled.json" 2>&1 | grep -v -i "warn\|should be kept" | tee "$OUT/divergence_compiled.txt"
   echo "   ($((SECONDS - t0)) s)"
-  (( SECONDS < 480 )) && prof cl_512 $((575 - SECONDS)) --resolution 512 --steps 6 --channels-last on
+  (( SECONDS < T - 95 )) && prof cl_512 $((T - SECONDS)) --resolution 512 --steps 6 --channels-last on
 fi
 if [[ $PART == 3 ]]; then  # relay bench rows, flash off, and the 1024 px row with T4_NO_FLASH=0 beside it
   t4() { local name=$1; shift; echo "== $name: relay bench $* (T4 emulation${FLASH:+, T4_NO_FLASH=$FLASH})"; local t0=$SECONDS
