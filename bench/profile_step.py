@@ -64,7 +64,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vram-gib", type=float, default=15.0)
     p.add_argument("--steps", type=int, default=8, help="timed steps (graph replays when graphs are on)")
     p.add_argument("--no-eager-profile", action="store_true", help="skip the compiled-eager (no graph) profile")
-    p.add_argument("--channels-last", default="on", choices=["on", "off"], help="the UNet's convolutions in NHWC")
+    p.add_argument("--channels-last", default="off", choices=["on", "off"], help="the UNet's convolutions in NHWC")
     p.add_argument("--json", help="write the figures here")
     return p.parse_args(argv)
 

@@ -78,8 +78,9 @@ VALIDATION_TAG = 3
 TEXT_LORA_INIT_TAG = 4
 AUTO_COMPILE = "graphs"  # what train.compile = "auto" uses on a CUDA GPU: bench/RESULTS.md says why
 MAX_GRAPH_SHAPES = 6  # CUDA graphs for the most frequent latent shapes only; a new one recaptures the others
-CHANNELS_LAST = True  # CUDA: the UNet's convolutions in NHWC, as tensor cores (a T4's too) run them: no layout
-# transposes around each cuDNN call (bench/RESULTS.md, the T4 step profile). CPU runs keep NCHW (bit-exact as before).
+CHANNELS_LAST = False  # CUDA: the UNet's convolutions in NHWC, as tensor cores (a T4's too) run them: no layout
+# transposes around each cuDNN call. Off until a whole step is measured with it (bench/RESULTS.md, 2026-12-07: the
+# convolutions alone ran 1.3-3x faster, but its first compile outran 180 s). CPU runs always keep NCHW.
 
 
 @dataclass
