@@ -53,7 +53,7 @@ COST_WINDOW = 15  # recent samples kept per cost; the median of these is the est
 # Seconds per micro-batch of one 1024 px example (default plan) by GPU class; a step costs this scaled by
 # pixels, micro-batch and accumulation. Estimates until a session on that GPU has measured its own.
 STEP_S_PER_1024_EXAMPLE: dict[str, tuple[float, str]] = {
-    "t4": (0.574, 'T4 emulation (8 of an H200\'s SMs, 15 GiB), 1024 px micro-batch 1, README "Measured figures"'),
+    "t4": (0.842, "T4 emulation (5 % of an H100's SMs, flash attention off as on a T4, 15 GiB), 1024 px micro-batch 1"),
     "h200": (0.078, "NVIDIA H200, 1024 px micro-batch 1, default plan, bench/RESULTS.md"),
     "generic": (2.5, "a cautious guess for a GPU not measured yet"),
 }

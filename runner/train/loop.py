@@ -79,6 +79,9 @@ VALIDATION_TAG = 3
 TEXT_LORA_INIT_TAG = 4
 AUTO_COMPILE = "graphs"  # what train.compile = "auto" uses on a CUDA GPU: bench/RESULTS.md says why
 MAX_GRAPH_SHAPES = 6  # CUDA graphs for the most frequent latent shapes only; a new one recaptures the others
+CHANNELS_LAST = False  # CUDA: the UNet's convolutions in NHWC, as tensor cores (a T4's too) run them: no layout
+# transposes around each cuDNN call. Off until a whole step is measured with it (bench/RESULTS.md, 2026-12-07: the
+# convolutions alone ran 1.3-3x faster, but its first compile outran 180 s). CPU runs always keep NCHW.
 
 
 @dataclass
@@ -210,6 +213,8 @@ class Trainer:
         self.gradient_checkpointing, self.eager_shapes = gradient_checkpointing, frozenset(eager_shapes)
         self.shape_setup_s: dict[str, float] = {}  # seconds of each latent shape's first micro-batch
         self._shape = ""  # the latent shape of the micro-batch running now
+        self.channels_last = CHANNELS_LAST and self.device.type == "cuda"
+        self._memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         self._prepare_unet(gradient_checkpointing)
         self._prepare_text_encoders()
         self.unet_params = lora_parameters(unet)
@@ -245,8 +250,12 @@ class Trainer:
         if unet.dtype != self.weight_dtype:
             unet.to(dtype=self.weight_dtype)
         unet.to(self.device)
+        if self.channels_last:
+            unet.to(memory_format=torch.channels_last)  # the 4-D (conv) weights; LoRA's are made dense again below
         for param in lora_parameters(unet):
-            param.data = param.data.float()  # LoRA weights stay fp32 whatever the UNet's dtype
+            # LoRA weights stay fp32 whatever the UNet's dtype, and dense in their own order (a conv LoRA's too):
+            # their .grad views of the flat buffer and the fused AdamW read them element by element
+            param.data = param.data.float().contiguous()
         self.compiled = self._compile_mode()
         if gradient_checkpointing:  # graphs: the capture forbids saving the RNG state, and nothing draws any
             unet.enable_gradient_checkpointing(checkpoint_without_rng if self.compiled == "graphs" else None)
@@ -450,7 +459,7 @@ class Trainer:
             if batch.ids is not None:  # eager (not compiled); inside the CUDA graph when the step is captured
                 prompt, pooled = text_conditioning(self.encoders, batch.ids[:, 0], batch.ids[:, 1])
             pred = self.unet(
-                noisy.to(self.weight_dtype),
+                noisy.to(self.weight_dtype, memory_format=self._memory_format),
                 batch.timesteps,
                 encoder_hidden_states=prompt,
                 added_cond_kwargs={"text_embeds": pooled, "time_ids": batch.time_ids},

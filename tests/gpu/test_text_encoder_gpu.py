@@ -10,6 +10,12 @@ from runner.profile import load_profile
 from runner.train.cache import build_cache, open_cache
 from runner.train.loop import Trainer
 from runner.train.model import TextEncoders, build_tiny, lora_state_dict
+from tests.gpu.forced import forced_gradient_gaps
+
+# Each step's gradients, both trainers starting it from the same state, within 1 % (fp16 rounding: the
+# captured text encoders' gradients measured 0.13-0.36 % from eager ones with the same kernels, 2026-12-07,
+# bench/RESULTS.md; fp32: 1e-6). Not the drift of two free runs: that grows from any rounding (tests/gpu/forced.py).
+FORCED_BOUND = 0.01
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 TE = ["lora.text_encoder=true", "lora.text_encoder_lr=1e-3", "data.caption_dropout=0.2"]
@@ -37,17 +43,15 @@ def _state(t: Trainer) -> dict[str, torch.Tensor]:
 
 def test_text_encoders_train_inside_the_captured_graph_like_the_eager_step(cached):
     blocks, graphs = _trainer(cached, "blocks"), _trainer(cached, "graphs")
-    start = _state(blocks)
     for step in range(5):
         a, b = blocks.step(step), graphs.step(step)
         assert abs(a.loss - b.loss) <= 1e-2 * abs(a.loss), (step, a.loss, b.loss)
     assert graphs.compiled == "graphs" and graphs.graphs is not None and graphs.graphs.captures >= 1
-    sa, sb = _state(blocks), _state(graphs)
-    te = [k for k in sa if k.startswith("text_encoder") and "lora_B" in k]
+    sb = _state(graphs)
+    te = [k for k in sb if k.startswith("text_encoder") and "lora_B" in k]
     assert any(float(sb[k].abs().max()) > 0 for k in te), "the text encoders' LoRA did not move"
-    gap = sum(float((sa[k] - sb[k]).pow(2).sum()) for k in sa) ** 0.5
-    moved = sum(float((sa[k] - start[k]).pow(2).sum()) for k in sa) ** 0.5
-    assert gap / moved < 0.02
+    gaps = forced_gradient_gaps(_trainer(cached, "blocks"), _trainer(cached, "graphs"), 5)
+    assert max(gaps) < FORCED_BOUND, gaps
 
 
 def test_8bit_text_encoders_train(cached):
@@ -64,13 +68,11 @@ MANY = 'lora.targets=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "con
 
 def test_lora_on_resnet_convs_and_feed_forward_trains_under_graphs_like_blocks(cached):
     blocks, graphs = _trainer(cached, "blocks", MANY), _trainer(cached, "graphs", MANY)
-    start = _state(blocks)
     for step in range(5):
         a, b = blocks.step(step), graphs.step(step)
         assert abs(a.loss - b.loss) <= 1e-2 * abs(a.loss), (step, a.loss, b.loss)
     assert graphs.compiled == "graphs" and graphs.graphs.captures >= 1
-    sa, sb = _state(blocks), _state(graphs)
+    sb = _state(graphs)
     assert any(".conv1.lora_B" in k and float(sb[k].abs().max()) > 0 for k in sb)
-    gap = sum(float((sa[k] - sb[k]).pow(2).sum()) for k in sa) ** 0.5
-    moved = sum(float((sa[k] - start[k]).pow(2).sum()) for k in sa) ** 0.5
-    assert gap / moved < 0.02
+    gaps = forced_gradient_gaps(_trainer(cached, "blocks", MANY), _trainer(cached, "graphs", MANY), 5)
+    assert max(gaps) < FORCED_BOUND, gaps

@@ -167,9 +167,9 @@ def test_the_first_measured_step_replaces_the_prior():
 
 def test_step_priors_per_gpu_class_scale_with_pixels_and_batch():
     t4 = budget.step_prior("Tesla T4", resolution=1024, micro_batch=1, grad_accum=1)
-    assert (t4.gpu_class, t4.step_s) == ("t4", pytest.approx(0.574))
+    assert (t4.gpu_class, t4.step_s) == ("t4", pytest.approx(0.842))
     assert budget.step_prior("1× Tesla T4", resolution=512, micro_batch=2, grad_accum=4).step_s == pytest.approx(
-        0.574 / 4 * 8
+        0.842 / 4 * 8
     )
     assert budget.step_prior("NVIDIA H200", resolution=1024, micro_batch=1, grad_accum=1).gpu_class == "h200"
     assert budget.step_prior("Tesla P100-PCIE-16GB", resolution=1024, micro_batch=1, grad_accum=1).gpu_class == (
