@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from runner.errors import EXIT_REFUSED, EXIT_USAGE
 from tests.e2e.conftest import REPO, relay_env, relay_main, train_args
 
 PROFILE_TIMEOUT_S = 120
@@ -178,7 +179,9 @@ def test_bad_drive_credentials_are_named_without_secrets(what, tmp_path):
     args = ["train", "--profile", "tiny", "--storage", "gdrive://1AbCdEfGhIjKlMnOpQrStUvWxYz012345", "--workdir",
             str(tmp_path / "w")]  # fmt: skip
     done = relay(args, env=env)
-    assert done.returncode in (1, 2), f"exit {done.returncode}:\n{done.stderr[-3000:]}"
+    assert done.returncode in (EXIT_USAGE, EXIT_REFUSED), (
+        f"exit {done.returncode}:\n{done.stderr[-3000:]}"
+    )  # never restarted
     assert_clear(done, done.returncode, *names)
     assert secret not in done.stderr + done.stdout, "the secret was echoed in an error"
 
