@@ -53,7 +53,7 @@ from pathlib import Path
 
 from runner.clock import Clock, iso
 from runner.errors import LeaseHeld, LeaseLapsed, LeaseLost, StorageError
-from runner.storage import Storage
+from runner.storage import CompareAndSwap, Storage, capability
 from runner.storage.blobs import read_bytes, write_bytes
 from runner.storage.retry import deadline
 
@@ -316,9 +316,9 @@ class Lease:
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat = None
-        fence = getattr(self.storage, "fence", None)
-        if callable(fence):
-            fence(self.key, None)  # the release commit removes our lease: no later commit is ours to fence
+        swaps = capability(self.storage, CompareAndSwap)
+        if swaps is not None:
+            swaps.fence(self.key, None)  # the release commit removes our lease: no later commit is ours to fence
         if self._token is None or self._lost is not None:
             self._token = None
             return None
@@ -393,9 +393,9 @@ class Lease:
         self._swap(decide)
         self._token = token
         self._renewed_at = started
-        fence = getattr(self.storage, "fence", None)
-        if callable(fence):  # from now on every commit is conditional on a head where the lease is ours
-            fence(self.key, self._fence_check)
+        swaps = capability(self.storage, CompareAndSwap)
+        if swaps is not None:  # from now on every commit is conditional on a head where the lease is ours
+            swaps.fence(self.key, self._fence_check)
         log.info("lease of %s acquired by %s (compare-and-swap)", self.run, self.holder)
         return LeaseRecord(self.holder, token, self._since, self.clock.wall())
 
@@ -419,4 +419,4 @@ class Lease:
 
 def _swaps(storage: Storage) -> bool:
     """Whether `storage` offers compare-and-swap (update_if_unchanged); else write, settle, read back."""
-    return callable(getattr(storage, "update_if_unchanged", None))
+    return capability(storage, CompareAndSwap) is not None

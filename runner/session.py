@@ -47,6 +47,7 @@ from runner.report import session_history
 from runner.runinfo import ensure_run_info, new_state, resolve_target, sets_target
 from runner.signals import StopFlag, install_stop_handlers
 from runner.state import RunState, append_session, read_run_info, read_sessions
+from runner.storage import WritesBackLate, capability
 from runner.storage.fenced import FencedStorage
 from runner.storage.url import is_vm_local
 
@@ -189,9 +190,9 @@ class Session:
         why = self.lease.release()
         if why:  # a finished run says why its lease stays (the store did not answer), never exits 1 for it
             self.ctx.bus.emit(events.Warning(why, kind="lease"))
-        flush = getattr(self.ctx.storage, "flush", None)
-        if flush is not None:  # the Colab mount: push what it holds before the VM can die
-            flush()
+        late = capability(self.ctx.storage, WritesBackLate)
+        if late is not None:  # the Colab mount: push what it holds before the VM can die
+            late.flush()
 
     def _upload_logs(self) -> None:
         """TensorBoard files grow during a session, so they go up once, at its end, under the session's id."""
@@ -536,9 +537,9 @@ class Session:
                 self.ctx.bus.emit(events.Warning("release_gpu ignored: the run's storage is on this VM's disk; "
                                                  "download final/ first", kind="storage"))  # fmt: skip
                 return
-            flush = getattr(self.ctx.storage, "flush", None)
-            if flush is not None:
-                flush()
+            late = capability(self.ctx.storage, WritesBackLate)
+            if late is not None:
+                late.flush()
             from google.colab import runtime  # only on Colab
 
             try:

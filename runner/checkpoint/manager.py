@@ -32,7 +32,7 @@ from runner.checkpoint.manifest import COMMIT, commit_folder, fetch_folder, writ
 from runner.clock import Clock, SystemClock
 from runner.errors import CheckpointCorrupt, LeaseHeld, LeaseLapsed, ProfileError, RelayError, StorageError
 from runner.state import RunState
-from runner.storage import Storage
+from runner.storage import AtomicFolders, Storage, capability
 from runner.storage.retry import RetryPolicy, call_with_retry, should_retry_again
 
 log = logging.getLogger(__name__)
@@ -311,7 +311,7 @@ class CheckpointManager:
             self.bus.emit(events.UploadProgress(staged.step, done, total, done / elapsed))
 
         prefix = self.folder(staged.step)
-        atomic = callable(getattr(self.storage, "commit_folder", None))  # files and marker land together
+        atomic = capability(self.storage, AtomicFolders) is not None  # files and marker land together
         if not atomic and self.storage.exists(f"{prefix}/{COMMIT}"):
             # Re-committing a step (e.g. after resuming past a corrupt copy of it): retract the old
             # marker first, so it never vouches for a mix of old and new files.
@@ -349,9 +349,9 @@ class CheckpointManager:
 
     def _delete_folder(self, step: int, names: set[str]) -> None:
         prefix = self.folder(step)
-        delete_folder = getattr(self.storage, "delete_folder", None)
-        if callable(delete_folder):  # one atomic commit (the Hub): never half deleted
-            delete_folder(prefix)
+        folders = capability(self.storage, AtomicFolders)
+        if folders is not None:  # one atomic commit (the Hub): never half deleted
+            folders.delete_folder(prefix)
             log.info("deleted checkpoint step %d", step)
             return
         if COMMIT in names:

@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 
 from runner.clock import Clock, SystemClock, iso
 from runner.errors import CheckpointCorrupt, StorageError
-from runner.storage import Storage
+from runner.storage import AtomicFolders, Storage, capability
 from runner.storage.local import TMP_MARK
 
 log = logging.getLogger(__name__)
@@ -147,9 +147,9 @@ def commit_folder(storage: Storage, local_dir: Path, prefix: str, *, progress: P
             raise CheckpointCorrupt(f"{local_dir / name}: changed after COMMIT.json was written", path=str(local_dir))
     commit_size = (local_dir / COMMIT).stat().st_size
     total = sum(manifest["files"][n]["size"] for n in names) + commit_size
-    batch = getattr(storage, "commit_folder", None)
-    if callable(batch):  # a backend with atomic multi-file commits (the Hub): files and COMMIT.json at once
-        batch(local_dir, prefix, names + [COMMIT])
+    folders = capability(storage, AtomicFolders)
+    if folders is not None:  # a backend with atomic multi-file commits (the Hub): files and COMMIT.json at once
+        folders.commit_folder(local_dir, prefix, names + [COMMIT])
         if progress is not None:
             progress(total, total)
         log.debug("committed %s (%d files, %d bytes) to %s in one commit", prefix, len(names), total, storage.url)

@@ -10,8 +10,9 @@ on permanent ones. Knows nothing of torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 
 @runtime_checkable
@@ -33,3 +34,44 @@ class Storage(Protocol):
 
     def exists(self, key: str) -> bool:
         """Whether `key` holds a file."""
+
+
+# ---------------------------------------------------------------- optional capabilities
+# A backend may offer more than the five operations; the layers above ask `capability(storage, KIND)` once
+# per use, never probe for method names themselves. Declared here so every backend and caller agree.
+
+
+class AtomicFolders(Protocol):
+    """Multi-file commits that land whole (the Hub): a folder's files and its COMMIT.json arrive together, and
+    a folder is deleted in one commit, never half."""
+
+    def commit_folder(self, local_dir: Path, key_prefix: str, names: list[str]) -> None: ...
+
+    def delete_folder(self, key_prefix: str) -> None: ...
+
+
+class CompareAndSwap(Protocol):
+    """Conditional writes (the Hub's parent_commit): one key updated only if unchanged since it was read, and
+    every later commit fenced on a check of the lease key's content (None: no fence)."""
+
+    def update_if_unchanged(self, key: str, decide: Callable[[bytes | None], bytes | None]) -> bytes | None: ...
+
+    def fence(self, lease_key: str, check: Callable[[bytes | None], None] | None) -> None: ...
+
+
+class WritesBackLate(Protocol):
+    """A store that acknowledges writes before they are safe (the Colab Drive mount): flush() pushes them."""
+
+    def flush(self) -> None: ...
+
+
+Capability = TypeVar("Capability")
+
+
+def capability(storage: Storage, kind: type[Capability]) -> Capability | None:
+    """`storage` as `kind` (one of the protocols above) when it offers every method of it, else None.
+
+    Looked up with getattr, not isinstance: wrappers (runner.storage.fenced, the tests' fault injectors)
+    forward attributes through __getattr__, which Python 3.12's runtime protocol checks do not see."""
+    methods = [name for name, value in vars(kind).items() if callable(value) and not name.startswith("_")]
+    return storage if all(callable(getattr(storage, name, None)) for name in methods) else None  # type: ignore[return-value]
