@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from runner import events
+from runner.context import Ranks
 from runner.profile import Profile, load_profile
 
 GIB = 2**30
@@ -101,12 +102,13 @@ def _text_encoder_sets(args) -> list[str]:
 
 def run_bench(args) -> int:
     processes = int(os.environ.get("RELAY_PROCESSES", "0"))
-    if processes > 1 and "WORLD_SIZE" not in os.environ:
+    ranks = Ranks.from_environ(os.environ)
+    if processes > 1 and not ranks.launched:
         from runner.launch import launch_distributed
 
         return launch_distributed(processes)
-    report = Bench(args).run()
-    if int(os.environ.get("RANK", "0")) != 0:
+    report = Bench(args, ranks).run()
+    if not ranks.is_main:
         return 0  # rank 0 reports for all
     if args.json:
         print(json.dumps(asdict(report), indent=1))
@@ -116,14 +118,14 @@ def run_bench(args) -> int:
 
 
 class Bench:
-    def __init__(self, args) -> None:
+    def __init__(self, args, ranks: Ranks) -> None:
         import torch
 
         from runner.train.run import Placement, init_distributed
 
         self.args = args
         self.profile = bench_profile(args)
-        self.placement = Placement.detect()
+        self.placement = Placement.detect(rank=ranks.rank, world=ranks.world, local_rank=ranks.local_rank)
         init_distributed(self.placement)
         self.cuda = self.placement.device.startswith("cuda")
         if self.cuda and args.vram_gib:

@@ -13,95 +13,17 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from runner import events
 from runner.checkpoint.manager import CheckpointManager, Restored
-from runner.clock import Clock, SystemClock
+from runner.context import Context, Options, Ranks, build_context
 from runner.env import Env, detect_env
 from runner.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, RelayError, UsageError, exit_code_for
-from runner.profile import Profile, load_profile
-from runner.runinfo import run_identity
+from runner.profile import Profile
 from runner.signals import StopFlag, install_stop_handlers
-from runner.storage import Storage
 from runner.storage.url import check_vm_storage, open_storage
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Options:
-    profile: str
-    storage: str
-    run: str | None = None
-    overrides: tuple[str, ...] = ()
-    hours: float | None = None
-    take_over: bool = False
-    force: bool = False
-    release_gpu: bool = False
-    plain: bool = False
-    workdir: str | None = None
-
-    @classmethod
-    def from_args(cls, args) -> Options:
-        return cls(
-            profile=args.profile, storage=args.storage, run=args.run, overrides=tuple(args.overrides),
-            hours=getattr(args, "hours", None), take_over=getattr(args, "take_over", False),
-            force=getattr(args, "force", False), release_gpu=getattr(args, "release_gpu", False),
-            plain=getattr(args, "plain", False), workdir=args.workdir,
-        )  # fmt: skip
-
-    def load_profile(self) -> Profile:
-        overrides, flags = list(self.overrides), {}
-        if self.hours is not None:
-            overrides.append(f"session.hours={self.hours}")
-            flags["session.hours"] = f"--hours {self.hours:g}"  # errors name the flag, not the profile file
-        if self.release_gpu:
-            overrides.append("session.release_gpu=true")
-            flags["session.release_gpu"] = "--release-gpu"
-        return load_profile(self.profile, overrides, flags=flags)
-
-
-@dataclass
-class Context:
-    """What a session works with, built once at its start."""
-
-    opts: Options
-    profile: Profile
-    env: Env
-    storage: Storage
-    run: str
-    workdir: Path
-    bus: events.EventBus
-    clock: Clock
-    session_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    experiment: str = ""
-    """The experiment this run is a variant of ("": a run of its own); its variants share one latent cache."""
-
-    @property
-    def holder(self) -> str:
-        return f"{self.env.platform}:{self.env.host}:pid{os.getpid()}:{self.session_id}"
-
-
-def build_context(
-    opts: Options, *, clock: Clock | None = None, env: Env | None = None, profile: Profile | None = None,
-    run: str | None = None, experiment: str = "",
-) -> Context:  # fmt: skip
-    """`profile` and `run`: a variant of an experiment (default: the profile the options name, its run)."""
-    profile = profile or opts.load_profile()
-    if profile.variants and run is None and opts.run:  # --run VARIANT (or EXP--VARIANT): that variant's settings
-        match = next((v for v in profile.variants if opts.run in (v.variant, v.run_name)), None)
-        if match is not None:
-            profile, run, experiment = match, match.run_name, profile.run_name
-    env = env or detect_env(workdir=opts.workdir)
-    storage = open_storage(opts.storage)
-    run = run or run_identity(profile, opts.run)  # the one rule; profiles of one job (T4, Kaggle 2×T4) share a run
-    workdir = Path(opts.workdir or env.workdir) / run
-    workdir.mkdir(parents=True, exist_ok=True)
-    return Context(opts, profile, env, storage, run, workdir, events.EventBus(), clock or SystemClock(),
-                   experiment=experiment)  # fmt: skip
 
 
 def train(args) -> int:
@@ -113,7 +35,8 @@ def train(args) -> int:
     if vm_warning:
         log.warning(vm_warning)
     processes = int(os.environ.get("RELAY_PROCESSES", "0")) or len(env.gpus)  # one per GPU by default
-    if processes > 1 and "WORLD_SIZE" not in os.environ:
+    ranks = Ranks.from_environ(os.environ)  # read once: every part below asks the context
+    if processes > 1 and not ranks.launched:
         from runner.fit import split_effective_batch
 
         for each in profile.variants or (profile,):  # before any rank
@@ -122,14 +45,14 @@ def train(args) -> int:
 
         return launch_distributed(processes)  # every rank runs this command again (the whole experiment)
     if profile.variants:
-        return train_experiment(opts, profile, env)
-    return train_session(build_context(opts, profile=profile, env=env))
+        return train_experiment(opts, profile, env, ranks)
+    return train_session(build_context(opts, profile=profile, env=env, ranks=ranks))
 
 
 def train_session(ctx: Context, stop: StopFlag | None = None) -> int:
     from runner.session import Session, logs_dir
 
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not ctx.ranks.is_main:
         return Session(ctx, stop=stop).run()  # other ranks train in lockstep and show nothing
     from runner.dashboard import Dashboard
     from runner.tblog import TensorBoardLogger
@@ -140,7 +63,7 @@ def train_session(ctx: Context, stop: StopFlag | None = None) -> int:
         return Session(ctx, stop=stop).run()
 
 
-def train_experiment(opts: Options, profile: Profile, env: Env) -> int:
+def train_experiment(opts: Options, profile: Profile, env: Env, ranks: Ranks) -> int:
     """Train the next unfinished variant, then the next while the session lasts (they share its deadline).
     0 when every variant is complete; 75 when the session ended first; a variant that fails with bad input
     is recorded in EXP/experiment.json and skipped (exit 2 at the end when nothing else is left)."""
@@ -150,7 +73,7 @@ def train_experiment(opts: Options, profile: Profile, env: Env) -> int:
     name = opts.run or profile.run_name
     runs = dict(exp.variant_runs(profile, opts.run))
     by_name = {v.variant: v for v in profile.variants}
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    is_main = ranks.is_main
     record = exp.open_record(storage, name, list(runs.items())) if is_main else exp.ExperimentRecord(name)
     complete = {v for v, run in runs.items() if exp.is_complete(storage, run)}
     tried: set[str] = set()
@@ -159,7 +82,8 @@ def train_experiment(opts: Options, profile: Profile, env: Env) -> int:
             if stop.requested:
                 return EXIT_PREEMPTED  # asked to stop between two variants
             tried.add(variant)
-            ctx = build_context(opts, profile=by_name[variant], run=runs[variant], env=env, experiment=name)
+            ctx = build_context(opts, profile=by_name[variant], run=runs[variant], env=env, experiment=name,
+                                ranks=ranks)  # fmt: skip
             try:
                 code = train_session(ctx, stop)
             except RelayError as exc:

@@ -202,7 +202,7 @@ def run_dir_for(run: str, storage: str, env: Mapping[str, str]) -> RunDir:
 
 def identify(train_argv: Sequence[str], env: Mapping[str, str]) -> tuple[str, str]:
     """(run name, storage URL) of `relay train` arguments, as the trainer will see them."""
-    from runner.cli import build_parser
+    from runner.flags import build_parser
     from runner.runinfo import identify_run
 
     args = build_parser().parse_args(["train", *train_argv])

@@ -13,16 +13,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from runner import events
-from runner.clock import iso
+from runner.clock import Clock, iso
 from runner.errors import ResumeMismatch
 from runner.profile import Profile, diff_fields, fingerprint, fingerprint_fields, load_profile
 from runner.state import RunInfo, RunState, read_run_info, write_run_info
+from runner.storage import Storage
 
-if TYPE_CHECKING:
-    from runner.commands import Context
+
+class RunScope(Protocol):
+    """What these rules read of a session's context (runner.context.Context is one; it imports this module,
+    so the context is described here rather than imported)."""
+
+    storage: Storage
+    run: str
+    profile: Profile
+    clock: Clock
+    bus: events.EventBus
+
+    @property
+    def overrides(self) -> Sequence[str]:
+        """The `--set` items the session was started with."""
+        ...
 
 
 def run_identity(profile: Profile, run: str | None = None) -> str:
@@ -38,7 +52,7 @@ def identify_run(profile: str, run: str | None = None, overrides: Sequence[str] 
     return run or run_identity(load_profile(profile, list(overrides)))
 
 
-def new_state(ctx: Context) -> RunState:
+def new_state(ctx: RunScope) -> RunState:
     return RunState(
         run=ctx.run, step=0, target=ctx.profile.train.steps, profile_fingerprint=fingerprint(ctx.profile),
         profile_fields=fingerprint_fields(ctx.profile), created=iso(ctx.clock.wall()),
@@ -55,7 +69,7 @@ def resolve_target(stored: int | None, asked: int, explicit: bool) -> int:
     return asked if stored is None or explicit else stored
 
 
-def ensure_run_info(ctx: Context, *, force: bool) -> RunInfo:
+def ensure_run_info(ctx: RunScope, *, force: bool) -> RunInfo:
     """Write run.json for a new run; for an existing one, refuse settings that change the weights."""
     info = read_run_info(ctx.storage, ctx.run, missing_ok=True)
     fields_now = fingerprint_fields(ctx.profile)
@@ -73,7 +87,7 @@ def ensure_run_info(ctx: Context, *, force: bool) -> RunInfo:
     if differing:
         ctx.bus.emit(events.Warning(f"--force: resuming with changed settings: {', '.join(sorted(differing))}"))
     asked = ctx.profile.train.steps
-    if sets_target(ctx.opts.overrides) and asked != info.target:
+    if sets_target(ctx.overrides) and asked != info.target:
         ctx.bus.emit(events.Warning(f"target changed from {info.target} to {asked} steps", kind="target"))
         info = replace(info, target=asked)
         write_run_info(ctx.storage, info)

@@ -17,7 +17,6 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from runner import budget, events
 from runner.checkpoint.manager import CheckpointManager, Restored
@@ -29,6 +28,7 @@ from runner.checkpoint.store import (
     store_compile_cache,
 )
 from runner.clock import iso
+from runner.context import Context
 from runner.errors import (
     EXIT_OK,
     EXIT_PREEMPTED,
@@ -51,9 +51,6 @@ from runner.storage import WritesBackLate, capability
 from runner.storage.fenced import FencedStorage
 from runner.storage.url import is_vm_local
 
-if TYPE_CHECKING:
-    from runner.commands import Context
-
 log = logging.getLogger(__name__)
 BUDGET_EVENT_EVERY_S = 5.0  # how often the views hear the budget: a countdown in minutes needs no more
 TEST_CACHE_DELAY_ENV = "RELAY_TEST_CACHE_DELAY_S"  # tests only: seconds of delay before each cache piece
@@ -73,7 +70,7 @@ class Session:
         self.ctx = ctx
         self.stop = stop  # an experiment's sessions share one: a stop asked during one variant ends them all
         self._budget_sent_at: float | None = None  # monotonic time of the last BudgetUpdated
-        self.is_main = int(os.environ.get("RANK", "0")) == 0
+        self.is_main = ctx.ranks.is_main
         self.lease = Lease(ctx.storage, ctx.run, ctx.holder, clock=ctx.clock)
         # every write that matters asks the lease first: a session that lost the run writes nothing more
         self.fenced = FencedStorage(ctx.storage, self.lease.assert_held) if self.is_main else ctx.storage
@@ -81,7 +78,7 @@ class Session:
             self.fenced, ctx.run, ctx.workdir, keep=ctx.profile.checkpoint.keep, bus=ctx.bus, clock=ctx.clock
         )
         self.store = FolderStore(self.fenced, ctx.run, ctx.workdir)  # latent cache, compile cache, final/
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = ctx.ranks.world
         prior = budget.profile_step_prior(ctx.profile, ctx.env.gpu_summary, world)  # until a step is measured
         self.meter = budget.CostMeter(step_prior_s=prior.step_s)
         self.started_wall = ctx.clock.wall()
@@ -145,7 +142,7 @@ class Session:
             log.warning("could not remove the refused run's files: %s", exc)
 
     def _leave_process_group(self) -> None:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process never imports torch.distributed here
+        if self.ctx.ranks.world > 1:  # one process never imports torch.distributed here
             from runner.train.run import close_distributed
 
             close_distributed()
@@ -232,7 +229,8 @@ class Session:
         from runner.train.run import Placement, TrainingRun, agree, init_distributed
 
         ctx = self.ctx
-        placement = Placement.detect()
+        ranks = ctx.ranks
+        placement = Placement.detect(rank=ranks.rank, world=ranks.world, local_rank=ranks.local_rank)
         init_distributed(placement)
         restored = self.ckpts.latest(ctx.workdir / "restore" / f"rank{placement.rank}")  # ranks share the workdir
         state = restored.state if restored and restored.state else new_state(ctx)

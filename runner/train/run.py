@@ -49,15 +49,13 @@ class Placement:
     world: int = 1
 
     @classmethod
-    def detect(cls, environ: dict[str, str] | None = None) -> Placement:
-        environ = dict(os.environ) if environ is None else environ
-        world = int(environ.get("WORLD_SIZE", "1"))
-        rank = int(environ.get("RANK", "0"))
+    def detect(cls, *, rank: int = 0, world: int = 1, local_rank: int = 0) -> Placement:
+        """The device for this rank (the ranks come from the session's context, which read the launcher's
+        variables once; the defaults are a single process)."""
         if not torch.cuda.is_available():
             return cls("cpu", rank, world)
-        local = int(environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return cls(f"cuda:{local}", rank, world)
+        torch.cuda.set_device(local_rank)
+        return cls(f"cuda:{local_rank}", rank, world)
 
     @property
     def is_main(self) -> bool:

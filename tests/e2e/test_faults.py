@@ -278,7 +278,7 @@ class EveryNthRequestFails(list):
 
 def test_transient_drive_errors_on_every_operation_are_survived(tmp_path, reference, monkeypatch, capsys, reliability):
     """Against the fake Drive server: every 4th request (reads, lists, uploads, deletes) fails with 429/5xx."""
-    import runner.commands as session_module
+    import runner.context as context_module
     from runner.storage.gdrive import RetryPolicy, open_gdrive
     from tests.fakedrive import ROOT_ID, FakeDrive, make_fake_account
 
@@ -286,7 +286,7 @@ def test_transient_drive_errors_on_every_operation_are_survived(tmp_path, refere
         folder = server.add_folder(ROOT_ID, "relay")
         account = make_fake_account(server, tmp_path / "home")
         fast = RetryPolicy(attempts=8, initial_s=0.01, max_s=0.05, jitter_s=0.01)
-        monkeypatch.setattr(session_module, "open_storage", lambda url: open_gdrive(url, env=account, retry=fast))
+        monkeypatch.setattr(context_module, "open_storage", lambda url: open_gdrive(url, env=account, retry=fast))
         faults = EveryNthRequestFails(4)
         server.faults.errors = faults
         url = f"gdrive://{folder}"

@@ -110,14 +110,14 @@ def test_rate_limits_server_errors_and_lost_commit_answers_during_a_run(
 ):
     """A whole run while every 4th request to the Hub fails (429 with Retry-After, 500, 503) and the answer of
     every 3rd commit is lost after the Hub applied it: same LoRA, no commit made twice."""
-    import runner.commands as commands_module
+    import runner.context as context_module
     from runner.storage.hub import open_hub
     from runner.storage.retry import RetryPolicy
     from tests.e2e.conftest import relay_main
 
     env = hub_env(hub, hub.state.add_token("alice"))
     fast = RetryPolicy(attempts=8, initial_s=0.01, max_s=0.05, jitter_s=0.01)
-    monkeypatch.setattr(commands_module, "open_storage", lambda url: open_hub(url, env=env, retry=fast))
+    monkeypatch.setattr(context_module, "open_storage", lambda url: open_hub(url, env=env, retry=fast))
     errors = hub.faults.fail_every(4, (429, 500, 503), retry_after_s=0)  # any request: API, uploads, downloads
     hub.faults.drop_every_commits = 3
     code = relay_main(train_args(URL, reference.seed_workdir(tmp_path / "work")))

@@ -39,7 +39,7 @@ def in_process_session(storage: Path, workdir: Path, *, stop_after: int | None =
     """One single-process session in this process on one CPU thread; SIGTERM after `stop_after`."""
     import torch
 
-    from runner.commands import Options, build_context
+    from runner.context import Options, build_context
     from runner.session import Session
 
     opts = Options(profile="tiny", storage=str(storage), overrides=SETTINGS, plain=True, workdir=str(workdir))

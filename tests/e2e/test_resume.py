@@ -28,7 +28,7 @@ import pytest
 
 from runner import events
 from runner.clock import FakeClock
-from runner.commands import Options, build_context
+from runner.context import Options, build_context
 from runner.env import detect_env
 from runner.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, ResumeMismatch
 from runner.runinfo import ensure_run_info

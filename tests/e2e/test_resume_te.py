@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from runner.commands import Options, build_context
+from runner.context import Options, build_context
 from runner.errors import EXIT_OK, EXIT_PREEMPTED, ResumeMismatch
 from runner.runinfo import ensure_run_info
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from runner import events
-from runner.commands import Options, build_context
+from runner.context import Options, build_context
 from runner.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE
 from runner.session import Session
 from tests.e2e.test_resume import FAST

@@ -92,7 +92,7 @@ def test_every_side_names_a_shipped_profiles_run_as_the_trainer_stores_it(profil
     """The trainer stores a run under the profile's run key (profiles of one job share it); the detached
     supervisor, the notebook cell, `relay attach`/`stop` and the chain must look there, not under the
     profile's name."""
-    from runner.commands import Options, build_context
+    from runner.context import Options, build_context
     from runner.env import Env
     from runner.profile import load_profile
     from runner.runinfo import identify_run, run_identity
@@ -110,7 +110,7 @@ def test_every_side_names_a_shipped_profiles_run_as_the_trainer_stores_it(profil
 
 def test_relay_stop_finds_a_run_by_its_profile(tmp_path, capsys, monkeypatch):
     """`relay stop --profile sdxl-naruto-t4` looks in the folder of run sdxl-naruto."""
-    from runner.cli import build_parser
+    from runner.flags import build_parser
 
     monkeypatch.setenv("RELAY_HOME", str(tmp_path))
     rundir = daemon.run_dir_for("sdxl-naruto", "/s", {"RELAY_HOME": str(tmp_path)})

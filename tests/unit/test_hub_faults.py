@@ -9,7 +9,7 @@ import pytest
 
 from runner.checkpoint.manager import CheckpointManager
 from runner.clock import FakeClock
-from runner.errors import EXIT_REFUSED, EXIT_PREEMPTED, LeaseHeld, LeaseLapsed, LeaseLost, StorageError
+from runner.errors import EXIT_PREEMPTED, EXIT_REFUSED, LeaseHeld, LeaseLapsed, LeaseLost, StorageError
 from runner.lease import Lease, read_lease
 from runner.storage.fenced import FencedStorage
 from runner.storage.hub import open_hub

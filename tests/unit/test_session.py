@@ -11,7 +11,7 @@ import pytest
 
 from runner import budget, events
 from runner.clock import FakeClock
-from runner.commands import Options, build_context
+from runner.context import Options, build_context
 from runner.env import detect_env
 from runner.errors import EXIT_PREEMPTED, UsageError
 from runner.lease import holder_died_on, read_lease
@@ -246,3 +246,19 @@ def test_status_and_plan_show_the_same_target_the_session_trains_for(tmp_path):
     assert read_status(ctx.storage, ctx.run).target == 60
     assert plan_line() == "progress: step 0 / 60; 60 steps to go"  # the profile says 40: the run says 60
     assert plan_line("train.steps=80") == "progress: step 0 / 80; 80 steps to go"  # changed on purpose
+
+
+def test_the_ranks_are_read_once_into_the_context_and_only_rank_0_writes(tmp_path):
+    from dataclasses import replace
+
+    from runner.context import Ranks
+    from runner.storage.fenced import FencedStorage
+
+    ranks = Ranks.from_environ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_PORT": "29500"})
+    assert (ranks.rank, ranks.world, ranks.local_rank, ranks.launched, ranks.is_main) == (1, 2, 1, True, False)
+    assert Ranks.from_environ({}) == Ranks() and Ranks().is_main and not Ranks().launched
+
+    ctx, _, _ = context(tmp_path)
+    assert Session(ctx).is_main and isinstance(Session(ctx).fenced, FencedStorage)  # rank 0 writes, fenced
+    other = Session(replace(ctx, ranks=ranks))
+    assert not other.is_main and other.fenced is ctx.storage  # a rank that never writes needs no fence
