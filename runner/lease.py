@@ -60,17 +60,33 @@ from runner.storage.retry import deadline
 log = logging.getLogger(__name__)
 
 LEASE_FILE = "lease.json"
+DEFAULT_TIMEOUT_S = 300.0  # seconds; a heartbeat every third of it, so two missed beats still keep the lease
 
 
 @dataclass(frozen=True)
 class LeaseRecord:
-    holder: str  # human-readable: "colab:<hostname>:<pid>"
+    holder: str  # human-readable: "platform:host:pidN:session"
     token: str  # random per acquire; tells two sessions of one host apart
     since: str  # ISO time the holder acquired it
     heartbeat_wall: float  # Unix seconds of the last heartbeat
+    timeout_s: float = DEFAULT_TIMEOUT_S  # the holder's own: a heartbeat older than this means it is dead
 
     def age_s(self, now_wall: float) -> float:
         return max(0.0, now_wall - self.heartbeat_wall)
+
+    def is_fresh(self, now_wall: float) -> bool:
+        """Whether the heartbeat is younger than the holder's timeout (its holder may be alive)."""
+        return self.age_s(now_wall) < self.timeout_s
+
+    def is_live(self, now_wall: float, host: str, is_running: Callable[[int], bool]) -> bool:
+        """The one judgement of a holder's life (the lease, relay status, the session's take-over): a fresh
+        heartbeat, and, when the holder is a process of `host`, that process still running."""
+        return self.is_fresh(now_wall) and not holder_died_on(self.holder, host, is_running)
+
+    @property
+    def session_id(self) -> str:
+        """The holder's session id (the last part of the holder string)."""
+        return self.holder.rsplit(":", 1)[-1]
 
 
 def read_lease(storage: Storage, run: str) -> LeaseRecord | None:
@@ -88,6 +104,7 @@ def _parse_lease(raw: bytes | None, where: str) -> LeaseRecord | None:
             token=str(data["token"]),
             since=str(data["since"]),
             heartbeat_wall=float(data["heartbeat_wall"]),
+            timeout_s=float(data.get("timeout_s", DEFAULT_TIMEOUT_S)),
         )
     except (ValueError, KeyError, TypeError):
         log.warning("%s is unreadable; treating the run as free", where)
@@ -192,7 +209,7 @@ class Lease:
         holder: str,
         *,
         clock: Clock,
-        timeout_s: float = 300.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         settle_s: float = 2.0,
     ) -> None:
         self.storage = storage
@@ -221,9 +238,9 @@ class Lease:
         now = self.clock.wall()
         if current is not None and current.token != self._token:
             age = current.age_s(now)
-            if age < self.timeout_s and not take_over:
+            if current.is_fresh(now) and not take_over:
                 raise LeaseHeld(current.holder, current.since, age)
-            why = "taking over as asked" if age < self.timeout_s else f"its heartbeat is {age:.0f} s old"
+            why = "taking over as asked" if current.is_fresh(now) else f"its heartbeat is {age:.0f} s old"
             log.warning("taking the lease of %s from %s: %s", self.run, current.holder, why)
         token = secrets.token_hex(16)
         self._since = iso(now)
@@ -359,8 +376,8 @@ class Lease:
         write_bytes(self.storage, self.key, self._encode(token))
 
     def _encode(self, token: str) -> bytes:
-        record = LeaseRecord(self.holder, token, self._since, self.clock.wall())
-        data = {**asdict(record), "heartbeat": iso(record.heartbeat_wall), "timeout_s": self.timeout_s}
+        record = LeaseRecord(self.holder, token, self._since, self.clock.wall(), self.timeout_s)
+        data = {**asdict(record), "heartbeat": iso(record.heartbeat_wall)}
         return json.dumps(data, indent=2).encode()
 
     # ---- compare-and-swap, where the storage offers it (the Hub: a commit with parent_commit) ----------
@@ -383,7 +400,7 @@ class Lease:
             now = self.clock.wall()
             if current is not None and current.token != self._token:
                 age = current.age_s(now)
-                if age < self.timeout_s and not take_over:
+                if current.is_fresh(now) and not take_over:
                     raise LeaseHeld(current.holder, current.since, age)
                 log.warning("taking the lease of %s from %s (heartbeat %.0f s old)", self.run, current.holder, age)
             self._since = iso(now)
@@ -397,7 +414,7 @@ class Lease:
         if swaps is not None:  # from now on every commit is conditional on a head where the lease is ours
             swaps.fence(self.key, self._fence_check)
         log.info("lease of %s acquired by %s (compare-and-swap)", self.run, self.holder)
-        return LeaseRecord(self.holder, token, self._since, self.clock.wall())
+        return LeaseRecord(self.holder, token, self._since, self.clock.wall(), self.timeout_s)
 
     def _still_ours(self, current: LeaseRecord | None) -> str:
         if self._token is None:

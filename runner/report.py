@@ -37,7 +37,7 @@ from runner.clock import iso
 from runner.env import detect_env
 from runner.errors import UsageError
 from runner.experiment import ExperimentRecord, list_experiments, read_record
-from runner.lease import LEASE_FILE, pid_is_running, read_lease
+from runner.lease import pid_is_running, read_lease
 from runner.profile import list_profiles, load_profile
 from runner.state import find_run, read_run_info, read_sessions
 from runner.storage.blobs import read_bytes
@@ -45,7 +45,6 @@ from runner.storage.url import open_storage
 
 log = logging.getLogger(__name__)
 CLEAN_ENDS = ("completed", "budget", "signal")  # how a session that exits on its own ends
-LEASE_TIMEOUT_S = 300.0  # the lease's timeout when lease.json does not say (runner.lease.Lease's default)
 SESSION_LENGTHS_H = (3.0, 12.0)  # a typical Colab free session (often less than its 12 h cap), a Kaggle one
 DISK_NEEDED_GIB = 20.0  # full SDXL weights (~7 GB fp16 download) + cache + staging, with room to spare
 
@@ -116,10 +115,8 @@ def read_status(storage, run: str | None, *, now_wall: float | None = None, host
     lease = read_lease(storage, run)
     now_wall = time.time() if now_wall is None else now_wall  # the CLI edge: status is read once, now
     age = lease.age_s(now_wall) if lease else None
-    alive = lease is not None and age < _lease_timeout_s(storage, run) and _process_may_run(
-        lease.holder, host or socket.gethostname(), pid_alive or pid_is_running
-    )  # fmt: skip
-    live_id = lease.holder.rsplit(":", 1)[-1] if alive else None
+    alive = lease is not None and lease.is_live(now_wall, host or socket.gethostname(), pid_alive or pid_is_running)
+    live_id = lease.session_id if alive else None
     sessions = settle_sessions(_checkpoint_sessions(storage, run, last), read_sessions(storage, run), live_id=live_id)
     trained_steps = sum(s.get("steps", 0) for s in sessions)
     train_hours = sum(s.get("train_s", 0.0) for s in sessions) / 3600
@@ -129,26 +126,6 @@ def read_status(storage, run: str | None, *, now_wall: float | None = None, host
         holder=lease.holder if lease else None, heartbeat=iso(lease.heartbeat_wall) if lease else None,
         heartbeat_age_s=age, holder_alive=alive,
     )  # fmt: skip
-
-
-def _lease_timeout_s(storage, run: str) -> float:
-    """The timeout the holder wrote into lease.json (runner.lease writes it), else Lease's default."""
-    raw = read_bytes(storage, f"{run}/{LEASE_FILE}")
-    try:
-        return float(json.loads(raw or b"{}").get("timeout_s", LEASE_TIMEOUT_S))
-    except (ValueError, TypeError, AttributeError):
-        return LEASE_TIMEOUT_S
-
-
-def _process_may_run(holder: str, host: str, pid_alive) -> bool:
-    """False only when the holder ("platform:host:pidN:session") is a process of this machine that is gone."""
-    parts = holder.split(":")
-    if len(parts) < 3 or parts[1] != host or not parts[2].startswith("pid"):
-        return True  # another machine: only its heartbeat can tell
-    try:
-        return pid_alive(int(parts[2].removeprefix("pid")))
-    except ValueError:
-        return True
 
 
 def _checkpoint_sessions(storage, run: str, step: int | None) -> list[dict]:

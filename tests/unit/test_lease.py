@@ -253,3 +253,20 @@ def test_a_heartbeat_that_cannot_land_ends_the_session_before_the_lease_lapses(t
     assert beats.waits[0] == 100.0 and beats.waits[-1] < 100.0  # tried more often as the lapse neared
     with pytest.raises(LeaseLapsed):
         lease.check()
+
+
+def test_one_judgement_of_a_holders_life_with_the_holders_own_timeout(tmp_path):
+    from runner.lease import LeaseRecord, read_lease
+
+    clock = FakeClock()
+    storage = LocalStorage(tmp_path)
+    lease = Lease(storage, "run", "colab:vmA:pid42:s1", clock=clock, timeout_s=60.0, settle_s=0.0)
+    lease.acquire()
+    record = read_lease(storage, "run")
+    assert record.timeout_s == 60.0 and record.session_id == "s1"  # lease.json carries the holder's timeout
+    now = clock.wall()
+    running = {42}
+    assert record.is_live(now + 59, "vmB", running.__contains__)  # another machine: the heartbeat alone tells
+    assert not record.is_live(now + 61, "vmB", running.__contains__)  # older than *its* timeout, not 300 s
+    assert not record.is_live(now + 1, "vmA", set().__contains__)  # this machine, and pid 42 is gone
+    assert LeaseRecord("h", "t", "", 0.0).timeout_s == 300.0  # an older lease.json without the field
