@@ -27,12 +27,13 @@ from peft.utils import get_peft_model_state_dict
 from runner.checkpoint.manifest import write_manifest
 from runner.profile import load_profile
 from runner.train.loop import StateSnapshot, host_copies
-from runner.train.model import _bundled, attach_lora
+from runner.train.lora import attach_lora
+from runner.train.model import bundled_config
 
 
 def full_size_lora() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(_bundled("unet"))
+        unet = UNet2DConditionModel.from_config(bundled_config("unet"))
     attach_lora(unet, load_profile("sdxl-naruto-t4").lora)
     for name, module in unet.named_modules():
         if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B"):

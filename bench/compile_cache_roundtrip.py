@@ -15,19 +15,19 @@ from pathlib import Path
 import torch
 
 from runner.profile import LoraConfig
-from runner.train import model
+from runner.train import compiling, lora, testmodels
 
 
 def main(mode: str, path: Path) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if mode == "load":
-        model.load_compile_artifacts(path.read_bytes())
+        compiling.load_compile_artifacts(path.read_bytes())
     torch.manual_seed(0)
-    unet = model.build_tiny(0).unet.to(device)
-    model.attach_lora(unet, LoraConfig(rank=4, alpha=4))
+    unet = testmodels.build_tiny(0).unet.to(device)
+    lora.attach_lora(unet, LoraConfig(rank=4, alpha=4))
     unet.enable_gradient_checkpointing()
     unet.train()
-    model.compile_blocks(unet)
+    compiling.compile_blocks(unet)
     x, t, enc = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 77, 64)
     cond = {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}
     x, t, enc, cond = x.to(device), t.to(device), enc.to(device), {k: v.to(device) for k, v in cond.items()}
@@ -35,7 +35,7 @@ def main(mode: str, path: Path) -> None:
     unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=cond).sample.pow(2).mean().backward()
     print(f"{mode}: first compiled step {time.perf_counter() - t0:.1f} s on {device}")
     if mode == "save":
-        blob = model.compile_artifacts()
+        blob = compiling.compile_artifacts()
         path.write_bytes(blob or b"")
         print(f"artifacts: {len(blob or b'')} bytes")
 

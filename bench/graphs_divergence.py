@@ -41,7 +41,8 @@ from runner.profile import load_profile  # noqa: E402
 from runner.train import loop  # noqa: E402
 from runner.train.cache import build_cache, open_cache  # noqa: E402
 from runner.train.loop import Trainer  # noqa: E402
-from runner.train.model import TextEncoders, build_tiny, lora_state_dict  # noqa: E402
+from runner.train.lora import TextEncoders, lora_state_dict  # noqa: E402
+from runner.train.testmodels import build_tiny  # noqa: E402
 
 MANY = 'lora.targets=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_shortcut", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "time_emb_proj"]'  # fmt: skip
 TE = ["lora.text_encoder=true", "lora.text_encoder_lr=1e-3", "data.caption_dropout=0.2"]
@@ -124,7 +125,7 @@ def perturb(t: Trainer, start: dict[str, torch.Tensor], scale: float = 1e-3) -> 
 
 
 def _live(t: Trainer, names: list[str]) -> list[torch.Tensor]:
-    from runner.train.model import lora_tensors
+    from runner.train.lora import lora_tensors
 
     live = lora_tensors(t.unet, t.encoders)
     return [live[n] for n in names]

@@ -37,7 +37,7 @@ def build_model(folder: Path) -> None:
         return
     import torch
 
-    from runner.train.model import build_random_sdxl
+    from runner.train.testmodels import build_random_sdxl
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # random init on the GPU takes seconds
     save_parts(build_random_sdxl(device=device, dtype=torch.float16), folder)

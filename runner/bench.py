@@ -175,7 +175,7 @@ class Bench:
 
     def _save_text_encoders(self, model_dir: Path) -> None:
         """The text encoders and tokenizers beside the UNet, for a resume that trains them too."""
-        from runner.train.model import load_parts
+        from runner.train.loading import load_parts
         from runner.train.run import unet_dtype
 
         parts = load_parts(self.profile.model, unet=False, text=True, vae=False, device="cpu",
@@ -231,7 +231,7 @@ class Bench:
         from torch.utils.flop_counter import FlopCounterMode
 
         from runner.fit import is_oom_error
-        from runner.train.model import eager
+        from runner.train.compiling import eager
 
         counter = FlopCounterMode(display=False)
         graphs, tr.trainer.graphs = tr.trainer.graphs, None  # a replayed graph shows the counter nothing
@@ -265,7 +265,8 @@ class Bench:
         """A resume as a new session makes it: a fresh process that imports, loads the UNet from disk, adds
         the LoRA and the trainer state and runs the first step. When compiled, that process starts with
         empty inductor and Triton folders and the compile artifacts the run committed, as on a new VM."""
-        from runner.train.model import compile_artifacts, load_parts
+        from runner.train.compiling import compile_artifacts
+        from runner.train.loading import load_parts
         from runner.train.run import unet_dtype
 
         model_dir = self.tmp / "model"
@@ -342,7 +343,7 @@ def resume_child() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     import torch
 
-    from runner.train.model import load_compile_artifacts
+    from runner.train.compiling import load_compile_artifacts
     from runner.train.run import Placement, TrainingRun
 
     import_s = time.perf_counter() - started

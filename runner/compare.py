@@ -236,7 +236,7 @@ def model_grid(storage: Storage, device: str | None = None) -> GridMaker:
         if not device.startswith("cuda") and any(p.model.base != "tiny" for _, _, p in profiles):
             return None
         from runner.sample import make_grid, prompt_images
-        from runner.train.model import load_parts
+        from runner.train.loading import load_parts
         from runner.train.run import unet_dtype
 
         cfg, resolution = profiles[0][2].sample, profiles[0][2].train.resolution

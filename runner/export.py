@@ -136,7 +136,7 @@ def _check_keys(lora_sd: dict[str, torch.Tensor]) -> None:
         sample = sorted(lora_sd)[:3]
         raise ModelError(
             f"not a peft LoRA state dict of the UNet (no *.lora_A.weight / *.lora_B.weight keys; got {sample})",
-            hint="pass lora_state_dict(unet) from runner.train.model, or the run's checkpoint lora.safetensors",
+            hint="pass lora_state_dict(unet) from runner.train.lora, or the run's checkpoint lora.safetensors",
         )
 
 

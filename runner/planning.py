@@ -35,7 +35,7 @@ def print_plan(ctx, *, probe: bool = False, console: Console | None = None) -> i
     console.print(f"platform: {env.platform} ({env.tier}); GPU: {env.gpu_summary}; "
                   f"RAM {env.ram_gib:.1f} GiB; disk {env.disk_free_gib:.1f} GiB free")  # fmt: skip
     if p.model.base != "tiny":
-        from runner.train.model import count_lora_params
+        from runner.train.lora import count_lora_params
 
         console.print(optimizer_line(p, count_lora_params(p.lora)))
     t = p.train

@@ -31,20 +31,20 @@ from PIL import Image, ImageDraw
 
 from runner.errors import ModelError, UsageError
 from runner.profile import LoraConfig
-from runner.train.model import (
+from runner.train.compiling import eager
+from runner.train.lora import (
     TEXT_ENCODER_NAMES,
-    SDXLParts,
     TextEncoders,
     attach_lora,
     attach_text_encoder_lora,
     detach_text_encoder_lora,
-    eager,
     has_lora,
     lora_input_casts,
     lora_state_dict,
     set_adapters_enabled,
     split_lora_state,
 )
+from runner.train.model import SDXLParts
 
 log = logging.getLogger(__name__)
 
@@ -408,7 +408,7 @@ def draw_samples(
     step: the LoRA's optimizer step, named in the grid's header."""
     import gc
 
-    from runner.train.model import load_parts
+    from runner.train.loading import load_parts
     from runner.train.run import unet_dtype
 
     dtype = unet_dtype(profile, device)

@@ -325,7 +325,7 @@ class Session:
         ctx = self.ctx
         if not placement.device.startswith("cuda") or ctx.profile.train.compile == "off":
             return
-        from runner.train.model import load_compile_artifacts
+        from runner.train.compiling import load_compile_artifacts
         from runner.train.run import compile_cache_key_of
 
         self.compile_key = compile_cache_key_of(placement)
@@ -347,7 +347,7 @@ class Session:
         """After the first compiled step, store what it compiled for the sessions after this one."""
         if not (self.is_main and self.compile_key and tr.trainer.compiled) or self.compile_cache_loaded:
             return
-        from runner.train.model import compile_artifacts
+        from runner.train.compiling import compile_artifacts
 
         try:
             blob = compile_artifacts()

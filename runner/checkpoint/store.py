@@ -105,7 +105,7 @@ def ensure_latent_cache(store: FolderStore, cache_fp: str, build: Fill, bus: eve
 
 
 def fetch_compile_cache(store: FolderStore, key: str, bus: events.EventBus) -> bytes | None:
-    """The stored compile artifacts for `key` (see runner.train.model.compile_cache_key), verified; None
+    """The stored compile artifacts for `key` (see runner.train.compiling.compile_cache_key), verified; None
     when there are none yet or the stored copy is unusable (then a warning says so)."""
     name = f"compile-cache/{key}"
     try:

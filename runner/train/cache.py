@@ -33,7 +33,9 @@ from runner.errors import CheckpointCorrupt, ModelError
 from runner.events import CacheProgress, EventBus
 from runner.profile import Profile
 from runner.train.data import load_records, make_buckets, prepare, read_images, validate_dataset
-from runner.train.model import SDXLParts, TextEncoders, load_parts, text_conditioning
+from runner.train.loading import load_parts
+from runner.train.lora import TextEncoders, text_conditioning
+from runner.train.model import SDXLParts
 
 log = logging.getLogger(__name__)
 

@@ -45,28 +45,24 @@ from runner.events import EventBus, ShapeReady, Warning
 from runner.fit import Plan, StepOutOfMemory, is_oom_error
 from runner.profile import Profile
 from runner.train.cache import CachedData
+from runner.train.compiling import CompileState, compile_available, compile_blocks, uncompile
 from runner.train.data import StepOrder, batches_per_epoch, derive_seed, generator, split_validation
+from runner.train.eightbit import check_8bit_available, quantize_8bit
 from runner.train.grads import FlatGrads
 from runner.train.graphs import MicroBatchGraphs, checkpoint_without_rng, shape_key
-from runner.train.model import (
-    CompileState,
+from runner.train.lora import (
     TextEncoders,
     attach_lora,
     attach_text_encoder_lora,
-    check_8bit_available,
-    compile_available,
-    compile_blocks,
     has_lora,
     load_lora_state_dict,
     lora_forward_order,
     lora_parameters,
     lora_tensors,
-    quantize_8bit,
     set_lora_input_casts,
     text_conditioning,
-    training_scheduler,
-    uncompile,
 )
+from runner.train.model import training_scheduler
 
 log = logging.getLogger(__name__)
 

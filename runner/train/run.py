@@ -34,8 +34,10 @@ from runner.fit import (
 from runner.profile import Profile
 from runner.train.backoff import back_off
 from runner.train.cache import CachedData, open_cache
+from runner.train.compiling import CompileState
+from runner.train.loading import load_parts
 from runner.train.loop import LORA_FILE, StepResult, Trainer, resolve_precision
-from runner.train.model import CompileState, TextEncoders, load_lora_state_dict, load_parts, lora_state_dict
+from runner.train.lora import TextEncoders, load_lora_state_dict, lora_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +193,8 @@ class TrainingRun:
 
 
 def compile_cache_key_of(placement: Placement) -> str:
-    """Where this process's compiled kernels can be reused (runner.train.model.compile_cache_key)."""
-    from runner.train.model import compile_cache_key
+    """Where this process's compiled kernels can be reused (runner.train.compiling.compile_cache_key)."""
+    from runner.train.compiling import compile_cache_key
 
     return compile_cache_key(torch.device(placement.device))
 

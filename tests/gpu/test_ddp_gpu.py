@@ -36,7 +36,8 @@ def _rank(rank: int, port: int, cache_dir: str, out_dir: str) -> None:
     from runner.profile import load_profile
     from runner.train.cache import open_cache
     from runner.train.loop import Trainer
-    from runner.train.model import build_tiny, lora_state_dict
+    from runner.train.lora import lora_state_dict
+    from runner.train.testmodels import build_tiny
 
     faulthandler.dump_traceback_later(RANK_TIMEOUT_S, exit=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -63,7 +64,7 @@ def _rank(rank: int, port: int, cache_dir: str, out_dir: str) -> None:
 def test_two_gpu_graphs_reduce_inside_the_backward_and_match_eager(tmp_path):
     from runner.profile import load_profile
     from runner.train.cache import build_cache
-    from runner.train.model import build_tiny
+    from runner.train.testmodels import build_tiny
 
     # one aspect bucket: one shape, so each rank captures two graphs (with and without the all-reduce)
     build_cache(load_profile("tiny", ["data.buckets=false"]), tmp_path / "cache", parts=build_tiny(0))

@@ -12,7 +12,8 @@ import torch
 from runner.profile import load_profile
 from runner.train.cache import build_cache, open_cache
 from runner.train.loop import Trainer
-from runner.train.model import build_tiny, lora_state_dict
+from runner.train.lora import lora_state_dict
+from runner.train.testmodels import build_tiny
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

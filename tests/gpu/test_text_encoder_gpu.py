@@ -9,7 +9,8 @@ import torch
 from runner.profile import load_profile
 from runner.train.cache import build_cache, open_cache
 from runner.train.loop import Trainer
-from runner.train.model import TextEncoders, build_tiny, lora_state_dict
+from runner.train.lora import TextEncoders, lora_state_dict
+from runner.train.testmodels import build_tiny
 from tests.gpu.forced import forced_gradient_gaps
 
 # Each step's gradients, both trainers starting it from the same state, within 1 % (fp16 rounding: the

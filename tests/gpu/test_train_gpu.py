@@ -13,7 +13,7 @@ import torch
 from runner.profile import load_profile
 from runner.train.cache import CachedData
 from runner.train.loop import Trainer
-from runner.train.model import build_random_sdxl
+from runner.train.testmodels import build_random_sdxl
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def test_full_size_lora_step_fp16(gradient_checkpointing, optimizer, compile_mod
 
 
 def test_resume_on_gpu_matches_within_fp16_tolerance(tmp_path):
-    from runner.train.model import lora_state_dict
+    from runner.train.lora import lora_state_dict
 
     straight = _trainer()
     for s in range(4):

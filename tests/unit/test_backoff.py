@@ -19,8 +19,9 @@ from runner.fit import Plan, candidate_plans, next_plan_after_oom, resume_candid
 from runner.profile import load_profile
 from runner.train.cache import build_cache
 from runner.train.loop import Trainer
-from runner.train.model import build_tiny, lora_state_dict
+from runner.train.lora import lora_state_dict
 from runner.train.run import Placement, TrainingRun
+from runner.train.testmodels import build_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -203,9 +204,12 @@ def test_the_memory_fit_on_a_gpu_probes_the_largest_batch_shape_and_leaves_the_l
     """The fit's use of the probe, not only the helper: on a CUDA placement, the one probe step is the step
     with the largest batch shape (a first batch of small images would let a larger bucket run out of memory
     hours later). Trainers stay on the CPU; only the placement and torch.cuda's memory counters are faked."""
-    tr = TrainingRun(load_profile("tiny", [*PROFILE, "train.seed=2"]), cache_dir, placement=Placement("cpu"),
-                     bus=EventBus())  # fmt: skip
-    largest = tr.trainer.largest_shape_step()
+    for seed in range(1, 12):  # a data order whose first batch is not the largest, or the test proves nothing
+        tr = TrainingRun(load_profile("tiny", [*PROFILE, f"train.seed={seed}"]), cache_dir, placement=Placement("cpu"),
+                         bus=EventBus())  # fmt: skip
+        largest = tr.trainer.largest_shape_step()
+        if largest != 0:
+            break
     assert largest != 0  # otherwise probing the first batch would pass this test too
     before = {k: v.clone() for k, v in lora_state_dict(tr.unet).items()}
     probed: list[int] = []

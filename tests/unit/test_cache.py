@@ -13,7 +13,7 @@ from runner.events import CacheProgress, EventBus
 from runner.profile import load_profile
 from runner.train import cache as cache_mod
 from runner.train.cache import build_cache, cache_fingerprint, encode_prompts, open_cache
-from runner.train.model import build_tiny
+from runner.train.testmodels import build_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,10 +9,11 @@ import torch
 from runner.events import EventBus, Warning
 from runner.fit import StepOutOfMemory
 from runner.profile import LoraConfig, load_profile
-from runner.train import loop, model
+from runner.train import compiling, loop, lora
 from runner.train.cache import build_cache, open_cache
 from runner.train.loop import Trainer
-from runner.train.model import build_tiny, lora_state_dict
+from runner.train.lora import lora_state_dict
+from runner.train.testmodels import build_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,7 +63,7 @@ def _pretend_compile(monkeypatch, error):
 
     def compile_blocks(unet):
         for module in unet.modules():
-            if type(module).__name__ in model.COMPILED_BLOCKS:
+            if type(module).__name__ in compiling.COMPILED_BLOCKS:
                 module._compiled_call_impl = broken
         return 1
 
@@ -86,7 +87,7 @@ def test_a_failing_compile_falls_back_to_eager_and_trains_the_same_weights(cache
     a, b = lora_state_dict(reference.unet), lora_state_dict(trainer.unet)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # a later trainer sharing the state (the fit's next probe, the run's trainer) is told at once:
-    assert "no working C compiler" in model.compile_available(torch.device("cuda"), trainer.compile_state)[1]
+    assert "no working C compiler" in compiling.compile_available(torch.device("cuda"), trainer.compile_state)[1]
 
 
 def test_out_of_memory_in_a_compiled_step_is_not_taken_for_a_compile_failure(cached, monkeypatch):
@@ -101,11 +102,11 @@ def test_lora_input_casts_are_restored_after_eager_sections():
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     unet = build_tiny(0).unet
-    model.attach_lora(unet, LoraConfig(rank=4, alpha=4))
+    lora.attach_lora(unet, LoraConfig(rank=4, alpha=4))
     layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
-    model.set_lora_input_casts(unet, enabled=False)
+    lora.set_lora_input_casts(unet, enabled=False)
     assert layers and not any(m.cast_input_dtype_enabled for m in layers)
-    with model.eager(unet):
+    with compiling.eager(unet):
         assert all(m.cast_input_dtype_enabled for m in layers)
     assert not any(m.cast_input_dtype_enabled for m in layers)
 
@@ -114,21 +115,21 @@ def test_lora_input_casts_are_restored_after_eager_sections():
 def test_compiled_blocks_match_eager_on_cpu():
     torch.manual_seed(0)
     unet = build_tiny(0).unet
-    model.attach_lora(unet, LoraConfig(rank=4, alpha=4))
+    lora.attach_lora(unet, LoraConfig(rank=4, alpha=4))
     unet.enable_gradient_checkpointing()
     x, t, enc = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 77, 64)
     cond = {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}
 
     def run():
-        for p in model.lora_parameters(unet):
+        for p in lora.lora_parameters(unet):
             p.grad = None
         out = unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=cond).sample
         out.pow(2).mean().backward()
-        return out.detach(), [p.grad.clone() for p in model.lora_parameters(unet)]
+        return out.detach(), [p.grad.clone() for p in lora.lora_parameters(unet)]
 
     keys = set(unet.state_dict())
     eager_out, eager_grads = run()
-    assert model.compile_blocks(unet) > 0 and model.compile_blocks(unet) == 0
+    assert compiling.compile_blocks(unet) > 0 and compiling.compile_blocks(unet) == 0
     out, grads = run()
     assert set(unet.state_dict()) == keys  # checkpoints and exports see the same names
     assert torch.allclose(out, eager_out, atol=1e-4)

@@ -20,14 +20,8 @@ from runner.export import CardInfo, export_lora, save_stable
 from runner.profile import LoraConfig, load_profile
 from runner.sample import build_pipeline
 from runner.train.cache import tokenize
-from runner.train.model import (
-    TextEncoders,
-    attach_lora,
-    attach_text_encoder_lora,
-    build_tiny,
-    lora_state_dict,
-    text_conditioning,
-)
+from runner.train.lora import TextEncoders, attach_lora, attach_text_encoder_lora, lora_state_dict, text_conditioning
+from runner.train.testmodels import build_tiny
 
 # alpha ≠ rank, so a lost scale (alpha / rank = 2) shows up as a different image
 LORA = LoraConfig(rank=4, alpha=8.0, targets=("to_q", "to_k", "to_v", "to_out.0"))

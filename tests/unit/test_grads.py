@@ -120,7 +120,8 @@ def make_params_seeded() -> list[torch.nn.Parameter]:
 
 def test_lora_forward_order_puts_the_mid_block_between_down_and_up_blocks():
     from runner.profile import LoraConfig
-    from runner.train.model import attach_lora, build_tiny, lora_forward_order
+    from runner.train.lora import attach_lora, lora_forward_order
+    from runner.train.testmodels import build_tiny
 
     unet = build_tiny(0).unet
     attach_lora(unet, LoraConfig(rank=4, alpha=4))

@@ -13,7 +13,8 @@ from runner.events import EventBus, Warning
 from runner.profile import load_profile
 from runner.train.cache import build_cache, open_cache
 from runner.train.loop import LORA_FILE, OPTIMIZER_FILE, Trainer
-from runner.train.model import build_tiny, lora_state_dict
+from runner.train.lora import lora_state_dict
+from runner.train.testmodels import build_tiny
 
 TINY_SEED = 0
 

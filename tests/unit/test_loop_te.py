@@ -13,7 +13,8 @@ from runner.errors import ModelError, ProfileError
 from runner.profile import load_profile
 from runner.train.cache import build_cache, open_cache
 from runner.train.loop import Trainer
-from runner.train.model import TextEncoders, build_tiny, lora_state_dict
+from runner.train.lora import TextEncoders, lora_state_dict
+from runner.train.testmodels import build_tiny
 
 TE = ["lora.text_encoder=true", "lora.text_encoder_lr=5e-3", "data.generated_count=8", "data.validation_count=2"]
 

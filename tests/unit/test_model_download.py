@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from runner.profile import ModelConfig, fingerprint, load_profile
-from runner.train import model
+from runner.train import compiling, loading, testmodels
 from tests.platforms import REPO
 from tests.platforms.hub_download import HubDownloadServer
 
@@ -23,8 +23,8 @@ PIECES = ("unet", "vae", "text_encoder", "text_encoder_2")
 def lay_out_repo(folder, *, fp16: bool, fp16_seed: int | None = None) -> None:
     """A tiny SDXL repo as the Hub lays SDXL base 1.0 out; with fp16=True also `*.fp16.safetensors`
     (the same weights cast to fp16, or those of `fp16_seed` to tell the files apart)."""
-    parts = model.build_tiny(3)
-    other = model.build_tiny(fp16_seed) if fp16_seed is not None else parts
+    parts = testmodels.build_tiny(3)
+    other = testmodels.build_tiny(fp16_seed) if fp16_seed is not None else parts
     for name in PIECES:
         getattr(parts, name).save_pretrained(folder / name)
         if fp16:
@@ -36,7 +36,7 @@ def lay_out_repo(folder, *, fp16: bool, fp16_seed: int | None = None) -> None:
 LOAD = """
 import json, sys, torch
 from runner.profile import ModelConfig
-from runner.train.model import load_parts
+from runner.train.loading import load_parts
 out = {}
 for repo, dtype in json.loads(sys.argv[1]):
     parts = load_parts(ModelConfig(base=repo), dtype=getattr(torch, dtype) if dtype else None)
@@ -88,22 +88,22 @@ def test_fp16_training_downloads_the_fp16_files_and_falls_back_without_them(tmp_
 def test_local_folder_uses_fp16_files_only_where_it_has_them(tmp_path):
     lay_out_repo(tmp_path / "both", fp16=True, fp16_seed=4)  # fp16 files hold other weights: which was read shows
     lay_out_repo(tmp_path / "plain", fp16=False)
-    fp16_unet = model.build_tiny(4).unet.to(torch.float16)
-    plain_unet = model.build_tiny(3).unet.to(torch.float16)
-    both = model.load_parts(ModelConfig(base=str(tmp_path / "both")), text=False, vae=False, dtype=torch.float16)
+    fp16_unet = testmodels.build_tiny(4).unet.to(torch.float16)
+    plain_unet = testmodels.build_tiny(3).unet.to(torch.float16)
+    both = loading.load_parts(ModelConfig(base=str(tmp_path / "both")), text=False, vae=False, dtype=torch.float16)
     assert torch.equal(both.unet.conv_in.weight, fp16_unet.conv_in.weight)
-    as_fp32 = model.load_parts(ModelConfig(base=str(tmp_path / "both")), text=False, vae=False)
-    assert torch.equal(as_fp32.unet.conv_in.weight, model.build_tiny(3).unet.conv_in.weight)
-    plain = model.load_parts(ModelConfig(base=str(tmp_path / "plain")), text=False, vae=False, dtype=torch.float16)
+    as_fp32 = loading.load_parts(ModelConfig(base=str(tmp_path / "both")), text=False, vae=False)
+    assert torch.equal(as_fp32.unet.conv_in.weight, testmodels.build_tiny(3).unet.conv_in.weight)
+    plain = loading.load_parts(ModelConfig(base=str(tmp_path / "plain")), text=False, vae=False, dtype=torch.float16)
     assert torch.equal(plain.unet.conv_in.weight, plain_unet.conv_in.weight)
 
 
 def test_variant_choice_is_a_download_detail():
     auto = ModelConfig(base="stabilityai/stable-diffusion-xl-base-1.0")
-    assert model.download_variant(auto, torch.float16) == ("fp16", True)
-    assert model.download_variant(auto, torch.bfloat16) == (None, False)  # fp16 → bf16 would round twice
-    assert model.download_variant(auto, None) == (None, False)
-    assert model.download_variant(ModelConfig(variant="fp16"), None) == ("fp16", False)  # asked for: no fallback
+    assert loading.download_variant(auto, torch.float16) == ("fp16", True)
+    assert loading.download_variant(auto, torch.bfloat16) == (None, False)  # fp16 → bf16 would round twice
+    assert loading.download_variant(auto, None) == (None, False)
+    assert loading.download_variant(ModelConfig(variant="fp16"), None) == ("fp16", False)  # asked for: no fallback
     # the profile (and so the fingerprint a stored run compares) is what it was before variants were chosen
     profile = load_profile("sdxl-naruto-t4")
     assert profile.model.variant == "" and fingerprint(profile) == fingerprint(load_profile("sdxl-naruto-t4"))
@@ -113,9 +113,9 @@ def test_only_a_missing_variant_file_falls_back():
     hub_missing = OSError("sdxl does not appear to have a file named diffusion_pytorch_model.fp16.bin.")
     folder_missing = OSError("Error no file named model.fp16.safetensors found in directory /m.")
     offline = OSError("There was a specific connection error when trying to load sdxl:\n…/unet/x.fp16.safetensors")
-    assert model._is_missing_variant(hub_missing, "fp16") and model._is_missing_variant(folder_missing, "fp16")
-    assert not model._is_missing_variant(offline, "fp16")
-    assert not model._is_missing_variant(OSError("does not appear to have a file named config.json"), "fp16")
+    assert loading._is_missing_variant(hub_missing, "fp16") and loading._is_missing_variant(folder_missing, "fp16")
+    assert not loading._is_missing_variant(offline, "fp16")
+    assert not loading._is_missing_variant(OSError("does not appear to have a file named config.json"), "fp16")
 
 
 # ---------------------------------------------------------------- torch < 2.7: no compile cache API
@@ -124,14 +124,14 @@ def test_only_a_missing_variant_file_falls_back():
 def test_compile_cache_is_skipped_with_a_note_on_torch_without_the_api(monkeypatch, caplog):
     for name in ("save_cache_artifacts", "load_cache_artifacts"):
         monkeypatch.delattr(torch.compiler, name, raising=False)
-    assert not model.has_compile_cache_api()
-    with caplog.at_level(logging.INFO, logger=model.log.name):
-        assert model.compile_artifacts() is None
-        model.load_compile_artifacts(b"kernels from another session")  # no AttributeError: a no-op
+    assert not compiling.has_compile_cache_api()
+    with caplog.at_level(logging.INFO, logger=compiling.log.name):
+        assert compiling.compile_artifacts() is None
+        compiling.load_compile_artifacts(b"kernels from another session")  # no AttributeError: a no-op
     assert "torch 2.7" in caplog.text and "compile" in caplog.text
 
 
 @pytest.mark.skipif(not hasattr(torch.compiler, "save_cache_artifacts"), reason="torch < 2.7")
 def test_compile_cache_api_is_used_where_it_exists():
-    assert model.has_compile_cache_api()
-    assert model.compile_artifacts() is None or isinstance(model.compile_artifacts(), bytes)
+    assert compiling.has_compile_cache_api()
+    assert compiling.compile_artifacts() is None or isinstance(compiling.compile_artifacts(), bytes)

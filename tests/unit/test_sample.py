@@ -19,7 +19,8 @@ from runner.sample import (
     make_grid,
     sample_grid,
 )
-from runner.train.model import attach_lora, build_tiny, lora_state_dict
+from runner.train.lora import attach_lora, lora_state_dict
+from runner.train.testmodels import build_tiny
 
 LORA = LoraConfig(rank=4, alpha=8.0)
 PROMPTS = ["a red circle", "a blue square"]
@@ -146,7 +147,7 @@ def test_the_step_is_named_in_the_lora_header_or_in_the_corner_when_the_column_i
 
 
 def test_a_lora_that_trained_the_text_encoders_samples_with_them_and_leaves_them_base(tmp_path):
-    from runner.train.model import TextEncoders, attach_text_encoder_lora, has_lora
+    from runner.train.lora import TextEncoders, attach_text_encoder_lora, has_lora
 
     cfg = LoraConfig(rank=4, alpha=8.0, text_encoder=True)
     source = build_tiny(seed=0)
