@@ -395,7 +395,7 @@ class Session:
             every = ctx.profile.sample.every_steps
             if every and self.is_main and state.step % every == 0 and state.step < target:
                 self._sample(tr, state.step)
-        return self._end(tr, state)
+        return self._end(tr, state, deadline)
 
     def _check_lease(self, tr, state: RunState) -> None:
         """Raise when this session may write no more. A lease that could not be renewed in time (LeaseLapsed)
@@ -453,12 +453,14 @@ class Session:
             steps_left=steps_left, train_s=self.train_s, checkpoint_s=self.checkpoint_s, upload_left_s=upload_left,
         )  # fmt: skip
 
-    def _end(self, tr, state: RunState) -> int:
+    def _end(self, tr, state: RunState, deadline: float | None = None) -> int:
         """The session's last checkpoint, committed before we say anything is safe; then final/ if done."""
         if state.step >= state.target:
             self.reason = "completed"  # recorded as such in the final checkpoint's session history
         if state.step > self.step_from and state.step != self.checkpointed_step:
             self._checkpoint(tr, state)
+        if self.is_main:
+            self._say_if_upload_outlasts(deadline, state.step)
         if self.is_main and not self.ckpts.wait():
             raise StorageError(
                 f"the checkpoint of step {state.step} could not be committed ({self.ckpts.last_error}); "
@@ -473,6 +475,19 @@ class Session:
             self._commit_final(tr.lora_weights(), state.step, sessions, tr.placement.device, unet=tr.unet)
             self._release_gpu()
         return EXIT_OK
+
+    def _say_if_upload_outlasts(self, deadline: float | None, step: int) -> None:
+        """An upload still running when the session's time is up is said, with what it means: the VM may go
+        before it commits (then the next session resumes from the checkpoint before it). Then it is waited for."""
+        if deadline is None:
+            return
+        left_s = max(0.0, deadline - self.ctx.clock.monotonic())
+        if self.ckpts.wait(timeout_s=left_s) or self.ckpts.last_error is not None:
+            return  # committed in time, or failed (which the caller reports)
+        self.ctx.bus.emit(events.Warning(
+            f"the checkpoint of step {step} is still uploading at the end of the session's time; if the VM goes "
+            f"first, the next session resumes from the checkpoint before it (its local copy is in "
+            f"{self.ctx.workdir / 'staging'})", kind="upload"))  # fmt: skip
 
     def _checkpoint(self, tr, state: RunState) -> None:
         if not self.is_main:

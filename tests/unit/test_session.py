@@ -262,3 +262,32 @@ def test_the_ranks_are_read_once_into_the_context_and_only_rank_0_writes(tmp_pat
     assert Session(ctx).is_main and isinstance(Session(ctx).fenced, FencedStorage)  # rank 0 writes, fenced
     other = Session(replace(ctx, ranks=ranks))
     assert not other.is_main and other.fenced is ctx.storage  # a rank that never writes needs no fence
+
+
+def test_an_upload_still_running_at_the_sessions_deadline_is_said(tmp_path):
+    """The VM may go before a late upload commits: the user is told what that means, not left to guess."""
+    ctx, clock, seen = context(tmp_path)
+    session = Session(ctx)
+
+    class Uploads:
+        def __init__(self, done_in_s: float | None, error: str | None = None) -> None:
+            self.done_in_s, self.last_error, self.waits = done_in_s, error, []
+
+        def wait(self, timeout_s=None) -> bool:
+            self.waits.append(timeout_s)
+            return self.last_error is None and (timeout_s is None or self.done_in_s <= timeout_s)
+
+    def warnings() -> list[str]:
+        return [e.message for e in seen if isinstance(e, events.Warning) and e.kind == "upload"]
+
+    session.ckpts = Uploads(done_in_s=90.0)
+    session._say_if_upload_outlasts(clock.monotonic() + 30.0, step=7)
+    assert session.ckpts.waits == [30.0]  # it waits for the upload only as long as the session has left
+    assert len(warnings()) == 1 and "step 7 is still uploading" in warnings()[0]
+    assert "resumes from the checkpoint before it" in warnings()[0]
+    session.ckpts = Uploads(done_in_s=10.0)
+    session._say_if_upload_outlasts(clock.monotonic() + 30.0, step=8)
+    session.ckpts = Uploads(done_in_s=10.0, error="HTTP 500")  # a failure is the caller's to report
+    session._say_if_upload_outlasts(clock.monotonic() + 30.0, step=9)
+    session._say_if_upload_outlasts(None, step=10)  # no deadline: nothing to outlast
+    assert len(warnings()) == 1
