@@ -30,10 +30,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner.budget import KAGGLE_WEEKLY_GPU_H, kaggle_quota_left_h
 from runner.clock import Clock, SystemClock, iso
 from runner.errors import EXIT_OK, EXIT_PREEMPTED, CredentialsError, RelayError, UsageError
 from runner.kaggle_api import KaggleApi, KaggleApiError, KaggleCredentials, SdkKaggleApi, accelerator_for
+from runner.quota import KAGGLE_WEEKLY_GPU_H, kaggle_quota_left_h
 from runner.runinfo import identify_run, run_identity
 from runner.state import read_bytes
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from runner import budget, humanize
+from runner import budget, budgetsim, humanize
 from runner.fit import candidate_plans
 from runner.report import read_status
 from runner.runinfo import resolve_target, sets_target
@@ -76,7 +76,7 @@ def print_plan(ctx, *, probe: bool = False, console: Console | None = None) -> i
     else:
         step_s = 3600 / rate
     if hours_left is not None:
-        sim = budget.simulate_session(
+        sim = budgetsim.simulate_session(
             hours=hours_left, steps_left=left, step_s=step_s,
             checkpoint_s=budget.PRIOR_CHECKPOINT_S, upload_s=budget.PRIOR_UPLOAD_S,
             every_min=p.checkpoint.every_min, max_overhead_pct=p.checkpoint.max_overhead_pct,

@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from runner import budget, events
+from runner import budget, events, quota
 from runner.checkpoint.manager import CheckpointManager, Restored
 from runner.checkpoint.store import (
     COMPILE_CACHE_FILE,
@@ -563,9 +563,9 @@ class Session:
     def _warn_quota(self, state: RunState) -> None:
         if self.ctx.env.platform != "kaggle":
             return
-        left = budget.kaggle_quota_left_h(read_sessions(self.ctx.storage, self.ctx.run), self.ctx.clock.wall(),
+        left = quota.kaggle_quota_left_h(read_sessions(self.ctx.storage, self.ctx.run), self.ctx.clock.wall(),
                                           account=self.ctx.env.host)  # fmt: skip
-        message = budget.quota_warning(left, state.target - state.step, self.meter.step_s, len(self.ctx.env.gpus))
+        message = quota.quota_warning(left, state.target - state.step, self.meter.step_s, len(self.ctx.env.gpus))
         if message:
             self.ctx.bus.emit(events.Warning(message, kind="quota"))
 

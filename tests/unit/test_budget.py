@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from runner import budget
+from runner import budget, budgetsim, quota
 from runner.budget import BudgetContext, CostMeter
 from runner.clock import FakeClock
 from runner.errors import UsageError
@@ -206,7 +206,7 @@ def random_case(rng: random.Random) -> dict:
     )
 
 
-def run_case(case: dict, rng: random.Random, *, exact_costs: bool) -> budget.SimResult:
+def run_case(case: dict, rng: random.Random, *, exact_costs: bool) -> budgetsim.SimResult:
     """Steps always noisy ±20 %; checkpoint and upload costs exact (priors = truth) or noisy with default priors."""
     if exact_costs:
         costs = dict(checkpoint_s=case["checkpoint_s"], upload_s=case["upload_s"])
@@ -214,7 +214,7 @@ def run_case(case: dict, rng: random.Random, *, exact_costs: bool) -> budget.Sim
     else:
         costs = dict(checkpoint_s=noisy(case["checkpoint_s"], rng), upload_s=noisy(case["upload_s"], rng))
         meter = CostMeter()
-    return budget.simulate_session(
+    return budgetsim.simulate_session(
         hours=case["hours"],
         steps_left=10**7,
         step_s=noisy(case["step_s"], rng),
@@ -224,7 +224,7 @@ def run_case(case: dict, rng: random.Random, *, exact_costs: bool) -> budget.Sim
     )
 
 
-def check_session(case: dict, result: budget.SimResult, *, exact_costs: bool) -> None:
+def check_session(case: dict, result: budgetsim.SimResult, *, exact_costs: bool) -> None:
     deadline = case["hours"] * 3600
     assert result.final_committed_s is not None, case
     assert result.final_committed_s <= deadline, case  # the final checkpoint is committed in time
@@ -271,12 +271,12 @@ def test_expensive_checkpoints_follow_the_overhead_cap_not_the_bound():
 
 
 def test_nothing_to_commit_when_no_step_fits():
-    result = budget.simulate_session(hours=0.05, steps_left=100, step_s=10.0, checkpoint_s=10.0, upload_s=60.0)
+    result = budgetsim.simulate_session(hours=0.05, steps_left=100, step_s=10.0, checkpoint_s=10.0, upload_s=60.0)
     assert result.steps == 0 and result.final_committed_s is None
 
 
 def test_unlimited_session_trains_to_the_target_and_commits_it():
-    result = budget.simulate_session(hours=0, steps_left=500, step_s=3.0, checkpoint_s=2.0, upload_s=10.0)
+    result = budgetsim.simulate_session(hours=0, steps_left=500, step_s=3.0, checkpoint_s=2.0, upload_s=10.0)
     assert result.steps == 500
     assert result.final_committed_s == pytest.approx(result.end_s)
     assert result.checkpoints == pytest.approx(1500 / 528, abs=1)
@@ -310,19 +310,19 @@ def test_quota_counts_this_accounts_kaggle_gpu_hours_of_the_last_week():
         {"platform": "kaggle", "account": "ann", "start_wall": NOW - 8 * 24 * H, "end_wall": NOW - 7 * 24 * H + 2 * H},
     ]
     # 10 h + 3 h (two GPUs count once: the quota counts session hours) + the 2 h inside the 7-day window
-    assert budget.kaggle_quota_left_h(sessions, NOW, "ann") == pytest.approx(30 - 10 - 3 - 2)
+    assert quota.kaggle_quota_left_h(sessions, NOW, "ann") == pytest.approx(30 - 10 - 3 - 2)
 
 
 def test_quota_counts_a_running_session_and_iso_times():
     sessions = [{"platform": "kaggle", "start_wall": "2027-01-15T06:00:00Z", "end_wall": None}]
-    now = budget._wall("2027-01-15T10:00:00+00:00")
-    assert budget.kaggle_quota_left_h(sessions, now, "ann") == pytest.approx(26.0)
-    assert budget.kaggle_quota_left_h(sessions * 10, now, "ann") == 0.0
+    now = quota._wall("2027-01-15T10:00:00+00:00")
+    assert quota.kaggle_quota_left_h(sessions, now, "ann") == pytest.approx(26.0)
+    assert quota.kaggle_quota_left_h(sessions * 10, now, "ann") == 0.0
 
 
 def test_quota_warning_only_when_the_run_cannot_finish():
-    assert budget.quota_warning(10.0, steps_left=1000, step_s=30.0) is None  # 8.3 h needed
-    message = budget.quota_warning(5.0, steps_left=1000, step_s=30.0)
+    assert quota.quota_warning(10.0, steps_left=1000, step_s=30.0) is None  # 8.3 h needed
+    message = quota.quota_warning(5.0, steps_left=1000, step_s=30.0)
     assert "8.3" in message and "5.0" in message
-    assert budget.quota_warning(10.0, steps_left=1000, step_s=30.0, gpu_count=2) is None  # no ×2 for two GPUs
-    assert "no Kaggle GPU quota left" in budget.quota_warning(0.0, steps_left=1, step_s=1.0)
+    assert quota.quota_warning(10.0, steps_left=1000, step_s=30.0, gpu_count=2) is None  # no ×2 for two GPUs
+    assert "no Kaggle GPU quota left" in quota.quota_warning(0.0, steps_left=1, step_s=1.0)

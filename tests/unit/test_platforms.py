@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from runner import budget
+from runner import budget, quota
 from runner.clock import FakeClock
 from runner.env import (
     UnsupportedGpu,
@@ -56,9 +56,9 @@ def test_kaggle_session_gets_kaggle_limit_and_quota_record(tmp_path):
     assert env.gpu_summary == "2× Tesla T4"
     # the sessions it records count against Kaggle's weekly quota; a "colab" record would not
     record = {"platform": env.platform, "start_wall": 0.0, "end_wall": 3600.0 * 10, "gpu_count": len(env.gpus)}
-    left = budget.kaggle_quota_left_h([record], 3600.0 * 11, account="")
-    assert left == pytest.approx(budget.KAGGLE_WEEKLY_GPU_H - 10.0)  # session hours, as the quota API counts them
-    assert "Kaggle quota" in (budget.quota_warning(left, steps_left=1000, step_s=100.0, gpu_count=2) or "")
+    left = quota.kaggle_quota_left_h([record], 3600.0 * 11, account="")
+    assert left == pytest.approx(quota.KAGGLE_WEEKLY_GPU_H - 10.0)  # session hours, as the quota API counts them
+    assert "Kaggle quota" in (quota.quota_warning(left, steps_left=1000, step_s=100.0, gpu_count=2) or "")
     colab = detect(colab_t4.ENV, tmp_path)
     assert colab.platform == "colab" and colab.session_limit_h != env.session_limit_h
 
