@@ -80,6 +80,7 @@ def run_session(
     if wrap_storage is not None:
         ctx.storage = wrap_storage(ctx.storage)
     seen: list[events.Event] = []
+    session = Session(ctx)
 
     def on_event(event: events.Event) -> None:
         seen.append(event)
@@ -87,9 +88,10 @@ def run_session(
             os.kill(os.getpid(), signal.SIGTERM)  # as the platform does; the session finishes this step
         if clock is not None and isinstance(event, events.StepDone):
             clock.advance(fake_s_per_step)
+            session.lease.heartbeat()  # the heartbeat thread beats on real time; on the fake clock, the test does
 
     ctx.bus.subscribe(on_event)
-    return SessionResult(Session(ctx).run(), seen)
+    return SessionResult(session.run(), seen)
 
 
 def read_lora(path: Path) -> dict:

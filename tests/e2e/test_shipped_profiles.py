@@ -23,6 +23,7 @@ from runner import daemon
 from runner import events as ev
 from runner.profile import load_profile
 from tests.e2e.conftest import REPO, relay_env, sessions, verified_steps
+from tests.fakedrive import FOLDER_MIME, FakeDrive, make_fake_account
 from tests.platforms import child_env, colab_t4, kaggle_t4x2
 from tests.platforms.kaggle_service import KaggleSecretsService
 
@@ -35,7 +36,7 @@ SHIPPED = sorted(p.stem for p in (REPO / "profiles").glob("*.toml") if "[[varian
 STEPS = 2
 
 
-def cell(platform: str, profile: str, storage: Path, workdir: Path) -> str:
+def cell(platform: str, profile: str, storage: str, workdir: Path) -> str:
     """The README's cell after bootstrap (README "On Colab" / "On Kaggle"), with this test's paths."""
     finish = "release_gpu=True" if platform == "colab" else f"workdir={str(workdir)!r}"
     return (
@@ -46,10 +47,35 @@ def cell(platform: str, profile: str, storage: Path, workdir: Path) -> str:
 
 
 class Platforms:
-    """A kernel on the Colab stand-in or on the Kaggle stand-in; one store and one VM home per platform."""
+    """A kernel on the Colab stand-in or on the Kaggle stand-in, one VM home per platform, and one store: a
+    folder on the Google Drive API stand-in (tests/fakedrive.py), the README's Colab store, which outlives
+    the VM (a folder on the VM's own disk would be refused on both platforms, and never released)."""
 
-    def __init__(self, tmp: Path, secrets: KaggleSecretsService) -> None:
-        self.tmp, self.secrets, self.kernels = tmp, secrets, {}
+    def __init__(self, tmp: Path, secrets: KaggleSecretsService, drive: FakeDrive) -> None:
+        self.tmp, self.secrets, self.kernels, self.drive = tmp, secrets, {}, drive
+        self.accounts: dict[str, dict[str, str]] = {}  # one Google account per platform's VM
+        self.folder = drive.add_folder("root", "relay runs")
+        self.storage = f"gdrive://{self.folder}"
+
+    def stored(self, run: str) -> Path:
+        """The run's folder as it is in the store, copied to local disk (for the conftest readers)."""
+        out = self.tmp / "stored" / run
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+
+        def copy(parent: str, into: Path) -> None:
+            into.mkdir(parents=True, exist_ok=True)
+            for child in self.drive.children(parent):
+                if child.mime_type == FOLDER_MIME:
+                    copy(child.id, into / child.title)
+                else:
+                    (into / child.title).write_bytes(child.content)
+
+        for top in self.drive.children(self.folder, run):
+            copy(top.id, out)
+        return out
 
     def env(self, platform: str, **extra: str) -> dict[str, str]:
         base = relay_env({"PYTHONPATH": str(REPO), daemon.ENV_BACKOFF: "1", "RELAY_TEST_TINY_MODEL": str(STEPS)})
@@ -65,7 +91,9 @@ class Platforms:
             env = child_env(kaggle_t4x2.ENV, base, KAGGLE_URL_BASE=self.secrets.url)
         for name in ("GOOGLE_APPLICATION_CREDENTIALS", "RELAY_GDRIVE_CREDENTIALS"):
             env.pop(name, None)
-        return {**env, "RELAY_HOME": str(vm / "home"), **extra}
+        if platform not in self.accounts:  # the user's Drive credentials on that VM
+            self.accounts[platform] = make_fake_account(self.drive, self.tmp / f"account-{platform}")
+        return {**env, **self.accounts[platform], "RELAY_HOME": str(vm / "home"), **extra}
 
     def kernel(self, platform: str, **extra: str) -> Kernel:
         kernel = Kernel(self.env(platform, **extra), self.tmp)
@@ -79,8 +107,8 @@ class Platforms:
 
 @pytest.fixture
 def platforms(tmp_path):
-    with KaggleSecretsService({}) as service:
-        p = Platforms(tmp_path, service)
+    with KaggleSecretsService({}) as service, FakeDrive() as drive:
+        p = Platforms(tmp_path, service, drive)
         try:
             yield p
         finally:
@@ -109,7 +137,7 @@ def test_a_shipped_profile_trains_to_completion_through_the_readme_cell(profile,
     """The cell trains the profile's run (its run key, not its name), prints a final/ path that exists,
     finds the run complete when run again, and on Colab ends the runtime after verifying the final commit."""
     tmp = platforms.tmp
-    storage, workdir = tmp / "My Drive" / "relay runs", tmp / "work"
+    storage, workdir = platforms.storage, tmp / "work"
     monkeypatch.setenv("RELAY_TEST_TINY_MODEL", str(STEPS))
     shipped = load_profile(profile)
     run = shipped.run or profile
@@ -120,17 +148,18 @@ def test_a_shipped_profile_trains_to_completion_through_the_readme_cell(profile,
     kernel = platforms.kernel(platform)
     out, error = kernel.execute(cell(platform, profile, storage, workdir), timeout_s=420)
     assert error == "" and "exit 0: done" in out, out[-3000:]
-    final = storage / run / "final"
-    assert f"the LoRA is in {final}/" in out and (final / "pytorch_lora_weights.safetensors").is_file(), out[-2000:]
-    assert max(verified_steps(storage / run)) == STEPS
-    rundir = daemon.run_dir_for(run, str(storage), platforms.env(platform))
+    stored = platforms.stored(run)
+    assert f"the LoRA is in {storage}/{run}/final/" in out, out[-2000:]
+    assert (stored / "final" / "pytorch_lora_weights.safetensors").is_file(), out[-2000:]
+    assert max(verified_steps(stored)) == STEPS
+    rundir = daemon.run_dir_for(run, storage, platforms.env(platform))
     assert any(isinstance(e, ev.StepDone) for e in events_of(rundir)), "the cell followed another run folder"
     if platform == "colab":
         assert "final commit verified; ending the runtime" in out, out[-2000:]
         assert [c for c in calls(tmp) if c["call"] == "runtime.unassign" and c["in_kernel"]]
     else:
         assert not (tmp / "calls.jsonl").exists() or not [c for c in calls(tmp) if c["call"] == "runtime.unassign"]
-    assert [s.get("platform") for s in sessions(storage / run)] == [platform]
+    assert [s.get("platform") for s in sessions(stored)] == [platform]
 
     again, error = kernel.execute(cell(platform, profile, storage, workdir), timeout_s=240)
     assert error == "" and f"run {run!r} is complete" in again, again[-2000:]
@@ -144,15 +173,15 @@ def test_two_profiles_of_one_run_continue_each_other_from_colab_to_kaggle(platfo
     import subprocess
 
     tmp, steps = platforms.tmp, 4
-    storage, workdir = tmp / "My Drive" / "relay runs", tmp / "work"
+    storage, workdir = platforms.storage, tmp / "work"
     colab = platforms.kernel("colab", RELAY_TEST_TINY_MODEL=str(steps), RELAY_TEST_STEP_DELAY_S="1.5")
     colab_env = platforms.env("colab")
-    rundir = daemon.run_dir_for("sdxl-naruto", str(storage), colab_env)
+    rundir = daemon.run_dir_for("sdxl-naruto", storage, colab_env)
 
     def stop_after_a_step() -> bool:
         if any(isinstance(e, ev.StepDone) for e in events_of(rundir)):
             subprocess.run([sys.executable, "-m", "runner", "stop", "--profile", "sdxl-naruto-t4", "--storage",
-                            str(storage)], env=colab_env, check=True, timeout=60)  # fmt: skip
+                            storage], env=colab_env, check=True, timeout=60)  # fmt: skip
             return True
         return False
 
@@ -166,16 +195,18 @@ def test_two_profiles_of_one_run_continue_each_other_from_colab_to_kaggle(platfo
     out, error = colab.execute(cell("colab", "sdxl-naruto-t4", storage, workdir), timeout_s=420,
                                interrupt_when=interrupt_when)  # fmt: skip
     assert error == "" and "exit 75: session over" in out, out[-3000:]
-    first = max(verified_steps(storage / "sdxl-naruto"))
+    first = max(verified_steps(platforms.stored("sdxl-naruto")))
     assert 0 < first < steps
     assert not [c for c in calls(tmp) if c["call"] == "runtime.unassign"], "released a runtime of an unfinished run"
 
     kaggle = platforms.kernel("kaggle", RELAY_TEST_TINY_MODEL=str(steps))
     out, error = kaggle.execute(cell("kaggle", "sdxl-naruto-kaggle-2xt4", storage, workdir), timeout_s=420)
     assert error == "" and "exit 0: done" in out, out[-3000:]
-    assert (storage / "sdxl-naruto" / "final" / "pytorch_lora_weights.safetensors").is_file()
-    done = sessions(storage / "sdxl-naruto")
+    stored = platforms.stored("sdxl-naruto")
+    assert (stored / "final" / "pytorch_lora_weights.safetensors").is_file()
+    done = sessions(stored)
     assert [s.get("platform") for s in done] == ["colab", "kaggle"], done
     assert (done[0]["step_to"], done[1]["step_from"], done[1]["step_to"]) == (first, first, steps), done
     assert (done[0]["gpu_count"], done[1]["gpu_count"]) == (1, 2), done  # one T4, then both of Kaggle's
-    assert not (storage / "sdxl-naruto-t4").exists() and not (storage / "sdxl-naruto-kaggle-2xt4").exists()
+    assert not platforms.drive.children(platforms.folder, "sdxl-naruto-t4")  # the run's key names the folder,
+    assert not platforms.drive.children(platforms.folder, "sdxl-naruto-kaggle-2xt4")  # not the profile's name
