@@ -340,7 +340,7 @@ class Lease:
             self._token = None
             return None
         try:
-            if _swaps(self.storage):
+            if swaps is not None:
                 self._release_by_swap()
             else:
                 self._release_by_token()
@@ -410,9 +410,8 @@ class Lease:
         self._swap(decide)
         self._token = token
         self._renewed_at = started
-        swaps = capability(self.storage, CompareAndSwap)
-        if swaps is not None:  # from now on every commit is conditional on a head where the lease is ours
-            swaps.fence(self.key, self._fence_check)
+        # from now on every commit is conditional on a head where the lease is ours (only a swapping store gets here)
+        capability(self.storage, CompareAndSwap).fence(self.key, self._fence_check)
         log.info("lease of %s acquired by %s (compare-and-swap)", self.run, self.holder)
         return LeaseRecord(self.holder, token, self._since, self.clock.wall(), self.timeout_s)
 

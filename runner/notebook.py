@@ -199,7 +199,10 @@ def run(
         print(f"relay: warning: {vm_warning}")
     if release_gpu and platform == "kaggle":
         print(KAGGLE_RELEASE_NOTE)
-    if platform == "colab" and (uses_mount(storage) or uses_mount(_data_source(profile, overrides))):
+    settings = _profile_or_none(profile, overrides)  # read once: data.source and session.chain
+    chain_on = settings is not None and settings.session.chain == "kaggle"
+    data_source = settings.data.source if settings is not None else ""
+    if platform == "colab" and (uses_mount(storage) or uses_mount(data_source)):
         mount_drive()  # for the run's storage, or for your images in a Drive folder (data.source)
     child = trainer_env(platform, storage, env, sign_in=colab_sign_in)
     argv = train_args(profile, storage, run=run, overrides=overrides, hours=hours, workdir=workdir, extra=extra)
@@ -213,7 +216,7 @@ def run(
             print("relay: keeping the runtime (release_gpu ends it only when this cell finishes the run)")
         return _finish(Outcome(name, url, EXIT_OK, str(rundir.root)), child, workdir, False, storage)
     else:
-        if _chain_on(profile, overrides):
+        if chain_on:  # a run without a chain starts no chain process and reads no Kaggle key
             said = _chain(platform, child, ["begin", *train_args(profile, storage, run=run, overrides=overrides)])
             child.update(quota_end(said))
         rundir = daemon.start(argv, child)
@@ -225,32 +228,21 @@ def run(
         print("relay: stopped following; the run goes on. Run this cell again to follow it.")
         return Outcome(name, url, None, str(rundir.root))
     # the trainer's last exit (the supervisor's restarts are behind it): the chain pushes the next session or stops
-    if _chain_on(profile, overrides):
+    if chain_on:
         after = ["after", "--exit-code", str(code), *train_args(profile, storage, run=run, overrides=overrides)]
         _chain(platform, child, after)
     return _finish(Outcome(name, url, code, str(rundir.root), rundir.read_state().get("message", "")),
                    child, workdir, release_gpu, storage)  # fmt: skip
 
 
-def _chain_on(profile: str, overrides: Sequence[str]) -> bool:
-    """Whether the profile turns the Kaggle chain on (session.chain); read here so a run without a chain
-    starts no chain process and reads no Kaggle key. A bad profile is the trainer's to report."""
+def _profile_or_none(profile: str, overrides: Sequence[str]):
+    """The profile as the trainer will load it, or None for a bad one (the trainer reports that)."""
     from runner.profile import load_profile
 
     try:
-        return load_profile(profile, list(overrides)).session.chain == "kaggle"
+        return load_profile(profile, list(overrides))
     except RelayError:
-        return False
-
-
-def _data_source(profile: str, overrides: Sequence[str]) -> str:
-    """The profile's data.source ("" for a bad profile: the trainer reports that)."""
-    from runner.profile import load_profile
-
-    try:
-        return load_profile(profile, list(overrides)).data.source
-    except RelayError:
-        return ""
+        return None
 
 
 def _chain(platform: str, child: Mapping[str, str], args: list[str]) -> str:
