@@ -53,13 +53,14 @@ def save_parts(parts, folder: Path) -> None:
     parts.tokenizer_2.save_pretrained(folder / "tokenizer_2")
 
 
-def build_images(folder: Path, count: int = 36, scale: float = 1.0) -> None:
-    """`count` JPEG images cycling through SIZES (times `scale`), each with a caption file."""
+def build_images(folder: Path, count: int = 36, scale: float = 1.0, square: bool = False) -> None:
+    """`count` JPEG images cycling through SIZES (times `scale`), or all square (the Naruto set's shape), each
+    with a caption file."""
     from PIL import Image, ImageDraw
 
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
-        width, height = (max(8, round(n * scale)) for n in SIZES[i % len(SIZES)])
+        width, height = (max(8, round(n * scale)) for n in (SIZES[0] if square else SIZES[i % len(SIZES)]))
         image = Image.new("RGB", (width, height), (30 + 37 * i % 200, 90, 160))
         pen = ImageDraw.Draw(image)
         pen.ellipse((width * 0.2, height * 0.2, width * 0.7, height * 0.8), fill=(230, 200 - 5 * i % 150, 40))
@@ -90,10 +91,12 @@ class Recorder:
             return result
 
         def recorded_emit(bus, event) -> None:
-            if isinstance(event, (events.ShapeReady, events.Planned, events.Warning, events.SessionEnded)):
+            if isinstance(event, RECORDED):
                 recorder.events.append({"event": type(event).__name__, "at_s": since_start(), **asdict(event)})
             emit(bus, event)
 
+        RECORDED = (events.ShapeReady, events.Planned, events.Warning, events.SessionEnded, events.SessionStarted,
+                    events.CheckpointStaged, events.CheckpointCommitted, events.CacheProgress)
         run.TrainingRun.step = timed_step
         events.EventBus.emit = recorded_emit
 
@@ -127,6 +130,10 @@ class Recorder:
                 after_first.setdefault(row["shape"], []).append(row["seconds"])
             seen.add(row["shape"])
         every = [s for values in after_first.values() for s in values]
+        wall = since_start()
+        in_steps = sum(row["seconds"] for row in self.steps)
+        staged = [e["stage_s"] for e in self.events if e["event"] == "CheckpointStaged"]
+        cache = [e["at_s"] for e in self.events if e["event"] == "CacheProgress"]
         return {
             "exit_code": exit_code,
             "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -139,6 +146,15 @@ class Recorder:
             "step_s_median_by_shape": {k: round(statistics.median(v), 4) for k, v in after_first.items()},
             "setup_s_by_shape": self.setup_by_shape(),  # the fit's probe included (it compiles the largest)
             "start_to_first_step_s": self.first_step_end,
+            "process_wall_s": wall,  # process start to this summary (after the session's end)
+            "seconds_in_steps": round(in_steps, 2),
+            "share_in_steps": round(in_steps / wall, 4) if wall else None,
+            "share_in_steps_after_first_step": round(in_steps / (wall - self.first_step_end), 4)
+            if self.first_step_end and wall > self.first_step_end else None,
+            "checkpoints_staged": len(staged),
+            "checkpoint_stage_s": staged,  # what a checkpoint blocks the step loop for (copy to host memory)
+            "checkpoint_upload_s": [e["upload_s"] for e in self.events if e["event"] == "CheckpointCommitted"],
+            "cache_progress_s": [cache[0], cache[-1]] if cache else None,  # first and last cache progress event
             "back_offs": [e["reason"] for e in self.events if e["event"] == "Planned" and e.get("reason")],
             "final_plan": self.steps[-1]["plan"] if self.steps else None,
             "step_rows": self.steps,
@@ -180,7 +196,8 @@ def main(args: list[str]) -> int:
         build_model(Path(args[1]))
         return 0
     if len(args) >= 2 and args[0] == "images":
-        build_images(Path(args[1]), int(args[2]) if len(args) > 2 else 36, float(args[3]) if len(args) > 3 else 1.0)
+        build_images(Path(args[1]), int(args[2]) if len(args) > 2 else 36, float(args[3]) if len(args) > 3 else 1.0,
+                     square=len(args) > 4 and args[4] == "square")
         return 0
     if len(args) >= 3 and args[0] == "train" and args[2] == "--":
         return train(Path(args[1]), args[3:])

@@ -6,7 +6,8 @@
 #   bash bench/t4_suite.sh 2   the step with channels-last convolutions at 1024 and 512 px (profile_step.py), and
 #                              the compiled-blocks vs graphs spread (graphs_divergence.py, compiled modes)
 #   bash bench/t4_suite.sh 3   relay bench rows (1024/512 px, checkpointing, text encoders), flash off, and the
-#                              1024 px row with T4_NO_FLASH=0 beside it (ROWS="…" picks some)
+#                              1024 px row with T4_NO_FLASH=0 beside it (ROWS="…" picks some); the compile runs on
+#                              16 cores (BENCH_CORES; replayed graphs do not depend on the CPU, first_step_s does)
 # On the device: carry [".t4"] (t4-emulate.sh and t4-site/); results under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -44,7 +45,7 @@ if [[ $PART == 2 ]]; then  # channels-last (the change), the compiled-vs-graphs 
 fi
 if [[ $PART == 3 ]]; then  # relay bench rows, flash off, and the 1024 px row with T4_NO_FLASH=0 beside it
   t4() { local name=$1; shift; echo "== $name: relay bench $* (T4 emulation${FLASH:+, T4_NO_FLASH=$FLASH})"; local t0=$SECONDS
-    T4_NO_FLASH=${FLASH:-1} timeout "${BENCH_TIMEOUT:-150}" bash $EMU python3 -m runner bench --vram-gib 15 --json --skip-resume "$@" \
+    T4_CORES=${BENCH_CORES:-0-15} T4_NO_FLASH=${FLASH:-1} timeout "${BENCH_TIMEOUT:-150}" bash $EMU python3 -m runner bench --vram-gib 15 --json --skip-resume "$@" \
       >"$OUT/$name.json" 2>"$OUT/$name.err" || { echo "FAILED $name"; tail -n 3 "$OUT/$name.err"; }
     python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d.get(k) for k in ('step_s_median','peak_allocated_gib','peak_reserved_gib','gradient_checkpointing','compiled','first_step_s','floor_step_s','step_tflop','notes')})" "$OUT/$name.json" 2>/dev/null
     echo "   ($((SECONDS - t0)) s wall)"; }
