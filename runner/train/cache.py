@@ -32,10 +32,12 @@ from safetensors.torch import load_file, save_file
 from runner.errors import CheckpointCorrupt, ModelError
 from runner.events import CacheProgress, EventBus
 from runner.profile import Profile
-from runner.train.data import load_records, make_buckets, prepare, read_images, validate_dataset
+from runner.train.buckets import make_buckets, prepare
+from runner.train.datacheck import read_images, validate_dataset
 from runner.train.loading import load_parts
 from runner.train.lora import TextEncoders, text_conditioning
 from runner.train.model import SDXLParts
+from runner.train.sources import load_records
 
 log = logging.getLogger(__name__)
 

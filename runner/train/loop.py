@@ -46,7 +46,6 @@ from runner.fit import Plan, StepOutOfMemory, is_oom_error
 from runner.profile import Profile
 from runner.train.cache import CachedData
 from runner.train.compiling import CompileState, compile_available, compile_blocks, uncompile
-from runner.train.data import StepOrder, batches_per_epoch, derive_seed, generator, split_validation
 from runner.train.eightbit import check_8bit_available, quantize_8bit
 from runner.train.grads import FlatGrads
 from runner.train.graphs import MicroBatchGraphs, checkpoint_without_rng, shape_key
@@ -63,6 +62,8 @@ from runner.train.lora import (
     text_conditioning,
 )
 from runner.train.model import training_scheduler
+from runner.train.order import StepOrder, batches_per_epoch, split_validation
+from runner.train.seeds import derive_seed, generator
 
 log = logging.getLogger(__name__)
 
