@@ -5,7 +5,7 @@
 The LoRA (rank 16 on to_q,to_k,to_v,to_out.0 of the full SDXL UNet: 23.2 M fp32 parameters) is
 attached to the UNet built on the meta device, so only the LoRA tensors exist in memory. An AdamW
 step gives it its two moments, as in training. Then, REPEATS times:
-- blocking: `runner.train.loop.host_copies` of the LoRA and the optimizer state, which is what
+- blocking: `runner.train.trainstate.host_copies` of the LoRA and the optimizer state, which is what
   `Trainer.snapshot_state` does before training goes on (on a GPU it is a copy to pinned memory instead);
 - background: `StateSnapshot.write` and the manifest (safetensors files, sha256), which the upload
   worker does while the next steps train.
@@ -26,9 +26,9 @@ from peft.utils import get_peft_model_state_dict
 
 from runner.checkpoint.manifest import write_manifest
 from runner.profile import load_profile
-from runner.train.loop import StateSnapshot, host_copies
 from runner.train.lora import attach_lora
 from runner.train.model import bundled_config
+from runner.train.trainstate import StateSnapshot, host_copies
 
 
 def full_size_lora() -> tuple[torch.nn.Module, torch.optim.Optimizer]:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from runner.profile import load_profile  # noqa: E402
-from runner.train import loop  # noqa: E402
+from runner.train import prepare  # noqa: E402
 from runner.train.cache import build_cache, open_cache  # noqa: E402
 from runner.train.loop import Trainer  # noqa: E402
 from runner.train.lora import TextEncoders, lora_state_dict  # noqa: E402
@@ -54,12 +54,12 @@ COMPILE = {"off": "off", "off-again": "off", "perturbed": "off", "eager-graphs":
 @contextmanager
 def no_compile():
     """Trainer with train.compile = "graphs" but eager blocks: the capture path alone."""
-    saved = loop.compile_blocks
-    loop.compile_blocks = lambda unet: 0
+    saved = prepare.compile_blocks
+    prepare.compile_blocks = lambda unet: 0
     try:
         yield
     finally:
-        loop.compile_blocks = saved
+        prepare.compile_blocks = saved
 
 
 def make(cached, layout: str, mode: str, precision: str, seed: int, device: str) -> Trainer:

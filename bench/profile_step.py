@@ -188,9 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     args = parse(argv)
-    from runner.train import loop
+    from runner.train import prepare
 
-    loop.CHANNELS_LAST = args.channels_last == "on"
+    prepare.CHANNELS_LAST = args.channels_last == "on"
     t0 = time.perf_counter()
     tr = build(args)
     cuda = tr.trainer.device.type == "cuda"

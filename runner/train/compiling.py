@@ -1,5 +1,6 @@
-"""Compiled blocks: whether torch.compile can run here, compiling the UNet's blocks, undoing it, the compile
-cache's key and artifacts, and running compiled blocks eagerly for a while.
+"""Compiled blocks: whether torch.compile can run here, which train.compile mode a trainer runs (`compile_mode`),
+compiling the UNet's blocks, undoing it, the compile cache's key and artifacts, and running compiled blocks
+eagerly for a while.
 
 Must not: read or write storage, or train.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import UNet2DConditionModel
 
+from runner.profile import LoraConfig
 from runner.train.lora import lora_input_casts
 
 log = logging.getLogger(__name__)
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 
 COMPILED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 RECOMPILE_LIMIT = 64  # block variants (channel counts, shortcut or not) × aspect buckets
+AUTO_COMPILE = "graphs"  # what train.compile = "auto" uses on a CUDA GPU: bench/RESULTS.md says why
 
 
 @dataclass
@@ -46,6 +49,28 @@ def compile_available(device: torch.device, state: CompileState | None = None) -
     except ImportError:
         return False, "triton is not installed"
     return True, ""
+
+
+def compile_mode(
+    wanted: str, lora: LoraConfig, device: torch.device, state: CompileState | None = None
+) -> tuple[str | None, str]:
+    """The train.compile mode this device can run ("blocks" or "graphs"; None: eager), and a warning for the
+    user when that is less than what was asked for by name ("" when nothing to say; "auto" never warns)."""
+    if wanted == "off":
+        return None, ""
+    ok, why = compile_available(device, state)
+    if not ok:
+        return None, (f"train.compile = {wanted}, but {why}; training eagerly" if wanted != "auto" else "")
+    mode, warning = AUTO_COMPILE if wanted == "auto" else wanted, ""
+    if mode == "graphs" and lora.text_encoder_8bit and lora.text_encoder:
+        if wanted == "graphs":  # bitsandbytes' int8 matmul is not known to be safe inside a capture
+            warning = "train.compile = graphs with 8-bit text encoders: compiling blocks only"
+        mode = "blocks"
+    if mode == "graphs" and lora.dropout > 0:
+        if wanted == "graphs":
+            warning = "train.compile = graphs needs lora.dropout = 0; compiling blocks only"
+        mode = "blocks"
+    return mode, warning
 
 
 def compile_blocks(unet: UNet2DConditionModel) -> int:

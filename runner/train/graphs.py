@@ -33,13 +33,16 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
+
+MAX_GRAPH_SHAPES = 6  # CUDA graphs for the most frequent latent shapes only; a new one recaptures the others
 
 
 @dataclass
@@ -53,6 +56,13 @@ class _Captured:
 def shape_key(batch: Any) -> str:
     """The latent shape of a micro-batch without its batch dimension, as "CxHxW" (what a bucket decides)."""
     return "x".join(str(n) for n in batch.latents.shape[1:])
+
+
+def capture_shapes(latents: Sequence[torch.Tensor], indices: Sequence[int]) -> frozenset[str]:
+    """The MAX_GRAPH_SHAPES most frequent latent shapes among the examples `indices` (as `shape_key` writes
+    them): a graph pays for its compile and capture over many steps; a rare shape runs compiled-eager instead."""
+    counts = Counter("x".join(str(n) for n in latents[i].shape) for i in indices)
+    return frozenset(shape for shape, _ in counts.most_common(MAX_GRAPH_SHAPES))
 
 
 class MicroBatchGraphs:

@@ -36,8 +36,10 @@ from runner.train.backoff import back_off
 from runner.train.cache import CachedData, open_cache
 from runner.train.compiling import CompileState
 from runner.train.loading import load_parts
-from runner.train.loop import LORA_FILE, StepResult, Trainer, resolve_precision
+from runner.train.loop import StepResult, Trainer
 from runner.train.lora import TextEncoders, load_lora_state_dict, lora_state_dict
+from runner.train.prepare import resolve_precision
+from runner.train.trainstate import LORA_FILE
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +187,7 @@ class TrainingRun:
         return self.trainer.save_state(directory)
 
     def snapshot_state(self):
-        """The training state copied to host memory (runner.train.loop.StateSnapshot), to be written later."""
+        """The training state copied to host memory (runner.train.trainstate.StateSnapshot), to be written later."""
         return self.trainer.snapshot_state()
 
     def lora_weights(self) -> dict[str, torch.Tensor]:

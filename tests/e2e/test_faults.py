@@ -139,7 +139,7 @@ def test_crash_keeps_the_previous_checkpoint_and_a_rerun_ends_the_same(
         monkeypatch.setattr(Trainer, "step", wrap(Trainer.step))
         expected = "injected crash in the training step"
     else:  # the checkpoint's snapshot is written to local disk by the upload worker
-        from runner.train.loop import StateSnapshot
+        from runner.train.trainstate import StateSnapshot
 
         state = {"raised": False}
         real_write = StateSnapshot.write
@@ -181,7 +181,8 @@ def test_disk_full_while_training_goes_on_ends_the_session_at_the_next_step(
     import threading
 
     from runner import budget
-    from runner.train.loop import StateSnapshot, Trainer
+    from runner.train.loop import Trainer
+    from runner.train.trainstate import StateSnapshot
 
     last = reference.steps
     storage = cut_back(reference, tmp_path / "storage", keep_steps=(last - 3,))

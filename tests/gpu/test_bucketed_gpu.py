@@ -16,8 +16,7 @@ from runner.events import EventBus, ShapeReady
 from runner.fit import Plan
 from runner.profile import load_profile
 from runner.train.cache import build_cache
-from runner.train.graphs import MicroBatchGraphs
-from runner.train.loop import MAX_GRAPH_SHAPES
+from runner.train.graphs import MAX_GRAPH_SHAPES, MicroBatchGraphs
 from runner.train.run import Placement, TrainingRun
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -9,8 +9,9 @@ import torch
 from runner.events import EventBus, Warning
 from runner.fit import StepOutOfMemory
 from runner.profile import LoraConfig, load_profile
-from runner.train import compiling, loop, lora
+from runner.train import compiling, lora, prepare
 from runner.train.cache import build_cache, open_cache
+from runner.train.compiling import compile_available  # the real one: _pretend_compile replaces the module's
 from runner.train.loop import Trainer
 from runner.train.lora import lora_state_dict
 from runner.train.testmodels import build_tiny
@@ -67,8 +68,8 @@ def _pretend_compile(monkeypatch, error):
                 module._compiled_call_impl = broken
         return 1
 
-    monkeypatch.setattr(loop, "compile_available", lambda device, state=None: (True, ""))
-    monkeypatch.setattr(loop, "compile_blocks", compile_blocks)
+    monkeypatch.setattr(compiling, "compile_available", lambda device, state=None: (True, ""))
+    monkeypatch.setattr(prepare, "compile_blocks", compile_blocks)
     return broken
 
 
@@ -87,7 +88,7 @@ def test_a_failing_compile_falls_back_to_eager_and_trains_the_same_weights(cache
     a, b = lora_state_dict(reference.unet), lora_state_dict(trainer.unet)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # a later trainer sharing the state (the fit's next probe, the run's trainer) is told at once:
-    assert "no working C compiler" in compiling.compile_available(torch.device("cuda"), trainer.compile_state)[1]
+    assert "no working C compiler" in compile_available(torch.device("cuda"), trainer.compile_state)[1]
 
 
 def test_out_of_memory_in_a_compiled_step_is_not_taken_for_a_compile_failure(cached, monkeypatch):

@@ -12,9 +12,10 @@ from runner.errors import ProfileError, TrainingDiverged
 from runner.events import EventBus, Warning
 from runner.profile import load_profile
 from runner.train.cache import build_cache, open_cache
-from runner.train.loop import LORA_FILE, OPTIMIZER_FILE, Trainer
+from runner.train.loop import Trainer
 from runner.train.lora import lora_state_dict
 from runner.train.testmodels import build_tiny
+from runner.train.trainstate import LORA_FILE, OPTIMIZER_FILE
 
 TINY_SEED = 0
 
@@ -212,15 +213,15 @@ def test_cpu_falls_back_to_fp32_with_a_warning(cached):
 
 def test_bf16_is_decided_by_the_compute_capability_not_by_emulation(monkeypatch):
     """torch.cuda.is_bf16_supported() is True on a T4 (it counts emulation); a T4 must train in fp16."""
-    from runner.train import loop
+    from runner.train import prepare
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # T4
-    assert loop.resolve_precision("auto", cuda) == "fp16" and loop.resolve_precision("bf16", cuda) == "fp16"
+    assert prepare.resolve_precision("auto", cuda) == "fp16" and prepare.resolve_precision("bf16", cuda) == "fp16"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # H100/H200
-    assert loop.resolve_precision("auto", cuda) == "bf16" and loop.resolve_precision("fp16", cuda) == "fp16"
-    assert loop.resolve_precision("fp32", cuda) == "fp32" and loop.resolve_precision("bf16", "cpu") == "fp32"
+    assert prepare.resolve_precision("auto", cuda) == "bf16" and prepare.resolve_precision("fp16", cuda) == "fp16"
+    assert prepare.resolve_precision("fp32", cuda) == "fp32" and prepare.resolve_precision("bf16", "cpu") == "fp32"
 
 
 def test_adamw8bit_needs_cuda(cached):
