@@ -126,16 +126,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.cfg, groups, self.device)
         self.lr_scheduler = make_lr_scheduler(self.cfg, self.optimizer)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        self.batches = BatchMaker(
-            data, seed=self.seed, caption_dropout=profile.data.caption_dropout, noise_offset=self.cfg.noise_offset,
-            num_timesteps=self.noise_scheduler.config.num_train_timesteps, token_ids=self.encoders is not None,
-            device=self.device, text_dtype=self.weight_dtype,
-        )  # fmt: skip
-        self.objective = DiffusionLoss(
-            unet, self.encoders, self.noise_scheduler, prediction_type=self.cfg.prediction_type,
-            snr_gamma=self.cfg.snr_gamma, precision=self.precision, device=self.device,
-            memory_format=torch.channels_last if self.channels_last else torch.preserve_format,
-        )  # fmt: skip
+        self.batches, self.objective = self._batch_maker(), self._diffusion_loss()
         # one flat gradient buffer: what a CUDA graph accumulates into, and what ranks exchange
         self.grads = self._flat_grads() if self.compiled == "graphs" or world > 1 else None
         self.graphs = self._new_graphs() if self.compiled == "graphs" else None
@@ -158,6 +149,20 @@ class Trainer:
         if warning:
             self._warn(warning, "compile")
         return mode
+
+    def _batch_maker(self) -> BatchMaker:
+        return BatchMaker(
+            self.data, seed=self.seed, caption_dropout=self.profile.data.caption_dropout,
+            noise_offset=self.cfg.noise_offset, num_timesteps=self.noise_scheduler.config.num_train_timesteps,
+            token_ids=self.encoders is not None, device=self.device, text_dtype=self.weight_dtype,
+        )  # fmt: skip
+
+    def _diffusion_loss(self) -> DiffusionLoss:
+        return DiffusionLoss(
+            self.unet, self.encoders, self.noise_scheduler, prediction_type=self.cfg.prediction_type,
+            snr_gamma=self.cfg.snr_gamma, precision=self.precision, device=self.device,
+            memory_format=torch.channels_last if self.channels_last else torch.preserve_format,
+        )  # fmt: skip
 
     def _flat_grads(self) -> FlatGrads:
         # the text encoders run first in the forward, so their gradients finish last in the backward
