@@ -48,6 +48,23 @@ def test_cpu_stays_eager_and_says_so_only_when_compile_was_asked_for(cached):
     assert [w.kind for w in seen] == ["compile"] and "CUDA only" in seen[0].message
 
 
+def test_graphs_need_dropout_off_and_full_precision_text_encoders_and_only_a_named_mode_warns(monkeypatch):
+    """What train.compile runs where torch.compile works: auto means graphs, and falls to blocks silently
+    where graphs cannot run; graphs asked for by name falls to blocks with a warning saying why."""
+    monkeypatch.setattr(compiling, "compile_available", lambda device, state=None: (True, ""))
+    cuda, plain = torch.device("cuda"), LoraConfig()
+    dropout, eightbit = LoraConfig(dropout=0.1), LoraConfig(text_encoder=True, text_encoder_8bit=True)
+    assert compiling.compile_mode("auto", plain, cuda) == ("graphs", "")
+    assert compiling.compile_mode("off", plain, cuda) == (None, "")
+    assert compiling.compile_mode("blocks", dropout, cuda) == ("blocks", "")
+    assert compiling.compile_mode("auto", dropout, cuda) == ("blocks", "")
+    assert compiling.compile_mode("auto", eightbit, cuda) == ("blocks", "")
+    mode, why = compiling.compile_mode("graphs", dropout, cuda)
+    assert mode == "blocks" and "lora.dropout = 0" in why
+    mode, why = compiling.compile_mode("graphs", eightbit, cuda)
+    assert mode == "blocks" and "8-bit text encoders" in why
+
+
 class _BrokenCompile:
     """Stands in for a compiled block whose compiler fails on first use (no C compiler, old GPU...)."""
 
