@@ -415,14 +415,14 @@ class CellView:
         from IPython.display import display
 
         from runner.clock import SystemClock
-        from runner.dashboard import Snapshot
+        from runner.snapshot import Snapshot
 
         self.clock, self.width, self.snapshot = SystemClock(), width, Snapshot()
         self.handle = display({"text/plain": "relay: waiting for the trainer…"}, raw=True, display_id=True)
         self.drawn_at = 0.0
 
     def on_event(self, event: ev.Event) -> None:
-        from runner.dashboard import apply
+        from runner.snapshot import apply
 
         self.snapshot = apply(self.snapshot, event, self.clock.monotonic())
         if isinstance(event, ev.Warning):
@@ -437,7 +437,7 @@ class CellView:
     def draw(self) -> None:
         from rich.console import Console
 
-        from runner.dashboard import render
+        from runner.dashview import render
 
         console = Console(file=io.StringIO(), record=True, width=self.width, force_terminal=True, force_jupyter=False)
         console.print(render(self.snapshot, self.clock.monotonic()))
