@@ -157,9 +157,10 @@ def test_the_cell_uses_kernel_services_survives_an_interrupt_and_a_kernel_restar
     assert HF_SECRET not in out
 
     out, error = kernel.execute(
-        "env = notebook.trainer_env('colab', 'gdrive://My Drive/relay', {}, sign_in=notebook.colab_sign_in)\n"
+        "from runner import notebookenv\n"
+        "env = notebookenv.trainer_env('colab', 'gdrive://My Drive/relay', {}, sign_in=notebookenv.colab_sign_in)\n"
         "print(env['RELAY_GDRIVE_CREDENTIALS'], env['GOOGLE_APPLICATION_CREDENTIALS'])\n"
-        f"notebook.mount_drive({str(tmp / 'mnt')!r})\n"
+        f"notebookenv.mount_drive({str(tmp / 'mnt')!r})\n"
         "import os; notebook.is_complete = notebook.show_result = lambda *a: True  # a run finished in a store\n"
         "done = notebook.Outcome('tiny', 'hf://me/runs', 0, '/nonexistent')  # that outlives the VM\n"
         "notebook._finish(done, os.environ, None, True, 'hf://me/runs')\n"
