@@ -37,7 +37,7 @@ from runner.clock import iso
 from runner.env import detect_env
 from runner.errors import UsageError
 from runner.experiment import ExperimentRecord, list_experiments, read_record
-from runner.lease import pid_is_running, read_lease
+from runner.leaserecord import pid_is_running, read_lease
 from runner.profile import list_profiles, load_profile
 from runner.state import find_run, read_run_info, read_sessions
 from runner.storage.blobs import read_bytes

@@ -42,7 +42,8 @@ from runner.errors import (
     exit_code_for,
 )
 from runner.handoff import Handoff, launch_id
-from runner.lease import Lease, holder_died_on, pid_is_running, read_lease
+from runner.lease import Lease
+from runner.leaserecord import holder_died_on, pid_is_running, read_lease
 from runner.report import session_history
 from runner.runinfo import ensure_run_info, new_state, resolve_target, sets_target
 from runner.signals import StopFlag, install_stop_handlers

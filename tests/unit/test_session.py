@@ -14,7 +14,7 @@ from runner.clock import FakeClock
 from runner.context import Options, build_context
 from runner.env import detect_env
 from runner.errors import EXIT_PREEMPTED, UsageError
-from runner.lease import holder_died_on, read_lease
+from runner.leaserecord import holder_died_on, read_lease
 from runner.runinfo import ensure_run_info, resolve_target, sets_target
 from runner.session import Session
 from runner.signals import install_stop_handlers
