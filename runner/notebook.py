@@ -48,6 +48,7 @@ from runner.notebookenv import (
     trainer_env,
     uses_mount,
 )
+from runner.rundir import RunDir, run_dir_for
 from runner.storage.url import VM_STORAGE_OPT_IN, check_vm_storage, is_vm_local
 
 KAGGLE_RELEASE_NOTE = (
@@ -132,7 +133,7 @@ def run(
     child = trainer_env(platform, storage, env, sign_in=colab_sign_in)
     argv = train_args(profile, storage, run=run, overrides=overrides, hours=hours, workdir=workdir, extra=extra)
     name, url = daemon.identify(argv, child)
-    rundir = daemon.run_dir_for(name, url, child)
+    rundir = run_dir_for(name, url, child)
     if rundir.is_live():
         print(f"relay: run {name!r} is training on this VM; following it ({rundir.root})")
     elif is_complete(name, url, child):
@@ -214,7 +215,7 @@ def quota_end(said: str) -> dict[str, str]:
     return {}
 
 
-def _follow(rundir: daemon.RunDir, *, headless: bool) -> int | None:
+def _follow(rundir: RunDir, *, headless: bool) -> int | None:
     """Show the dashboard until the trainer ends (its exit code), or None when the cell is interrupted."""
     view = PlainView() if headless else CellView()
     try:
@@ -282,7 +283,7 @@ def stop(storage: str, run: str | None = None, *, profile: str | None = None) ->
 
     if not run and not profile:
         raise ValueError("name the run (run=…) or the profile that trains it (profile=…)")
-    return daemon.stop(daemon.run_dir_for(run or identify_run(profile or ""), storage, os.environ))
+    return daemon.stop(run_dir_for(run or identify_run(profile or ""), storage, os.environ))
 
 
 def show_result(run: str, storage: str, workdir: str | None) -> None:
