@@ -235,7 +235,8 @@ def model_grid(storage: Storage, device: str | None = None) -> GridMaker:
         profiles = [(label, run, _profile_of(storage, run)) for label, run in pairs]
         if not device.startswith("cuda") and any(p.model.base != "tiny" for _, _, p in profiles):
             return None
-        from runner.sample import make_grid, prompt_images
+        from runner.sample import prompt_images
+        from runner.samplegrid import make_grid
         from runner.train.loading import load_parts
         from runner.train.run import unet_dtype
 
