@@ -273,7 +273,7 @@ def _profile_of(storage: Storage, run: str):
 def _newest_lora(storage: Storage, run: str, work: Path):
     from safetensors.torch import load_file
 
-    from runner.checkpoint.manager import CHECKPOINT_DIR, committed_steps, step_dir_name
+    from runner.checkpoint.layout import CHECKPOINT_DIR, committed_steps, step_dir_name
 
     steps = committed_steps(storage, run)
     if not steps:

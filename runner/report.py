@@ -31,7 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from runner import humanize
-from runner.checkpoint.manager import CHECKPOINT_DIR, STATE_FILE, committed_steps, step_dir_name
+from runner.checkpoint.layout import CHECKPOINT_DIR, STATE_FILE, committed_steps, step_dir_name
 from runner.checkpoint.manifest import COMMIT
 from runner.clock import iso
 from runner.env import detect_env
