@@ -89,7 +89,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return print_status(args.storage, args.run, as_json=args.json, chain_of=status_if_any)
     if args.command == "doctor":
-        from runner.report import run_doctor
+        from runner.doctor import run_doctor
 
         return run_doctor(args.storage, args.profile)
     if args.command == "publish":
