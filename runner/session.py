@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from runner import budget, events, quota
+from runner import budget, costs, events, quota
 from runner.checkpoint.manager import CheckpointManager, Restored
 from runner.checkpoint.store import (
     COMPILE_CACHE_FILE,
@@ -80,8 +80,8 @@ class Session:
         )
         self.store = FolderStore(self.fenced, ctx.run, ctx.workdir)  # latent cache, compile cache, final/
         world = ctx.ranks.world
-        prior = budget.profile_step_prior(ctx.profile, ctx.env.gpu_summary, world)  # until a step is measured
-        self.meter = budget.CostMeter(step_prior_s=prior.step_s)
+        prior = costs.profile_step_prior(ctx.profile, ctx.env.gpu_summary, world)  # until a step is measured
+        self.meter = costs.CostMeter(step_prior_s=prior.step_s)
         self.started_wall = ctx.clock.wall()
         self.step_from = self.step = 0
         self.train_s = self.checkpoint_s = 0.0
