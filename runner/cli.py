@@ -84,12 +84,12 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return print_profiles()
     if args.command == "status":
-        from runner.chain import status_if_any
+        from runner.chainrecords import status_if_any
         from runner.report import print_status
 
         return print_status(args.storage, args.run, as_json=args.json, chain_of=status_if_any)
     if args.command == "doctor":
-        from runner.report import run_doctor
+        from runner.doctor import run_doctor
 
         return run_doctor(args.storage, args.profile)
     if args.command == "publish":

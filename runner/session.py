@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from runner import budget, events, quota
+from runner import budget, costs, events, quota
 from runner.checkpoint.manager import CheckpointManager, Restored
 from runner.checkpoint.store import (
     COMPILE_CACHE_FILE,
@@ -42,7 +42,8 @@ from runner.errors import (
     exit_code_for,
 )
 from runner.handoff import Handoff, launch_id
-from runner.lease import Lease, holder_died_on, pid_is_running, read_lease
+from runner.lease import Lease
+from runner.leaserecord import holder_died_on, pid_is_running, read_lease
 from runner.report import session_history
 from runner.runinfo import ensure_run_info, new_state, resolve_target, sets_target
 from runner.signals import StopFlag, install_stop_handlers
@@ -79,8 +80,8 @@ class Session:
         )
         self.store = FolderStore(self.fenced, ctx.run, ctx.workdir)  # latent cache, compile cache, final/
         world = ctx.ranks.world
-        prior = budget.profile_step_prior(ctx.profile, ctx.env.gpu_summary, world)  # until a step is measured
-        self.meter = budget.CostMeter(step_prior_s=prior.step_s)
+        prior = costs.profile_step_prior(ctx.profile, ctx.env.gpu_summary, world)  # until a step is measured
+        self.meter = costs.CostMeter(step_prior_s=prior.step_s)
         self.started_wall = ctx.clock.wall()
         self.step_from = self.step = 0
         self.train_s = self.checkpoint_s = 0.0

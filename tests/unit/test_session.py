@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from runner import budget, events
+from runner import budget, costs, events
 from runner.clock import FakeClock
 from runner.context import Options, build_context
 from runner.env import detect_env
 from runner.errors import EXIT_PREEMPTED, UsageError
-from runner.lease import holder_died_on, read_lease
+from runner.leaserecord import holder_died_on, read_lease
 from runner.runinfo import ensure_run_info, resolve_target, sets_target
 from runner.session import Session
 from runner.signals import install_stop_handlers
@@ -159,20 +159,20 @@ def test_a_session_near_its_end_says_why_it_trains_nothing(tmp_path):
 
 
 def test_the_first_measured_step_replaces_the_prior():
-    meter = budget.CostMeter(step_prior_s=50.0)
+    meter = costs.CostMeter(step_prior_s=50.0)
     assert meter.step_s == 50.0
     meter.add_step(0.5)
     assert meter.step_s == 0.5
 
 
 def test_step_priors_per_gpu_class_scale_with_pixels_and_batch():
-    t4 = budget.step_prior("Tesla T4", resolution=1024, micro_batch=1, grad_accum=1)
+    t4 = costs.step_prior("Tesla T4", resolution=1024, micro_batch=1, grad_accum=1)
     assert (t4.gpu_class, t4.step_s) == ("t4", pytest.approx(0.842))
-    assert budget.step_prior("1× Tesla T4", resolution=512, micro_batch=2, grad_accum=4).step_s == pytest.approx(
+    assert costs.step_prior("1× Tesla T4", resolution=512, micro_batch=2, grad_accum=4).step_s == pytest.approx(
         0.842 / 4 * 8
     )
-    assert budget.step_prior("NVIDIA H200", resolution=1024, micro_batch=1, grad_accum=1).gpu_class == "h200"
-    assert budget.step_prior("Tesla P100-PCIE-16GB", resolution=1024, micro_batch=1, grad_accum=1).gpu_class == (
+    assert costs.step_prior("NVIDIA H200", resolution=1024, micro_batch=1, grad_accum=1).gpu_class == "h200"
+    assert costs.step_prior("Tesla P100-PCIE-16GB", resolution=1024, micro_batch=1, grad_accum=1).gpu_class == (
         "generic"
     )
 
