@@ -2,8 +2,8 @@
 
 Owns: turning parsed flags into `Options`, building the `Context` a session
 works with (profile, environment, storage, work folder, event bus, clock), and
-each command's few lines of wiring: `train` starts one process per GPU or runs
-a Session under the dashboard, `plan` prints the dry run, `sample` and `export`
+each command's few lines: `train` starts one process per GPU or runs a wired
+Session under the dashboard, `plan` prints the dry run, `sample` and `export`
 work from the newest committed checkpoint. Must not: hold the lifecycle of a
 session (session.py) or decide anything a pure function can (budget, fit).
 """
@@ -50,17 +50,18 @@ def train(args) -> int:
 
 
 def train_session(ctx: Context, stop: StopFlag | None = None) -> int:
-    from runner.session import Session, logs_dir
+    from runner.finish import logs_dir
+    from runner.wiring import wire
 
     if not ctx.ranks.is_main:
-        return Session(ctx, stop=stop).run()  # other ranks train in lockstep and show nothing
+        return wire(ctx, stop=stop).run()  # other ranks train in lockstep and show nothing
     from runner.dashboard import Dashboard
     from runner.tblog import TensorBoardLogger
 
     with Dashboard.for_terminal(ctx.clock, plain=ctx.opts.plain, profile=ctx.profile) as dash:
         ctx.bus.subscribe(dash.on_event)
         TensorBoardLogger(logs_dir(ctx), run=ctx.run, config=ctx.profile.to_dict()).attach(ctx.bus)
-        return Session(ctx, stop=stop).run()
+        return wire(ctx, stop=stop).run()
 
 
 def train_experiment(opts: Options, profile: Profile, env: Env, ranks: Ranks) -> int:
