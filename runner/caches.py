@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from runner import events
 from runner.checkpoint.store import (
@@ -24,11 +24,9 @@ from runner.checkpoint.store import (
     fetch_compile_cache,
     store_compile_cache,
 )
+from runner.context import Context
 from runner.errors import StorageError
 from runner.handoff import Handoff, launch_id
-
-if TYPE_CHECKING:
-    from runner.context import Context
 
 log = logging.getLogger(__name__)
 TEST_CACHE_DELAY_ENV = "RELAY_TEST_CACHE_DELAY_S"  # tests only: seconds of delay before each cache piece

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from runner import events
+from runner.checkpoint.manager import Restored
 from runner.checkpoint.store import FolderStore
+from runner.context import Context
 from runner.errors import LeaseHeld, LeaseLapsed, RelayError, StorageError
 from runner.state import RunState, append_session
 from runner.storage import Storage, WritesBackLate, capability
 from runner.storage.url import is_vm_local
-
-if TYPE_CHECKING:
-    from runner.checkpoint.manager import Restored
-    from runner.context import Context
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,11 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from runner import budget, events, quota
+from runner.caches import SessionCaches
+from runner.checkpoint.manager import CheckpointManager
 from runner.clock import iso
 from runner.context import Context
 from runner.errors import (
@@ -33,18 +35,13 @@ from runner.errors import (
     end_reason_for,
     exit_code_for,
 )
-from runner.lease import holder_died_on, read_lease
+from runner.finish import SessionFinish
+from runner.lease import Lease, holder_died_on, read_lease
 from runner.report import session_history
 from runner.runinfo import ensure_run_info, new_state, resolve_target, sets_target
 from runner.signals import StopFlag, install_stop_handlers
 from runner.state import RunState, read_run_info, read_sessions
 from runner.storage import Storage
-
-if TYPE_CHECKING:
-    from runner.caches import SessionCaches
-    from runner.checkpoint.manager import CheckpointManager
-    from runner.finish import SessionFinish
-    from runner.lease import Lease
 
 log = logging.getLogger(__name__)
 BUDGET_EVENT_EVERY_S = 5.0  # how often the views hear the budget: a countdown in minutes needs no more
@@ -89,16 +86,10 @@ class Session:
         self.stop = stop  # an experiment's sessions share one: a stop asked during one variant ends them all
         self._budget_sent_at: float | None = None  # monotonic time of the last BudgetUpdated
         self.is_main = ctx.ranks.is_main
-        self.lease = parts.lease
-        # every write that matters asks the lease first: a session that lost the run writes nothing more
-        self.fenced = parts.fenced
-        self.ckpts = parts.ckpts
-        self.training = parts.training
-        self.caches = parts.caches
-        self.finish = parts.finish
+        self.lease, self.fenced, self.ckpts = parts.lease, parts.fenced, parts.ckpts
+        self.training, self.caches, self.finish = parts.training, parts.caches, parts.finish
         self.is_running = parts.is_running
-        world = ctx.ranks.world
-        prior = budget.profile_step_prior(ctx.profile, ctx.env.gpu_summary, world)  # until a step is measured
+        prior = budget.profile_step_prior(ctx.profile, ctx.env.gpu_summary, ctx.ranks.world)  # until one is measured
         self.meter = budget.CostMeter(step_prior_s=prior.step_s)
         self.started_wall = ctx.clock.wall()
         self.step_from = self.step = 0
