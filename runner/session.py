@@ -7,8 +7,7 @@ none of its parts: runner.wiring hands it the lease, the checkpoint manager,
 the training side, the caches to set up (caches.py) and what the session
 leaves when it ends (finish.py), so the tests hand it fakes. What a pure
 function can decide (budget.py, fit.py) is decided there, not here. torch is
-imported only by the parts, lazily, so the tests of this lifecycle run
-without it.
+imported only by the parts, lazily: the tests of this lifecycle run without it.
 """
 
 from __future__ import annotations
