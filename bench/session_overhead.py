@@ -22,7 +22,7 @@ from contextlib import redirect_stdout
 from rich.console import Console
 
 import runner.dashboard
-from runner import cli, session
+from runner import caches, cli, session
 from runner.train import run as train_run
 
 
@@ -48,12 +48,15 @@ def timed(owner: type, name: str, totals: dict[str, float], active: list[str]) -
 
 def measure(steps: int, live: bool) -> dict[str, float]:
     totals: dict[str, float] = {}
-    apart = ("_checkpoint", "_sample", "_store_compile_cache", "_end")  # timed apart: not per-step work
-    originals = {n: getattr(session.Session, n) for n in ("_loop", *apart)}
+    # timed apart: not per-step work
+    apart = {"_checkpoint": session.Session, "_sample": session.Session, "_end": session.Session,
+             "store_compile_cache": caches.SessionCaches}  # fmt: skip
+    owners = {"_loop": session.Session, **apart}
+    originals = {n: getattr(owner, n) for n, owner in owners.items()}
     step = train_run.TrainingRun.step
     active: list[str] = []
-    for name in originals:
-        timed(session.Session, name, totals, active)
+    for name, owner in owners.items():
+        timed(owner, name, totals, active)
     timed(train_run.TrainingRun, "step", totals, active)
     terminal = functools.partial(Console, force_terminal=True, width=100, file=io.StringIO())
     console_class, runner.dashboard.Console = runner.dashboard.Console, terminal if live else Console
@@ -73,7 +76,7 @@ def measure(steps: int, live: bool) -> dict[str, float]:
             code = cli.main(argv if live else [*argv, "--plain"])
     finally:
         for name, fn in originals.items():
-            setattr(session.Session, name, fn)
+            setattr(owners[name], name, fn)
         train_run.TrainingRun.step = step
         runner.dashboard.Console = console_class
         runner.dashboard.Dashboard.for_terminal = classmethod(for_terminal)

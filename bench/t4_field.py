@@ -95,8 +95,16 @@ class Recorder:
                 recorder.events.append({"event": type(event).__name__, "at_s": since_start(), **asdict(event)})
             emit(bus, event)
 
-        RECORDED = (events.ShapeReady, events.Planned, events.Warning, events.SessionEnded, events.SessionStarted,
-                    events.CheckpointStaged, events.CheckpointCommitted, events.CacheProgress)
+        RECORDED = (
+            events.ShapeReady,
+            events.Planned,
+            events.Warning,
+            events.SessionEnded,
+            events.SessionStarted,
+            events.CheckpointStaged,
+            events.CheckpointCommitted,
+            events.CacheProgress,
+        )
         run.TrainingRun.step = timed_step
         events.EventBus.emit = recorded_emit
 
@@ -150,7 +158,8 @@ class Recorder:
             "seconds_in_steps": round(in_steps, 2),
             "share_in_steps": round(in_steps / wall, 4) if wall else None,
             "share_in_steps_after_first_step": round(in_steps / (wall - self.first_step_end), 4)
-            if self.first_step_end and wall > self.first_step_end else None,
+            if self.first_step_end and wall > self.first_step_end
+            else None,
             "checkpoints_staged": len(staged),
             "checkpoint_stage_s": staged,  # what a checkpoint blocks the step loop for (copy to host memory)
             "checkpoint_upload_s": [e["upload_s"] for e in self.events if e["event"] == "CheckpointCommitted"],
@@ -196,8 +205,12 @@ def main(args: list[str]) -> int:
         build_model(Path(args[1]))
         return 0
     if len(args) >= 2 and args[0] == "images":
-        build_images(Path(args[1]), int(args[2]) if len(args) > 2 else 36, float(args[3]) if len(args) > 3 else 1.0,
-                     square=len(args) > 4 and args[4] == "square")
+        build_images(
+            Path(args[1]),
+            int(args[2]) if len(args) > 2 else 36,
+            float(args[3]) if len(args) > 3 else 1.0,
+            square=len(args) > 4 and args[4] == "square",
+        )
         return 0
     if len(args) >= 3 and args[0] == "train" and args[2] == "--":
         return train(Path(args[1]), args[3:])

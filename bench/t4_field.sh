@@ -40,8 +40,9 @@ if [[ $PART == slice ]]; then
   rm -rf "$WORK/store" "$WORK"/work-* "$WORK"/inductor-* "$WORK"/triton-*
   # as shipped: micro-batch 1 × 4 accumulation, warm-up 50; a checkpoint a minute, a 30 s margin (3 min shipped)
   slice_args=(--set train.grad_accum=4 --set train.warmup_steps=50 --set checkpoint.every_min=1 --set session.margin_min=0.5)
-  relay_train slice_session1 2000 s1 330 "${slice_args[@]}" --hours 0.08
-  relay_train slice_session2 2000 s2 $((585 - SECONDS)) "${slice_args[@]}" --hours 0.045
+  H1=${H1:-0.08} H2=${H2:-0.045} T=${TOTAL:-585}  # session lengths in hours; the call's limit in seconds
+  relay_train slice_session1 2000 s1 $(python3 -c "print(int($H1 * 3600 + 45))") "${slice_args[@]}" --hours "$H1"
+  relay_train slice_session2 2000 s2 $((T - SECONDS)) "${slice_args[@]}" --hours "$H2"
   nvidia-smi --query-gpu=memory.used --format=csv,noheader >>"$OUT/device.txt"
 elif [[ $PART == field ]]; then
   python3 bench/t4_field.py model "$WORK/model" || exit 1   # on the whole GPU: random init in seconds

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from runner.budget import Action, BudgetContext, CostMeter, estimate_upload_left_s, next_action, training_fraction
+from runner.budget import Action, BudgetContext, estimate_upload_left_s, next_action, training_fraction
 from runner.clock import Clock, FakeClock
+from runner.costs import CostMeter
 
 Cost = float | Callable[[int], float]
 """A fixed number of seconds, or a function of the step / checkpoint index (for noise)."""

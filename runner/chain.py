@@ -1,11 +1,11 @@
 """The hands-off chain: a session that ends with "run me again" starts the next one on Kaggle.
 
-Owns: the chain's decision (`decide`, pure), the successor claim that lets the run's store
-pick exactly one pusher among racing sessions, the push of the user's own Kaggle notebook
-(GetKernel, then SaveKernel with the same source, GPU and internet on; runner/kaggle_api.py),
-the stop flag (`relay stop --chain` writes RUN/chain/STOP), the chain's records under
-RUN/chain/, and `status()` for `relay status` and the dashboard. The rules and the Kaggle
-facts behind them are written out in docs/chain.md; keep the two in step.
+Owns: the chain's decision (`decide`, pure), the facts it reads (`gather_facts`), the push of the
+user's own Kaggle notebook (GetKernel, then SaveKernel with the same source, GPU and internet on;
+runner/kaggle_api.py) once this session won the successor claim, the decision records, and the entry
+points (`python -m runner.chain`, `relay stop --chain`). The run's records under RUN/chain/ (the claim,
+the stop flag, `status()`) are runner/chainrecords.py's. The rules and the Kaggle facts behind them are
+written out in docs/chain.md; keep the two in step.
 
 Must not: read secrets itself or print them (the kernel side reads the Kaggle secret and
 passes `KaggleCredentials` in; a credentials file it writes is 0600), use any account but
@@ -30,12 +30,34 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from runner.chainrecords import (
+    CHAIN_DIR,
+    COMPLETED,
+    LOST_RACE,
+    NEEDS_PERSON,
+    PUSH_FAILED,
+    PUSHED,
+    PUSHED_FILE,
+    QUEUED,
+    QUOTA,
+    SESSION_CAP,
+    SETTLE_S,
+    STOP_FILE,
+    STOP_FLAG,
+    begin_session,
+    claim_successor,
+    clear_stop,
+    pushed_successors,
+    put_json,
+    request_stop,
+    status,
+    successor_dir,
+)
 from runner.clock import Clock, SystemClock, iso
 from runner.errors import EXIT_OK, EXIT_PREEMPTED, CredentialsError, RelayError, UsageError
 from runner.kaggle_api import KaggleApi, KaggleApiError, KaggleCredentials, SdkKaggleApi, accelerator_for
 from runner.quota import KAGGLE_WEEKLY_GPU_H, kaggle_quota_left_h
 from runner.runinfo import identify_run, run_identity
-from runner.state import read_bytes
 
 __all__ = [
     "KaggleCredentials",
@@ -48,16 +70,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CHAIN_DIR = "chain"
-STOP_FILE = "STOP"
-PUSHED_FILE = "pushed.json"
-SETTLE_S = 15.0  # claim window: longer than a claim's write + the store's listing lag (docs/chain.md)
 MIN_SESSION_H = 1.0  # below this much weekly GPU quota a session is not worth starting
-
-# Why a chain ended (or did not push this time). "pushed" is the one that continues it.
-PUSHED, COMPLETED, NEEDS_PERSON, STOP_FLAG, QUOTA, QUEUED, LOST_RACE, PUSH_FAILED, SESSION_CAP = (
-    "pushed", "completed", "needs-person", "stop-flag", "quota", "queued", "lost-race", "push-failed", "session-cap",
-)  # fmt: skip
 SESSION_CAP_ERROR = "Maximum batch GPU session count reached"
 """Kaggle's answer to a push while the account already runs its most GPU versions at once (the cap is not
 documented; users quote this message, e.g. Kaggle/kaggle-api issues). This session is one of them until it ends."""
@@ -114,102 +127,11 @@ def decide(exit_code: int, facts: ChainFacts) -> ChainDecision:
     return ChainDecision("push", PUSHED, "pushing the next session")
 
 
-# ---------------------------------------------------------------- the run's chain records
-
-
-def _put_json(storage, key: str, data: dict) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "record.json"
-        path.write_text(json.dumps(data, sort_keys=True))
-        storage.put(path, key)
-
-
-def _get_json(storage, key: str) -> dict | None:
-    raw = read_bytes(storage, key)
-    try:
-        return json.loads(raw) if raw else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        log.warning("%s is not JSON; ignored", key)
-        return None
-
-
-def _successor_dir(run: str, index: int) -> str:
-    return f"{run}/{CHAIN_DIR}/successor-{index:04d}"
-
-
-def pushed_successors(storage, run: str) -> list[dict]:
-    """The pushed.json records, oldest first (each: index, version, pushed_wall, accelerator)."""
-    keys = [k for k in storage.list(f"{run}/{CHAIN_DIR}") if k.endswith(f"/{PUSHED_FILE}")]
-    records = [r for r in (_get_json(storage, k) for k in keys) if r]
-    return sorted(records, key=lambda r: r.get("index", 0))
-
-
-def request_stop(storage, run: str, clock: Clock, by: str = "") -> None:
-    """`relay stop --chain`: no session of this run pushes a successor from now on."""
-    _put_json(storage, f"{run}/{CHAIN_DIR}/{STOP_FILE}", {"requested_wall": clock.wall(), "by": by})
-
-
-def clear_stop(storage, run: str) -> None:
-    """Let the chain run again (`relay stop --chain --undo`)."""
-    storage.delete(f"{run}/{CHAIN_DIR}/{STOP_FILE}")
-
-
-def claim_successor(storage, run: str, index: int, clock: Clock, settle_s: float = SETTLE_S) -> str | None:
-    """The key of this session's winning claim to push successor `index`; None if it lost. At most one wins.
-
-    The store has no atomic create, so claims are files of unique names and the listing
-    decides: look first (a claim already there: someone came earlier, lose), write a claim,
-    wait `settle_s`, list again; the lowest claim id among those seen wins. Two racers that
-    both found the folder empty both wrote before either listed again, so both see both and
-    agree; a later racer sees the earlier claim at its first look. This holds while
-    `settle_s` exceeds the time from a racer's first look to its claim being listed
-    (docs/chain.md).
-    """
-    folder = _successor_dir(run, index)
-    if storage.list(folder):
-        return None
-    mine = f"claim-{uuid.uuid4().hex}.json"
-    _put_json(storage, f"{folder}/{mine}", {"claimed_wall": clock.wall()})
-    clock.sleep(settle_s)
-    claims = sorted(k.rsplit("/", 1)[-1] for k in storage.list(folder) if "/claim-" in k)
-    won = bool(claims) and claims[0] == mine and not storage.exists(f"{folder}/{PUSHED_FILE}")
-    return f"{folder}/{mine}" if won else None
-
-
-def claimed_link(storage, run: str) -> int:
-    """The highest successor index that has a claim or a push in the store (0: none yet)."""
-    indexes = [0]
-    for key in storage.list(f"{run}/{CHAIN_DIR}"):
-        parts = key.split("/")
-        if len(parts) >= 2 and parts[-2].startswith("successor-") and parts[-2][10:].isdigit():
-            indexes.append(int(parts[-2][10:]))
-    return max(indexes)
-
-
-def begin_session(storage, run: str, state_file: Path, clock: Clock) -> int:
-    """At a session's start: the chain link it continues, noted once per VM in `state_file` (0600).
-
-    The link is the highest successor index claimed so far; at its end the session pushes
-    link + 1, unless a successor above its link exists by then (pushed while it ran: that one
-    is the next session). A restarted kernel on the same VM finds the file and keeps its link,
-    so running the hook twice pushes nothing twice. Also recorded in RUN/chain/started/ for status.
-    """
-    if state_file.is_file():
-        return int(json.loads(state_file.read_text())["link"])
-    link = claimed_link(storage, run)
-    state_file.parent.mkdir(parents=True, exist_ok=True)
-    state_file.write_text(json.dumps({"run": run, "link": link}))
-    state_file.chmod(0o600)
-    _put_json(storage, f"{run}/{CHAIN_DIR}/started/{link:04d}-{uuid.uuid4().hex[:8]}.json",
-              {"link": link, "started_wall": clock.wall()})  # fmt: skip
-    return link
-
-
 def _record_decision(storage, run: str, clock: Clock, exit_code: int, decision: ChainDecision) -> None:
     now = clock.wall()
     key = f"{run}/{CHAIN_DIR}/decisions/{int(now * 1000):015d}-{uuid.uuid4().hex[:8]}.json"
     try:
-        _put_json(storage, key, {"at_wall": now, "exit_code": exit_code, **dataclasses.asdict(decision)})
+        put_json(storage, key, {"at_wall": now, "exit_code": exit_code, **dataclasses.asdict(decision)})
     except RelayError as exc:  # the decision stands; only `relay status` misses it
         log.warning("chain decision not recorded: %s", exc)
 
@@ -274,7 +196,7 @@ def _push_successor(storage, run, index, notebook, api, clock, gpu_names, settle
                 f"{SESSION_CAP_ERROR} (your other GPU versions are running); start the next session by hand "
                 "once one of them ends"), index)  # fmt: skip
         return ChainDecision("stop", PUSH_FAILED, f"{exc}: start the next session by hand", index)
-    _put_json(storage, f"{_successor_dir(run, index)}/{PUSHED_FILE}", {
+    put_json(storage, f"{successor_dir(run, index)}/{PUSHED_FILE}", {
         "index": index, "version": version, "notebook": notebook, "accelerator": accelerator,
         "pushed_wall": clock.wall(), "pushed": iso(clock.wall()),
     })  # fmt: skip
@@ -293,48 +215,6 @@ def _save_waiting_for_a_slot(api, notebook, metadata, source, accelerator, sleep
             log.warning("chain: %s; trying again in %.0f s", SESSION_CAP_ERROR, wait_s)
             sleep(wait_s)
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-# ---------------------------------------------------------------- status
-
-
-@dataclass(frozen=True)
-class ChainStatus:
-    """The chain as `relay status` and the dashboard show it."""
-
-    pushed: int  # successors pushed so far
-    sessions: int  # sessions the run has recorded
-    next_queued: dict | None  # the newest pushed successor, while no session has started from it
-    stopped: str | None  # why the chain ended (a reason), None while it runs or before it ran
-    message: str = ""
-    stop_requested: bool = False
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def status_if_any(storage, run: str) -> dict | None:
-    """The chain's status as a dict for `relay status`, or None for a run that never chained."""
-    return status(storage, run).to_dict() if storage.list(f"{run}/{CHAIN_DIR}") else None
-
-
-def status(storage, run: str) -> ChainStatus:
-    from runner.state import read_sessions  # noqa: PLC0415
-
-    pushed = pushed_successors(storage, run)
-    sessions = read_sessions(storage, run)
-    started = [int(k.rsplit("/", 1)[-1][:4]) for k in storage.list(f"{run}/{CHAIN_DIR}/started") if k[-1:] != "/"]
-    queued = pushed[-1] if pushed and pushed[-1].get("index", 0) > max(started, default=0) else None
-    decisions = sorted(
-        (d for d in (_get_json(storage, k) for k in storage.list(f"{run}/{CHAIN_DIR}/decisions")) if d),
-        key=lambda d: d.get("at_wall", 0),
-    )
-    last = decisions[-1] if decisions else None
-    ended = last is not None and last.get("action") == "stop" and last.get("reason") not in (QUEUED, LOST_RACE)
-    return ChainStatus(
-        len(pushed), len(sessions), queued, last["reason"] if ended else None, last.get("message", "") if last else "",
-        storage.exists(f"{run}/{CHAIN_DIR}/{STOP_FILE}"),
-    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- entry points
@@ -439,7 +319,7 @@ def _session_quota(args: argparse.Namespace, storage, run: str, clock: Clock) ->
     source = (f"the Kaggle GPU quota ({left:.1f} h left at the session's start, GetAcceleratorQuotaStatistics)"
               if left is not None else "Kaggle's 12 h session limit")  # fmt: skip
     try:
-        _put_json(storage, f"{run}/{CHAIN_DIR}/quota/{int(now * 1000):015d}.json", {
+        put_json(storage, f"{run}/{CHAIN_DIR}/quota/{int(now * 1000):015d}.json", {
             "at_wall": now, "at": iso(now), "left_h": left, "used": source,
             "note": note,
         })  # fmt: skip

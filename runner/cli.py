@@ -14,7 +14,8 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from runner.errors import EXIT_USAGE, RelayError, exit_code_for
 from runner.flags import DEFAULT_STORAGE, build_parser
@@ -33,7 +34,9 @@ def set_without_equals(argv: Sequence[str]) -> str | None:
     return None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, contexts: Callable[..., Any] | None = None) -> int:
+    """`contexts`: how `relay train` builds a session's context (default: context.build_context; tests pass
+    their own, which wraps the storage or listens on the event bus)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     take_over(os.environ)  # secrets handed over by a notebook cell or supervisor (runner.secretfile)
     bad_set = set_without_equals(argv)
@@ -60,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # show-once registry, so it came back ~500 times a step; it is filtered here, once, for the whole process.
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast from", category=UserWarning)
     try:
-        return dispatch(args)
+        return dispatch(args, contexts=contexts)
     except RelayError as exc:
         print(f"relay: error: {exc}", file=sys.stderr)
         return exit_code_for(exc)
@@ -74,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_code_for(exc)
 
 
-def dispatch(args: argparse.Namespace) -> int:
+def dispatch(args: argparse.Namespace, *, contexts: Callable[..., Any] | None = None) -> int:
     if args.command in ("train", "plan", "doctor"):  # before anything loads: a GPU torch cannot run is exit 2
         from runner.train.gpu_arch import ensure_gpus_supported
 
@@ -84,12 +87,12 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return print_profiles()
     if args.command == "status":
-        from runner.chain import status_if_any
+        from runner.chainrecords import status_if_any
         from runner.report import print_status
 
         return print_status(args.storage, args.run, as_json=args.json, chain_of=status_if_any)
     if args.command == "doctor":
-        from runner.report import run_doctor
+        from runner.doctor import run_doctor
 
         return run_doctor(args.storage, args.profile)
     if args.command == "publish":
@@ -111,6 +114,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return daemon.command(args)
     from runner import commands
 
+    if args.command == "train" and contexts is not None:
+        return commands.train(args, contexts=contexts)
     return {
         "train": commands.train,
         "plan": commands.plan,

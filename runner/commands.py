@@ -2,8 +2,8 @@
 
 Owns: turning parsed flags into `Options`, building the `Context` a session
 works with (profile, environment, storage, work folder, event bus, clock), and
-each command's few lines of wiring: `train` starts one process per GPU or runs
-a Session under the dashboard, `plan` prints the dry run, `sample` and `export`
+each command's few lines: `train` starts one process per GPU or runs a wired
+Session under the dashboard, `plan` prints the dry run, `sample` and `export`
 work from the newest committed checkpoint. Must not: hold the lifecycle of a
 session (session.py) or decide anything a pure function can (budget, fit).
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from runner.checkpoint.manager import CheckpointManager, Restored
@@ -24,10 +25,12 @@ from runner.signals import StopFlag, install_stop_handlers
 from runner.storage.url import check_vm_storage, open_storage
 
 log = logging.getLogger(__name__)
+Contexts = Callable[..., Context]  # build_context, or a test's (a wrapped storage, a listener on the bus)
 
 
-def train(args) -> int:
-    """`relay train`: one run, or each unfinished variant of an experiment in turn while the session lasts."""
+def train(args, *, contexts: Contexts = build_context) -> int:
+    """`relay train`: one run, or each unfinished variant of an experiment in turn while the session lasts.
+    `contexts` builds each session's context (tests pass their own, built on build_context)."""
     opts = Options.from_args(args)
     profile = opts.load_profile()  # an experiment's variants are all validated here, before any model loads
     env = detect_env(workdir=opts.workdir)
@@ -45,25 +48,28 @@ def train(args) -> int:
 
         return launch_distributed(processes)  # every rank runs this command again (the whole experiment)
     if profile.variants:
-        return train_experiment(opts, profile, env, ranks)
-    return train_session(build_context(opts, profile=profile, env=env, ranks=ranks))
+        return train_experiment(opts, profile, env, ranks, contexts)
+    return train_session(contexts(opts, profile=profile, env=env, ranks=ranks))
 
 
 def train_session(ctx: Context, stop: StopFlag | None = None) -> int:
-    from runner.session import Session, logs_dir
+    from runner.finish import logs_dir
+    from runner.wiring import wire
 
     if not ctx.ranks.is_main:
-        return Session(ctx, stop=stop).run()  # other ranks train in lockstep and show nothing
+        return wire(ctx, stop=stop).run()  # other ranks train in lockstep and show nothing
     from runner.dashboard import Dashboard
     from runner.tblog import TensorBoardLogger
 
     with Dashboard.for_terminal(ctx.clock, plain=ctx.opts.plain, profile=ctx.profile) as dash:
         ctx.bus.subscribe(dash.on_event)
         TensorBoardLogger(logs_dir(ctx), run=ctx.run, config=ctx.profile.to_dict()).attach(ctx.bus)
-        return Session(ctx, stop=stop).run()
+        return wire(ctx, stop=stop).run()
 
 
-def train_experiment(opts: Options, profile: Profile, env: Env, ranks: Ranks) -> int:
+def train_experiment(
+    opts: Options, profile: Profile, env: Env, ranks: Ranks, contexts: Contexts = build_context
+) -> int:
     """Train the next unfinished variant, then the next while the session lasts (they share its deadline).
     0 when every variant is complete; 75 when the session ended first; a variant that fails with bad input
     is recorded in EXP/experiment.json and skipped (exit 2 at the end when nothing else is left)."""
@@ -82,8 +88,8 @@ def train_experiment(opts: Options, profile: Profile, env: Env, ranks: Ranks) ->
             if stop.requested:
                 return EXIT_PREEMPTED  # asked to stop between two variants
             tried.add(variant)
-            ctx = build_context(opts, profile=by_name[variant], run=runs[variant], env=env, experiment=name,
-                                ranks=ranks)  # fmt: skip
+            ctx = contexts(opts, profile=by_name[variant], run=runs[variant], env=env, experiment=name,
+                           ranks=ranks)  # fmt: skip
             try:
                 code = train_session(ctx, stop)
             except RelayError as exc:

@@ -235,7 +235,8 @@ def model_grid(storage: Storage, device: str | None = None) -> GridMaker:
         profiles = [(label, run, _profile_of(storage, run)) for label, run in pairs]
         if not device.startswith("cuda") and any(p.model.base != "tiny" for _, _, p in profiles):
             return None
-        from runner.sample import make_grid, prompt_images
+        from runner.sample import prompt_images
+        from runner.samplegrid import make_grid
         from runner.train.loading import load_parts
         from runner.train.run import unet_dtype
 
@@ -272,7 +273,7 @@ def _profile_of(storage: Storage, run: str):
 def _newest_lora(storage: Storage, run: str, work: Path):
     from safetensors.torch import load_file
 
-    from runner.checkpoint.manager import CHECKPOINT_DIR, committed_steps, step_dir_name
+    from runner.checkpoint.layout import CHECKPOINT_DIR, committed_steps, step_dir_name
 
     steps = committed_steps(storage, run)
     if not steps:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,15 +110,17 @@ class Context:
 def build_context(
     opts: Options, *, clock: Clock | None = None, env: Env | None = None, profile: Profile | None = None,
     run: str | None = None, experiment: str = "", ranks: Ranks | None = None,
+    open_store: Callable[[str], Storage] = open_storage,
 ) -> Context:  # fmt: skip
-    """`profile` and `run`: a variant of an experiment (default: the profile the options name, its run)."""
+    """`profile` and `run`: a variant of an experiment (default: the profile the options name, its run).
+    `open_store`: how the storage URL is opened (tests: a stand-in's client with a fast retry policy)."""
     profile = profile or opts.load_profile()
     if profile.variants and run is None and opts.run:  # --run VARIANT (or EXP--VARIANT): that variant's settings
         match = next((v for v in profile.variants if opts.run in (v.variant, v.run_name)), None)
         if match is not None:
             profile, run, experiment = match, match.run_name, profile.run_name
     env = env or detect_env(workdir=opts.workdir)
-    storage = open_storage(opts.storage)
+    storage = open_store(opts.storage)
     run = run or run_identity(profile, opts.run)  # the one rule; profiles of one job (T4, Kaggle 2×T4) share a run
     workdir = Path(opts.workdir or env.workdir) / run
     workdir.mkdir(parents=True, exist_ok=True)

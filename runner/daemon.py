@@ -4,13 +4,8 @@ Owns: `relay train --detach` (start a supervisor that outlives the terminal or n
 started it), the supervisor loop (run `python -m runner train …` as a child; restart it after an
 unexpected failure from the last committed checkpoint, with backoff and a bound), `relay attach`
 (the live dashboard, rebuilt from the run's events log), `relay stop` (checkpoint and stop: the
-trainer's SIGTERM handling, exit 75), and the local run folder that ties them together:
-
-    $RELAY_HOME/runs/RUN-STORAGEHASH/   (RELAY_HOME defaults to ~/.relay)
-        events.jsonl     every trainer event, one JSON line each (runner.events.EventLog)
-        state.json       the supervisor's pids, phase, restarts and final exit code
-        trainer.log      the trainer's own output (plain progress lines, errors)
-        supervisor.log   the supervisor's output (only when something is very wrong)
+trainer's SIGTERM handling, exit 75). The local run folder that ties them together is
+runner.rundir's.
 
 Restart policy (`decide`, pure): never after exit 0 (done), 2 (bad input, a refused resume), 3 (refused:
 another session holds the run, or the credentials were refused) or 75 (session over, or asked to stop),
@@ -23,8 +18,6 @@ Must not: import torch, or edit what the trainer does: the trainer is the unchan
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import signal
@@ -37,17 +30,25 @@ from pathlib import Path
 
 from runner import events as ev
 from runner.errors import EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, EXIT_REFUSED, EXIT_USAGE, UsageError
+from runner.rundir import (
+    PHASE_ENDED,
+    PHASE_RESTARTING,
+    PHASE_RUNNING,
+    PHASE_STARTING,
+    RunDir,
+    pid_alive,
+    run_dir_for,
+    runs_home,
+)
 from runner.secretfile import hand_over, take_over
 
 log = logging.getLogger(__name__)
 
-ENV_HOME = "RELAY_HOME"
 ENV_BACKOFF = "RELAY_RESTART_BACKOFF_S"  # the first restart's delay in seconds (tests shorten it)
 # Done, bad input, session over, or refused (another session holds the run, or the store refused the
 # credentials: runner/errors.py EXIT_REFUSED): restarting cannot help, the user must act first.
 NO_RESTART_CODES = (EXIT_OK, EXIT_USAGE, EXIT_PREEMPTED, EXIT_REFUSED)
 LOG_TAIL_BYTES = 4096
-PHASE_STARTING, PHASE_RUNNING, PHASE_RESTARTING, PHASE_ENDED = "starting", "running", "restarting", "ended"
 
 
 @dataclass(frozen=True)
@@ -115,91 +116,6 @@ def _last_error_line(tail: str) -> str:
     return ""
 
 
-# ---------------------------------------------------------------- the local run folder
-
-
-@dataclass(frozen=True)
-class RunDir:
-    """The local folder of one detached run (see the module docstring)."""
-
-    root: Path
-
-    @property
-    def events(self) -> Path:
-        return self.root / "events.jsonl"
-
-    @property
-    def state_file(self) -> Path:
-        return self.root / "state.json"
-
-    @property
-    def trainer_log(self) -> Path:
-        return self.root / "trainer.log"
-
-    @property
-    def supervisor_log(self) -> Path:
-        return self.root / "supervisor.log"
-
-    def read_state(self) -> dict:
-        try:
-            return json.loads(self.state_file.read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def write_state(self, **changes) -> dict:
-        state = {**self.read_state(), **changes}
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, self.state_file)
-        return state
-
-    def is_live(self) -> bool:
-        """A supervisor or trainer of this run is still running on this machine."""
-        state = self.read_state()
-        if not state or state.get("phase") == PHASE_ENDED:
-            return False
-        return any(_pid_alive(state.get(k)) for k in ("supervisor_pid", "trainer_pid"))
-
-    def is_finished(self) -> bool:
-        state = self.read_state()
-        return state.get("phase") == PHASE_ENDED and state.get("exit_code") == EXIT_OK
-
-    def committed_step(self) -> int:
-        """The newest committed step the events log knows of (a resumed session starts at one)."""
-        records, _ = ev.read_records(self.events)
-        step = 0
-        for event in ev.iter_events(records):
-            if isinstance(event, (ev.CheckpointCommitted, ev.SessionStarted)):
-                step = max(step, event.step)
-        return step
-
-
-def _pid_alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped by its parent) is not running
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def runs_home(env: Mapping[str, str]) -> Path:
-    return Path(env.get(ENV_HOME) or Path(env.get("HOME") or Path.home()) / ".relay") / "runs"
-
-
-def run_dir_for(run: str, storage: str, env: Mapping[str, str]) -> RunDir:
-    """The local folder of the run `run` in `storage`: the same run in two storages gets two folders."""
-    digest = hashlib.sha1(storage.strip().rstrip("/").encode()).hexdigest()[:8]
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run)
-    return RunDir(runs_home(env) / f"{safe}-{digest}")
-
-
 def identify(train_argv: Sequence[str], env: Mapping[str, str]) -> tuple[str, str]:
     """(run name, storage URL) of `relay train` arguments, as the trainer will see them."""
     from runner.flags import build_parser
@@ -244,7 +160,7 @@ def stop(rundir: RunDir) -> bool:
     state = rundir.read_state()
     for key in ("supervisor_pid", "trainer_pid"):  # the supervisor forwards it and will not restart
         pid = state.get(key)
-        if state.get("phase") != PHASE_ENDED and _pid_alive(pid):
+        if state.get("phase") != PHASE_ENDED and pid_alive(pid):
             os.kill(pid, signal.SIGTERM)
             return True
     return False

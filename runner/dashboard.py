@@ -1,10 +1,9 @@
 """The training dashboard: events in, a view out.
 
-Owns: `Snapshot` (everything the view shows), the pure reducer `apply(snapshot,
-event)`, the pure views `render(snapshot, now)` (a rich renderable) and
-`plain_line(snapshot, now)` (one log line), and `Dashboard`, which subscribes
-to the EventBus and draws either a rate-limited `rich.live.Live` (terminal,
-Jupyter) or a plain line every few seconds (background runs, CI, log files).
+Owns: `Dashboard`, which subscribes to the EventBus, folds each event into its `Snapshot`
+(runner.snapshot) and draws either a rate-limited `rich.live.Live` (terminal, Jupyter) or a plain line
+every few seconds (background runs, CI, log files) with the pure views of runner.dashview; and
+`should_use_live`, the choice between the two.
 
 While the live view is up, Python warnings and library log records go into its
 "warnings" section instead of the terminal: text written under a redrawing
@@ -12,8 +11,7 @@ panel leaves stale copies of it above. They are put back when it stops. A
 session that fails is shown ending with the code the command returns
 (runner.errors.exit_code_for), whatever its last event said.
 
-Must not: read anything but events (the session's budget arrives as BudgetUpdated,
-so a dashboard replayed from the events log shows it too); import torch; slow training down (events only update
+Must not: read anything but events; import torch; slow training down (events only update
 the snapshot; drawing is rate-limited and its cost is measured in
 `render_seconds_total`).
 """
@@ -29,344 +27,20 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, RenderableType
 from rich.live import Live
-from rich.panel import Panel
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
 
 from runner import events as ev
-from runner import humanize
 from runner.clock import Clock
-from runner.errors import end_reason_for, exit_code_for
-from runner.profile import VARIANT_SEPARATOR, Profile
+from runner.dashview import plain_line, render
+from runner.profile import Profile
+from runner.snapshot import Snapshot, apply, ended_by
 
-LOSS_HISTORY = 40  # losses kept for the sparkline
-WARNINGS_KEPT = 5  # distinct warning kinds shown, most recent last
-HISTORY_SHOWN = 5  # earlier sessions shown
-EMA_LOSS = 0.05  # smoothing of the loss EMA (weight of the newest value)
-EMA_STEP_S = 0.1  # smoothing of seconds per step
-SPARK = "▁▂▃▄▅▆▇█"
 # Set in the environment of a notebook kernel's children: Colab, Kaggle, any jupyter_client-launched kernel.
 NOTEBOOK_MARKERS = ("COLAB_RELEASE_TAG", "KAGGLE_KERNEL_RUN_TYPE", "JPY_PARENT_PID")
 # Events worth a plain line at once, not only every `plain_every_s`.
 # SessionEnded is printed by stop(), which knows whether the session failed (and so the exit code).
 IMPORTANT = (ev.SessionStarted, ev.CheckpointCommitted, ev.UploadFailed, ev.Warning, ev.Planned)
-# Earlier sessions recorded as "running" in a checkpoint ended without saying how (killed, disconnected).
-UNRECORDED_END = "killed"
-
-
-@dataclass(frozen=True)
-class WarningLine:
-    kind: str
-    message: str  # the latest message of this kind
-    count: int
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """What the dashboard shows. Times are monotonic seconds (the Clock's)."""
-
-    run: str = ""
-    platform: str = ""
-    gpu: str = ""
-    step: int = 0
-    target: int = 0
-    session_start_step: int = 0
-    loss: float | None = None
-    loss_ema: float | None = None
-    losses: tuple[float, ...] = ()
-    lr: float | None = None
-    step_s: float | None = None  # smoothed seconds per optimizer step
-    skipped_steps: int = 0
-    vram_used_gib: float | None = None
-    vram_peak_gib: float | None = None
-    plan: str = ""
-    cache: str = ""
-    val_loss: float | None = None
-    val_step: int | None = None
-    checkpoint_step: int | None = None
-    checkpoint_bytes: int = 0
-    checkpoint_upload_s: float = 0.0
-    checkpoint_at: float | None = None
-    upload: ev.UploadProgress | None = None
-    sample_path: str = ""
-    history: tuple[dict, ...] = ()
-    warnings: tuple[WarningLine, ...] = ()
-    ended: str = ""  # why the session ended; empty while running
-    stopping: str = ""  # the acknowledgement of a stop request (Ctrl-C, SIGTERM), shown until the end
-    # From the session's BudgetUpdated events: seconds as of `budget_at`.
-    time_left_s: float | None = None
-    next_checkpoint_in_s: float | None = None
-    session_length_s: float | None = None
-    budget_at: float = 0.0
-
-
-def apply(snapshot: Snapshot, event: ev.Event, now: float = 0.0) -> Snapshot:
-    """The snapshot after `event` (received at monotonic time `now`). Pure; unknown events change nothing."""
-    handler = _HANDLERS.get(type(event))
-    return handler(snapshot, event, now) if handler else snapshot
-
-
-def _on_started(s: Snapshot, e: ev.SessionStarted, now: float) -> Snapshot:
-    time_left = s.time_left_s if e.deadline_s is None else e.deadline_s
-    length = s.session_length_s or e.deadline_s
-    return dataclasses.replace(
-        s, run=e.run, platform=e.platform, gpu=e.gpu, step=e.step, target=e.target, session_start_step=e.step,
-        history=tuple(e.history), ended="", time_left_s=time_left, session_length_s=length, budget_at=now,
-    )  # fmt: skip
-
-
-def _on_step(s: Snapshot, e: ev.StepDone, now: float) -> Snapshot:
-    changes: dict = {"step": e.step, "target": e.target, "lr": e.lr}
-    changes["step_s"] = e.step_s if s.step_s is None else s.step_s + EMA_STEP_S * (e.step_s - s.step_s)
-    if e.vram_used_gib is not None:
-        changes["vram_used_gib"] = e.vram_used_gib
-    if e.vram_peak_gib is not None:
-        changes["vram_peak_gib"] = max(e.vram_peak_gib, s.vram_peak_gib or 0.0)
-    if e.skipped:
-        changes["skipped_steps"] = s.skipped_steps + 1
-        changes["warnings"] = _add_warning(s.warnings, "nan", f"non-finite loss at step {e.step}: update skipped")
-    else:
-        changes["loss"] = e.loss
-        changes["loss_ema"] = e.loss if s.loss_ema is None else s.loss_ema + EMA_LOSS * (e.loss - s.loss_ema)
-        changes["losses"] = (*s.losses[-(LOSS_HISTORY - 1) :], e.loss)
-    return dataclasses.replace(s, **changes)
-
-
-def _on_committed(s: Snapshot, e: ev.CheckpointCommitted, now: float) -> Snapshot:
-    upload = None if s.upload is None or s.upload.step == e.step else s.upload
-    return dataclasses.replace(
-        s, checkpoint_step=e.step, checkpoint_bytes=e.bytes, checkpoint_upload_s=e.upload_s, checkpoint_at=now,
-        upload=upload,
-    )  # fmt: skip
-
-
-def _on_upload_failed(s: Snapshot, e: ev.UploadFailed, now: float) -> Snapshot:
-    message = f"upload of step {e.step} failed ({e.error}); local copy: {e.local_copy}"
-    return dataclasses.replace(s, upload=None, warnings=_add_warning(s.warnings, "upload", message))
-
-
-def _on_planned(s: Snapshot, e: ev.Planned, now: float) -> Snapshot:
-    gc = "on" if e.gradient_checkpointing else "off"
-    plan = f"micro-batch {e.micro_batch} × accum {e.grad_accum}, grad checkpointing {gc}"
-    return dataclasses.replace(s, plan=f"{plan} ({e.reason})" if e.reason else plan)
-
-
-def _on_ended(s: Snapshot, e: ev.SessionEnded, now: float) -> Snapshot:
-    return dataclasses.replace(s, step=e.step, target=e.target, ended=f"{e.reason} (exit {e.exit_code})")
-
-
-def _add_warning(warnings: tuple[WarningLine, ...], kind: str, message: str) -> tuple[WarningLine, ...]:
-    """Keep the latest message and a count per kind; the most recent kinds last."""
-    count = next((w.count for w in warnings if w.kind == kind), 0)
-    kept = tuple(w for w in warnings if w.kind != kind)
-    return (*kept, WarningLine(kind, message, count + 1))[-WARNINGS_KEPT:]
-
-
-_HANDLERS: dict[type, Callable[[Snapshot, object, float], Snapshot]] = {
-    ev.SessionStarted: _on_started,
-    ev.StepDone: _on_step,
-    ev.CheckpointCommitted: _on_committed,
-    ev.UploadFailed: _on_upload_failed,
-    ev.Planned: _on_planned,
-    ev.SessionEnded: _on_ended,
-    ev.Validated: lambda s, e, now: dataclasses.replace(s, val_loss=e.val_loss, val_step=e.step),
-    ev.UploadProgress: lambda s, e, now: dataclasses.replace(s, upload=e),
-    ev.CacheProgress: lambda s, e, now: dataclasses.replace(s, cache=f"{e.what} {e.done}/{e.total}"),
-    ev.SampleSaved: lambda s, e, now: dataclasses.replace(s, sample_path=e.path),
-    ev.Warning: lambda s, e, now: _on_warning(s, e, now),
-    ev.BudgetUpdated: lambda s, e, now: dataclasses.replace(
-        s, time_left_s=e.time_left_s, next_checkpoint_in_s=e.next_checkpoint_in_s, budget_at=now
-    ),
-}
-
-
-def _on_warning(s: Snapshot, e: ev.Warning, now: float) -> Snapshot:
-    stopping = e.message if e.kind == "signal" and not s.stopping else s.stopping
-    return dataclasses.replace(s, warnings=_add_warning(s.warnings, e.kind, e.message), stopping=stopping)
-
-
-def ended_by(s: Snapshot, exc: BaseException) -> Snapshot:
-    """The snapshot of a session that failed with `exc`: its end shows the code the command returns."""
-    return dataclasses.replace(s, ended=f"{end_reason_for(exc)} (exit {exit_code_for(exc)})")
-
-
-# ---- formatting helpers (pure) ----
-
-
-def sparkline(values: tuple[float, ...] | list[float]) -> str:
-    """One block character per value, scaled between the min and max of `values`."""
-    if not values:
-        return ""
-    low, high = min(values), max(values)
-    span = high - low
-    if span <= 0:
-        return SPARK[len(SPARK) // 2] * len(values)
-    return "".join(SPARK[min(len(SPARK) - 1, int((v - low) / span * len(SPARK)))] for v in values)
-
-
-format_duration = humanize.duration  # 12 s · 4 min · 2 h 05 min
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
-def eta_seconds(s: Snapshot) -> float | None:
-    """Seconds of training left at the current pace, or None before the first step."""
-    if s.step_s is None or s.target <= 0:
-        return None
-    return max(0, s.target - s.step) * s.step_s
-
-
-def time_left(s: Snapshot, now: float) -> float | None:
-    return None if s.time_left_s is None else max(0.0, s.time_left_s - (now - s.budget_at))
-
-
-def eta_text(s: Snapshot, now: float) -> str:
-    """'ETA 12 min · this session' or 'ETA 30 h · about 3 sessions' (counting this one)."""
-    eta = eta_seconds(s)
-    text = humanize.eta(eta)
-    left = time_left(s, now)
-    if eta is None or left is None or not s.session_length_s:
-        return text
-    if eta <= left:
-        return f"{text} · this session"
-    sessions = 1 + humanize.sessions_for((eta - left) / 3600, s.session_length_s / 3600)
-    return f"{text} · about {sessions} sessions"
-
-
-def _rate_text(s: Snapshot) -> str:
-    if not s.step_s:
-        return "— s/step"
-    return f"{1 / s.step_s:.2f} steps/s · {s.step_s:.2f} s/step"
-
-
-def _loss_text(s: Snapshot) -> str:
-    if s.loss is None:
-        return "loss —"
-    return f"loss {s.loss:.4f} · ema {s.loss_ema:.4f}"
-
-
-def _budget_text(s: Snapshot, now: float) -> str:
-    left = time_left(s, now)
-    parts = ["session left " + ("—" if left is None else format_duration(left))]
-    if s.next_checkpoint_in_s is not None:
-        due = max(0.0, s.next_checkpoint_in_s - (now - s.budget_at))
-        parts.append(f"next checkpoint in {format_duration(due)}")
-    return " · ".join(parts)
-
-
-def _checkpoint_text(s: Snapshot, now: float) -> str:
-    if s.checkpoint_step is None:
-        text = "none yet"
-    else:
-        ago = format_duration(now - s.checkpoint_at) if s.checkpoint_at is not None else "?"
-        size = format_bytes(s.checkpoint_bytes)
-        text = f"step {s.checkpoint_step} · {size} in {s.checkpoint_upload_s:.0f} s · {ago} ago"
-    return text
-
-
-def _upload_text(u: ev.UploadProgress) -> str:
-    pct = 100 * u.done_bytes / u.total_bytes if u.total_bytes else 0
-    done, total = format_bytes(u.done_bytes), format_bytes(u.total_bytes)
-    return f"step {u.step}: {done} / {total} ({pct:.0f}%) at {format_bytes(u.rate_bps)}/s"
-
-
-def _vram_text(s: Snapshot) -> str:
-    if s.vram_used_gib is None:
-        return "—"
-    peak = f" · peak {s.vram_peak_gib:.1f} GiB" if s.vram_peak_gib is not None else ""
-    return f"{s.vram_used_gib:.1f} GiB{peak}"
-
-
-def _session_row(entry: Mapping) -> str:
-    """One sessions.jsonl entry; keys are read leniently (platform, gpu, step_from/step_to or steps, reason)."""
-    steps = entry.get("steps")
-    for first, last in (("step_from", "step_to"), ("start_step", "end_step")):
-        if first in entry and last in entry:
-            steps = f"{entry[first]}→{entry[last]}"
-            break
-    how = entry.get("reason", entry.get("ended", "?"))
-    how = UNRECORDED_END if how == "running" else how  # an earlier session cannot be running now
-    return f"{entry.get('platform', '?')} {entry.get('gpu', '?')} · steps {steps if steps is not None else '?'} · {how}"
-
-
-# ---- views (pure) ----
-
-
-def render(snapshot: Snapshot, now: float) -> RenderableType:
-    """The dashboard as a rich renderable. Pure: the same snapshot and `now` give the same output."""
-    s = snapshot
-    pct = 100 * s.step / s.target if s.target else 0.0
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold", no_wrap=True)
-    grid.add_column()
-    progress = f"step {s.step} / {s.target} ({pct:.1f}%) · {eta_text(s, now)}" if s.target else "starting…"
-    grid.add_row("progress", progress)
-    grid.add_row("", ProgressBar(total=max(1, s.target), completed=s.step, width=60))
-    grid.add_row("loss", f"{_loss_text(s)} {sparkline(s.losses)}")
-    grid.add_row("speed", _rate_text(s) + (f" · lr {s.lr:.2e}" if s.lr is not None else ""))
-    grid.add_row("budget", _budget_text(s, now))
-    grid.add_row("gpu mem", _vram_text(s))
-    grid.add_row("checkpoint", _checkpoint_text(s, now))
-    if s.upload is not None:
-        grid.add_row("upload", _upload_text(s.upload))
-    if s.val_loss is not None:
-        grid.add_row("validation", f"val loss {s.val_loss:.4f} at step {s.val_step}")
-    rows = (("plan", s.plan), ("cache", s.cache), ("sample", s.sample_path), ("stopping", s.stopping),
-            ("ended", s.ended))  # fmt: skip
-    for label, value in rows:
-        if value:
-            grid.add_row(label, value)
-    parts: list[RenderableType] = [grid]
-    if s.history or s.platform:
-        parts.append(_history_table(s))
-    if s.warnings:
-        parts.append(_warnings_text(s))
-    title = f"relay · {s.run or 'run'} · {s.platform or '?'} {s.gpu}".rstrip()
-    return Panel(Group(*parts), title=title, title_align="left")
-
-
-def _history_table(s: Snapshot) -> Text:
-    lines = [f"#{i} {_session_row(h)}" for i, h in enumerate(s.history, 1)][-HISTORY_SHOWN:]
-    now_row = f"{s.platform} {s.gpu} · steps {s.session_start_step}→{s.step} · {s.ended or 'running'}"
-    lines.append(f"#{len(s.history) + 1} {now_row}")
-    return Text("sessions\n" + "\n".join("  " + line for line in lines))
-
-
-def _warnings_text(s: Snapshot) -> Text:
-    lines = [f"  {w.kind} ×{w.count}: {w.message}" for w in s.warnings]
-    return Text("warnings\n" + "\n".join(lines), style="yellow")
-
-
-def plain_line(snapshot: Snapshot, now: float) -> str:
-    """One line for logs: step, loss, pace, ETA, memory, checkpoint, budget. Pure."""
-    s = snapshot
-    if not s.target:  # before SessionStarted: only the plan or the cache build is known
-        return "relay | starting" + "".join(f" | {v}" for v in (s.plan, s.cache and f"cache {s.cache}") if v)
-    pct = 100 * s.step / s.target
-    parts = [f"step {s.step}/{s.target} ({pct:.1f}%)", _loss_text(s), _rate_text(s), eta_text(s, now)]
-    if s.vram_used_gib is not None:
-        parts.append(f"vram {_vram_text(s)}")
-    if s.checkpoint_step is not None:
-        parts.append(f"ckpt step {s.checkpoint_step}")
-    if s.upload is not None:
-        parts.append(f"uploading {format_bytes(s.upload.done_bytes)}/{format_bytes(s.upload.total_bytes)}")
-    if s.time_left_s is not None:
-        parts.append(_budget_text(s, now))
-    if s.skipped_steps:
-        parts.append(f"skipped {s.skipped_steps}")
-    if s.ended:
-        parts.append(f"ended: {s.ended}")
-    variant = (s.run or "").partition(VARIANT_SEPARATOR)[2]  # an experiment's run EXP--VARIANT: name the variant
-    return "relay | " + (f"variant {variant} | " if variant else "") + " | ".join(parts)
 
 
 def should_use_live(console: Console, env: Mapping[str, str]) -> bool:

@@ -1,9 +1,9 @@
 """One writer per run: a lease in RUN/lease.json with a heartbeat.
 
-Owns: acquiring, renewing and releasing the lease, and reading it for
-`relay status`. A session holds the lease while it trains; another session
-refuses to start (LeaseHeld) while the holder's heartbeat is fresher than
-`timeout_s`, unless told to take over.
+Owns: the protocol of acquiring, renewing (the `Heartbeat` thread) and releasing the lease, and the
+fence. The record in lease.json and the judgement of its holder's life are runner.leaserecord's. A
+session holds the lease while it trains; another session refuses to start (LeaseHeld) while the
+holder's heartbeat is fresher than `timeout_s`, unless told to take over.
 
 Where the storage offers compare-and-swap (`update_if_unchanged`: the Hugging Face
 Hub, whose commits can require a parent), acquiring, renewing and releasing are
@@ -44,99 +44,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 
 from runner.clock import Clock, iso
 from runner.errors import LeaseHeld, LeaseLapsed, LeaseLost, StorageError
+from runner.leaserecord import DEFAULT_TIMEOUT_S, LEASE_FILE, LeaseRecord, parse_lease, read_lease
 from runner.storage import CompareAndSwap, Storage, capability
 from runner.storage.blobs import read_bytes, write_bytes
 from runner.storage.retry import deadline
 
 log = logging.getLogger(__name__)
-
-LEASE_FILE = "lease.json"
-DEFAULT_TIMEOUT_S = 300.0  # seconds; a heartbeat every third of it, so two missed beats still keep the lease
-
-
-@dataclass(frozen=True)
-class LeaseRecord:
-    holder: str  # human-readable: "platform:host:pidN:session"
-    token: str  # random per acquire; tells two sessions of one host apart
-    since: str  # ISO time the holder acquired it
-    heartbeat_wall: float  # Unix seconds of the last heartbeat
-    timeout_s: float = DEFAULT_TIMEOUT_S  # the holder's own: a heartbeat older than this means it is dead
-
-    def age_s(self, now_wall: float) -> float:
-        return max(0.0, now_wall - self.heartbeat_wall)
-
-    def is_fresh(self, now_wall: float) -> bool:
-        """Whether the heartbeat is younger than the holder's timeout (its holder may be alive)."""
-        return self.age_s(now_wall) < self.timeout_s
-
-    def is_live(self, now_wall: float, host: str, is_running: Callable[[int], bool]) -> bool:
-        """The one judgement of a holder's life (the lease, relay status, the session's take-over): a fresh
-        heartbeat, and, when the holder is a process of `host`, that process still running."""
-        return self.is_fresh(now_wall) and not holder_died_on(self.holder, host, is_running)
-
-    @property
-    def session_id(self) -> str:
-        """The holder's session id (the last part of the holder string)."""
-        return self.holder.rsplit(":", 1)[-1]
-
-
-def read_lease(storage: Storage, run: str) -> LeaseRecord | None:
-    """The current lease, or None if free (missing or unreadable: a torn lease protects nothing)."""
-    return _parse_lease(read_bytes(storage, f"{run}/{LEASE_FILE}"), f"{storage.url}/{run}/{LEASE_FILE}")
-
-
-def _parse_lease(raw: bytes | None, where: str) -> LeaseRecord | None:
-    if raw is None:
-        return None
-    try:
-        data = json.loads(raw)
-        return LeaseRecord(
-            holder=str(data["holder"]),
-            token=str(data["token"]),
-            since=str(data["since"]),
-            heartbeat_wall=float(data["heartbeat_wall"]),
-            timeout_s=float(data.get("timeout_s", DEFAULT_TIMEOUT_S)),
-        )
-    except (ValueError, KeyError, TypeError):
-        log.warning("%s is unreadable; treating the run as free", where)
-        return None
-
-
-def holder_died_on(holder: str, host: str, is_running: Callable[[int], bool]) -> bool:
-    """Whether `holder` ("platform:host:pidN:session") is a process of `host` that no longer runs.
-
-    Such a lease (left by a crash or a kill on this machine) may be taken at once; one from another
-    machine cannot be judged from here and must age past the timeout, or be taken with --take-over."""
-    parts = holder.split(":")
-    if len(parts) < 3 or parts[1] != host or not parts[2].startswith("pid"):
-        return False
-    pid = parts[2].removeprefix("pid")
-    return pid.isdigit() and int(pid) > 0 and not is_running(int(pid))
-
-
-def pid_is_running(pid: int) -> bool:
-    """Whether process `pid` of this machine still runs. A zombie (killed, not yet reaped by its parent) answers
-    kill(pid, 0) but runs no more: it is gone (proc(5): state "Z" in /proc/PID/stat)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError, OverflowError):
-        return True  # someone else's process, or not a pid: not provably gone
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no procfs (not Linux): kill(pid, 0) is all we know
-    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]  # the name in parentheses may hold spaces
 
 
 class Heartbeat:
@@ -316,7 +236,7 @@ class Lease:
 
     def _fence_check(self, raw: bytes | None) -> None:
         """Raise LeaseLost unless `raw` (lease.json's content) is our lease."""
-        current = _parse_lease(raw, f"{self.storage.url}/{self.key}")
+        current = parse_lease(raw, f"{self.storage.url}/{self.key}")
         if current is None or current.token != self._token:
             holder = current.holder if current else "unknown (lease.json was removed by someone else)"
             age = current.age_s(self.clock.wall()) if current else 0.0
@@ -388,7 +308,7 @@ class Lease:
         """Write our record with token decide(current) (None: delete it); decide raises LeaseHeld to refuse."""
 
         def to_bytes(raw: bytes | None) -> bytes | None:
-            token = decide(_parse_lease(raw, f"{self.storage.url}/{self.key}"))
+            token = decide(parse_lease(raw, f"{self.storage.url}/{self.key}"))
             return None if token is None else self._encode(token)
 
         self.storage.update_if_unchanged(self.key, to_bytes)  # type: ignore[attr-defined]

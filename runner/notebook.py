@@ -3,11 +3,10 @@
     from runner import notebook
     notebook.run(profile="sdxl-naruto-t4", storage="gdrive://My Drive/relay", release_gpu=True)
 
-Owns what only the notebook's kernel can do, because Colab's services talk to the frontend through
-the kernel (colabtools google/colab/_message.py uses get_ipython().kernel; a `!` child has none):
-reading Colab or Kaggle secrets, Colab's sign-in (auth.authenticate_user) for Drive without a
-Google Cloud project, mounting Drive, and ending the runtime (runtime.unassign) once the final
-commit is verified. It then does the right thing for this run, every time the same cell runs:
+Owns the cell's supervision of the trainer; what only the notebook's kernel can read (Colab or Kaggle
+secrets, Colab's sign-in for Drive, the Drive mount) is runner/notebookenv.py's. Ending the runtime
+(runtime.unassign) once the final commit is verified is done here. It does the right thing for this run,
+every time the same cell runs:
 
     a trainer for this run is alive on this VM    → follow it
     the run is complete in its storage             → show the result (final/, sample grid, loss plot)
@@ -31,26 +30,31 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner import colabkernel, daemon
+from runner import daemon
 from runner import events as ev
 from runner.errors import EXIT_OK, EXIT_PREEMPTED, RelayError
+from runner.notebookenv import (
+    CHAIN_SECRET_NAMES,
+    add_secrets,
+    colab_sign_in,
+    flush_drive,
+    is_headless,
+    mount_drive,
+    platform_of,
+    trainer_env,
+    uses_mount,
+)
+from runner.rundir import RunDir, run_dir_for
 from runner.storage.url import VM_STORAGE_OPT_IN, check_vm_storage, is_vm_local
 
-SECRET_NAMES = ("RELAY_GDRIVE_CREDENTIALS", "HF_TOKEN")
-# The user's own Kaggle credential, for the chain only: the API token ("Generate New Token"), or a legacy key
-CHAIN_SECRET_NAMES = ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY")
-ADC = "application-default"
-"""RELAY_GDRIVE_CREDENTIALS value that tells the trainer to use Google's application-default credentials
-(what Colab's sign-in installs; runner/storage/credentials.py)."""
 KAGGLE_RELEASE_NOTE = (
     "relay: release_gpu=True is ignored on Kaggle: a notebook cannot end its own Kaggle session; a "
     "'Save & Run All' version stops when its last cell ends, an interactive session when you stop it"
 )
-MOUNT_POINT = "/content/drive"  # colabtools' documented mount point; runner.storage.colab uses the same
 REDRAW_EVERY_S = 1.0
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 MEANING = {
@@ -76,84 +80,6 @@ class Outcome:
     exit_code: int | None  # None: still training (the cell stopped following it)
     local_dir: str  # the run's local folder: events.jsonl, trainer.log
     message: str = ""
-
-
-# ---------------------------------------------------------------- platform and secrets
-
-
-def platform_of(env: Mapping[str, str]) -> str:
-    """kaggle, colab or local. Kaggle first: Kaggle's image is built on Colab's and sets COLAB_RELEASE_TAG
-    too (Kaggle/docker-python #1444); only Kaggle sets KAGGLE_KERNEL_RUN_TYPE."""
-    if "KAGGLE_KERNEL_RUN_TYPE" in env or "KAGGLE_URL_BASE" in env:
-        return "kaggle"
-    if "COLAB_RELEASE_TAG" in env or "COLAB_GPU" in env:
-        return "colab"
-    return "local"
-
-
-def read_secret(platform: str, name: str) -> str | None:
-    """A notebook secret, read in the kernel; None when it does not exist or this notebook may not read it."""
-    from runner.storage.credentials import colab_secret, kaggle_secret
-
-    if platform == "colab":
-        return colabkernel.asking_twice(lambda n: colab_secret(n, on_denied=_say_denied))(name)
-    return kaggle_secret(name) if platform == "kaggle" else None
-
-
-def _say_denied(name: str) -> None:
-    print(f"relay: the Colab secret {name} was not used: this notebook was denied access to it "
-          "(grant it in the 🔑 Secrets panel, then run the cell again)")  # fmt: skip
-
-
-def trainer_env(platform: str, storage: str, env: Mapping[str, str], *, sign_in: Callable[[], None]) -> dict[str, str]:
-    """The trainer's environment: `env` plus the secrets it needs (never printed)."""
-    child = dict(env)
-    wanted = [n for n in SECRET_NAMES if n != "RELAY_GDRIVE_CREDENTIALS" or storage.startswith("gdrive://")]
-    _add_secrets(platform, child, wanted)
-    needs_drive = storage.startswith("gdrive://") and not child.get("RELAY_GDRIVE_CREDENTIALS")
-    if needs_drive and not child.get("GOOGLE_APPLICATION_CREDENTIALS") and platform == "colab":
-        sign_in()  # one consent click; installs application-default credentials with Drive access
-        child.update({k: v for k, v in os.environ.items() if k in ("GOOGLE_APPLICATION_CREDENTIALS",)})
-        child["RELAY_GDRIVE_CREDENTIALS"] = ADC
-    return child
-
-
-def _add_secrets(platform: str, env: dict[str, str], names: Sequence[str]) -> None:
-    """Fill `env` with the notebook secrets `names` it lacks (read in the kernel; never printed)."""
-    for name in names:
-        if not env.get(name):
-            value = read_secret(platform, name)
-            if value:
-                env[name] = value
-
-
-def colab_sign_in() -> None:
-    from google.colab import auth  # type: ignore[import-not-found]
-
-    auth.authenticate_user()
-
-
-def mount_drive(mount_point: str = MOUNT_POINT) -> None:
-    colabkernel.mount_drive(mount_point)
-
-
-def flush_drive(mount_point: str = MOUNT_POINT) -> None:
-    colabkernel.flush_drive(mount_point)
-
-
-def uses_mount(storage: str) -> bool:
-    return storage == "drive" or storage.rstrip("/") == MOUNT_POINT or storage.startswith(MOUNT_POINT + "/")
-
-
-def is_headless(env: Mapping[str, str]) -> bool:
-    """Kaggle's "Save & Run All" (a batch run), or not in a notebook kernel at all."""
-    if env.get("KAGGLE_KERNEL_RUN_TYPE") == "Batch":
-        return True
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return True
-    return getattr(get_ipython(), "kernel", None) is None
 
 
 # ---------------------------------------------------------------- the cell
@@ -207,7 +133,7 @@ def run(
     child = trainer_env(platform, storage, env, sign_in=colab_sign_in)
     argv = train_args(profile, storage, run=run, overrides=overrides, hours=hours, workdir=workdir, extra=extra)
     name, url = daemon.identify(argv, child)
-    rundir = daemon.run_dir_for(name, url, child)
+    rundir = run_dir_for(name, url, child)
     if rundir.is_live():
         print(f"relay: run {name!r} is training on this VM; following it ({rundir.root})")
     elif is_complete(name, url, child):
@@ -249,7 +175,7 @@ def _chain(platform: str, child: Mapping[str, str], args: list[str]) -> str:
     """`python -m runner.chain begin|after …` (docs/chain.md), for a profile with session.chain = "kaggle".
     The Kaggle API key is read here, in the kernel, and given to that process alone (never the trainer)."""
     env = dict(child)
-    _add_secrets(platform, env, CHAIN_SECRET_NAMES)
+    add_secrets(platform, env, CHAIN_SECRET_NAMES)
     _ensure_chain_client(env)
     proc = subprocess.run([sys.executable, "-m", "runner.chain", *args], capture_output=True, text=True, env=env,
                           timeout=900)  # fmt: skip
@@ -289,7 +215,7 @@ def quota_end(said: str) -> dict[str, str]:
     return {}
 
 
-def _follow(rundir: daemon.RunDir, *, headless: bool) -> int | None:
+def _follow(rundir: RunDir, *, headless: bool) -> int | None:
     """Show the dashboard until the trainer ends (its exit code), or None when the cell is interrupted."""
     view = PlainView() if headless else CellView()
     try:
@@ -357,7 +283,7 @@ def stop(storage: str, run: str | None = None, *, profile: str | None = None) ->
 
     if not run and not profile:
         raise ValueError("name the run (run=…) or the profile that trains it (profile=…)")
-    return daemon.stop(daemon.run_dir_for(run or identify_run(profile or ""), storage, os.environ))
+    return daemon.stop(run_dir_for(run or identify_run(profile or ""), storage, os.environ))
 
 
 def show_result(run: str, storage: str, workdir: str | None) -> None:
@@ -415,14 +341,14 @@ class CellView:
         from IPython.display import display
 
         from runner.clock import SystemClock
-        from runner.dashboard import Snapshot
+        from runner.snapshot import Snapshot
 
         self.clock, self.width, self.snapshot = SystemClock(), width, Snapshot()
         self.handle = display({"text/plain": "relay: waiting for the trainer…"}, raw=True, display_id=True)
         self.drawn_at = 0.0
 
     def on_event(self, event: ev.Event) -> None:
-        from runner.dashboard import apply
+        from runner.snapshot import apply
 
         self.snapshot = apply(self.snapshot, event, self.clock.monotonic())
         if isinstance(event, ev.Warning):
@@ -437,7 +363,7 @@ class CellView:
     def draw(self) -> None:
         from rich.console import Console
 
-        from runner.dashboard import render
+        from runner.dashview import render
 
         console = Console(file=io.StringIO(), record=True, width=self.width, force_terminal=True, force_jupyter=False)
         console.print(render(self.snapshot, self.clock.monotonic()))

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from runner import budget, budgetsim, humanize
+from runner import budget, budgetsim, costs, humanize
 from runner.fit import candidate_plans
 from runner.report import read_status
 from runner.runinfo import resolve_target, sets_target
 from runner.state import read_run_info
 
-ESTIMATE_GPUS = ("T4", "H200")  # the GPUs with published step times (runner.budget.STEP_S_PER_1024_EXAMPLE)
+ESTIMATE_GPUS = ("T4", "H200")  # the GPUs with published step times (runner.costs.STEP_S_PER_1024_EXAMPLE)
 
 
 def print_plan(ctx, *, probe: bool = False, console: Console | None = None) -> int:
@@ -63,13 +63,13 @@ def print_plan(ctx, *, probe: bool = False, console: Console | None = None) -> i
         console.print(f"  note: {note}")
     if rate is None and not env.gpus:  # no GPU here, nothing measured: what published figures predict
         for name in ESTIMATE_GPUS:
-            prior = budget.profile_step_prior(p, name, 1)
+            prior = costs.profile_step_prior(p, name, 1)
             console.print(f"estimate on one {name}: about {prior.step_s:.2f} s/step, {humanize.duration(left * prior.step_s)} "
                           f"of training for the {left} steps to go ({prior.source})")  # fmt: skip
         console.print("  (estimates: the first session measures the real step time)")
         return 0
     if rate is None:  # nothing measured yet: the published figure for this GPU class
-        prior = budget.profile_step_prior(p, env.gpus[0].name, len(env.gpus))
+        prior = costs.profile_step_prior(p, env.gpus[0].name, len(env.gpus))
         step_s = prior.step_s
         console.print(f"step time: about {step_s:.2f} s/step on {env.gpu_summary}, an estimate "
                       f"({prior.source}); the first session measures the real one")  # fmt: skip
@@ -78,7 +78,7 @@ def print_plan(ctx, *, probe: bool = False, console: Console | None = None) -> i
     if hours_left is not None:
         sim = budgetsim.simulate_session(
             hours=hours_left, steps_left=left, step_s=step_s,
-            checkpoint_s=budget.PRIOR_CHECKPOINT_S, upload_s=budget.PRIOR_UPLOAD_S,
+            checkpoint_s=costs.PRIOR_CHECKPOINT_S, upload_s=costs.PRIOR_UPLOAD_S,
             every_min=p.checkpoint.every_min, max_overhead_pct=p.checkpoint.max_overhead_pct,
             margin_s=p.session.margin_min * 60,
         )  # fmt: skip
@@ -124,7 +124,7 @@ def print_experiment(ctx, console: Console) -> None:
     for (name, run), v in zip(variant_runs(p, ctx.opts.run), p.variants, strict=True):
         step = read_status(ctx.storage, run).step if read_run_info(ctx.storage, run, missing_ok=True) else 0
         left = max(0, v.train.steps - step)
-        hours = left * budget.profile_step_prior(v, "T4", 1).step_s / 3600
+        hours = left * costs.profile_step_prior(v, "T4", 1).step_s / 3600
         note = ""
         if v.lora.text_encoder:  # the encoders run forward and backward at every step
             hours *= TEXT_ENCODER_STEP_FACTOR

@@ -1,32 +1,26 @@
 """The only orchestrator: one session of a run, from lease to exit code.
 
-Owns: the lifecycle of one session — lease, restore, cache, fit, the step
-loop with its checkpoint and stop decisions, the final checkpoint and final/ —
-and mapping how it ends to an exit code (0 target reached, 75 run again, else
-an error). The parts below it know nothing of each other; only this module
-calls them. What a pure function can decide (budget.py, fit.py) is decided
-there, not here. Commands and the Context live in commands.py, the launcher of
-several ranks in launch.py. torch is imported only through runner.train,
-lazily, so `relay status` and the tests of this wiring start without it.
+Owns: the lifecycle of one session — lease, restore, the step loop with its
+checkpoint and stop decisions, the final checkpoint — and mapping how it ends
+to an exit code (0 target reached, 75 run again, else an error). It builds
+none of its parts: runner.wiring hands it the lease, the checkpoint manager,
+the training side, the caches to set up (caches.py) and what the session
+leaves when it ends (finish.py), so the tests hand it fakes. What a pure
+function can decide (budget.py, fit.py) is decided there, not here. torch is
+imported only by the parts, lazily: the tests of this lifecycle run without it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
-from dataclasses import replace
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Protocol
 
-from runner import budget, events, quota
-from runner.checkpoint.manager import CheckpointManager, Restored
-from runner.checkpoint.store import (
-    COMPILE_CACHE_FILE,
-    FolderStore,
-    ensure_latent_cache_in_pieces,
-    fetch_compile_cache,
-    store_compile_cache,
-)
+from runner import budget, costs, events, quota
+from runner.caches import SessionCaches
+from runner.checkpoint.manager import CheckpointManager
 from runner.clock import iso
 from runner.context import Context
 from runner.errors import (
@@ -35,60 +29,75 @@ from runner.errors import (
     EXIT_USAGE,
     Interrupted,
     LeaseLapsed,
-    RelayError,
     StorageError,
     UsageError,
     end_reason_for,
     exit_code_for,
 )
-from runner.handoff import Handoff, launch_id
-from runner.lease import Lease, holder_died_on, pid_is_running, read_lease
+from runner.finish import SessionFinish
+from runner.lease import Lease
+from runner.leaserecord import holder_died_on, read_lease
 from runner.report import session_history
 from runner.runinfo import ensure_run_info, new_state, resolve_target, sets_target
 from runner.signals import StopFlag, install_stop_handlers
-from runner.state import RunState, append_session, read_run_info, read_sessions
-from runner.storage import WritesBackLate, capability
-from runner.storage.fenced import FencedStorage
-from runner.storage.url import is_vm_local
+from runner.state import RunState, read_run_info, read_sessions
+from runner.storage import Storage
 
 log = logging.getLogger(__name__)
 BUDGET_EVENT_EVERY_S = 5.0  # how often the views hear the budget: a countdown in minutes needs no more
-TEST_CACHE_DELAY_ENV = "RELAY_TEST_CACHE_DELAY_S"  # tests only: seconds of delay before each cache piece
 # tests only: seconds added to each step, so the fault tests' kills land inside a run whatever the machine's speed
 TEST_STEP_DELAY_ENV = "RELAY_TEST_STEP_DELAY_S"
 
 
-def logs_dir(ctx: Context) -> Path:
-    """This session's TensorBoard folder; each session writes its own files, uploaded when it ends."""
-    return ctx.workdir / "logs" / ctx.session_id
+class Training(Protocol):
+    """The training side as the session uses it (runner.wiring's TorchTraining; fakes in the tests)."""
+
+    def place(self, ctx: Context):
+        """This rank's placement (device, rank, world), its process group joined."""
+
+    def agree(self, placement, *flags: bool) -> tuple[bool, ...]:
+        """Rank 0's flags, on every rank."""
+
+    def start(self, ctx: Context, cache_dir, placement, state: RunState):
+        """A training run (model, data, the fit's plan) for `state`; it steps, snapshots and restores."""
+
+    def close(self) -> None:
+        """Leave the process group, if one was joined."""
+
+
+@dataclass
+class SessionParts:
+    """What a session works with, built by runner.wiring.wire (or by a test, from fakes)."""
+
+    lease: Lease
+    fenced: Storage  # the run's storage behind the lease (rank 0); the plain storage on other ranks
+    ckpts: CheckpointManager
+    training: Training
+    caches: SessionCaches  # the latent and compile caches, set up before the first step
+    finish: SessionFinish  # the session's record, logs, loss curve, final/, GPU release
+    is_running: Callable[[int], bool]  # whether a process of this machine runs (a dead holder's lease)
 
 
 class Session:
     """One session of a run. `run()` returns the process exit code."""
 
-    def __init__(self, ctx: Context, *, stop: StopFlag | None = None) -> None:
+    def __init__(self, ctx: Context, parts: SessionParts, *, stop: StopFlag | None = None) -> None:
         self.ctx = ctx
         self.stop = stop  # an experiment's sessions share one: a stop asked during one variant ends them all
         self._budget_sent_at: float | None = None  # monotonic time of the last BudgetUpdated
         self.is_main = ctx.ranks.is_main
-        self.lease = Lease(ctx.storage, ctx.run, ctx.holder, clock=ctx.clock)
-        # every write that matters asks the lease first: a session that lost the run writes nothing more
-        self.fenced = FencedStorage(ctx.storage, self.lease.assert_held) if self.is_main else ctx.storage
-        self.ckpts = CheckpointManager(
-            self.fenced, ctx.run, ctx.workdir, keep=ctx.profile.checkpoint.keep, bus=ctx.bus, clock=ctx.clock
-        )
-        self.store = FolderStore(self.fenced, ctx.run, ctx.workdir)  # latent cache, compile cache, final/
-        world = ctx.ranks.world
-        prior = budget.profile_step_prior(ctx.profile, ctx.env.gpu_summary, world)  # until a step is measured
-        self.meter = budget.CostMeter(step_prior_s=prior.step_s)
+        self.lease, self.fenced, self.ckpts = parts.lease, parts.fenced, parts.ckpts
+        self.training, self.caches, self.finish = parts.training, parts.caches, parts.finish
+        self.is_running = parts.is_running
+        prior = costs.profile_step_prior(ctx.profile, ctx.env.gpu_summary, ctx.ranks.world)  # until one is measured
+        self.meter = costs.CostMeter(step_prior_s=prior.step_s)
         self.started_wall = ctx.clock.wall()
         self.step_from = self.step = 0
         self.train_s = self.checkpoint_s = 0.0
-        self.compile_key: str | None = None  # set when this session reuses or may store compiled kernels
-        self.compile_cache_loaded = False
         self.upload_started: float | None = None
         self.checkpointed_step: int | None = None  # the newest step staged in this session
         self.reason = "running"  # until the session knows how it ends
+        self.refused_new_run = False  # a new run refused as bad input: its files go before the lease does
         self.test_step_delay_s = float(os.environ.get(TEST_STEP_DELAY_ENV) or 0)  # tests only (see above)
         ctx.bus.subscribe(self._on_event)
 
@@ -114,8 +123,9 @@ class Session:
                 except Interrupted:
                     self.reason = "signal"
                     raise
-                except BaseException:
+                except BaseException as exc:
                     self.reason = "error"
+                    self.refused_new_run = is_new and exit_code_for(exc) == EXIT_USAGE
                     raise
                 finally:
                     self._close()
@@ -126,26 +136,10 @@ class Session:
                 self.reason, code = end_reason_for(exc), exit_code_for(exc)
                 raise
             finally:
-                if is_new and code == EXIT_USAGE:
-                    self._forget_refused_run()
                 ctx.bus.emit(events.SessionEnded(self.step, ctx.profile.train.steps, self.reason, code))
-                self._leave_process_group()
+                if self.ctx.ranks.world > 1:  # one process never imports torch.distributed here
+                    self.training.close()
         return code
-
-    def _forget_refused_run(self) -> None:
-        """A new run refused as bad input (its dataset, its plan) trained nothing: remove what this session
-        wrote for it (run.json, sessions.jsonl, logs), so a typo leaves no run behind. Best effort."""
-        try:
-            for key in self.ctx.storage.list(self.ctx.run):
-                self.ctx.storage.delete(key)
-        except StorageError as exc:
-            log.warning("could not remove the refused run's files: %s", exc)
-
-    def _leave_process_group(self) -> None:
-        if self.ctx.ranks.world > 1:  # one process never imports torch.distributed here
-            from runner.train.run import close_distributed
-
-            close_distributed()
 
     def _settle_target(self) -> None:
         """The run's target is the run's: run.json's, unless `--set train.steps=N` changes it on purpose.
@@ -164,7 +158,7 @@ class Session:
         """A lease left by a process of this machine that no longer runs (a crash, a kill) is taken at once;
         one from another machine must age past its timeout, or be taken with --take-over."""
         record = read_lease(self.ctx.storage, self.ctx.run)
-        if record is None or not holder_died_on(record.holder, self.ctx.env.host, pid_is_running):
+        if record is None or not holder_died_on(record.holder, self.ctx.env.host, self.is_running):
             return False
         self.ctx.bus.emit(
             events.Warning(f"taking over the lease of {record.holder}: that process is gone", kind="lease")
@@ -178,40 +172,16 @@ class Session:
         if self.lease.is_lost:  # another session may be writing the run now: leave everything to it
             self.lease.release()
             return
-        try:
-            append_session(self.ctx.storage, self.ctx.run, self.session_record())
-        except StorageError as exc:
-            log.warning("could not record the session in sessions.jsonl: %s", exc)
-        self._upload_logs()
-        self._loss_curve(self.ctx.workdir / "loss.png")
+        if self.refused_new_run:  # removed while the lease is ours: once released, the run may be another's
+            self.finish.forget_run(keep=self.lease.key)
+        else:
+            self.finish.record_session(self.session_record())
+            self.finish.upload_logs()
+            self.finish.loss_curve()
         why = self.lease.release()
         if why:  # a finished run says why its lease stays (the store did not answer), never exits 1 for it
             self.ctx.bus.emit(events.Warning(why, kind="lease"))
-        late = capability(self.ctx.storage, WritesBackLate)
-        if late is not None:  # the Colab mount: push what it holds before the VM can die
-            late.flush()
-
-    def _upload_logs(self) -> None:
-        """TensorBoard files grow during a session, so they go up once, at its end, under the session's id."""
-        folder = logs_dir(self.ctx)
-        for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
-            if path.is_file():
-                key = f"{self.ctx.run}/logs/{self.ctx.session_id}/{path.relative_to(folder).as_posix()}"
-                try:
-                    self.ctx.storage.put(path, key)
-                except StorageError as exc:
-                    log.warning("log file %s not uploaded: %s", path.name, exc)
-
-    def _loss_curve(self, out: Path) -> Path | None:
-        """RUN/loss.png: train and validation loss over every session so far. Best effort."""
-        from runner.losscurve import update_loss_curve
-
-        try:
-            # RUN/logs/ holds one folder per session: this session's is there already, the others are fetched
-            return update_loss_curve(self.ctx.storage, self.ctx.run, logs_dir(self.ctx).parent, out)
-        except (OSError, ValueError, StorageError) as exc:
-            self.ctx.bus.emit(events.Warning(f"loss curve not drawn: {exc}", kind="logs"))
-            return None
+        self.finish.flush()
 
     def session_record(self) -> dict:
         env, now = self.ctx.env, self.ctx.clock.wall()
@@ -226,12 +196,8 @@ class Session:
         }  # fmt: skip
 
     def _train(self, stop) -> int:
-        from runner.train.run import Placement, TrainingRun, agree, init_distributed
-
         ctx = self.ctx
-        ranks = ctx.ranks
-        placement = Placement.detect(rank=ranks.rank, world=ranks.world, local_rank=ranks.local_rank)
-        init_distributed(placement)
+        placement = self.training.place(ctx)
         restored = self.ckpts.latest(ctx.workdir / "restore" / f"rank{placement.rank}")  # ranks share the workdir
         state = restored.state if restored and restored.state else new_state(ctx)
         state = replace(state, target=ctx.profile.train.steps)  # the run's target, settled at the start
@@ -241,28 +207,18 @@ class Session:
         if state.step >= ctx.profile.train.steps:
             self.reason = "completed"
             if self.is_main:
-                self._finish_from_checkpoint(state, restored, placement.device)
+                self.finish.from_checkpoint(state, restored, placement.device)
             return EXIT_OK
-        (has_time,) = agree(placement, self._has_time_to_train(state))  # rank 0's answer, on every rank
+        (has_time,) = self.training.agree(placement, self._has_time_to_train(state))  # rank 0's, on every rank
         if not has_time:
             self.reason = "budget"
             return EXIT_PREEMPTED
-        cache_dir = self._cache(placement)
-        self._restore_compile_cache(placement)  # before the fit's probe step compiles anything
-        tr = TrainingRun(
-            ctx.profile,
-            cache_dir,
-            placement=placement,
-            bus=ctx.bus,
-            stored_plan=state.plan or None,
-            stored_gpu=_last_gpu(state),
-            gpu_name=ctx.env.gpu_summary,
-        )
+        cache_dir = self.caches.latent_cache(placement)
+        self.caches.restore_compile_cache(placement)  # before the fit's probe step compiles anything
+        tr = self.training.start(ctx, cache_dir, placement, state)
         if restored is not None:
             tr.restore(restored.dir, state.trainer)
-        from runner.train.cache import cache_fingerprint
-
-        state = replace(state, plan=tr.plan.to_dict(), cache_fingerprint=cache_fingerprint(ctx.profile))
+        state = replace(state, plan=tr.plan.to_dict(), cache_fingerprint=self.caches.fingerprint())
         deadline = budget.session_deadline(ctx.env, ctx.profile, ctx.clock)
         ctx.bus.emit(events.SessionStarted(
             ctx.run, ctx.env.platform, ctx.env.gpu_summary, state.step, state.target,
@@ -271,94 +227,7 @@ class Session:
         self._warn_quota(state)
         return self._loop(tr, state, deadline, stop)
 
-    def _cache(self, placement) -> Path:
-        """The latent cache, built (in committed pieces) or fetched by rank 0 while the others wait for it
-        in the work folder, not in a collective (runner.handoff says why)."""
-        return Path(self._shared_setup(placement, "latent-cache", lambda: str(self._build_cache(placement))))
-
-    def _build_cache(self, placement) -> Path:
-        from runner.train.cache import PieceBuilder, cache_fingerprint, merge_pieces, piece_ranges
-
-        profile, bus = self.ctx.profile, self.ctx.bus
-        ranges = piece_ranges(profile)
-        builder = PieceBuilder(profile, total=ranges[-1][1] if ranges else 0, bus=bus, device=placement.device)
-        delay_s = float(os.environ.get(TEST_CACHE_DELAY_ENV) or 0)
-
-        def build_piece(start: int, stop: int, folder: Path) -> None:
-            if delay_s:  # tests only: a cache build longer than the (shortened) collective timeout
-                time.sleep(delay_s)
-            builder(start, stop, folder)
-
-        store, cache_fp = self.store, cache_fingerprint(profile)
-        if self.ctx.experiment:  # the variants of an experiment share one cache: EXP/cache/FP
-            from runner.experiment import shared_cache_profile
-
-            workdir = self.ctx.workdir.parent / self.ctx.experiment
-            store, cache_fp = (
-                FolderStore(self.ctx.storage, self.ctx.experiment, workdir),
-                cache_fingerprint(shared_cache_profile(profile)),
-            )
-        try:
-            local, built = ensure_latent_cache_in_pieces(store, cache_fp, ranges, build_piece, merge_pieces, bus)
-        finally:
-            builder.close()
-        if built:
-            log.info("latent cache: built %d of %d pieces in this session", built, len(ranges))
-        return local
-
-    def _shared_setup(self, placement, what: str, work) -> str:
-        """Rank 0 runs `work` (setup every rank needs) and marks it done in the shared work folder; the other
-        ranks poll for the mark. No rank waits in a collective meanwhile: a collective times out (NCCL: 10
-        minutes) long before a first latent cache is built on a T4."""
-        if placement.world == 1:
-            return work()
-        handoff = Handoff(self.ctx.workdir, launch_id())
-        if not self.is_main:
-            return handoff.wait(what)
-        result = work()
-        handoff.mark(what, result)
-        return result
-
-    def _restore_compile_cache(self, placement) -> None:
-        """Load the kernels an earlier session compiled on this GPU model and torch, when stored: the first
-        step then skips most of torch.compile's work. Best effort: without them the step compiles."""
-        ctx = self.ctx
-        if not placement.device.startswith("cuda") or ctx.profile.train.compile == "off":
-            return
-        from runner.train.compiling import load_compile_artifacts
-        from runner.train.run import compile_cache_key_of
-
-        self.compile_key = compile_cache_key_of(placement)
-        name = f"compile-cache/{self.compile_key}"
-
-        def fetch() -> str:  # the ranks share the work folder: rank 0 fetches for all, the others wait for its mark
-            return "stored" if fetch_compile_cache(self.store, self.compile_key, ctx.bus) is not None else "none"
-
-        self._shared_setup(placement, "compile-cache", fetch)
-        if not self.store.is_local(name):
-            return
-        try:
-            load_compile_artifacts((self.store.local(name) / COMPILE_CACHE_FILE).read_bytes())
-            self.compile_cache_loaded = True
-        except Exception as exc:  # a cache from another build of torch must never stop training
-            ctx.bus.emit(events.Warning(f"stored compile cache not used ({exc}); compiling", kind="compile"))
-
-    def _store_compile_cache(self, tr) -> None:
-        """After the first compiled step, store what it compiled for the sessions after this one."""
-        if not (self.is_main and self.compile_key and tr.trainer.compiled) or self.compile_cache_loaded:
-            return
-        from runner.train.compiling import compile_artifacts
-
-        try:
-            blob = compile_artifacts()
-            if blob:
-                store_compile_cache(self.store, self.compile_key, blob)
-        except (RuntimeError, OSError, StorageError) as exc:  # a cache is an optimisation: never cost training
-            self.ctx.bus.emit(events.Warning(f"compile cache not stored ({exc})", kind="compile"))
-
     def _loop(self, tr, state: RunState, deadline: float | None, stop) -> int:
-        from runner.train.run import agree
-
         ctx = self.ctx
         target = ctx.profile.train.steps
         last_ckpt_at = ctx.clock.monotonic()
@@ -370,7 +239,7 @@ class Session:
             bctx = self._budget(deadline, last_ckpt_at, target - state.step)
             self._send_budget(bctx)
             action = budget.next_action(bctx, has_new_steps=state.step != (self.checkpointed_step or self.step_from))
-            stopping, due = agree(tr.placement, stop.requested or action is budget.Action.STOP,
+            stopping, due = self.training.agree(tr.placement, stop.requested or action is budget.Action.STOP,
                                   action is budget.Action.CHECKPOINT)  # fmt: skip
             if stopping:
                 self.reason = "signal" if stop.requested else "budget"
@@ -384,7 +253,7 @@ class Session:
             result = tr.step(state.step)
             step_s = result.seconds + self._test_step_delay()
             if state.step == self.step_from:
-                self._store_compile_cache(tr)
+                self.caches.store_compile_cache(tr)
             self.train_s += step_s
             self.meter.add_step(step_s - result.setup_s)  # a new shape's compile/capture is setup
             state = replace(state, step=state.step + 1, plan=tr.plan.to_dict())  # a back-off is resumed from
@@ -472,8 +341,8 @@ class Session:
         self.reason = "completed"
         if self.is_main:
             sessions = [*self._prior_sessions(state), self.session_record()]
-            self._commit_final(tr.lora_weights(), state.step, sessions, tr.placement.device, unet=tr.unet)
-            self._release_gpu()
+            self.finish.commit_final(tr.lora_weights(), state.step, sessions, tr.placement.device, unet=tr.unet)
+            self.finish.release_gpu()
         return EXIT_OK
 
     def _say_if_upload_outlasts(self, deadline: float | None, step: int) -> None:
@@ -521,45 +390,6 @@ class Session:
     def _prior_sessions(self, state: RunState) -> list[dict]:
         return [s for s in state.sessions if s.get("id") != self.ctx.session_id]
 
-    def _finish_from_checkpoint(self, state: RunState, restored: Restored, device: str) -> None:
-        """The target was reached earlier: make sure final/ exists (a kill may have come before it)."""
-        if self.store.is_committed("final"):
-            self.ctx.bus.emit(events.Notice(f"run already complete at step {state.step}; final/ is in storage"))
-            return
-        from runner.train.run import read_lora_file
-
-        self._commit_final(read_lora_file(restored.dir), state.step, state.sessions, device)
-
-    def _commit_final(self, lora_sd, steps: int, sessions: list[dict], device: str, unet=None) -> None:
-        from runner.export import commit_final
-
-        curve = self._loss_curve(self.ctx.workdir / "loss.png")  # final/ carries it too
-        commit_final(self.store, self.ctx.profile, lora_sd, steps=steps, sessions=sessions, device=device, unet=unet,
-                     bus=self.ctx.bus, loss_curve=curve)  # fmt: skip
-        from runner.publish import publish_at_completion
-
-        try:
-            publish_at_completion(self.ctx.storage, self.ctx.run, self.ctx.profile.publish)
-        except RelayError as exc:  # final/ is committed; publishing can be retried by hand
-            self.ctx.bus.emit(events.Warning(f"publishing final/ failed: {exc}; run relay publish to retry",
-                                             kind="upload"))  # fmt: skip
-
-    def _release_gpu(self) -> None:
-        if self.ctx.profile.session.release_gpu and self.ctx.env.platform == "colab":
-            if is_vm_local(self.ctx.opts.storage):  # the only copy of final/ would go with the VM
-                self.ctx.bus.emit(events.Warning("release_gpu ignored: the run's storage is on this VM's disk; "
-                                                 "download final/ first", kind="storage"))  # fmt: skip
-                return
-            late = capability(self.ctx.storage, WritesBackLate)
-            if late is not None:
-                late.flush()
-            from google.colab import runtime  # only on Colab
-
-            try:
-                runtime.unassign()  # POSTs the release, then needs the notebook kernel (colabtools runtime.py)
-            except AttributeError:  # a `!` child: the VM is already released; the notebook cell does this itself
-                log.info("runtime.unassign() outside the notebook kernel: use the notebook cell's release_gpu")
-
     def _warn_quota(self, state: RunState) -> None:
         if self.ctx.env.platform != "kaggle":
             return
@@ -568,7 +398,3 @@ class Session:
         message = quota.quota_warning(left, state.target - state.step, self.meter.step_s, len(self.ctx.env.gpus))
         if message:
             self.ctx.bus.emit(events.Warning(message, kind="quota"))
-
-
-def _last_gpu(state: RunState) -> str | None:
-    return state.sessions[-1].get("gpu") if state.sessions else None

@@ -1,8 +1,9 @@
 """Checkpoints of one run: stage locally, upload in the background, commit, rotate, restore.
 
-Owns: RUN/checkpoints/step-XXXXXXXX/ folders. `stage` writes a checkpoint to
-local disk (fast: no network); `stage_snapshot` only takes the caller's snapshot
-(a copy in host memory) and leaves writing it to local disk to the worker.
+Owns: the lifecycle of RUN/checkpoints/step-XXXXXXXX/ folders (their names and listing are
+runner.checkpoint.layout's). `stage` writes a checkpoint to local disk (fast: no network);
+`stage_snapshot` only takes the caller's snapshot (a copy in host memory) and leaves writing it
+to local disk to the worker.
 `submit` hands it to one background worker that writes it if needed, uploads it
 with the commit protocol (files first, COMMIT.json last), verifies the commit,
 and only then deletes older checkpoints (COMMIT.json first, so a half-deleted
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import shutil
 import threading
 from collections.abc import Callable
@@ -28,6 +28,14 @@ from pathlib import Path
 from typing import Protocol
 
 from runner import events
+from runner.checkpoint.layout import (
+    CHECKPOINT_DIR,
+    STATE_FILE,
+    committed_steps,
+    step_dir_name,
+    step_folders,
+    step_of_dir,
+)
 from runner.checkpoint.manifest import COMMIT, commit_folder, fetch_folder, write_manifest
 from runner.clock import Clock, SystemClock
 from runner.errors import CheckpointCorrupt, LeaseHeld, LeaseLapsed, ProfileError, RelayError, StorageError
@@ -37,38 +45,8 @@ from runner.storage.retry import RetryPolicy, call_with_retry, should_retry_agai
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.json"
-CHECKPOINT_DIR = "checkpoints"  # RUN/checkpoints/step-N/
 UPLOAD_ATTEMPTS = 5  # tries of one whole commit on transient errors no backend has retried already
 RETRY_MAX_WAIT_S = 60.0  # longest wait between two tries of a whole commit
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def step_of_dir(name: str) -> int | None:
-    """The step of a checkpoint folder name ("step-00000400" → 400); None for any other name."""
-    match = _STEP_DIR.match(name)
-    return int(match.group(1)) if match else None
-
-
-def committed_steps(storage: Storage, run: str) -> list[int]:
-    """Steps whose RUN/checkpoints/step-N/ holds a COMMIT.json, ascending (not verified: `latest` verifies)."""
-    return sorted(s for s, names in step_folders(storage, f"{run}/{CHECKPOINT_DIR}").items() if COMMIT in names)
-
-
-def step_folders(storage: Storage, prefix: str) -> dict[int, set[str]]:
-    """step → file names (relative to the step folder) of the checkpoint folders under `prefix`."""
-    folders: dict[int, set[str]] = {}
-    for key in storage.list(prefix):
-        rest = key[len(prefix) + 1 :] if key.startswith(prefix + "/") else ""
-        head, _, name = rest.partition("/")
-        step = step_of_dir(head)
-        if step is not None and name:
-            folders.setdefault(step, set()).add(name)
-    return folders
 
 
 class Snapshot(Protocol):
@@ -337,7 +315,7 @@ class CheckpointManager:
         older checkpoint; they are replaced when training reaches them again).
         """
         try:
-            folders = self._folders()
+            folders = step_folders(self.storage, self.prefix)
             older = sorted((s for s, names in folders.items() if s < committed and COMMIT in names), reverse=True)
             doomed = set(older[self.keep - 1 :])
             doomed |= {s for s, names in folders.items() if s < committed and COMMIT not in names}  # orphans
@@ -373,28 +351,20 @@ class CheckpointManager:
 
     # ---- listing and restore -----------------------------------------------------------------
 
-    def _folders(self) -> dict[int, set[str]]:
-        """step → file names (relative to the step folder) under RUN/checkpoints/."""
-        return step_folders(self.storage, self.prefix)
-
     def committed_steps(self) -> list[int]:
         """Steps whose folder has a COMMIT.json, ascending (not verified: `latest` verifies)."""
-        return sorted(s for s, names in self._folders().items() if COMMIT in names)
+        return committed_steps(self.storage, self.run)
 
     def latest(self, local_dir: Path) -> Restored | None:
         """Fetch the newest committed checkpoint that verifies into local_dir/step-N; None if there is none."""
-        folders = self._folders()
+        folders = step_folders(self.storage, self.prefix)
         uncommitted = sorted(s for s, names in folders.items() if COMMIT not in names)
         if uncommitted:
             log.debug("ignoring checkpoint folders without COMMIT.json: %s", uncommitted)
             if not self._warned_uncommitted:
                 self._warned_uncommitted = True
-                self.bus.emit(
-                    events.Warning(
-                        f"ignored unfinished checkpoint uploads (no COMMIT.json) at steps {uncommitted}",
-                        kind="checkpoint",
-                    )
-                )
+                why = f"ignored unfinished checkpoint uploads (no COMMIT.json) at steps {uncommitted}"
+                self.bus.emit(events.Warning(why, kind="checkpoint"))
         for step in sorted((s for s in folders if s not in uncommitted), reverse=True):
             restored = self._try_restore(step, Path(local_dir) / step_dir_name(step))
             if restored is not None:
@@ -410,9 +380,8 @@ class CheckpointManager:
         except CheckpointCorrupt as exc:
             shutil.rmtree(dest, ignore_errors=True)
             log.warning("checkpoint step %d unusable: %s", step, exc)
-            self.bus.emit(
-                events.Warning(f"checkpoint step {step} is unusable ({exc}); trying an older one", kind="checkpoint")
-            )
+            why = f"checkpoint step {step} is unusable ({exc}); trying an older one"
+            self.bus.emit(events.Warning(why, kind="checkpoint"))
             return None
         return Restored(step, dest, manifest["meta"], state)
 

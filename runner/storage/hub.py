@@ -3,93 +3,47 @@
 Owns: `HubStorage` (put/get/list/delete/exists over huggingface_hub's HfApi, each write one
 commit), what the Hub allows beyond the contract (`commit_folder`: a checkpoint's files and its
 COMMIT.json in ONE atomic commit; `delete_folder`: one commit; `update_if_unchanged`: a
-compare-and-swap on the branch head through create_commit's `parent_commit`), opening the repo
-(token check, private repo created on first use), staying inside the Hub's rate limits, and
-keeping the repo's history bounded (super-squash).
+compare-and-swap on the branch head; `fence`: every commit conditional on the run's lease), the map
+from keys to paths in the repo (under an optional folder), and opening the repo (token check,
+private repo created on first use).
 
-Ambiguous failures: when a commit's answer is lost (connection dropped, 5xx), the server may
-have applied it. Every commit's title carries a unique operation id; before trying again the
-backend reads the branch's commits and, if its id is there, takes the commit as done. It never
-retries blindly into a duplicate (huggingface_hub's own `_send_commit` warns of exactly that).
+Below it, each with one concern: runner.storage.hubcalls makes the calls and commits (the shared
+retry policy, error mapping, staying inside the Hub's rate limits, no duplicate commit after a lost
+answer, the bounded history); runner.storage.hubfence makes commits conditional on the branch head
+(compare-and-swap, the lease's fence); runner.storage.hubwire does the reads over plain HTTP, since
+the client's own read calls retry inside; runner.storage.hubhttp gives every request a deadline.
 
-Fencing (`fence`): while a session holds the run's lease, every commit but the lease's own is
-conditional (`parent_commit`) on a head at which lease.json was ours; a 412 makes the backend read
-the real head from the commit listing and check the lease there again: still ours, it commits on
-that head; taken, the check raises LeaseLost and nothing is written.
-
-Retries: one policy (runner.storage.retry) per operation: 429 (waiting at least the server's
-Retry-After or RateLimit reset), 5xx, dropped connections and requests that time out (runner.storage.hubhttp
-gives every request a deadline). Reads (listings, the commit list, downloads) go
-through runner.storage.hubwire as plain HTTP, since the client's own read calls retry inside.
-
-Must not: print, log or store the token (messages pass through `_redact`); import torch; be
-imported unless an hf:// URL is used (huggingface_hub loads lazily here).
+Must not: print, log or store the token; import torch; be imported unless an hf:// URL is used
+(huggingface_hub loads lazily here).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
-import tempfile
-import threading
-import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import Any
 
 from runner.clock import Clock, SystemClock
-from runner.errors import EXIT_USAGE, CredentialsError, RelayError, StorageError, UsageError
+from runner.errors import StorageError, UsageError
 from runner.storage import hubhttp
-from runner.storage.hubhttp import error_code_of as _error_code
+from runner.storage.hubcalls import ENV_TOKEN, HubAccessError, HubCalls, HubLimits
+from runner.storage.hubfence import Fence, FencedCommits
+from runner.storage.hubhttp import TOKENS_PAGE
 from runner.storage.hubhttp import status_of as _status
 from runner.storage.hubwire import HubWire
-from runner.storage.retry import RetryPolicy, call_with_retry, time_left_s
+from runner.storage.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 SCHEME = "hf://"
-ENV_TOKEN = "HF_TOKEN"
 ENV_ENDPOINT = "HF_ENDPOINT"
 """The Hub to talk to (huggingface_hub's own variable); tests point it at the stand-in on 127.0.0.1."""
 ENV_COMMITS_PER_HOUR = "RELAY_HUB_COMMITS_PER_HOUR"
 """Test/advanced: the sustained commit rate instead of HubLimits' 100 (a stand-in Hub has no limit)."""
 DEFAULT_ENDPOINT = "https://huggingface.co"
-TOKENS_PAGE = "https://huggingface.co/settings/tokens"
 OTHER_REPO_TYPES = ("dataset", "space")
-CAS_TRIES = 8  # compare-and-swap rounds before giving up (each lost round means another commit landed)
-CAS_PAUSE_S = 0.5  # first pause between two compare-and-swap rounds, doubled each round, jittered ×0.5..1.5
-Fence = Callable[[bytes | None], None]
-"""Given lease.json's content at a head, raises unless the lease there is still ours."""
-
-
-@dataclass(frozen=True)
-class HubLimits:
-    """How the backend stays inside the Hub's limits (docs/storage.md shows the arithmetic)."""
-
-    commits_per_hour: float = 100.0
-    """Sustained commit rate, below the Hub's 128 commits per hour per repo."""
-    commit_burst: int = 20
-    """Commits allowed back to back before the spacing applies (a session's start writes a few files)."""
-    squash_every_commits: int = 100
-    """Super-squash the branch after a delete once this many commits piled up since the last squash."""
-
-    @property
-    def commit_spacing_s(self) -> float:
-        """Minimum average spacing of commits, in seconds (36 s at 100 per hour)."""
-        return 3600.0 / self.commits_per_hour
-
-
-class HubAccessError(CredentialsError):
-    """The token cannot do what the run needs (read-only, no rights on the repo, a repo of another type). Exit 2."""
-
-    exit_code = EXIT_USAGE
-
-
-class CommitConflict(StorageError):
-    """The branch moved since the revision a compare-and-swap was based on (HTTP 412)."""
 
 
 def parse_hf_url(url: str) -> tuple[str, str]:
@@ -183,18 +137,18 @@ class HubStorage:
         self.prefix = prefix.strip("/")
         self.url = url or f"{SCHEME}{repo_id}" + (f"/{self.prefix}" if self.prefix else "")
         self._clock = clock or SystemClock()
-        self._retry = retry or RetryPolicy()
         self.limits = limits or HubLimits()
-        self._lock = threading.Lock()
-        self._tokens = float(self.limits.commit_burst)  # the commit bucket
-        self._refilled_at = self._clock.monotonic()
-        self.commits_since_squash = 0
-        self._fence: tuple[str, Fence] | None = None  # (lease path, check) while a session holds the lease
-        self._fence_head: str | None = None  # a head at which the lease was ours: the parent of the next commit
-        self._random = random.Random()
+        self._calls = HubCalls(api, self._wire, repo_id=repo_id, url=self.url, clock=self._clock,
+                                   retry=retry or RetryPolicy(), limits=self.limits)  # fmt: skip
+        self._fenced = FencedCommits(self._calls, self._wire, url=self.url, clock=self._clock)
 
     def __repr__(self) -> str:
         return f"HubStorage({self.url!r})"
+
+    @property
+    def commits_since_squash(self) -> int:
+        """Commits made through this instance since the last super-squash."""
+        return self._calls.commits_since_squash
 
     # ---- opening -------------------------------------------------------------------------------
     def ensure_repo(self, *, private: bool = True) -> None:
@@ -215,12 +169,12 @@ class HubStorage:
                     f"{self.url}: {self.repo_id} is a {other} repo; Relay stores runs in a model repo",
                     hint="choose another name in --storage hf://USER/REPO (a new private model repo is created)",
                 )
-        self._call("create the repo", "", lambda: self._create_repo(private))
+        self._calls.run("create the repo", "", lambda: self._create_repo(private))
         log.info("created %s model repo %s", "private" if private else "public", self.repo_id)
 
     def account(self) -> dict:
         """whoami-v2 for the token: name, organisations, the token's role. Rate-limited on the Hub: called once."""
-        return self._call("check the token", "", lambda: self._api.whoami())
+        return self._calls.run("check the token", "", lambda: self._api.whoami())
 
     def _exists_as(self, repo_type: str) -> bool:
         from huggingface_hub.utils import RepositoryNotFoundError
@@ -232,7 +186,7 @@ class HubStorage:
             except RepositoryNotFoundError:
                 return False
 
-        return self._call("open the repo", "", look)
+        return self._calls.run("open the repo", "", look)
 
     def _create_repo(self, private: bool) -> None:
         from huggingface_hub.utils import HfHubHTTPError
@@ -256,17 +210,17 @@ class HubStorage:
         path = self._path(key)
         if not Path(local_file).is_file():
             raise StorageError(f"cannot read {local_file} to upload it as {key!r}", key=key)
-        self._commit(f"put {key}", key, lambda ops: [ops.Add(path, Path(local_file))])
+        self._fenced.commit(f"put {key}", key, lambda ops: [ops.Add(path, Path(local_file))])
 
     def get(self, key: str, local_file: Path) -> None:
         path = self._path(key)
-        self._call("download", key, lambda: self._download(path, key, Path(local_file)))
+        self._calls.run("download", key, lambda: self._download(path, key, Path(local_file)))
 
     def list(self, prefix: str) -> list[str]:
         clean = prefix.strip("/")
         if clean:
             self._path(clean)
-        found = self._call("list", clean or "/", lambda: self._wire.list_files(self._join(clean)))
+        found = self._calls.run("list", clean or "/", lambda: self._wire.list_files(self._join(clean)))
         strip = len(self.prefix) + 1 if self.prefix else 0
         return sorted(path[strip:] for path in found)
 
@@ -274,19 +228,19 @@ class HubStorage:
         path = self._path(key)
         if not self.exists(key):
             return
-        self._commit(f"delete {key}", key, lambda ops: [ops.Delete(path)], missing_ok=True)
+        self._fenced.commit(f"delete {key}", key, lambda ops: [ops.Delete(path)], missing_ok=True)
 
     def exists(self, key: str) -> bool:
         path = self._path(key)
-        return self._call("check", key, lambda: self._wire.exists(path))
+        return self._calls.run("check", key, lambda: self._wire.exists(path))
 
-    # ---- beyond the contract: atomic folders and compare-and-swap ------------------------------
+    # ---- beyond the contract: atomic folders, compare-and-swap, the fence ----------------------
     def commit_folder(self, local_dir: Path, key_prefix: str, names: list[str]) -> None:
         """Upload local_dir/NAME for every name (COMMIT.json among them) as ONE commit under `key_prefix`."""
         base = key_prefix.strip("/")
         keys = [f"{base}/{name}" if base else name for name in names]
         files = [(self._path(key), Path(local_dir) / name) for key, name in zip(keys, names, strict=True)]
-        self._commit(f"commit {base or '/'}", base, lambda ops: [ops.Add(path, src) for path, src in files])
+        self._fenced.commit(f"commit {base or '/'}", base, lambda ops: [ops.Add(path, src) for path, src in files])
 
     def delete_folder(self, key_prefix: str) -> None:
         """Remove everything under `key_prefix` in one commit; then squash the history when it is due."""
@@ -294,181 +248,35 @@ class HubStorage:
         path = self._path(base)
         if not self.list(base):
             return
-        self._commit(f"delete {base}/", base, lambda ops: [ops.Delete(path + "/", is_folder=True)], missing_ok=True)
+        self._fenced.commit(
+            f"delete {base}/", base, lambda ops: [ops.Delete(path + "/", is_folder=True)], missing_ok=True
+        )
         self.maybe_squash()
 
     def update_if_unchanged(self, key: str, decide: Callable[[bytes | None], bytes | None]) -> bytes | None:
         """Compare-and-swap on `key`: read it at the branch head H, write decide(content) (None: delete) in a
         commit whose parent must be H. If another commit landed meanwhile (412), read again and decide again.
-        `decide` may raise to refuse (e.g. LeaseHeld); returns what was written."""
-        path = self._path(key)
-        for round_ in range(CAS_TRIES):
-            self._pause(round_)
-            head, current = self._call("read", key, lambda: self._read_at_head(path, key))
-            new = decide(current)
-            make = _update_operations(path, new)
-            if new is None and current is None:
-                return None
-            try:
-                self._commit(f"update {key}", key, make, parent=head)
-                return new
-            except CommitConflict:
-                log.info("%s/%s changed while updating it; reading it again", self.url, key)
-        raise StorageError(f"{self.url}/{key}: could not update it: the repo kept changing", key=key, transient=True)
+        `decide` may raise to refuse (e.g. LeaseHeld); returns what was written (runner.storage.hubfence)."""
+        return self._fenced.update_if_unchanged(self._path(key), key, decide)
 
     def fence(self, lease_key: str, check: Fence | None) -> None:
         """From now on (until fence(key, None)) every commit without a parent of its own is conditional on a
         head at which `check(content of lease_key)` passes; `check` raises (LeaseLost) to refuse."""
         if check is None:
-            with self._lock:
-                self._fence, self._fence_head = None, None
-            return
-        with self._lock:
-            self._fence, self._fence_head = (self._path(lease_key), check), None
-        try:
-            self._confirm_fence(lease_key)
-        except StorageError as exc:  # the next commit confirms it first; nothing goes unfenced meanwhile
-            log.info("%s: the fence's head is not known yet (%s)", self.url, exc)
-
-    def _confirm_fence(self, key: str, fence: tuple[str, Fence] | None = None) -> None:
-        """Read the real head and the lease there; the fence's check raises when it is not ours."""
-        fence = fence or self._fence
-        if fence is None:
-            return
-        path, check = fence
-        head, current = self._call("read", key, lambda: self._read_at_head(path, key))
-        check(current)
-        with self._lock:
-            self._fence_head = head
-
-    def _pause(self, round_: int) -> None:
-        """Backoff with jitter between compare-and-swap rounds (none before the first)."""
-        if round_:
-            self._clock.sleep(CAS_PAUSE_S * 2 ** (round_ - 1) * self._random.uniform(0.5, 1.5))
+            self._fenced.unfence()
+        else:
+            self._fenced.fence(self._path(lease_key), lease_key, check)
 
     def maybe_squash(self) -> bool:
         """Super-squash the branch if `squash_every_commits` commits piled up (old checkpoints' files leave the
         history, so the repo's storage stops growing). True if it squashed."""
-        if self.commits_since_squash < self.limits.squash_every_commits:
-            return False
-        self._call(
-            "squash history",
-            "",
-            lambda: self._api.super_squash_history(self.repo_id, commit_message="relay: squash history"),
-        )
-        self.commits_since_squash = 0
-        log.info("squashed the history of %s", self.repo_id)
-        return True
+        return self._calls.maybe_squash()
 
-    # ---- commits -------------------------------------------------------------------------------
-    def _commit(
-        self,
-        what: str,
-        key: str,
-        operations: Callable[[Any], list],
-        *,
-        parent: str | None = None,
-        missing_ok: bool = False,
-    ) -> str:
-        """One commit; while fenced and given no parent, conditional on a head where the lease is ours."""
-        fence = self._fence
-        if parent is not None or fence is None:
-            return self._commit_once(what, key, operations, parent=parent, missing_ok=missing_ok)
-        for round_ in range(CAS_TRIES):
-            self._pause(round_)
-            if self._fence_head is None:
-                self._confirm_fence(key, fence)
-            try:
-                return self._commit_once(what, key, operations, parent=self._fence_head, missing_ok=missing_ok)
-            except CommitConflict:
-                log.info("%s: the branch moved before %s; checking the lease at the new head", self.url, what)
-                self._confirm_fence(key, fence)
-        raise StorageError(f"could not {what} {self.url}/{key}: the repo kept changing", key=key, transient=True)
-
-    def _commit_once(
-        self,
-        what: str,
-        key: str,
-        operations: Callable[[Any], list],
-        *,
-        parent: str | None = None,
-        missing_ok: bool = False,
-    ) -> str:
-        """One create_commit under the retry policy, titled with a unique id; an attempt after a lost answer
-        first looks for that id among the branch's commits. Returns the commit id."""
-        op_id = uuid.uuid4().hex[:16]
-        title = f"relay: {what} [{op_id}]"
-        tries = {"n": 0}
-
-        def attempt() -> str:
-            tries["n"] += 1
-            if tries["n"] > 1:
-                landed = self._wire.find_commit(f"[{op_id}]")
-                if landed is not None:
-                    log.info("%s: commit %s had landed before its answer was lost", self.url, op_id)
-                    return landed
-            self._take_commit_slot()
-            return self._create_commit(title, operations, parent, missing_ok)
-
-        commit_id = self._call(what, key, attempt)
-        with self._lock:
-            self.commits_since_squash += 1
-            if self._fence is not None and commit_id:
-                self._fence_head = commit_id  # our own commit: the lease there is what it was at its parent
-        return commit_id
-
-    def _create_commit(
-        self, title: str, operations: Callable[[Any], list], parent: str | None, missing_ok: bool
-    ) -> str:
-        from huggingface_hub.utils import HfHubHTTPError
-
-        try:
-            info = self._api.create_commit(
-                self.repo_id, operations=operations(_Ops), commit_message=title, parent_commit=parent
-            )
-        except HfHubHTTPError as err:
-            if _status(err) == 412:
-                raise CommitConflict(f"{self.url}: another commit landed first", transient=False) from None
-            if missing_ok and _error_code(err) == "EntryNotFound":
-                return ""
-            raise
-        return info.oid
-
-    def _take_commit_slot(self) -> None:
-        """A token bucket: `commit_burst` commits at once, then one per `commit_spacing_s`."""
-        with self._lock:
-            now = self._clock.monotonic()
-            rate = 1.0 / self.limits.commit_spacing_s
-            self._tokens = min(self.limits.commit_burst, self._tokens + (now - self._refilled_at) * rate)
-            self._refilled_at = now
-            wait = 0.0 if self._tokens >= 1 else (1 - self._tokens) / rate
-            left = time_left_s(self._clock)
-            if left is not None and wait > left:  # the heartbeat: never wait for a slot past its deadline
-                raise StorageError(
-                    f"{self.url}: the next commit slot comes in {wait:.0f} s, after the deadline", transient=True
-                )
-            self._tokens -= 1
-        if wait > 0:
-            log.info("spacing commits to %s: waiting %.0f s (Hub limit: 128 commits per hour)", self.repo_id, wait)
-            self._clock.sleep(wait)
-
-    # ---- reads ---------------------------------------------------------------------------------
-    def _read_at_head(self, path: str, key: str) -> tuple[str, bytes | None]:
-        """(head commit id, content of `path` at that commit or None). The head comes from the commit listing,
-        which a commit's parent is checked against; repo info may lag behind it (a cached answer)."""
-        head = self._wire.head()
-        scratch = Path(tempfile.gettempdir()) / f"relay-hub-{uuid.uuid4().hex[:12]}"
-        try:
-            found = self._wire.download(path, scratch, revision=head)
-            return head, scratch.read_bytes() if found else None
-        finally:
-            scratch.unlink(missing_ok=True)
-
+    # ---- reads and keys ------------------------------------------------------------------------
     def _download(self, path: str, key: str, dest: Path) -> None:
         if not self._wire.download(path, dest):
             raise StorageError(f"{self.url}: no file at key {key!r}", key=key)
 
-    # ---- keys, errors, retries -----------------------------------------------------------------
     def _join(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix and key else (self.prefix or key)
 
@@ -481,59 +289,6 @@ class HubStorage:
             )
         return self._join(key)
 
-    def _call(self, what: str, key: str, operation: Callable[[], T]) -> T:
-        """One operation under the shared retry policy, the client's errors translated."""
-        return call_with_retry(
-            lambda: self._translated(what, key, operation), policy=self._retry, clock=self._clock, on_retry=_log_retry
-        )
-
-    def _translated(self, what: str, key: str, operation: Callable[[], T]) -> T:
-        try:
-            return operation()
-        except RelayError:
-            raise
-        except Exception as err:  # huggingface_hub's failures (HTTP, transport, LFS RuntimeError, bad JSON)
-            where = f"{self.url}/{key}" if key else self.url
-            if _status(err) in (401, 403):
-                raise HubAccessError(
-                    f"could not {what} {where}: the Hub refused the token (HTTP {_status(err)})",
-                    key=key,
-                    hint=f"check that {ENV_TOKEN} is a token with write access to {self.repo_id} ({TOKENS_PAGE})",
-                ) from None
-            translated = hubhttp.translate(err, what, where, key, self._redact)
-            if translated is None:
-                raise
-            raise translated from None
-
-    def _redact(self, text: str) -> str:
-        token = getattr(self._api, "token", None)
-        return text.replace(token, "hf_***") if isinstance(token, str) and token else text
-
-
-class _Ops:
-    """The commit operations, built lazily so huggingface_hub is imported only here."""
-
-    @staticmethod
-    def Add(path: str, source: Path | bytes) -> Any:  # noqa: N802 - mirrors CommitOperationAdd
-        from huggingface_hub import CommitOperationAdd
-
-        return CommitOperationAdd(
-            path_in_repo=path, path_or_fileobj=source if isinstance(source, bytes) else str(source)
-        )
-
-    @staticmethod
-    def Delete(path: str, *, is_folder: bool = False) -> Any:  # noqa: N802 - mirrors CommitOperationDelete
-        from huggingface_hub import CommitOperationDelete
-
-        return CommitOperationDelete(path_in_repo=path, is_folder=is_folder)
-
-
-def _update_operations(path: str, new: bytes | None) -> Callable[[Any], list]:
-    """The operations that write `new` at `path` (None: delete it)."""
-    if new is None:
-        return lambda ops: [ops.Delete(path)]
-    return lambda ops: [ops.Add(path, new)]
-
 
 def _positive(text: str, name: str) -> float:
     try:
@@ -543,7 +298,3 @@ def _positive(text: str, name: str) -> float:
     if value <= 0:
         raise UsageError(f"{name}={text!r} is not a positive number", hint=f"unset {name} or give e.g. 100")
     return value
-
-
-def _log_retry(error: BaseException, attempt: int, wait_s: float) -> None:
-    log.warning("%s; try %d in %.1f s", getattr(error, "message", error), attempt, wait_s)

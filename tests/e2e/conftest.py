@@ -89,11 +89,12 @@ def run_relay(
                           env=env or relay_env(), timeout=timeout_s)  # fmt: skip
 
 
-def relay_main(args: list[str]) -> int:
-    """Relay's CLI in this process (exit code returned, output to the captured stdout/stderr)."""
+def relay_main(args: list[str], *, contexts=None) -> int:
+    """Relay's CLI in this process (exit code returned, output to the captured stdout/stderr). `contexts`:
+    how `relay train` builds its sessions' contexts (on build_context: a wrapped storage, a listener)."""
     from runner.cli import main
 
-    return main(args)
+    return main(args, contexts=contexts)
 
 
 def send(proc: subprocess.Popen, sig: signal.Signals) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from runner import chain
+from runner import chain, chainrecords
 from runner.chain import KaggleCredentials, SdkKaggleApi
 from runner.clock import SystemClock
 from runner.kaggle_api import KaggleApiError
@@ -158,7 +158,7 @@ def test_two_sessions_ending_at_once_push_one_successor(idle_kaggle, tmp_path):
     assert len(idle_kaggle.pushes()) == 1
     assert chain.status(storage, RUN).next_queued["version"] == 2
 
-    successor = end_session(storage, link=chain.claimed_link(storage, RUN))  # the successor, when its time is up
+    successor = end_session(storage, link=chainrecords.claimed_link(storage, RUN))  # the successor, when its time is up
     assert (successor.reason, successor.successor, successor.version) == (chain.PUSHED, 2, 3)
     assert len(idle_kaggle.pushes()) == 2
     assert_no_secret(tmp_path / "storage")
@@ -321,7 +321,7 @@ def test_a_full_session_cap_is_waited_out_a_bounded_time_then_stops_with_a_reaso
 
     idle_kaggle.busy_pushes = 100
     clock = NoWait()
-    link = chain.claimed_link(storage, RUN)
+    link = chainrecords.claimed_link(storage, RUN)
     decision = chain.after_session(75, storage=storage, run=RUN, notebook=NOTEBOOK, api=api(), link=link, clock=clock,
                                    gpu_names=["Tesla T4", "Tesla T4"], settle_s=0.2)  # fmt: skip
     assert decision.reason == chain.SESSION_CAP and "Maximum batch GPU session count reached" in decision.message

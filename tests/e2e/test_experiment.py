@@ -80,18 +80,18 @@ def solo_loras(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def stop_after_steps(monkeypatch, steps: int | None) -> None:
-    """SIGTERM (as the platform sends it) right after the command's `steps`-th optimizer step, whichever
-    variant it belongs to; None: no stop."""
-    from runner import commands
+def stop_after_steps(steps: int | None):
+    """How `relay train` builds its sessions' contexts so that a SIGTERM (as the platform sends it) comes right
+    after the command's `steps`-th optimizer step, whichever variant it belongs to; None: no stop."""
+    from runner.context import build_context as real
 
-    real, count = commands.build_context, [0]
+    count = [0]
 
     def build_context(*args, **kwargs):
         ctx = real(*args, **kwargs)
 
         def on_event(event) -> None:
-            if isinstance(event, events.StepDone):
+            if steps is not None and isinstance(event, events.StepDone):
                 count[0] += 1
                 if count[0] == steps:
                     os.kill(os.getpid(), signal.SIGTERM)
@@ -99,7 +99,7 @@ def stop_after_steps(monkeypatch, steps: int | None) -> None:
         ctx.bus.subscribe(on_event)
         return ctx
 
-    monkeypatch.setattr(commands, "build_context", build_context)
+    return build_context
 
 
 def count_cache_pieces(monkeypatch) -> list[int]:
@@ -115,11 +115,11 @@ def count_cache_pieces(monkeypatch) -> list[int]:
     return built
 
 
-def train(profile: Path, storage: Path, workdir: Path, *sets: str) -> int:
+def train(profile: Path, storage: Path, workdir: Path, *sets: str, contexts=None) -> int:
     args = ["train", "--profile", str(profile), "--storage", str(storage), "--workdir", str(workdir), "--plain"]
     for item in sets:
         args += ["--set", item]
-    return relay_main(args)
+    return relay_main(args, contexts=contexts)
 
 
 @pytest.mark.slow
@@ -134,9 +134,8 @@ def test_an_experiment_trains_hands_off_and_each_variant_equals_its_solo_run(tmp
     codes = []
     # 4 steps a variant: the 1st stop lands on plain's last step; then rank8 3 + 1, dropout 2 + 2.
     for n, stop in enumerate((4, 3, 3, None)):
-        with pytest.MonkeyPatch.context() as patch:
-            stop_after_steps(patch, stop)
-            codes.append(train(profile, storage, tmp_path / f"vm-{n}"))  # a fresh work folder: a new VM
+        stopping = stop_after_steps(stop)
+        codes.append(train(profile, storage, tmp_path / f"vm-{n}", contexts=stopping))  # a fresh work folder: a new VM
         if n == 0:  # a stop as a variant completes ends the command before the next one starts
             assert (storage / "tiny-exp--plain" / "final" / "COMMIT.json").exists()
             assert not (storage / "tiny-exp--rank8").exists()

@@ -52,8 +52,10 @@ def uploads_overlap() -> None:
 
 
 @pytest.fixture
-def session_hooks(monkeypatch):
-    """Events of in-process sessions, and a way to wrap their storage: hooks.wrap = fn(storage) → storage."""
+def session_hooks():
+    """Events of in-process sessions, and a way to wrap their storage: hooks.wrap = fn(storage) → storage.
+    `relay_main(args, contexts=hooks.build_context)` builds the sessions' contexts with them."""
+    from runner.context import build_context as real_build
 
     class Hooks:
         events: list[events.Event] = []
@@ -61,24 +63,20 @@ def session_hooks(monkeypatch):
         contexts: list = []
         subscribers: list = []
 
-    import runner.commands as session_module
-
-    real_build = session_module.build_context
-
-    def build_context(opts, **kwargs):
-        ctx = real_build(opts, **kwargs)
-        if Hooks.wrap is not None:
-            ctx.storage = Hooks.wrap(ctx.storage)
-        ctx.bus.subscribe(Hooks.events.append)
-        for fn in Hooks.subscribers:
-            ctx.bus.subscribe(fn)
-        Hooks.contexts.append(ctx)
-        return ctx
+        @staticmethod
+        def build_context(opts, **kwargs):
+            ctx = real_build(opts, **kwargs)
+            if Hooks.wrap is not None:
+                ctx.storage = Hooks.wrap(ctx.storage)
+            ctx.bus.subscribe(Hooks.events.append)
+            for fn in Hooks.subscribers:
+                ctx.bus.subscribe(fn)
+            Hooks.contexts.append(ctx)
+            return ctx
 
     Hooks.events = []
     Hooks.contexts = []
     Hooks.subscribers = []
-    monkeypatch.setattr(session_module, "build_context", build_context)
     return Hooks
 
 
@@ -153,7 +151,7 @@ def test_crash_keeps_the_previous_checkpoint_and_a_rerun_ends_the_same(
         monkeypatch.setattr(StateSnapshot, "write", write)
         expected = "No space left on device"
 
-    code = relay_main(train_args(storage, workdir))
+    code = relay_main(train_args(storage, workdir), contexts=session_hooks.build_context)
     err = capsys.readouterr().err
     assert state["raised"], "the fault was never injected"
     assert code == 1, f"{fault}: exit {code}, expected 1\n{err}"
@@ -204,7 +202,7 @@ def test_disk_full_while_training_goes_on_ends_the_session_at_the_next_step(
 
     monkeypatch.setattr(StateSnapshot, "write", write)
     monkeypatch.setattr(Trainer, "step", step)
-    code = relay_main(train_args(storage, workdir))
+    code = relay_main(train_args(storage, workdir), contexts=session_hooks.build_context)
     err = capsys.readouterr().err
     assert code == 1 and "No space left on device" in err and "Traceback" not in err, err
     steps = [e.step for e in session_hooks.events if isinstance(e, events.StepDone)]
@@ -241,7 +239,9 @@ def test_permanent_upload_failure_is_reported_and_the_next_commit_succeeds(
 
     session_hooks.wrap = wrap
     session_hooks.subscribers.append(on_event)
-    code = relay_main(train_args(storage, reference.seed_workdir(tmp_path / "work")))
+    code = relay_main(
+        train_args(storage, reference.seed_workdir(tmp_path / "work")), contexts=session_hooks.build_context
+    )
     assert code == 0, capsys.readouterr().err
     failed = [e for e in session_hooks.events if isinstance(e, events.UploadFailed)]
     assert [e.step for e in failed] == [last - 2], failed
@@ -277,9 +277,9 @@ class EveryNthRequestFails(list):
         pass
 
 
-def test_transient_drive_errors_on_every_operation_are_survived(tmp_path, reference, monkeypatch, capsys, reliability):
+def test_transient_drive_errors_on_every_operation_are_survived(tmp_path, reference, capsys, reliability):
     """Against the fake Drive server: every 4th request (reads, lists, uploads, deletes) fails with 429/5xx."""
-    import runner.context as context_module
+    from runner.context import build_context
     from runner.storage.gdrive import RetryPolicy, open_gdrive
     from tests.fakedrive import ROOT_ID, FakeDrive, make_fake_account
 
@@ -287,11 +287,14 @@ def test_transient_drive_errors_on_every_operation_are_survived(tmp_path, refere
         folder = server.add_folder(ROOT_ID, "relay")
         account = make_fake_account(server, tmp_path / "home")
         fast = RetryPolicy(attempts=8, initial_s=0.01, max_s=0.05, jitter_s=0.01)
-        monkeypatch.setattr(context_module, "open_storage", lambda url: open_gdrive(url, env=account, retry=fast))
+
+        def contexts(opts, **kwargs):  # the Drive client of the fake account, with a fast retry policy
+            return build_context(opts, open_store=lambda url: open_gdrive(url, env=account, retry=fast), **kwargs)
+
         faults = EveryNthRequestFails(4)
         server.faults.errors = faults
         url = f"gdrive://{folder}"
-        code = relay_main(train_args(url, reference.seed_workdir(tmp_path / "work")))
+        code = relay_main(train_args(url, reference.seed_workdir(tmp_path / "work")), contexts=contexts)
         err = capsys.readouterr().err
         assert code == 0, err
         assert faults.injected >= 20, f"only {faults.injected} faults injected"
@@ -318,7 +321,9 @@ def test_transient_upload_errors_are_retried(tmp_path, reference, session_hooks,
         )
         or flaky[-1]
     )
-    code = relay_main(train_args(storage, reference.seed_workdir(tmp_path / "work")))
+    code = relay_main(
+        train_args(storage, reference.seed_workdir(tmp_path / "work")), contexts=session_hooks.build_context
+    )
     assert code == 0, capsys.readouterr().err
     assert flaky[0].failures == 4
     assert not [e for e in session_hooks.events if isinstance(e, events.UploadFailed)]
@@ -350,7 +355,9 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(
     last = reference.steps
     storage = cut_back(reference, tmp_path / "storage", keep_steps=(last - 1, last))
     _corrupt_checkpoint(storage / RUN / "checkpoints" / f"step-{last:08d}", how)
-    code = relay_main(train_args(storage, reference.seed_workdir(tmp_path / "work")))
+    code = relay_main(
+        train_args(storage, reference.seed_workdir(tmp_path / "work")), contexts=session_hooks.build_context
+    )
     assert code == 0, capsys.readouterr().err
     warned = warnings_of(session_hooks, "checkpoint")
     assert any(f"step {last}" in w and "unusable" in w for w in warned), warned
@@ -374,7 +381,7 @@ def test_corrupt_latent_cache_is_detected_and_replaced(where, tmp_path, referenc
         workdir = reference.seed_workdir(tmp_path / "work")
         shard = next((workdir / RUN / "cache").glob("**/latents-*.safetensors"))
     flip_byte(shard)
-    code = relay_main(train_args(storage, workdir))
+    code = relay_main(train_args(storage, workdir), contexts=session_hooks.build_context)
     assert code == 0, capsys.readouterr().err
     local = next((workdir / RUN / "cache").glob("**/latents-*.safetensors"))
     reference_shard = next((reference.workdir / RUN / "cache").glob("**/latents-*.safetensors"))
@@ -405,7 +412,7 @@ def _lease(storage: Path, age_s: float) -> None:
     (storage / RUN / "lease.json").write_text(json.dumps(record))
 
 
-def test_stale_lease_is_taken_over_and_a_live_one_is_refused(tmp_path, reference, session_hooks, capsys, reliability):
+def test_stale_lease_is_taken_over_and_a_live_one_is_refused(tmp_path, reference, capsys, reliability):
     last = reference.steps
     storage = cut_back(reference, tmp_path / "storage", keep_steps=(last - 1,))
     workdir = reference.seed_workdir(tmp_path / "work")

@@ -105,22 +105,23 @@ def test_second_account_finishes_the_run_on_the_hub_exactly(hub, tmp_path, tmp_p
     assert {"alice", "bob"} <= authors
 
 
-def test_rate_limits_server_errors_and_lost_commit_answers_during_a_run(
-    hub, reference, tmp_path, monkeypatch, reliability
-):
+def test_rate_limits_server_errors_and_lost_commit_answers_during_a_run(hub, reference, tmp_path, reliability):
     """A whole run while every 4th request to the Hub fails (429 with Retry-After, 500, 503) and the answer of
     every 3rd commit is lost after the Hub applied it: same LoRA, no commit made twice."""
-    import runner.context as context_module
+    from runner.context import build_context
     from runner.storage.hub import open_hub
     from runner.storage.retry import RetryPolicy
     from tests.e2e.conftest import relay_main
 
     env = hub_env(hub, hub.state.add_token("alice"))
     fast = RetryPolicy(attempts=8, initial_s=0.01, max_s=0.05, jitter_s=0.01)
-    monkeypatch.setattr(context_module, "open_storage", lambda url: open_hub(url, env=env, retry=fast))
+
+    def contexts(opts, **kwargs):  # the Hub client of alice's token, with a fast retry policy
+        return build_context(opts, open_store=lambda url: open_hub(url, env=env, retry=fast), **kwargs)
+
     errors = hub.faults.fail_every(4, (429, 500, 503), retry_after_s=0)  # any request: API, uploads, downloads
     hub.faults.drop_every_commits = 3
-    code = relay_main(train_args(URL, reference.seed_workdir(tmp_path / "work")))
+    code = relay_main(train_args(URL, reference.seed_workdir(tmp_path / "work")), contexts=contexts)
     assert code == 0
     assert errors.injected >= 10 and hub.faults.dropped >= 2, (errors.injected, hub.faults.dropped)
     assert not hub.requests_matching(r"whoami")[1:], "the rate-limited whoami is called once per session"

@@ -26,6 +26,7 @@ import pytest
 
 from runner import daemon
 from runner import events as ev
+from runner.rundir import RunDir, pid_alive, run_dir_for
 from tests.e2e.conftest import FAST, REPO, STEPS, assert_same_lora, relay_env, train_args, verified_steps
 
 jupyter_client = pytest.importorskip("jupyter_client", reason="pip install nbclient ipykernel (the [test] extra)")
@@ -109,7 +110,7 @@ def calls(tmp_path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def events_of(rundir: daemon.RunDir) -> list[ev.Event]:
+def events_of(rundir: RunDir) -> list[ev.Event]:
     return list(ev.iter_events(ev.read_records(rundir.events)[0]))
 
 
@@ -129,7 +130,7 @@ def test_the_cell_uses_kernel_services_survives_an_interrupt_and_a_kernel_restar
         f"notebook.run(profile='tiny', storage={str(storage)!r}, workdir={str(workdir)!r}, "
         f"overrides={overrides!r}, release_gpu=True, storage_on_vm=True)\n"
     )
-    rundir = daemon.run_dir_for("tiny", str(storage), env)
+    rundir = run_dir_for("tiny", str(storage), env)
 
     def training() -> bool:
         return any(isinstance(e, ev.StepDone) for e in events_of(rundir))
@@ -137,12 +138,12 @@ def test_the_cell_uses_kernel_services_survives_an_interrupt_and_a_kernel_restar
     out, error = kernel.execute(cell, interrupt_when=training)
     assert error == "" and "stopped following; the run goes on" in out, out
     trainer_pid = rundir.read_state()["trainer_pid"]
-    assert daemon._pid_alive(trainer_pid), "interrupting the cell stopped the trainer"
+    assert pid_alive(trainer_pid), "interrupting the cell stopped the trainer"
     for pid in (trainer_pid, rundir.read_state()["supervisor_pid"]):  # `ps e` shows neither the secret
         assert HF_SECRET.encode() not in Path(f"/proc/{pid}/environ").read_bytes(), f"secret in pid {pid}'s environ"
     assert not list(rundir.root.glob(".relay-secrets-*")), "the trainer did not take its secrets over"
     kernel.restart()  # Runtime → Restart session: jupyter_client signals the kernel's whole process group
-    assert daemon._pid_alive(trainer_pid), "a kernel restart stopped the trainer"
+    assert pid_alive(trainer_pid), "a kernel restart stopped the trainer"
 
     out, error = kernel.execute(cell)  # the same cell again: follows the live run to its end
     second = out
@@ -157,9 +158,10 @@ def test_the_cell_uses_kernel_services_survives_an_interrupt_and_a_kernel_restar
     assert HF_SECRET not in out
 
     out, error = kernel.execute(
-        "env = notebook.trainer_env('colab', 'gdrive://My Drive/relay', {}, sign_in=notebook.colab_sign_in)\n"
+        "from runner import notebookenv\n"
+        "env = notebookenv.trainer_env('colab', 'gdrive://My Drive/relay', {}, sign_in=notebookenv.colab_sign_in)\n"
         "print(env['RELAY_GDRIVE_CREDENTIALS'], env['GOOGLE_APPLICATION_CREDENTIALS'])\n"
-        f"notebook.mount_drive({str(tmp / 'mnt')!r})\n"
+        f"notebookenv.mount_drive({str(tmp / 'mnt')!r})\n"
         "import os; notebook.is_complete = notebook.show_result = lambda *a: True  # a run finished in a store\n"
         "done = notebook.Outcome('tiny', 'hf://me/runs', 0, '/nonexistent')  # that outlives the VM\n"
         "notebook._finish(done, os.environ, None, True, 'hf://me/runs')\n"
@@ -176,12 +178,12 @@ def test_the_cell_uses_kernel_services_survives_an_interrupt_and_a_kernel_restar
     assert "AttributeError: 'NoneType' object has no attribute 'kernel'" in out, out
 
 
-def start_detached(tmp: Path, storage: Path, workdir: Path, extra_env: dict[str, str]) -> daemon.RunDir:
+def start_detached(tmp: Path, storage: Path, workdir: Path, extra_env: dict[str, str]) -> RunDir:
     env = relay_env({"RELAY_HOME": str(tmp / "home"), daemon.ENV_BACKOFF: "1", **extra_env})
     return daemon.start(train_args(storage, workdir)[1:], env)
 
 
-def follow(rundir: daemon.RunDir, timeout_s: float = 240) -> int:
+def follow(rundir: RunDir, timeout_s: float = 240) -> int:
     deadline = time.monotonic() + timeout_s
 
     def check(_event) -> None:
@@ -221,7 +223,7 @@ def test_train_detach_then_stop_checkpoints_and_ends_75_and_attach_replays_the_r
     started = subprocess.run([sys.executable, "-m", "runner", *train_args(storage, workdir, steps=500), "--detach"],
                              env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert started.returncode == 0 and "training in the background" in started.stdout, started.stderr
-    rundir = daemon.run_dir_for("tiny", str(storage), env)
+    rundir = run_dir_for("tiny", str(storage), env)
     wait_for(lambda: any(isinstance(e, ev.StepDone) for e in events_of(rundir)), what="a step")
     stop = subprocess.run([sys.executable, "-m", "runner", "stop"], env=env, capture_output=True, text=True)
     assert stop.returncode == 0, stop.stderr

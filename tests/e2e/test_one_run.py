@@ -40,7 +40,7 @@ def in_process_session(storage: Path, workdir: Path, *, stop_after: int | None =
     import torch
 
     from runner.context import Options, build_context
-    from runner.session import Session
+    from runner.wiring import wire
 
     opts = Options(profile="tiny", storage=str(storage), overrides=SETTINGS, plain=True, workdir=str(workdir))
     ctx = build_context(opts)
@@ -55,7 +55,7 @@ def in_process_session(storage: Path, workdir: Path, *, stop_after: int | None =
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return Session(ctx).run(), seen
+        return wire(ctx).run(), seen
     finally:
         torch.set_num_threads(threads)
 

@@ -32,7 +32,7 @@ from runner.context import Options, build_context
 from runner.env import detect_env
 from runner.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, ResumeMismatch
 from runner.runinfo import ensure_run_info
-from runner.session import Session
+from runner.wiring import wire
 
 RUN = "tiny"
 TARGET = 5
@@ -80,7 +80,7 @@ def run_session(
     if wrap_storage is not None:
         ctx.storage = wrap_storage(ctx.storage)
     seen: list[events.Event] = []
-    session = Session(ctx)
+    session = wire(ctx)
 
     def on_event(event: events.Event) -> None:
         seen.append(event)

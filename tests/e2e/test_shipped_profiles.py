@@ -22,6 +22,7 @@ import pytest
 from runner import daemon
 from runner import events as ev
 from runner.profile import load_profile
+from runner.rundir import run_dir_for
 from tests.e2e.conftest import REPO, relay_env, sessions, verified_steps
 from tests.fakedrive import FOLDER_MIME, FakeDrive, make_fake_account
 from tests.platforms import child_env, colab_t4, kaggle_t4x2
@@ -152,7 +153,7 @@ def test_a_shipped_profile_trains_to_completion_through_the_readme_cell(profile,
     assert f"the LoRA is in {storage}/{run}/final/" in out, out[-2000:]
     assert (stored / "final" / "pytorch_lora_weights.safetensors").is_file(), out[-2000:]
     assert max(verified_steps(stored)) == STEPS
-    rundir = daemon.run_dir_for(run, storage, platforms.env(platform))
+    rundir = run_dir_for(run, storage, platforms.env(platform))
     assert any(isinstance(e, ev.StepDone) for e in events_of(rundir)), "the cell followed another run folder"
     if platform == "colab":
         assert "final commit verified; ending the runtime" in out, out[-2000:]
@@ -176,7 +177,7 @@ def test_two_profiles_of_one_run_continue_each_other_from_colab_to_kaggle(platfo
     storage, workdir = platforms.storage, tmp / "work"
     colab = platforms.kernel("colab", RELAY_TEST_TINY_MODEL=str(steps), RELAY_TEST_STEP_DELAY_S="1.5")
     colab_env = platforms.env("colab")
-    rundir = daemon.run_dir_for("sdxl-naruto", storage, colab_env)
+    rundir = run_dir_for("sdxl-naruto", storage, colab_env)
 
     def stop_after_a_step() -> bool:
         if any(isinstance(e, ev.StepDone) for e in events_of(rundir)):

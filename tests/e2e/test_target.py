@@ -14,7 +14,7 @@ from pathlib import Path
 from runner import events
 from runner.context import Options, build_context
 from runner.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE
-from runner.session import Session
+from runner.wiring import wire
 from tests.e2e.test_resume import FAST
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +42,7 @@ def session(profile: str, tmp_path: Path, *extra: str, stop_after: int | None = 
             os.kill(os.getpid(), signal.SIGTERM)  # the session finishes this step, commits it and exits 75
 
     ctx.bus.subscribe(on_event)
-    return Session(ctx).run(), seen
+    return wire(ctx).run(), seen
 
 
 def test_a_rerun_with_the_profiles_smaller_target_trains_to_the_stored_one(tmp_path):

@@ -11,8 +11,9 @@ from types import SimpleNamespace
 import pytest
 
 from runner import budget, budgetsim, quota
-from runner.budget import BudgetContext, CostMeter
+from runner.budget import BudgetContext
 from runner.clock import FakeClock
+from runner.costs import CostMeter
 from runner.errors import UsageError
 from runner.profile import build_profile
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from runner import chain
-from runner.chain import ChainFacts, KaggleCredentials, accelerator_for, claim_successor, decide
+from runner import chain, chainrecords
+from runner.chain import ChainFacts, KaggleCredentials, accelerator_for, decide
+from runner.chainrecords import claim_successor
 from runner.clock import FakeClock
 from runner.errors import CredentialsError, ProfileError
 from runner.profile import fingerprint, load_profile
@@ -105,19 +106,19 @@ def test_of_two_claims_written_before_either_looked_again_the_lowest_wins(tmp_pa
 def test_a_session_keeps_the_link_it_began_with(tmp_path):
     storage, clock = open_storage(str(tmp_path / "store")), FakeClock()
     note = tmp_path / "vm-tmp" / "relay-chain-run.json"
-    assert chain.begin_session(storage, "run", note, clock) == 0
+    assert chainrecords.begin_session(storage, "run", note, clock) == 0
     assert note.stat().st_mode & 0o777 == 0o600
     assert claim_successor(storage, "run", 1, clock, settle_s=1) is not None  # this session's successor
-    assert chain.claimed_link(storage, "run") == 1
-    assert chain.begin_session(storage, "run", note, clock) == 0  # a restarted kernel on the same VM
-    assert chain.begin_session(storage, "run", tmp_path / "other-vm.json", clock) == 1  # the successor's VM
+    assert chainrecords.claimed_link(storage, "run") == 1
+    assert chainrecords.begin_session(storage, "run", note, clock) == 0  # a restarted kernel on the same VM
+    assert chainrecords.begin_session(storage, "run", tmp_path / "other-vm.json", clock) == 1  # the successor's VM
 
 
 def test_status_shows_the_queued_successor_until_a_session_starts_from_it(tmp_path):
     storage, clock = open_storage(str(tmp_path / "store")), FakeClock()
-    chain.begin_session(storage, "run", tmp_path / "vm1.json", clock)
-    chain._put_json(storage, "run/chain/successor-0001/pushed.json", {"index": 1, "version": 5})
-    assert chain.status(storage, "run").next_queued == {"index": 1, "version": 5}
-    chain.begin_session(storage, "run", tmp_path / "vm2.json", clock)
-    state = chain.status(storage, "run")
+    chainrecords.begin_session(storage, "run", tmp_path / "vm1.json", clock)
+    chainrecords.put_json(storage, "run/chain/successor-0001/pushed.json", {"index": 1, "version": 5})
+    assert chainrecords.status(storage, "run").next_queued == {"index": 1, "version": 5}
+    chainrecords.begin_session(storage, "run", tmp_path / "vm2.json", clock)
+    state = chainrecords.status(storage, "run")
     assert (state.pushed, state.next_queued, state.stopped) == (1, None, None)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from runner import colabkernel, notebook
+from runner import colabkernel, notebook, notebookenv
 from runner.errors import EXIT_OK, UsageError
 from tests.platforms import apply, colab_t4
 
@@ -45,8 +45,8 @@ def test_drive_storage_is_checked_complete_before_the_unmount_then_flushed_then_
     flush_and_unmount takes the mount away, or release_gpu never ends the runtime."""
     tmp, _ = colab
     mount_point = str(tmp / "mnt")
-    monkeypatch.setattr(notebook, "MOUNT_POINT", mount_point)
-    notebook.mount_drive(mount_point)
+    monkeypatch.setattr(notebookenv, "MOUNT_POINT", mount_point)
+    notebookenv.mount_drive(mount_point)
     seen = []
 
     def is_complete(run, storage, env):
@@ -76,11 +76,11 @@ def test_after_the_flush_a_second_mount_fails_as_on_colab_and_relay_says_what_to
     drive.mount(str(tmp / "old"))
     assert "Drive already mounted" in capsys.readouterr().out
 
-    notebook.flush_drive(mount_point)
+    notebookenv.flush_drive(mount_point)
     with pytest.raises(ValueError, match="mount failed"):
         drive.mount(mount_point)
     with pytest.raises(UsageError, match="cannot be mounted again in this runtime") as err:
-        notebook.mount_drive(mount_point)
+        notebookenv.mount_drive(mount_point)
     assert err.value.exit_code == 2 and "Disconnect and delete runtime" in str(err.value.hint)
 
 
@@ -90,18 +90,18 @@ def test_a_secret_that_times_out_is_asked_for_once_more_saying_so(colab, capsys,
     MessageError. Relay asks a second time and says so; a second failure is said as well."""
     _, frontend = colab
     frontend.write_text(json.dumps({"secrets": {"HF_TOKEN": "hf_x"}, knob: {"HF_TOKEN": 1}}))
-    assert notebook.read_secret("colab", "HF_TOKEN") == "hf_x"
+    assert notebookenv.read_secret("colab", "HF_TOKEN") == "hf_x"
     said = capsys.readouterr().out
     assert "did not hand over the secret HF_TOKEN" in said and "asking once more" in said and "hf_x" not in said
 
     frontend.write_text(json.dumps({"secrets": {"HF_TOKEN": "hf_x"}, knob: {"HF_TOKEN": 2}}))
-    assert notebook.read_secret("colab", "HF_TOKEN") is None
+    assert notebookenv.read_secret("colab", "HF_TOKEN") is None
     assert "twice" in capsys.readouterr().out
 
 
 def test_a_missing_secret_is_asked_for_once(colab, tmp_path):
     tmp, _ = colab
-    assert notebook.read_secret("colab", "RELAY_GDRIVE_CREDENTIALS") is None
+    assert notebookenv.read_secret("colab", "RELAY_GDRIVE_CREDENTIALS") is None
     assert calls(tmp).count("request:GetSecret") == 1
 
 

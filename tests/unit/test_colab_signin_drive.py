@@ -11,7 +11,8 @@ import pytest
 
 from runner.errors import CredentialsError
 from runner.storage.credentials import APPLICATION_DEFAULT, find_credentials, load_application_default
-from runner.storage.gdrive import DRIVE_SCOPE, DriveStorage, connect
+from runner.storage.gdrive import DriveStorage
+from runner.storage.gdriveclient import DRIVE_SCOPE, connect
 from tests.fakedrive import FakeDrive
 
 NO_SECRETS: tuple = ()

@@ -8,6 +8,7 @@ import pytest
 
 from runner import daemon
 from runner import events as ev
+from runner.rundir import run_dir_for
 
 POLICY = daemon.Policy(max_restarts=3, backoff_s=10, backoff_max_s=25)
 
@@ -78,9 +79,9 @@ def test_only_the_leading_rank_writes_the_log(tmp_path):
 
 def test_the_same_run_in_two_storages_has_two_local_folders(tmp_path):
     env = {"RELAY_HOME": str(tmp_path)}
-    a, b = daemon.run_dir_for("tiny", "/a", env), daemon.run_dir_for("tiny", "gdrive://My Drive/relay", env)
+    a, b = run_dir_for("tiny", "/a", env), run_dir_for("tiny", "gdrive://My Drive/relay", env)
     assert a.root != b.root and a.root.parent == b.root.parent == tmp_path / "runs"
-    assert daemon.run_dir_for("tiny", "/a/", env) == a
+    assert run_dir_for("tiny", "/a/", env) == a
 
 
 @pytest.mark.parametrize(
@@ -113,7 +114,7 @@ def test_relay_stop_finds_a_run_by_its_profile(tmp_path, capsys, monkeypatch):
     from runner.flags import build_parser
 
     monkeypatch.setenv("RELAY_HOME", str(tmp_path))
-    rundir = daemon.run_dir_for("sdxl-naruto", "/s", {"RELAY_HOME": str(tmp_path)})
+    rundir = run_dir_for("sdxl-naruto", "/s", {"RELAY_HOME": str(tmp_path)})
     rundir.root.mkdir(parents=True)
     rundir.write_state(run="sdxl-naruto", storage="/s", phase="ended", exit_code=0)
     args = build_parser().parse_args(["stop", "--profile", "sdxl-naruto-t4", "--storage", "/s"])

@@ -15,8 +15,10 @@ from rich.console import Console
 
 from runner import events as ev
 from runner.clock import FakeClock
-from runner.dashboard import Dashboard, Snapshot, apply, plain_line, render, should_use_live, sparkline
+from runner.dashboard import Dashboard, should_use_live
+from runner.dashview import plain_line, render, sparkline
 from runner.errors import DataError, LeaseHeld, ResumeMismatch, StorageError
+from runner.snapshot import Snapshot, apply
 
 HOUR = 3600.0
 

@@ -176,7 +176,8 @@ def test_compare_table_counts_parameters_and_marks_failures(tmp_path):
 
 
 def test_the_dashboard_line_names_the_variant():
-    from runner.dashboard import Snapshot, plain_line
+    from runner.dashview import plain_line
+    from runner.snapshot import Snapshot
 
     assert plain_line(Snapshot(run="exp--dora", step=3, target=10), 0.0).startswith("relay | variant dora | step 3/10")
     assert plain_line(Snapshot(run="tiny", step=3, target=10), 0.0).startswith("relay | step 3/10")

@@ -220,7 +220,7 @@ def test_delete_without_permission_falls_back_to_trash(fake, storage, clock, tmp
 def test_a_drive_client_failure_is_not_blamed_on_the_local_disk(fake):
     from google.auth.exceptions import DefaultCredentialsError, RefreshError
 
-    from runner.storage.gdrive import translate
+    from runner.storage.gdriveclient import translate
 
     creds, url = user_credentials(fake), "gdrive://My Drive/relay"
     client = translate(DefaultCredentialsError("No project ID"), what="upload", key="k", url=url, credentials=creds)

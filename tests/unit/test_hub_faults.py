@@ -10,7 +10,8 @@ import pytest
 from runner.checkpoint.manager import CheckpointManager
 from runner.clock import FakeClock
 from runner.errors import EXIT_PREEMPTED, EXIT_REFUSED, LeaseHeld, LeaseLapsed, LeaseLost, StorageError
-from runner.lease import Lease, read_lease
+from runner.lease import Lease
+from runner.leaserecord import read_lease
 from runner.storage.fenced import FencedStorage
 from runner.storage.hub import open_hub
 from runner.storage.retry import RetryPolicy, was_retried

@@ -10,7 +10,8 @@ import pytest
 
 from runner.clock import FakeClock, SystemClock
 from runner.errors import EXIT_REFUSED, LeaseHeld, LeaseLapsed, LeaseLost, StorageError
-from runner.lease import Lease, read_lease
+from runner.lease import Lease
+from runner.leaserecord import read_lease
 from runner.storage.local import LocalStorage
 
 
@@ -157,7 +158,7 @@ def test_a_killed_process_not_yet_reaped_counts_as_gone():
     import subprocess
     import time
 
-    from runner.lease import pid_is_running
+    from runner.leaserecord import pid_is_running
 
     child = subprocess.Popen(["sleep", "30"])
     try:
@@ -256,7 +257,7 @@ def test_a_heartbeat_that_cannot_land_ends_the_session_before_the_lease_lapses(t
 
 
 def test_one_judgement_of_a_holders_life_with_the_holders_own_timeout(tmp_path):
-    from runner.lease import LeaseRecord, read_lease
+    from runner.leaserecord import LeaseRecord, read_lease
 
     clock = FakeClock()
     storage = LocalStorage(tmp_path)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from runner import notebook
+from runner import notebook, notebookenv
 from runner.errors import UsageError
 
 COLAB = {"COLAB_RELEASE_TAG": "release-colab_20261120-060000_RC00"}
@@ -15,14 +15,14 @@ KAGGLE = {**COLAB, "KAGGLE_KERNEL_RUN_TYPE": "Interactive", "KAGGLE_URL_BASE": "
 
 
 def test_kaggle_runs_on_colabs_image_and_is_still_kaggle():
-    assert notebook.platform_of(KAGGLE) == "kaggle"
-    assert notebook.platform_of(COLAB) == "colab"
-    assert notebook.platform_of({}) == "local"
+    assert notebookenv.platform_of(KAGGLE) == "kaggle"
+    assert notebookenv.platform_of(COLAB) == "colab"
+    assert notebookenv.platform_of({}) == "local"
 
 
 def test_save_and_run_all_is_headless():
-    assert notebook.is_headless({**KAGGLE, "KAGGLE_KERNEL_RUN_TYPE": "Batch"})
-    assert notebook.is_headless({})  # not in a kernel (this test process)
+    assert notebookenv.is_headless({**KAGGLE, "KAGGLE_KERNEL_RUN_TYPE": "Batch"})
+    assert notebookenv.is_headless({})  # not in a kernel (this test process)
 
 
 def test_a_storage_path_with_spaces_is_one_argument():
@@ -40,7 +40,7 @@ def secrets(monkeypatch):
         asked.append((platform, name))
         return found.get((platform, name))
 
-    monkeypatch.setattr(notebook, "read_secret", read_secret)
+    monkeypatch.setattr(notebookenv, "read_secret", read_secret)
     monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
     return found, asked
 
@@ -49,28 +49,28 @@ def test_secrets_reach_the_trainers_environment(secrets):
     found, asked = secrets
     found[("kaggle", "RELAY_GDRIVE_CREDENTIALS")] = '{"refresh_token": "r"}'
     found[("kaggle", "HF_TOKEN")] = "hf_x"
-    env = notebook.trainer_env("kaggle", "gdrive://abc", {"PATH": "/bin"}, sign_in=pytest.fail)
+    env = notebookenv.trainer_env("kaggle", "gdrive://abc", {"PATH": "/bin"}, sign_in=pytest.fail)
     assert env == {"PATH": "/bin", "RELAY_GDRIVE_CREDENTIALS": '{"refresh_token": "r"}', "HF_TOKEN": "hf_x"}
 
 
 def test_local_storage_needs_no_drive_secret_and_a_set_variable_wins(secrets):
     _, asked = secrets
-    env = notebook.trainer_env("colab", "/tmp/runs", {"HF_TOKEN": "mine"}, sign_in=pytest.fail)
+    env = notebookenv.trainer_env("colab", "/tmp/runs", {"HF_TOKEN": "mine"}, sign_in=pytest.fail)
     assert env == {"HF_TOKEN": "mine"} and asked == []
 
 
 def test_colab_without_a_drive_secret_signs_in_and_uses_application_default(secrets):
     signed = []
-    env = notebook.trainer_env("colab", "gdrive://My Drive/relay", {}, sign_in=lambda: signed.append(1))
-    assert signed == [1] and env["RELAY_GDRIVE_CREDENTIALS"] == notebook.ADC
-    env = notebook.trainer_env("kaggle", "gdrive://My Drive/relay", {}, sign_in=pytest.fail)
+    env = notebookenv.trainer_env("colab", "gdrive://My Drive/relay", {}, sign_in=lambda: signed.append(1))
+    assert signed == [1] and env["RELAY_GDRIVE_CREDENTIALS"] == notebookenv.ADC
+    env = notebookenv.trainer_env("kaggle", "gdrive://My Drive/relay", {}, sign_in=pytest.fail)
     assert "RELAY_GDRIVE_CREDENTIALS" not in env  # Kaggle has no sign-in: the trainer says what is missing
 
 
 @pytest.mark.parametrize("storage", ["drive", "/content/drive", "/content/drive/MyDrive/relay"])
 def test_the_colab_mount_is_recognised(storage):
-    assert notebook.uses_mount(storage)
-    assert not notebook.uses_mount("/content/drives")
+    assert notebookenv.uses_mount(storage)
+    assert not notebookenv.uses_mount("/content/drives")
 
 
 def test_an_error_exit_raises_with_its_code_and_the_trainers_last_lines(tmp_path):
@@ -151,7 +151,7 @@ def test_a_secret_the_user_denied_is_said_to_be_unused(monkeypatch, capsys):
     google.colab, colab.userdata = colab, userdata
     for name, module in (("google", google), ("google.colab", colab), ("google.colab.userdata", userdata)):
         monkeypatch.setitem(sys.modules, name, module)
-    env = notebook.trainer_env("colab", "hf://me/runs", {}, sign_in=pytest.fail)
+    env = notebookenv.trainer_env("colab", "hf://me/runs", {}, sign_in=pytest.fail)
     assert "HF_TOKEN" not in env
     assert "secret HF_TOKEN was not used: this notebook was denied access" in capsys.readouterr().out
 
@@ -201,7 +201,7 @@ def test_no_secret_reaches_a_command_line_the_cells_output_or_the_supervisors_en
     import subprocess
 
     asked: list[str] = []
-    monkeypatch.setattr(notebook, "read_secret", lambda platform, name: asked.append(name) or SECRETS.get(name))
+    monkeypatch.setattr(notebookenv, "read_secret", lambda platform, name: asked.append(name) or SECRETS.get(name))
     monkeypatch.setattr(notebook.os, "environ", {**KAGGLE, "RELAY_HOME": str(tmp_path / "home")})
     commands: list[list[str]] = []
     supervisor_envs: list[dict] = []

@@ -131,9 +131,9 @@ def test_cli_exits_2_before_loading_anything_on_a_p100(command, monkeypatch, cap
 
     plat = apply(monkeypatch, kaggle_p100.ENV)
     monkeypatch.setattr(gpu_arch, "torch_arch_list", lambda: (plat.arch_list, plat.torch_version))
-    monkeypatch.setattr("runner.session.train", lambda args: pytest.fail("train started"), raising=False)
-    monkeypatch.setattr("runner.session.plan", lambda args: pytest.fail("plan started"), raising=False)
-    monkeypatch.setattr("runner.report.run_doctor", lambda *a: pytest.fail("doctor started"))
+    monkeypatch.setattr("runner.commands.train", lambda args: pytest.fail("train started"))
+    monkeypatch.setattr("runner.commands.plan", lambda args: pytest.fail("plan started"))
+    monkeypatch.setattr("runner.doctor.run_doctor", lambda *a: pytest.fail("doctor started"))
     code = cli.main([*command, "--storage", str(tmp_path / "runs")])
     assert code == EXIT_USAGE
     err = capsys.readouterr().err

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from runner.doctor import run_doctor
 from runner.env import detect_env
 from runner.errors import UsageError
-from runner.report import print_status, read_status, run_doctor, settle_sessions
+from runner.report import print_status, read_status, settle_sessions
 from runner.storage.local import LocalStorage
 
 RUN = "naruto"

@@ -10,15 +10,8 @@ from PIL import Image
 
 from runner.errors import ModelError, UsageError
 from runner.profile import LoraConfig
-from runner.sample import (
-    HEADERS,
-    LABEL_H_PX,
-    PROMPT_W_PX,
-    ensure_writable,
-    has_adapter,
-    make_grid,
-    sample_grid,
-)
+from runner.sample import ensure_writable, has_adapter, sample_grid
+from runner.samplegrid import HEADERS, LABEL_H_PX, PROMPT_W_PX, make_grid
 from runner.train.lora import attach_lora, lora_state_dict
 from runner.train.testmodels import build_tiny
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from runner import daemon
+from runner.rundir import RunDir
 from runner.secretfile import ENV_FILE, hand_over, take_over
 
 TOKEN = "hf_secret_value_never_in_environ"
@@ -53,6 +54,6 @@ def test_the_supervisor_hands_each_trainer_its_secrets_through_a_file(tmp_path, 
             return 0
 
     monkeypatch.setattr(daemon.subprocess, "Popen", Proc)
-    rundir = daemon.RunDir(tmp_path)
+    rundir = RunDir(tmp_path)
     daemon.Supervisor(rundir, ["--profile", "tiny"], {"HF_TOKEN": TOKEN, "PATH": "/bin"})._run_trainer()
     assert "HF_TOKEN" not in seen[0] and TOKEN in Path(seen[0][ENV_FILE]).read_text()

@@ -1,5 +1,6 @@
-"""The session's lifecycle with fakes for the trainer and the clock (the storage is a real local folder):
-what it hands the budget, when it checkpoints and stops, the run's target, a session too short to train."""
+"""The session's lifecycle, built by the wiring from fakes of its parts (the training side, the caches, what it
+leaves when it ends, sometimes the checkpoints) on a fake clock; the storage is a real local folder: what it
+hands the budget, when it checkpoints and stops, the run's target, a session too short to train."""
 
 from __future__ import annotations
 
@@ -9,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from runner import budget, events
+from runner import costs, events
 from runner.clock import FakeClock
 from runner.context import Options, build_context
 from runner.env import detect_env
-from runner.errors import EXIT_PREEMPTED, UsageError
-from runner.lease import holder_died_on, read_lease
+from runner.errors import EXIT_OK, EXIT_PREEMPTED, LeaseHeld, StorageError, UsageError
+from runner.lease import Lease
+from runner.leaserecord import holder_died_on, read_lease
 from runner.runinfo import ensure_run_info, resolve_target, sets_target
-from runner.session import Session
-from runner.signals import install_stop_handlers
 from runner.state import read_run_info
+from runner.wiring import wire
 
 
 def context(tmp_path: Path, *overrides: str, hours: float | None = None, clock: FakeClock | None = None):
@@ -31,7 +32,7 @@ def context(tmp_path: Path, *overrides: str, hours: float | None = None, clock: 
     return ctx, clock, seen
 
 
-# ---------------------------------------------------------------- fakes of the training side
+# ---------------------------------------------------------------- fakes of the session's parts
 
 
 @dataclass
@@ -53,14 +54,15 @@ class FakePlacement:
 
 class FakeTrainingRun:
     """Steps that take `step_s` on the fake clock; records what the session asked of it. `during_step` runs
-    in each step (the real step takes real time, in which the upload worker commits)."""
+    in each step (the real step takes real time, in which the upload worker commits and the lease is renewed)."""
 
-    def __init__(self, clock: FakeClock, step_s: float, during_step=lambda: None) -> None:
+    def __init__(self, clock: FakeClock, step_s: float, during_step) -> None:
         self.clock, self.step_s, self.steps, self.snapshots = clock, step_s, [], []
         self.during_step = during_step
         self.placement = FakePlacement()
         self.trainer = type("T", (), {"compiled": None})()
         self.plan = type("P", (), {"to_dict": lambda _: {"micro_batch": 1, "grad_accum": 1}})()  # the fit's plan
+        self.unet = None
 
     def step(self, step: int):
         self.clock.advance(self.step_s)
@@ -79,51 +81,148 @@ class FakeTrainingRun:
     def validation_loss(self) -> None:
         return None
 
+    def lora_weights(self) -> dict:
+        return {"lora": len(self.steps)}
 
-def run_loop(session: Session, tr: FakeTrainingRun, deadline: float | None, step_from: int = 0) -> int:
-    from runner.runinfo import new_state
 
-    state = new_state(session.ctx)
-    session.step_from = session.step = step_from
-    session.lease.acquire()  # as run() does: every write of the loop is fenced by the lease
-    step = tr.step
+class FakeTraining:
+    """The training side: one FakeTrainingRun, started when the session gets that far."""
 
-    def step_and_beat(n: int):  # the heartbeat thread's work, done in step with the fake clock
-        session.lease.heartbeat()
-        return step(n)
+    def __init__(self, clock: FakeClock, step_s: float = 10.0) -> None:
+        self.clock, self.step_s, self.run = clock, step_s, None
+        self.during_step = lambda: None
 
-    tr.step = step_and_beat
-    with install_stop_handlers() as stop:
-        try:
-            return session._loop(tr, state, deadline, stop)
-        finally:
-            session.ckpts.close()
+    def place(self, ctx):
+        return FakePlacement()
+
+    def agree(self, placement, *flags: bool) -> tuple[bool, ...]:
+        return flags
+
+    def start(self, ctx, cache_dir, placement, state):
+        self.run = FakeTrainingRun(self.clock, self.step_s, lambda: self.during_step())
+        return self.run
+
+    def close(self) -> None:
+        pass
+
+
+class FakeCaches:
+    def __init__(self, tmp_path: Path) -> None:
+        self.folder, self.asked = tmp_path / "cache", []
+
+    def fingerprint(self) -> str:
+        return "fp"
+
+    def latent_cache(self, placement) -> Path:
+        self.asked.append("latent-cache")
+        return self.folder
+
+    def restore_compile_cache(self, placement) -> None:
+        self.asked.append("compile-cache")
+
+    def store_compile_cache(self, tr) -> None:
+        pass
+
+
+class FakeFinish:
+    """What the session leaves when it ends, recorded instead of written."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: self.calls.append((name, *args))
+
+    def called(self, name: str) -> list[tuple]:
+        return [c for c in self.calls if c[0] == name]
+
+
+class FakeCheckpoints:
+    """Checkpoints staged instantly; each upload is held until the test commits it (the worker's event), and
+    `wait(timeout_s)` says whether it would commit within that time (`done_in_s`) or failed (`error`)."""
+
+    def __init__(self, bus, done_in_s: float = 0.0, error: str | None = None) -> None:
+        self.bus, self.done_in_s, self.last_error = bus, done_in_s, error
+        self.staged: list[int] = []
+        self.waits: list[float | None] = []
+
+    def latest(self, local_dir):
+        return None
+
+    def stage_snapshot(self, step, take, state=None):
+        take()
+        self.staged.append(step)
+        return type("Staged", (), {"step": step, "stage_s": 0.5, "dir": None})()
+
+    def submit(self, staged) -> None:
+        pass
+
+    def commit(self, upload_s: float) -> None:
+        self.bus.emit(events.CheckpointCommitted(step=self.staged[-1], bytes=4, upload_s=upload_s))
+
+    def check(self) -> None:
+        pass
+
+    def wait(self, timeout_s=None) -> bool:
+        self.waits.append(timeout_s)
+        return self.last_error is None and (timeout_s is None or self.done_in_s <= timeout_s)
+
+    def close(self, timeout_s=None) -> bool:
+        return True
+
+
+def wired(ctx, clock: FakeClock, tmp_path: Path, **parts):
+    """A session of `ctx` from fakes (the lease and, unless given, the checkpoints are real); the fake steps
+    renew the lease as the heartbeat thread would on real time."""
+    training = FakeTraining(clock)
+    parts = {"training": training, "caches": FakeCaches(tmp_path), "finish": FakeFinish(), **parts}
+    session = wire(ctx, **parts)
+    training.during_step = session.lease.heartbeat
+    return session
+
+
+def started_at(seen: list[events.Event]) -> float | None:
+    """The deadline's time left at the start of training, from the SessionStarted event."""
+    return next(e.time_left_s for e in seen if isinstance(e, events.SessionStarted))
 
 
 # ---------------------------------------------------------------- tests
 
 
 def test_the_budget_is_handed_the_upload_still_in_flight(tmp_path):
-    ctx, clock, _ = context(tmp_path)
-    session = Session(ctx)
-    assert session._budget(None, clock.monotonic(), 10).upload_left_s == 0.0  # nothing in flight
-    session.upload_started = clock.monotonic()
-    clock.advance(5.0)
-    in_flight = session._budget(None, clock.monotonic(), 10)
-    assert in_flight.upload_left_s == pytest.approx(budget.estimate_upload_left_s(5.0, session.meter.upload_s))
-    assert in_flight.upload_left_s > 0 and not budget.is_checkpoint_due(in_flight)
-    ctx.bus.emit(events.CheckpointCommitted(step=3, bytes=4, upload_s=7.0))  # the upload worker's event
-    assert session.upload_started is None and session._budget(None, clock.monotonic(), 10).upload_left_s == 0.0
+    """No periodic checkpoint while one is uploading, however long it takes; its measured time replaces the prior."""
+    ctx, clock, seen = context(tmp_path, "checkpoint.every_min=1", "train.steps=40", hours=1.0)
+    ckpts = FakeCheckpoints(ctx.bus)
+    session = wired(ctx, clock, tmp_path, ckpts=ckpts)
+    training = session.training
+
+    def during_step() -> None:
+        session.lease.heartbeat()
+        if len(training.run.steps) == 20:  # 200 s of steps, and the first checkpoint is still uploading
+            assert len(ckpts.staged) == 1 and ckpts.staged[0] < 15  # the 1-minute interval passed long ago
+            ckpts.commit(upload_s=7.0)  # the upload worker's event
+
+    training.during_step = during_step
+    assert session.run() == EXIT_OK
+    assert ckpts.staged[1] == 21  # due at once when the upload that held it commits
     assert session.meter.upload_s == 7.0  # measured costs replace the priors
 
 
 def test_the_loop_checkpoints_on_the_budgets_schedule_and_stops_before_the_deadline(tmp_path):
     ctx, clock, seen = context(tmp_path, "checkpoint.every_min=1", "checkpoint.max_overhead_pct=50",
-                               "session.margin_min=1", "train.steps=1000")  # fmt: skip
-    session = Session(ctx)
-    tr = FakeTrainingRun(clock, step_s=10.0, during_step=session.ckpts.wait)  # uploads shorter than a step
-    deadline = clock.monotonic() + 600.0
-    code = run_loop(session, tr, deadline)
+                               "session.margin_min=1", "train.steps=1000", hours=600 / 3600)  # fmt: skip
+    session = wired(ctx, clock, tmp_path)  # the real checkpoint manager, on the local folder
+    deadline = 600.0  # the session started at 0 on the fake clock
+
+    def during_step() -> None:  # uploads shorter than a step
+        session.ckpts.wait()
+        session.lease.heartbeat()
+
+    session.training.during_step = during_step
+    code = session.run()
+    tr = session.training.run
     assert code == EXIT_PREEMPTED and session.reason == "budget"
     assert tr.steps == list(range(len(tr.steps))) and 0 < len(tr.steps) < 60
     assert clock.monotonic() <= deadline - 60.0  # the margin is kept
@@ -138,41 +237,39 @@ def test_the_loop_checkpoints_on_the_budgets_schedule_and_stops_before_the_deadl
 
 def test_a_session_too_short_for_any_step_is_refused_with_the_reason(tmp_path):
     ctx, clock, seen = context(tmp_path, hours=0.05)  # 3 minutes: the default margin alone is 3 minutes
-    session = Session(ctx)
-    from runner.runinfo import new_state
-
+    session = wired(ctx, clock, tmp_path)
     with pytest.raises(UsageError) as info:
-        session._has_time_to_train(new_state(ctx))
+        session.run()
     assert "nothing can be trained" in str(info.value) and "session.margin_min" in str(info.value)
     assert "--hours" in info.value.hint
+    assert session.training.run is None and not session.caches.asked  # refused before any setup
 
 
 def test_a_session_near_its_end_says_why_it_trains_nothing(tmp_path):
     ctx, clock, seen = context(tmp_path, hours=1.0)
     clock.advance(3600 - 100)  # 100 s left of an hour-long session
-    session = Session(ctx)
-    from runner.runinfo import new_state
-
-    assert not session._has_time_to_train(new_state(ctx))
+    session = wired(ctx, clock, tmp_path)
+    assert session.run() == EXIT_PREEMPTED and session.reason == "budget"
     warning = [e for e in seen if isinstance(e, events.Warning) and e.kind == "budget"]
     assert warning and "no time to train a step" in warning[0].message and "new session" in warning[0].message
+    assert session.training.run is None and not session.caches.asked  # no cache is built for no step
 
 
 def test_the_first_measured_step_replaces_the_prior():
-    meter = budget.CostMeter(step_prior_s=50.0)
+    meter = costs.CostMeter(step_prior_s=50.0)
     assert meter.step_s == 50.0
     meter.add_step(0.5)
     assert meter.step_s == 0.5
 
 
 def test_step_priors_per_gpu_class_scale_with_pixels_and_batch():
-    t4 = budget.step_prior("Tesla T4", resolution=1024, micro_batch=1, grad_accum=1)
+    t4 = costs.step_prior("Tesla T4", resolution=1024, micro_batch=1, grad_accum=1)
     assert (t4.gpu_class, t4.step_s) == ("t4", pytest.approx(0.842))
-    assert budget.step_prior("1× Tesla T4", resolution=512, micro_batch=2, grad_accum=4).step_s == pytest.approx(
+    assert costs.step_prior("1× Tesla T4", resolution=512, micro_batch=2, grad_accum=4).step_s == pytest.approx(
         0.842 / 4 * 8
     )
-    assert budget.step_prior("NVIDIA H200", resolution=1024, micro_batch=1, grad_accum=1).gpu_class == "h200"
-    assert budget.step_prior("Tesla P100-PCIE-16GB", resolution=1024, micro_batch=1, grad_accum=1).gpu_class == (
+    assert costs.step_prior("NVIDIA H200", resolution=1024, micro_batch=1, grad_accum=1).gpu_class == "h200"
+    assert costs.step_prior("Tesla P100-PCIE-16GB", resolution=1024, micro_batch=1, grad_accum=1).gpu_class == (
         "generic"
     )
 
@@ -210,20 +307,19 @@ def test_a_lease_of_a_dead_process_on_this_host_is_taken_at_once_one_of_another_
     assert not holder_died_on("garbled", "box", running) and not holder_died_on("a:box:pidx:s", "box", running)
 
 
-def test_the_session_takes_over_the_lease_of_a_dead_process_of_this_host(tmp_path, monkeypatch):
-    import runner.session as session_module
-
-    ctx, clock, seen = context(tmp_path)
+def test_the_session_takes_over_the_lease_of_a_dead_process_of_this_host(tmp_path):
+    ctx, clock, seen = context(tmp_path, "train.steps=2")
     record = {"holder": f"local:{ctx.env.host}:pid999999:old", "token": "t", "since": "",
               "heartbeat_wall": clock.wall(), "timeout_s": 300}  # fmt: skip
     key = Path(tmp_path / "storage" / ctx.run / "lease.json")
     key.parent.mkdir(parents=True, exist_ok=True)
     key.write_text(json.dumps(record))
-    monkeypatch.setattr(session_module, "pid_is_running", lambda pid: False)
-    assert Session(ctx)._holder_died_here()
-    monkeypatch.setattr(session_module, "pid_is_running", lambda pid: True)
-    assert not Session(ctx)._holder_died_here()
+    with pytest.raises(LeaseHeld):  # the process still runs: a real second session
+        wired(ctx, clock, tmp_path, is_running=lambda pid: True).run()
     assert read_lease(ctx.storage, ctx.run).holder == record["holder"]
+    assert wired(ctx, clock, tmp_path, is_running=lambda pid: False).run() == EXIT_OK
+    taken = [e.message for e in seen if isinstance(e, events.Warning) and e.kind == "lease"]
+    assert taken == [f"taking over the lease of {record['holder']}: that process is gone"]
 
 
 def test_status_and_plan_show_the_same_target_the_session_trains_for(tmp_path):
@@ -259,35 +355,66 @@ def test_the_ranks_are_read_once_into_the_context_and_only_rank_0_writes(tmp_pat
     assert Ranks.from_environ({}) == Ranks() and Ranks().is_main and not Ranks().launched
 
     ctx, _, _ = context(tmp_path)
-    assert Session(ctx).is_main and isinstance(Session(ctx).fenced, FencedStorage)  # rank 0 writes, fenced
-    other = Session(replace(ctx, ranks=ranks))
+    assert wire(ctx).is_main and isinstance(wire(ctx).fenced, FencedStorage)  # rank 0 writes, fenced
+    other = wire(replace(ctx, ranks=ranks))
     assert not other.is_main and other.fenced is ctx.storage  # a rank that never writes needs no fence
 
 
 def test_an_upload_still_running_at_the_sessions_deadline_is_said(tmp_path):
     """The VM may go before a late upload commits: the user is told what that means, not left to guess."""
-    ctx, clock, seen = context(tmp_path)
-    session = Session(ctx)
 
-    class Uploads:
-        def __init__(self, done_in_s: float | None, error: str | None = None) -> None:
-            self.done_in_s, self.last_error, self.waits = done_in_s, error, []
+    def session_end(done_in_s: float, error: str | None = None, hours: float | None = 1.0):
+        ctx, clock, seen = context(tmp_path / f"{done_in_s}-{error}-{hours}", "train.steps=2", hours=hours)
+        ckpts = FakeCheckpoints(ctx.bus, done_in_s=done_in_s, error=error)
+        session = wired(ctx, clock, tmp_path, ckpts=ckpts)
+        try:
+            code = session.run()
+        except StorageError as exc:  # a failed upload: the caller's to report, as an error
+            code = exc
+        warnings = [e.message for e in seen if isinstance(e, events.Warning) and e.kind == "upload"]
+        return code, ckpts.waits, warnings, 3600.0 - clock.monotonic()
 
-        def wait(self, timeout_s=None) -> bool:
-            self.waits.append(timeout_s)
-            return self.last_error is None and (timeout_s is None or self.done_in_s <= timeout_s)
+    code, waits, warnings, left_s = session_end(done_in_s=4000.0)
+    assert code == EXIT_OK and waits[0] == pytest.approx(left_s)  # it waits only as long as the session has left
+    assert len(warnings) == 1 and "step 2 is still uploading" in warnings[0]
+    assert "resumes from the checkpoint before it" in warnings[0]
+    code, _, warnings, _ = session_end(done_in_s=10.0)
+    assert code == EXIT_OK and not warnings
+    code, _, warnings, _ = session_end(done_in_s=10.0, error="HTTP 500")  # a failure is the caller's to report
+    assert isinstance(code, StorageError) and "could not be committed" in str(code) and not warnings
+    code, waits, warnings, _ = session_end(done_in_s=4000.0, hours=None)  # no deadline: nothing to outlast
+    assert code == EXIT_OK and not warnings and waits == [None]
 
-    def warnings() -> list[str]:
-        return [e.message for e in seen if isinstance(e, events.Warning) and e.kind == "upload"]
 
-    session.ckpts = Uploads(done_in_s=90.0)
-    session._say_if_upload_outlasts(clock.monotonic() + 30.0, step=7)
-    assert session.ckpts.waits == [30.0]  # it waits for the upload only as long as the session has left
-    assert len(warnings()) == 1 and "step 7 is still uploading" in warnings()[0]
-    assert "resumes from the checkpoint before it" in warnings()[0]
-    session.ckpts = Uploads(done_in_s=10.0)
-    session._say_if_upload_outlasts(clock.monotonic() + 30.0, step=8)
-    session.ckpts = Uploads(done_in_s=10.0, error="HTTP 500")  # a failure is the caller's to report
-    session._say_if_upload_outlasts(clock.monotonic() + 30.0, step=9)
-    session._say_if_upload_outlasts(None, step=10)  # no deadline: nothing to outlast
-    assert len(warnings()) == 1
+# ---------------------------------------------------------------- a refused new run
+
+
+class TakenRightAfterRelease:
+    """The run's storage, where another trainer takes the run the moment this session's lease is removed."""
+
+    def __init__(self, storage, run: str, clock: FakeClock) -> None:
+        self._storage, self.run, self.clock, self.url = storage, run, clock, storage.url
+        self.other: Lease | None = None
+
+    def __getattr__(self, name: str):
+        return getattr(self._storage, name)
+
+    def delete(self, key: str) -> None:
+        self._storage.delete(key)
+        if key == f"{self.run}/lease.json" and self.other is None:
+            self.other = Lease(self._storage, self.run, "kaggle:other:pid7:bob", clock=self.clock, settle_s=0)
+            self.other.acquire()
+
+
+def test_a_refused_new_run_is_removed_while_its_lease_is_held_never_after(tmp_path):
+    """A typo leaves no run behind, but the files go before the lease does: once released, another trainer
+    may own the run, and what it writes is not this session's to delete."""
+    ctx, clock, seen = context(tmp_path, hours=0.05)  # refused: no step fits in 3 minutes
+    ctx.storage = TakenRightAfterRelease(ctx.storage, ctx.run, clock)
+    session = wire(ctx, training=FakeTraining(clock), caches=FakeCaches(tmp_path))  # the real finish
+    with pytest.raises(UsageError):
+        session.run()
+    assert ctx.storage.other is not None  # the other trainer took the run after the release
+    lease = read_lease(ctx.storage, ctx.run)
+    assert lease is not None and lease.holder == "kaggle:other:pid7:bob"  # its lease is left alone
+    assert sorted(ctx.storage.list(ctx.run)) == [f"{ctx.run}/lease.json"]  # run.json and the rest are gone

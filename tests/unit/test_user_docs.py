@@ -32,7 +32,7 @@ def test_kaggle_has_one_storage_recommendation_everywhere():
 def test_user_facing_text_names_no_issue_numbers():
     texts = {p: p.read_text() for p in [REPO / "README.md", *(REPO / "docs").glob("*.md"),
                                         *(REPO / "notebooks").glob("*.ipynb")]}  # fmt: skip
-    texts[REPO / "runner/budget.py"] = str(__import__("runner.budget").budget.STEP_S_PER_1024_EXAMPLE)  # relay plan
+    texts[REPO / "runner/costs.py"] = str(__import__("runner.costs").costs.STEP_S_PER_1024_EXAMPLE)  # relay plan
     found = {str(p): m for p, t in texts.items() for m in re.findall(r"\bissues? #?\d+", t, re.IGNORECASE)}
     assert not found
 
