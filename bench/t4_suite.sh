@@ -50,6 +50,7 @@ if [[ $PART == 3 ]]; then  # relay bench rows, flash off, and the 1024 px row wi
     python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d.get(k) for k in ('step_s_median','peak_allocated_gib','peak_reserved_gib','gradient_checkpointing','compiled','first_step_s','floor_step_s','step_tflop','notes')})" "$OUT/$name.json" 2>/dev/null
     echo "   ($((SECONDS - t0)) s wall)"; }
   for n in ${ROWS:-t4_1024 t4_1024_flash t4_512 t4_1024_ckpt t4_1024_te}; do
+    (( SECONDS + ${BENCH_TIMEOUT:-150} > ${TOTAL:-590} )) && { echo "== $n: left out (the call's limit, TOTAL=${TOTAL:-590} s)"; continue; }
     case $n in
       t4_1024) t4 $n --resolution 1024 --steps 8 ;;
       t4_1024_flash) FLASH=0 t4 $n --resolution 1024 --steps 8 ;;
