@@ -17,9 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from runner.train.cache import CachedData
-from runner.train.seeds import generator
-
-VALIDATION_TAG = 3  # seeds the held-out examples' draws apart from every step's
+from runner.train.seeds import VALIDATION_DRAWS_TAG, generator
 
 
 @dataclass
@@ -76,7 +74,7 @@ class BatchMaker:
 
     def validation_batch(self, n: int, i: int) -> Batch:
         """Held-out example i, the n-th of them, with its own fixed timestep and noise (the same at every step)."""
-        gen = generator(self.seed, VALIDATION_TAG, n)
+        gen = generator(self.seed, VALIDATION_DRAWS_TAG, n)
         timestep = int(torch.randint(0, self.num_timesteps, (1,), generator=gen))
         noise = torch.randn(self.data.latents[i].shape, generator=gen)
         return self.stack([(self.data.latents[i], noise, timestep, *self.text(i, False), self.data.time_ids[i])])

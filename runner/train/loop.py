@@ -55,12 +55,10 @@ from runner.train.prepare import (
     uses_channels_last,
     weight_dtype,
 )
-from runner.train.seeds import derive_seed
+from runner.train.seeds import DROPOUT_TAG, derive_seed
 from runner.train.trainstate import StateSnapshot
 
 log = logging.getLogger(__name__)
-
-DROPOUT_TAG = 1  # separates the LoRA-dropout seed from the per-example seeds
 
 
 @dataclass

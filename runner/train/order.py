@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 import torch
 
 from runner.errors import DataError
-from runner.train.seeds import generator
+from runner.train.seeds import HELD_OUT_SPLIT_TAG, generator
 
-VALIDATION_TAG = 2**31 - 1  # seeds the held-out permutation apart from every epoch
 HOLD_OUT_ONE_IN = 10  # one example in ten (rounded up, at most data.validation_count) is held out for validation
 
 
@@ -45,7 +44,7 @@ def split_validation(count: int, validation_count: int, seed: int) -> tuple[list
             f"{count} example(s) with {held} held out for validation leave none to train",
             hint="add images, or set data.validation_count = 0 (no validation)",
         )
-    order = torch.randperm(count, generator=generator(seed, VALIDATION_TAG)).tolist()
+    order = torch.randperm(count, generator=generator(seed, HELD_OUT_SPLIT_TAG)).tolist()
     return sorted(order[held:]), sorted(order[:held])
 
 

@@ -25,10 +25,8 @@ from runner.train.lora import (
     lora_parameters,
     set_lora_input_casts,
 )
-from runner.train.seeds import derive_seed
+from runner.train.seeds import LORA_INIT_TAG, TEXT_LORA_INIT_TAG, derive_seed
 
-LORA_INIT_TAG = 2  # separates the LoRA-init seeds from the per-example ones (runner.train.batches)
-TEXT_LORA_INIT_TAG = 4
 BF16_CAPABILITY = (8, 0)  # Ampere and later run bf16 natively
 CHANNELS_LAST = False  # CUDA: the UNet's convolutions in NHWC, as tensor cores (a T4's too) run them: no layout
 # transposes around each cuDNN call. Off until a whole step is measured with it (bench/RESULTS.md, 2026-12-07: the

@@ -11,6 +11,13 @@ import hashlib
 
 import torch
 
+# The tags that keep each kind of draw apart; every value is distinct, which is why they stand together here.
+DROPOUT_TAG = 1  # LoRA dropout, reseeded before each micro-batch (with the step and the global slot)
+LORA_INIT_TAG = 2  # the UNet's LoRA init
+VALIDATION_DRAWS_TAG = 3  # the held-out examples' fixed timestep and noise (with the example's number)
+TEXT_LORA_INIT_TAG = 4  # the text encoders' LoRA init
+HELD_OUT_SPLIT_TAG = 2**31 - 1  # which examples are held out (apart from every epoch's permutation)
+
 
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed that is a pure function of the given integers (stable across Python runs)."""
