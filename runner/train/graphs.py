@@ -53,15 +53,20 @@ class _Captured:
     addresses: tuple[int, ...]  # data pointers of the parameters and .grad buffers at capture
 
 
+def latent_key(shape: Sequence[int]) -> str:
+    """One example's latent shape as "CxHxW" (what a bucket decides): the key graphs are kept under."""
+    return "x".join(str(n) for n in shape)
+
+
 def shape_key(batch: Any) -> str:
-    """The latent shape of a micro-batch without its batch dimension, as "CxHxW" (what a bucket decides)."""
-    return "x".join(str(n) for n in batch.latents.shape[1:])
+    """The latent shape of a micro-batch without its batch dimension (`latent_key`)."""
+    return latent_key(batch.latents.shape[1:])
 
 
 def capture_shapes(latents: Sequence[torch.Tensor], indices: Sequence[int]) -> frozenset[str]:
-    """The MAX_GRAPH_SHAPES most frequent latent shapes among the examples `indices` (as `shape_key` writes
+    """The MAX_GRAPH_SHAPES most frequent latent shapes among the examples `indices` (as `latent_key` writes
     them): a graph pays for its compile and capture over many steps; a rare shape runs compiled-eager instead."""
-    counts = Counter("x".join(str(n) for n in latents[i].shape) for i in indices)
+    counts = Counter(latent_key(latents[i].shape) for i in indices)
     return frozenset(shape for shape, _ in counts.most_common(MAX_GRAPH_SHAPES))
 
 
